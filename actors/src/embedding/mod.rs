@@ -1,0 +1,200 @@
+//! The embedding engine: dynamic, collision-free tables of a shard.
+//!
+//! - [`Table`]: one table (index, arenas, optimizer, admission, eviction, change tracking,
+//!   tiering, snapshot).
+//! - [`EmbeddingShard`]: the named tables one ShardOwner owns.
+//!
+//! Plain synchronous Rust: no actors, no async, no clocks. Time arrives in [`TrainCtx`], so
+//! every test controls it and every run can be replayed.
+
+mod admission;
+mod arena;
+pub mod config;
+mod index;
+mod mem;
+mod optimizer;
+pub mod snapshot;
+mod table;
+mod tier;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use admission::AdmissionSnapshot;
+pub use config::{
+    AdmissionConfig, CapacityPolicy, EvictionConfig, Initializer, InvalidValue, OptimizerConfig,
+    TableConfig,
+};
+pub use snapshot::{RowBlock, ShardSnapshot, TableSnapshot};
+pub use table::{ApplyReport, Changes, Table, TableStats};
+
+use crate::ids::{ShardId, TableName};
+
+/// The clock of a training call: the global step and wall time, passed in rather than read,
+/// so that eviction by age is deterministic and testable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainCtx {
+    pub step: u64,
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: u64,
+}
+
+impl TrainCtx {
+    pub fn at_step(step: u64) -> Self {
+        Self { step, now_ms: 0 }
+    }
+
+    pub fn now_secs(&self) -> u32 {
+        (self.now_ms / 1000) as u32
+    }
+}
+
+/// Errors of the embedding engine. Callers act on the case: an unknown table is a caller bug, a
+/// bad gradient is the model's, a compacted change log asks for a full snapshot, and a tier
+/// error is the disk's.
+#[derive(Debug, Error)]
+pub enum EmbeddingError {
+    #[error("unknown embedding table `{0}`")]
+    UnknownTable(TableName),
+    #[error("table `{table}`: gradient block has {got} floats for {keys} keys of dim {dim}")]
+    GradientShape {
+        table: TableName,
+        keys: usize,
+        dim: usize,
+        got: usize,
+    },
+    #[error("table `{table}`: changes before version {floor} were compacted (asked for changes since {since}); take a full snapshot")]
+    ChangesCompacted {
+        table: TableName,
+        since: u64,
+        floor: u64,
+    },
+    #[error("table `{table}`: snapshot does not fit: {reason}")]
+    SnapshotMismatch { table: TableName, reason: String },
+    #[error("shard snapshot is for shard {got} of {got_count}, this is shard {want} of {want_count}")]
+    WrongShard {
+        got: ShardId,
+        got_count: u32,
+        want: ShardId,
+        want_count: u32,
+    },
+    #[error(transparent)]
+    Config(#[from] InvalidValue),
+    #[error("table `{table}`: on-disk tier: {source}")]
+    Tier {
+        table: TableName,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The tables one shard owns: one [`Table`] per configured name.
+#[derive(Debug)]
+pub struct EmbeddingShard {
+    id: ShardId,
+    shard_count: u32,
+    tables: Vec<Table>,
+    spill_dir: Option<PathBuf>,
+}
+
+impl EmbeddingShard {
+    /// `spill_dir` is this shard's own directory for the on-disk tier.
+    pub fn new(
+        id: ShardId,
+        shard_count: u32,
+        tables: &[(TableName, TableConfig)],
+        spill_dir: Option<&Path>,
+    ) -> Result<Self, EmbeddingError> {
+        let mut built = Vec::with_capacity(tables.len());
+        for (name, cfg) in tables {
+            built.push(Table::new(name.clone(), cfg.clone(), spill_dir)?);
+        }
+        Ok(Self {
+            id,
+            shard_count,
+            tables: built,
+            spill_dir: spill_dir.map(Path::to_owned),
+        })
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn spill_dir(&self) -> Option<&Path> {
+        self.spill_dir.as_deref()
+    }
+
+    pub fn table(&self, name: &TableName) -> Result<&Table, EmbeddingError> {
+        self.tables
+            .iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| EmbeddingError::UnknownTable(name.clone()))
+    }
+
+    pub fn table_mut(&mut self, name: &TableName) -> Result<&mut Table, EmbeddingError> {
+        self.tables
+            .iter_mut()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| EmbeddingError::UnknownTable(name.clone()))
+    }
+
+    pub fn tables(&self) -> impl Iterator<Item = &Table> {
+        self.tables.iter()
+    }
+
+    pub fn stats(&self) -> Vec<(TableName, TableStats)> {
+        self.tables
+            .iter()
+            .map(|t| (t.name().clone(), t.stats()))
+            .collect()
+    }
+
+    pub fn snapshot(&mut self) -> Result<ShardSnapshot, EmbeddingError> {
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for t in &mut self.tables {
+            tables.push(t.snapshot()?);
+        }
+        Ok(ShardSnapshot {
+            shard: self.id,
+            shard_count: self.shard_count,
+            tables,
+        })
+    }
+
+    /// Restores every table from a snapshot of this same shard. All tables are checked before
+    /// any is replaced, so a refused snapshot leaves the shard as it was.
+    pub fn restore(&mut self, snap: ShardSnapshot) -> Result<(), EmbeddingError> {
+        if snap.shard != self.id || snap.shard_count != self.shard_count {
+            return Err(EmbeddingError::WrongShard {
+                got: snap.shard,
+                got_count: snap.shard_count,
+                want: self.id,
+                want_count: self.shard_count,
+            });
+        }
+        for ts in &snap.tables {
+            self.table(&ts.name)?;
+        }
+        for t in &self.tables {
+            if !snap.tables.iter().any(|ts| ts.name == *t.name()) {
+                return Err(EmbeddingError::SnapshotMismatch {
+                    table: t.name().clone(),
+                    reason: "the snapshot has no such table".into(),
+                });
+            }
+        }
+        // Restore into fresh tables first; swap in only if all succeed.
+        let mut fresh = Vec::with_capacity(self.tables.len());
+        for ts in snap.tables {
+            let old = self.table(&ts.name)?;
+            let mut t = Table::new(old.name().clone(), old.config().clone(), self.spill_dir.as_deref())?;
+            t.restore(ts)?;
+            fresh.push(t);
+        }
+        self.tables = fresh;
+        Ok(())
+    }
+}

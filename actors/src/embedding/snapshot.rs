@@ -1,0 +1,188 @@
+//! Snapshots of tables and shards: everything needed to rebuild them bit for bit.
+//!
+//! Float blocks serialize as raw little-endian bytes, not element by element: a shard holds
+//! hundreds of millions of floats, and per-element encoding would cost several times the size
+//! and the time.
+
+use serde::{Deserialize, Serialize};
+
+use super::admission::AdmissionSnapshot;
+use super::table::TableStats;
+use crate::ids::{ShardId, TableName};
+use crate::rng::Xoshiro256;
+
+/// Rows in columns: one entry per row in every column, `data` holding `row_floats` per row.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RowBlock {
+    pub row_ids: Vec<u32>,
+    pub keys: Vec<u64>,
+    pub versions: Vec<u64>,
+    pub update_steps: Vec<u32>,
+    pub access_steps: Vec<u32>,
+    pub update_secs: Vec<u32>,
+    pub freqs: Vec<u32>,
+    /// Weights then optimizer state, per row.
+    #[serde(with = "f32_bytes")]
+    pub data: Vec<f32>,
+}
+
+impl RowBlock {
+    pub(crate) fn with_capacity(rows: usize, row_floats: usize) -> Self {
+        Self {
+            row_ids: Vec::with_capacity(rows),
+            keys: Vec::with_capacity(rows),
+            versions: Vec::with_capacity(rows),
+            update_steps: Vec::with_capacity(rows),
+            access_steps: Vec::with_capacity(rows),
+            update_secs: Vec::with_capacity(rows),
+            freqs: Vec::with_capacity(rows),
+            data: Vec::with_capacity(rows * row_floats),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push_meta(
+        &mut self,
+        row: u32,
+        key: u64,
+        version: u64,
+        update_step: u32,
+        access_step: u32,
+        update_secs: u32,
+        freq: u32,
+    ) {
+        self.row_ids.push(row);
+        self.keys.push(key);
+        self.versions.push(version);
+        self.update_steps.push(update_step);
+        self.access_steps.push(access_step);
+        self.update_secs.push(update_secs);
+        self.freqs.push(freq);
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The weights and state of row `i`.
+    pub fn row(&self, i: usize, row_floats: usize) -> &[f32] {
+        &self.data[i * row_floats..(i + 1) * row_floats]
+    }
+
+    /// Checks that every column has one entry per row: a block from disk or network is
+    /// checked before any of it is used.
+    pub fn check(&self, row_floats: usize) -> Result<(), String> {
+        let n = self.keys.len();
+        let cols = [
+            ("row_ids", self.row_ids.len()),
+            ("versions", self.versions.len()),
+            ("update_steps", self.update_steps.len()),
+            ("access_steps", self.access_steps.len()),
+            ("update_secs", self.update_secs.len()),
+            ("freqs", self.freqs.len()),
+        ];
+        for (name, len) in cols {
+            if len != n {
+                return Err(format!("row block has {n} keys but {len} {name}"));
+            }
+        }
+        if self.data.len() != n * row_floats {
+            return Err(format!(
+                "row block has {} floats for {n} rows of {row_floats}",
+                self.data.len()
+            ));
+        }
+        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
+            return Err(format!("row block holds a non-finite value at float {i}"));
+        }
+        Ok(())
+    }
+}
+
+/// One table of one shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableSnapshot {
+    pub name: TableName,
+    pub dim: u32,
+    pub optimizer: String,
+    pub row_floats: u32,
+    pub version: u64,
+    pub next_row: u32,
+    pub free_rows: Vec<u32>,
+    pub rows: RowBlock,
+    pub admission: AdmissionSnapshot,
+    pub sampler: Xoshiro256,
+    pub sweep_cursor: u32,
+    pub stats: TableStats,
+}
+
+impl TableSnapshot {
+    /// Rows as (key, data) sorted by key: the comparable form, independent of row ids.
+    pub fn rows_by_key(&self) -> Vec<(u64, &[f32])> {
+        let rf = self.row_floats as usize;
+        let mut v: Vec<(u64, &[f32])> = (0..self.rows.len())
+            .map(|i| (self.rows.keys[i], self.rows.row(i, rf)))
+            .collect();
+        v.sort_unstable_by_key(|r| r.0);
+        v
+    }
+}
+
+/// Every table of one shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardSnapshot {
+    pub shard: ShardId,
+    pub shard_count: u32,
+    pub tables: Vec<TableSnapshot>,
+}
+
+/// Serde for `Vec<f32>` as one byte string of little-endian floats.
+pub mod f32_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        if cfg!(target_endian = "little") {
+            s.serialize_bytes(bytemuck::cast_slice(v))
+        } else {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            s.serialize_bytes(&bytes)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<f32>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string of little-endian f32")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Vec<f32>, E> {
+                if b.len() % 4 != 0 {
+                    return Err(E::custom(format!(
+                        "f32 block of {} bytes is not a multiple of 4",
+                        b.len()
+                    )));
+                }
+                Ok(b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Vec<f32>, E> {
+                self.visit_bytes(&b)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<f32>, A::Error> {
+                // Formats without a byte type (JSON) write bytes as a sequence of numbers.
+                let mut bytes = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                self.visit_bytes(&bytes)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}

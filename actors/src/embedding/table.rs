@@ -1,0 +1,1179 @@
+//! One dynamic embedding table of one shard: the pure core behind a ShardOwner.
+//!
+//! Layout (see `docs/ARCHITECTURE.md` for the picture):
+//! - `index`: open-addressing key → (row id, hot slot). Holds every row, hot or cold.
+//! - `meta`: per row id, 32 bytes: key, version, last update/access step, update time, access
+//!   count. Always in DRAM, so eviction decisions and change tracking never touch the disk.
+//! - `rows`: the DRAM arena of hot slots, `stride` floats each: `[weights | optimizer state]`.
+//! - `tier`: when a DRAM budget is set, cold rows live in a [`SpillStore`] instead of a slot.
+//!
+//! Every batched call resolves its keys in passes over the batch: hash and prefetch every
+//! bucket, then probe and prefetch every row, then compute. The prefetches of one pass overlap
+//! in the memory system, which is where the speed over a `HashMap` comes from.
+//!
+//! Decisions that change the model (admission, eviction) depend only on row ids, keys and the
+//! table's seeded sampler, never on which tier a row is in, so a table with a tier computes
+//! exactly what a table without one does.
+
+use ahash::AHashMap;
+use bytemuck::{Pod, Zeroable};
+use serde::{Deserialize, Serialize};
+
+use super::admission::Admission;
+use super::arena::Arena;
+use super::config::{CapacityPolicy, TableConfig};
+use super::index::{index_hash, Index, COLD};
+use super::optimizer;
+use super::snapshot::{RowBlock, TableSnapshot};
+use super::tier::SpillStore;
+use super::{EmbeddingError, TrainCtx};
+use crate::ids::TableName;
+use crate::rng::{fnv1a, Xoshiro256};
+use crate::routing::mix64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct RowMeta {
+    key: u64,
+    /// The table version of the row's last change; 0 marks a free row id.
+    version: u64,
+    /// Steps and seconds are stored as u32 and compared with wrapping arithmetic: ages up to
+    /// 2^32 steps are exact, which keeps the record at 32 bytes, two to a cache line.
+    update_step: u32,
+    access_step: u32,
+    update_secs: u32,
+    freq: u32,
+}
+
+/// Counters, exported as the table's observable state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableStats {
+    pub rows: u64,
+    pub hot_rows: u64,
+    pub cold_rows: u64,
+    /// Keys given a row (by admission or restore of a new key).
+    pub admitted: u64,
+    /// Training lookups of keys not (yet) admitted.
+    pub admission_rejected: u64,
+    pub pending_admission: u64,
+    pub evicted_idle_steps: u64,
+    pub evicted_idle_secs: u64,
+    pub evicted_capacity: u64,
+    pub evicted_l2: u64,
+    pub deleted: u64,
+    /// Gradients refused because they, or the update they would cause, were not finite.
+    pub rejected_gradients: u64,
+    /// Gradients for keys without a row (never admitted, or evicted since the lookup).
+    pub gradients_without_row: u64,
+    pub tier_hits: u64,
+    pub tier_misses: u64,
+    pub hot_bytes: u64,
+    /// Bytes of live cold rows on disk.
+    pub cold_bytes: u64,
+    /// Bytes of spill files, including garbage awaiting compaction.
+    pub cold_file_bytes: u64,
+    pub index_bytes: u64,
+    /// Bytes of pending admission state (counts or filter).
+    pub admission_bytes: u64,
+    pub version: u64,
+}
+
+impl TableStats {
+    pub fn evicted(&self) -> u64 {
+        self.evicted_idle_steps + self.evicted_idle_secs + self.evicted_capacity + self.evicted_l2
+    }
+
+    /// Share of row accesses served from DRAM (1.0 without a tier).
+    pub fn tier_hit_rate(&self) -> f64 {
+        let total = self.tier_hits + self.tier_misses;
+        if total == 0 {
+            1.0
+        } else {
+            self.tier_hits as f64 / total as f64
+        }
+    }
+}
+
+/// What one `apply_gradients` call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub applied: u64,
+    /// Duplicate keys folded into their first occurrence.
+    pub merged_duplicates: u64,
+    pub rejected_non_finite: u64,
+    pub without_row: u64,
+}
+
+/// Rows and tombstones changed after a version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Changes {
+    pub since: u64,
+    /// The table version the changes bring a copy up to.
+    pub version: u64,
+    pub upserts: RowBlock,
+    pub tombstones: Vec<u64>,
+}
+
+/// How a batch resolves keys without a row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Plain lookup: a missing key reads as the default row and is never inserted.
+    Read,
+    /// Training lookup: a missing key goes through admission and may get a row.
+    Admit,
+    /// Gradients: a missing key is skipped.
+    Existing,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+#[derive(Debug)]
+struct Tier {
+    store: SpillStore,
+    hot_capacity: u32,
+    /// Per row id: where its record lies while it is cold.
+    disk_loc: Arena<u64>,
+    /// Per hot slot: the row id living there.
+    hot_owner: Vec<u32>,
+    /// Per hot slot: 0 if not referenced since the clock hand passed, else the epoch (batch)
+    /// that last touched it. A slot marked with the current epoch is pinned: the batch in
+    /// progress holds it.
+    hot_mark: Vec<u32>,
+    epoch: u32,
+    hand: u32,
+    cold_rows: u64,
+    /// Warned once when a batch needed more slots than the budget.
+    overflow_warned: bool,
+}
+
+/// Scratch buffers reused across calls, so a batch allocates nothing.
+#[derive(Debug, Default)]
+struct Scratch {
+    hashes: Vec<u64>,
+    slots: Vec<u32>,
+    rows: Vec<u32>,
+    cold: Vec<(u64, u64, usize)>,
+    row: Vec<f32>,
+    dedup: Vec<(u64, u32)>,
+    keys: Vec<u64>,
+    grads: Vec<f32>,
+    evict: Vec<u32>,
+}
+
+/// One dynamic embedding table.
+#[derive(Debug)]
+pub struct Table {
+    name: TableName,
+    cfg: TableConfig,
+    dim: usize,
+    /// Floats a row persists: weights and optimizer state.
+    row_floats: usize,
+    seed: u64,
+    index: Index,
+    meta: Arena<RowMeta>,
+    rows: Arena<f32>,
+    next_row: u32,
+    free_rows: Vec<u32>,
+    next_hot: u32,
+    free_hot: Vec<u32>,
+    live_rows: u64,
+    version: u64,
+    admission: Admission,
+    /// (version, key) per change, in version order. An entry is current if the row still has
+    /// that version, or the key's tombstone does.
+    changes: Vec<(u64, u64)>,
+    tombstones: AHashMap<u64, u64>,
+    /// `changes_since(v)` for `v` below this needs a full snapshot instead.
+    changes_floor: u64,
+    sweep_cursor: u32,
+    sampler: Xoshiro256,
+    tier: Option<Tier>,
+    stats: TableStats,
+    scratch: Scratch,
+}
+
+fn padded_stride(floats: usize) -> usize {
+    let bytes = floats * 4;
+    if bytes <= 64 {
+        bytes.next_power_of_two().max(4) / 4
+    } else {
+        bytes.next_multiple_of(64) / 4
+    }
+}
+
+impl Table {
+    /// A new, empty table. `spill_dir` is required when `cfg.dram_budget_bytes` is set.
+    pub fn new(
+        name: TableName,
+        cfg: TableConfig,
+        spill_dir: Option<&std::path::Path>,
+    ) -> Result<Self, EmbeddingError> {
+        cfg.validate(&format!("embedding.tables.{name}"))
+            .map_err(EmbeddingError::Config)?;
+        let dim = cfg.dim;
+        let row_floats = dim + cfg.optimizer.state_floats(dim);
+        // A hot slot is `row_floats` padded so that no row straddles more lines than it must.
+        let stride = padded_stride(row_floats);
+        let seed = mix64(cfg.seed ^ fnv1a(name.as_str().as_bytes()));
+        let tier = match (cfg.dram_budget_bytes, spill_dir) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(EmbeddingError::Config(super::InvalidValue::new(
+                    format!("embedding.tables.{name}.dram_budget_bytes"),
+                    cfg.dram_budget_bytes.unwrap_or(0),
+                    "a spill directory (embedding.spill_dir) to go with a DRAM budget",
+                )))
+            }
+            (Some(budget), Some(dir)) => {
+                // Per hot slot: the row, its owner id and its clock mark.
+                let per_slot = (stride * 4 + 8) as u64;
+                let hot_capacity = (budget / per_slot).clamp(1, u64::from(u32::MAX - 1)) as u32;
+                let store = SpillStore::open(&dir.join(name.as_str()), row_floats)
+                    .map_err(|source| EmbeddingError::Tier {
+                        table: name.clone(),
+                        source,
+                    })?;
+                Some(Tier {
+                    store,
+                    hot_capacity,
+                    disk_loc: Arena::new(1),
+                    hot_owner: Vec::new(),
+                    hot_mark: Vec::new(),
+                    epoch: 1,
+                    hand: 0,
+                    cold_rows: 0,
+                    overflow_warned: false,
+                })
+            }
+        };
+        Ok(Self {
+            admission: Admission::new(&cfg.admission, seed),
+            sampler: Xoshiro256::seed_from_u64(seed ^ 0xe71c7),
+            name,
+            dim,
+            row_floats,
+            seed,
+            index: Index::with_capacity(0),
+            meta: Arena::new(1),
+            rows: Arena::new(stride),
+            next_row: 0,
+            free_rows: Vec::new(),
+            next_hot: 0,
+            free_hot: Vec::new(),
+            live_rows: 0,
+            version: 0,
+            changes: Vec::new(),
+            tombstones: AHashMap::new(),
+            changes_floor: 0,
+            sweep_cursor: 0,
+            tier,
+            stats: TableStats::default(),
+            scratch: Scratch::default(),
+            cfg,
+        })
+    }
+
+    pub fn name(&self) -> &TableName {
+        &self.name
+    }
+
+    pub fn config(&self) -> &TableConfig {
+        &self.cfg
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Floats per row in snapshots and changes: weights then optimizer state.
+    pub fn row_floats(&self) -> usize {
+        self.row_floats
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn len(&self) -> u64 {
+        self.live_rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live_rows == 0
+    }
+
+    pub fn stats(&self) -> TableStats {
+        let mut s = self.stats.clone();
+        s.rows = self.live_rows;
+        s.cold_rows = self.tier.as_ref().map_or(0, |t| t.cold_rows);
+        s.hot_rows = self.live_rows - s.cold_rows;
+        s.pending_admission = self.admission.pending_len() as u64;
+        s.hot_bytes = (self.rows.bytes() + self.meta.bytes()) as u64;
+        s.cold_bytes = self.tier.as_ref().map_or(0, |t| t.store.live_bytes());
+        s.cold_file_bytes = self.tier.as_ref().map_or(0, |t| t.store.disk_bytes());
+        s.index_bytes = self.index.bytes() as u64;
+        s.admission_bytes = self.admission.bytes() as u64;
+        s.version = self.version;
+        s
+    }
+
+    fn tier_err(&self, source: std::io::Error) -> EmbeddingError {
+        EmbeddingError::Tier {
+            table: self.name.clone(),
+            source,
+        }
+    }
+
+    // ---------------------------------------------------------------- batched operations
+
+    /// Reads rows without inserting: a key without a row reads as the default row. Appends
+    /// `keys.len() * dim` floats to `out`.
+    pub fn lookup(&mut self, keys: &[u64], out: &mut Vec<f32>) -> Result<(), EmbeddingError> {
+        let mut sc = std::mem::take(&mut self.scratch);
+        let r = self.resolve(keys, Mode::Read, &TrainCtx::default(), &mut sc);
+        if r.is_ok() {
+            self.gather(&sc.slots, out);
+        }
+        self.scratch = sc;
+        r.map(|_| ())
+    }
+
+    /// Reads rows for a training step: keys without a row go through admission, and every
+    /// key's access is counted (for LFU/LRU and admission).
+    pub fn lookup_for_training(
+        &mut self,
+        keys: &[u64],
+        ctx: &TrainCtx,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EmbeddingError> {
+        let mut sc = std::mem::take(&mut self.scratch);
+        let new_version = self.version + 1;
+        let r = self.resolve(keys, Mode::Admit, ctx, &mut sc).map(|created| {
+            let step = ctx.step as u32;
+            for &row in &sc.rows {
+                if row != NO_SLOT {
+                    let m = &mut self.meta.get_mut(row)[0];
+                    m.freq = m.freq.saturating_add(1);
+                    m.access_step = step;
+                }
+            }
+            self.gather(&sc.slots, out);
+            created
+        });
+        let r = match r {
+            Ok(created) => {
+                if created {
+                    self.version = new_version;
+                }
+                self.maintain(ctx, &mut sc)
+            }
+            Err(e) => Err(e),
+        };
+        self.scratch = sc;
+        r
+    }
+
+    /// Applies one gradient per key (`grads` holds `keys.len() * dim` floats). Gradients for
+    /// the same key are summed first. A non-finite gradient, or one whose update would make the
+    /// row non-finite, is refused and counted; the row is left exactly as it was.
+    pub fn apply_gradients(
+        &mut self,
+        keys: &[u64],
+        grads: &[f32],
+        ctx: &TrainCtx,
+    ) -> Result<ApplyReport, EmbeddingError> {
+        if grads.len() != keys.len() * self.dim {
+            return Err(EmbeddingError::GradientShape {
+                table: self.name.clone(),
+                keys: keys.len(),
+                dim: self.dim,
+                got: grads.len(),
+            });
+        }
+        let mut sc = std::mem::take(&mut self.scratch);
+        let r = self.apply_inner(keys, grads, ctx, &mut sc);
+        self.scratch = sc;
+        r
+    }
+
+    fn apply_inner(
+        &mut self,
+        keys: &[u64],
+        grads: &[f32],
+        ctx: &TrainCtx,
+        sc: &mut Scratch,
+    ) -> Result<ApplyReport, EmbeddingError> {
+        let mut report = ApplyReport::default();
+        let dim = self.dim;
+        // Fold duplicates. The trainer already sends unique keys, so the common case is one
+        // cheap pass over an L1-resident set that finds none.
+        let merged = dedup(keys, grads, dim, sc);
+        report.merged_duplicates = (keys.len() - if merged { sc.keys.len() } else { keys.len() }) as u64;
+        let (merged_keys, merged_grads): (Vec<u64>, Vec<f32>) = if merged {
+            (std::mem::take(&mut sc.keys), std::mem::take(&mut sc.grads))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let (keys_ref, grads_ref): (&[u64], &[f32]) = if merged {
+            (&merged_keys, &merged_grads)
+        } else {
+            (keys, grads)
+        };
+        self.resolve(keys_ref, Mode::Existing, ctx, sc)?;
+        let v = self.version + 1;
+        let step = ctx.step as u32;
+        let secs = ctx.now_secs();
+        let rf = self.row_floats;
+        sc.row.resize(rf, 0.0);
+        let mut changed = false;
+        for (i, (&key, &slot)) in keys_ref.iter().zip(&sc.slots).enumerate() {
+            if slot == NO_SLOT {
+                report.without_row += 1;
+                continue;
+            }
+            let g = &grads_ref[i * dim..(i + 1) * dim];
+            if !g.iter().all(|x| x.is_finite()) {
+                report.rejected_non_finite += 1;
+                continue;
+            }
+            // Update a copy and commit it only if it stayed finite: a huge gradient can
+            // overflow an accumulator even when the gradient itself is finite.
+            let row = &mut self.rows.get_mut(slot)[..rf];
+            sc.row.copy_from_slice(row);
+            optimizer::apply(&mut sc.row, dim, g, &self.cfg.optimizer);
+            if !sc.row.iter().all(|x| x.is_finite()) {
+                report.rejected_non_finite += 1;
+                continue;
+            }
+            row.copy_from_slice(&sc.row);
+            let m = &mut self.meta.get_mut(sc.rows[i])[0];
+            m.version = v;
+            m.update_step = step;
+            m.update_secs = secs;
+            self.changes.push((v, key));
+            changed = true;
+            report.applied += 1;
+            if let Some(floor) = self.cfg.eviction.min_l2_norm {
+                let norm2: f32 = sc.row[..dim].iter().map(|x| x * x).sum();
+                if norm2 < floor * floor {
+                    sc.evict.push(sc.rows[i]);
+                }
+            }
+        }
+        if merged {
+            sc.keys = merged_keys;
+            sc.grads = merged_grads;
+        }
+        self.stats.rejected_gradients += report.rejected_non_finite;
+        self.stats.gradients_without_row += report.without_row;
+        if changed {
+            self.version = v;
+        }
+        let l2: Vec<u32> = std::mem::take(&mut sc.evict);
+        for &row in &l2 {
+            // A row can be listed once per call (keys are unique here), so it is still live.
+            self.evict_row(row, v)?;
+            self.stats.evicted_l2 += 1;
+        }
+        sc.evict = l2;
+        sc.evict.clear();
+        self.maintain(ctx, sc)?;
+        Ok(report)
+    }
+
+    /// Deletes rows; returns how many existed. Each deletion leaves a tombstone.
+    pub fn delete(&mut self, keys: &[u64]) -> Result<u64, EmbeddingError> {
+        let v = self.version + 1;
+        let mut n = 0;
+        for &key in keys {
+            if let Some(pos) = self.index.find(key, index_hash(key)) {
+                let row = self.index.get(pos).row();
+                self.evict_row(row, v)?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.version = v;
+            self.stats.deleted += n;
+        }
+        Ok(n)
+    }
+
+    /// Rows changed and keys deleted after version `since`. Costs in proportion to the
+    /// number of changes since then, not to the size of the table.
+    pub fn changes_since(&mut self, since: u64) -> Result<Changes, EmbeddingError> {
+        if since < self.changes_floor {
+            return Err(EmbeddingError::ChangesCompacted {
+                table: self.name.clone(),
+                since,
+                floor: self.changes_floor,
+            });
+        }
+        let start = self.changes.partition_point(|&(v, _)| v <= since);
+        let mut rows = Vec::new();
+        let mut tombstones = Vec::new();
+        for &(v, key) in &self.changes[start..] {
+            match self.index.find(key, index_hash(key)) {
+                Some(pos) => {
+                    let row = self.index.get(pos).row();
+                    if self.meta.get(row)[0].version == v {
+                        rows.push(row);
+                    }
+                }
+                None => {
+                    if self.tombstones.get(&key) == Some(&v) {
+                        tombstones.push(key);
+                    }
+                }
+            }
+        }
+        let upserts = self.read_rows(&rows)?;
+        Ok(Changes {
+            since,
+            version: self.version,
+            upserts,
+            tombstones,
+        })
+    }
+
+    /// Forgets change history up to and including `version` (a checkpoint holds it now), so
+    /// that tombstones do not accumulate.
+    pub fn forget_changes_through(&mut self, version: u64) {
+        let version = version.min(self.version);
+        if version <= self.changes_floor {
+            return;
+        }
+        self.tombstones.retain(|_, &mut v| v > version);
+        let start = self.changes.partition_point(|&(v, _)| v <= version);
+        self.changes.drain(..start);
+        self.changes_floor = version;
+    }
+
+    // ---------------------------------------------------------------- resolution
+
+    /// Resolves every key to a hot slot (or `NO_SLOT`), promoting cold rows and, in `Admit`
+    /// mode, creating admitted rows. Fills `sc.slots` and `sc.rows`. Returns whether a row was
+    /// created (a model change).
+    fn resolve(
+        &mut self,
+        keys: &[u64],
+        mode: Mode,
+        ctx: &TrainCtx,
+        sc: &mut Scratch,
+    ) -> Result<bool, EmbeddingError> {
+        let n = keys.len();
+        if mode == Mode::Admit {
+            self.index.reserve(n);
+        }
+        if let Some(t) = &mut self.tier {
+            t.epoch = t.epoch.wrapping_add(1).max(1);
+        }
+        // Pass 1: hash every key and prefetch its bucket.
+        sc.hashes.clear();
+        for &k in keys {
+            let h = index_hash(k);
+            self.index.prefetch(h);
+            sc.hashes.push(h);
+        }
+        // Pass 2: probe, and prefetch what pass 3 will touch.
+        sc.slots.clear();
+        sc.rows.clear();
+        sc.cold.clear();
+        let weight_lines = (self.dim * 4).div_ceil(64).min(4);
+        let row_lines = (self.row_floats * 4).div_ceil(64).min(4);
+        let lines = if mode == Mode::Read { weight_lines } else { row_lines };
+        let v = self.version + 1;
+        let mut created = false;
+        for (i, (&key, &h)) in keys.iter().zip(&sc.hashes).enumerate() {
+            match self.index.find(key, h) {
+                Some(pos) => {
+                    let b = *self.index.get(pos);
+                    let row = b.row();
+                    if mode != Mode::Read {
+                        self.meta.prefetch(row, 1);
+                    }
+                    if b.hot == COLD {
+                        let at = self.tier.as_ref().map_or(0, |t| t.disk_loc.get(row)[0]);
+                        sc.cold.push((at, key, i));
+                        self.stats.tier_misses += 1;
+                    } else {
+                        self.rows.prefetch(b.hot, lines);
+                        if let Some(t) = &mut self.tier {
+                            t.hot_mark[b.hot as usize] = t.epoch;
+                        }
+                        self.stats.tier_hits += 1;
+                    }
+                    sc.slots.push(b.hot);
+                    sc.rows.push(row);
+                }
+                None if mode == Mode::Admit && self.admission.observe(key) => {
+                    let (row, slot) = self.create_row(key, h, v, ctx)?;
+                    created = true;
+                    sc.slots.push(slot);
+                    sc.rows.push(row);
+                }
+                None => {
+                    if mode == Mode::Admit {
+                        self.stats.admission_rejected += 1;
+                    }
+                    sc.slots.push(NO_SLOT);
+                    sc.rows.push(NO_SLOT);
+                }
+            }
+        }
+        if created {
+            // A key admitted by a later occurrence in this batch: its earlier occurrences must
+            // read the same row, not the default.
+            for i in 0..n {
+                if sc.slots[i] == NO_SLOT {
+                    if let Some(pos) = self.index.find(keys[i], sc.hashes[i]) {
+                        let b = *self.index.get(pos);
+                        sc.slots[i] = b.hot;
+                        sc.rows[i] = b.row();
+                    }
+                }
+            }
+        }
+        if !sc.cold.is_empty() {
+            self.promote(sc)?;
+        }
+        Ok(created)
+    }
+
+    /// Brings every row in `sc.cold` into a hot slot, reading them in one sorted pass.
+    fn promote(&mut self, sc: &mut Scratch) -> Result<(), EmbeddingError> {
+        let mut cold = std::mem::take(&mut sc.cold);
+        let mut fetched: Vec<(usize, Vec<f32>)> = Vec::with_capacity(cold.len());
+        let tier = self.tier.as_mut().expect("cold rows exist only with a tier");
+        let r = tier
+            .store
+            .read_many(&mut cold, |i, payload| fetched.push((i, payload.to_vec())));
+        if let Err(e) = r {
+            sc.cold = cold;
+            return Err(self.tier_err(e));
+        }
+        for (i, payload) in fetched {
+            let row = sc.rows[i];
+            let key = self.meta.get(row)[0].key;
+            let pos = self
+                .index
+                .find(key, index_hash(key))
+                .expect("a cold row is in the index");
+            let hot = self.index.get(pos).hot;
+            if hot != COLD {
+                // The key occurs twice in the batch and its first occurrence promoted it.
+                sc.slots[i] = hot;
+                continue;
+            }
+            let slot = self.alloc_hot(row)?;
+            self.rows.get_mut(slot)[..self.row_floats].copy_from_slice(&payload);
+            let tier = self.tier.as_mut().expect("tier");
+            let at = tier.disk_loc.get(row)[0];
+            tier.cold_rows -= 1;
+            if let Err(e) = tier.store.free(at) {
+                sc.cold = cold;
+                return Err(self.tier_err(e));
+            }
+            self.index.get_mut(pos).hot = slot;
+            sc.slots[i] = slot;
+        }
+        sc.cold = cold;
+        Ok(())
+    }
+
+    /// A hot slot for `row`, demoting a cold-enough row when the DRAM budget is full.
+    fn alloc_hot(&mut self, row: u32) -> Result<u32, EmbeddingError> {
+        let slot = if let Some(s) = self.free_hot.pop() {
+            s
+        } else if self
+            .tier
+            .as_ref()
+            .is_none_or(|t| self.next_hot < t.hot_capacity)
+        {
+            self.next_hot += 1;
+            self.next_hot - 1
+        } else {
+            match self.demote_one()? {
+                Some(s) => s,
+                None => {
+                    // Every slot is pinned by the batch in progress: the batch is larger than
+                    // the budget. Exceed the budget rather than fail the step.
+                    let t = self.tier.as_mut().expect("tier");
+                    if !t.overflow_warned {
+                        t.overflow_warned = true;
+                        tracing::warn!(table = %self.name, budget_rows = t.hot_capacity,
+                            "a batch needs more rows than the DRAM budget holds; exceeding it");
+                    }
+                    t.hot_capacity += 1;
+                    self.next_hot += 1;
+                    self.next_hot - 1
+                }
+            }
+        };
+        self.rows.ensure(slot as usize + 1);
+        if let Some(t) = &mut self.tier {
+            let s = slot as usize;
+            if t.hot_owner.len() <= s {
+                t.hot_owner.resize(s + 1, 0);
+                t.hot_mark.resize(s + 1, 0);
+            }
+            t.hot_owner[s] = row;
+            t.hot_mark[s] = t.epoch;
+        }
+        Ok(slot)
+    }
+
+    /// CLOCK: moves one unpinned, unreferenced row to disk and returns its slot.
+    fn demote_one(&mut self) -> Result<Option<u32>, EmbeddingError> {
+        let rf = self.row_floats;
+        let tier = self.tier.as_mut().expect("demotion needs a tier");
+        let n = self.next_hot;
+        // Two sweeps: the first may only clear reference marks.
+        for _ in 0..2 * n {
+            let s = tier.hand;
+            tier.hand = (tier.hand + 1) % n;
+            let mark = tier.hot_mark[s as usize];
+            if mark == tier.epoch || tier.hot_owner[s as usize] == NO_SLOT {
+                continue; // pinned by this batch, or free
+            }
+            if mark != 0 {
+                tier.hot_mark[s as usize] = 0;
+                continue;
+            }
+            let row = tier.hot_owner[s as usize];
+            let key = self.meta.get(row)[0].key;
+            let at = match tier.store.append(key, &self.rows.get(s)[..rf]) {
+                Ok(at) => at,
+                Err(e) => return Err(self.tier_err(e)),
+            };
+            tier.disk_loc.ensure(row as usize + 1);
+            tier.disk_loc.get_mut(row)[0] = at;
+            tier.cold_rows += 1;
+            let pos = self
+                .index
+                .find(key, index_hash(key))
+                .expect("a hot row is in the index");
+            self.index.get_mut(pos).hot = COLD;
+            return Ok(Some(s));
+        }
+        Ok(None)
+    }
+
+    fn create_row(
+        &mut self,
+        key: u64,
+        hash: u64,
+        version: u64,
+        ctx: &TrainCtx,
+    ) -> Result<(u32, u32), EmbeddingError> {
+        let row = self.free_rows.pop().unwrap_or_else(|| {
+            self.next_row += 1;
+            self.next_row - 1
+        });
+        self.meta.ensure(row as usize + 1);
+        let slot = self.alloc_hot(row)?;
+        optimizer::init_row(
+            &mut self.rows.get_mut(slot)[..self.row_floats],
+            self.dim,
+            &self.cfg.init,
+            &self.cfg.optimizer,
+            self.seed,
+            key,
+        );
+        self.meta.get_mut(row)[0] = RowMeta {
+            key,
+            version,
+            update_step: ctx.step as u32,
+            access_step: ctx.step as u32,
+            update_secs: ctx.now_secs(),
+            freq: 0,
+        };
+        self.index.insert_new(key, hash, row, slot);
+        self.tombstones.remove(&key);
+        self.changes.push((version, key));
+        self.live_rows += 1;
+        self.stats.admitted += 1;
+        Ok((row, slot))
+    }
+
+    fn gather(&self, slots: &[u32], out: &mut Vec<f32>) {
+        let dim = self.dim;
+        out.reserve(slots.len() * dim);
+        for &slot in slots {
+            if slot == NO_SLOT {
+                out.extend(std::iter::repeat_n(self.cfg.default_value, dim));
+            } else {
+                out.extend_from_slice(&self.rows.get(slot)[..dim]);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- eviction
+
+    /// Removes a row: index entry, slot or disk record, row id; leaves a tombstone at `v`.
+    fn evict_row(&mut self, row: u32, v: u64) -> Result<(), EmbeddingError> {
+        let key = self.meta.get(row)[0].key;
+        let bucket = self
+            .index
+            .remove(key)
+            .expect("a live row id is in the index");
+        if bucket.hot == COLD {
+            let tier = self.tier.as_mut().expect("cold rows exist only with a tier");
+            let at = tier.disk_loc.get(row)[0];
+            tier.cold_rows -= 1;
+            if let Err(e) = tier.store.free(at) {
+                return Err(self.tier_err(e));
+            }
+        } else {
+            self.free_hot.push(bucket.hot);
+            if let Some(t) = &mut self.tier {
+                // A free slot has no owner for the clock hand to demote.
+                t.hot_owner[bucket.hot as usize] = NO_SLOT;
+                t.hot_mark[bucket.hot as usize] = 0;
+            }
+        }
+        let changed_in_this_call = self.meta.get(row)[0].version == v;
+        self.meta.get_mut(row)[0].version = 0;
+        self.free_rows.push(row);
+        self.live_rows -= 1;
+        self.tombstones.insert(key, v);
+        if !changed_in_this_call {
+            // Otherwise the (v, key) entry is already in the log.
+            self.changes.push((v, key));
+        }
+        self.version = self.version.max(v);
+        Ok(())
+    }
+
+    /// Amortised upkeep after a training call: a bounded slice of the idle sweep, capacity
+    /// eviction, one tier compaction at most, and change-log compaction.
+    fn maintain(&mut self, ctx: &TrainCtx, sc: &mut Scratch) -> Result<(), EmbeddingError> {
+        let v = self.version + 1;
+        let ev = self.cfg.eviction.clone();
+        let mut evicted_any = false;
+        if (ev.max_idle_steps.is_some() || ev.max_idle_secs.is_some()) && self.next_row > 0 {
+            let step = ctx.step as u32;
+            let secs = ctx.now_secs();
+            let n = ev.sweep_rows_per_call.min(self.next_row);
+            for _ in 0..n {
+                let row = self.sweep_cursor;
+                self.sweep_cursor = (self.sweep_cursor + 1) % self.next_row;
+                let m = self.meta.get(row)[0];
+                if m.version == 0 {
+                    continue;
+                }
+                let idle_steps = u64::from(step.wrapping_sub(m.update_step));
+                let idle_secs = u64::from(secs.wrapping_sub(m.update_secs));
+                if ev.max_idle_steps.is_some_and(|max| idle_steps > max) {
+                    self.evict_row(row, v)?;
+                    self.stats.evicted_idle_steps += 1;
+                    evicted_any = true;
+                } else if ev.max_idle_secs.is_some_and(|max| idle_secs > max) {
+                    self.evict_row(row, v)?;
+                    self.stats.evicted_idle_secs += 1;
+                    evicted_any = true;
+                }
+            }
+        }
+        if let Some(cap) = ev.capacity {
+            while self.live_rows > cap {
+                let Some(row) = self.sample_victim(ev.capacity_policy, ev.sample_size, ctx) else {
+                    break;
+                };
+                self.evict_row(row, v)?;
+                self.stats.evicted_capacity += 1;
+                evicted_any = true;
+            }
+        }
+        if evicted_any {
+            self.version = v;
+        }
+        let _ = sc;
+        self.compact_tier()?;
+        self.compact_changes(ev.max_tombstones);
+        Ok(())
+    }
+
+    /// Redis-style approximate LRU/LFU: the worst of `k` sampled live rows. Rows touched in
+    /// the current step are spared, so a row looked up for this step keeps its gradient.
+    fn sample_victim(&mut self, policy: CapacityPolicy, k: u32, ctx: &TrainCtx) -> Option<u32> {
+        let step = ctx.step as u32;
+        let mut best: Option<(u64, u32)> = None;
+        let mut tries = 0;
+        let mut found = 0;
+        while found < k && tries < 64 * k {
+            tries += 1;
+            let row = self.sampler.below(u64::from(self.next_row)) as u32;
+            let m = self.meta.get(row)[0];
+            if m.version == 0 || m.access_step == step {
+                continue;
+            }
+            found += 1;
+            // Lower score = better victim; the row id breaks ties deterministically.
+            let score = match policy {
+                CapacityPolicy::Lru => u64::MAX - u64::from(step.wrapping_sub(m.access_step)),
+                CapacityPolicy::Lfu => u64::from(m.freq),
+            };
+            if best.is_none_or(|(s, r)| (score, row) < (s, r)) {
+                best = Some((score, row));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+
+    fn compact_tier(&mut self) -> Result<(), EmbeddingError> {
+        let Some(tier) = &mut self.tier else {
+            return Ok(());
+        };
+        let Some(sid) = tier.store.compaction_candidate() else {
+            return Ok(());
+        };
+        let records = match tier.store.records(sid) {
+            Ok(r) => r,
+            Err(e) => return Err(self.tier_err(e)),
+        };
+        for (at, key, payload) in records {
+            let Some(pos) = self.index.find(key, index_hash(key)) else {
+                continue;
+            };
+            let b = *self.index.get(pos);
+            let tier = self.tier.as_mut().expect("tier");
+            if b.hot != COLD || tier.disk_loc.get(b.row())[0] != at {
+                continue; // a stale copy: the row moved since
+            }
+            let r = tier
+                .store
+                .append(key, &payload)
+                .and_then(|new_at| {
+                    tier.disk_loc.get_mut(b.row())[0] = new_at;
+                    tier.store.free(at)
+                });
+            if let Err(e) = r {
+                return Err(self.tier_err(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops superseded change entries once the log is twice what it needs to be, and the
+    /// oldest tombstones beyond `max_tombstones` (raising the changes floor past them).
+    fn compact_changes(&mut self, max_tombstones: u64) {
+        if self.tombstones.len() as u64 > max_tombstones {
+            let mut versions: Vec<u64> = self.tombstones.values().copied().collect();
+            let cut = versions.len() / 2;
+            let (_, &mut nth, _) = versions.select_nth_unstable(cut);
+            self.forget_changes_through(nth);
+        }
+        let needed = self.live_rows as usize + self.tombstones.len();
+        if self.changes.len() > 2 * needed + 4096 {
+            let (index, meta, tombstones) = (&self.index, &self.meta, &self.tombstones);
+            self.changes.retain(|&(v, key)| match index.find(key, index_hash(key)) {
+                Some(pos) => meta.get(index.get(pos).row())[0].version == v,
+                None => tombstones.get(&key) == Some(&v),
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- snapshots
+
+    /// Reads whole rows (weights, state and metadata) by row id, without promoting.
+    fn read_rows(&mut self, rows: &[u32]) -> Result<RowBlock, EmbeddingError> {
+        let rf = self.row_floats;
+        let mut block = RowBlock::with_capacity(rows.len(), rf);
+        let mut cold = Vec::new();
+        for (i, &row) in rows.iter().enumerate() {
+            let m = self.meta.get(row)[0];
+            let pos = self
+                .index
+                .find(m.key, index_hash(m.key))
+                .expect("a live row is in the index");
+            let hot = self.index.get(pos).hot;
+            block.push_meta(row, m.key, m.version, m.update_step, m.access_step, m.update_secs, m.freq);
+            if hot == COLD {
+                let at = self.tier.as_ref().expect("tier").disk_loc.get(row)[0];
+                cold.push((at, m.key, i));
+                block.data.extend(std::iter::repeat_n(0.0, rf));
+            } else {
+                block.data.extend_from_slice(&self.rows.get(hot)[..rf]);
+            }
+        }
+        if !cold.is_empty() {
+            let tier = self.tier.as_mut().expect("tier");
+            let data = &mut block.data;
+            let r = tier.store.read_many(&mut cold, |i, payload| {
+                data[i * rf..(i + 1) * rf].copy_from_slice(payload);
+            });
+            r.map_err(|e| self.tier_err(e))?;
+        }
+        Ok(block)
+    }
+
+    /// The whole table: rows with their optimizer state and metadata, row-id allocation,
+    /// pending admission state, the sampler and the counters.
+    pub fn snapshot(&mut self) -> Result<TableSnapshot, EmbeddingError> {
+        let live: Vec<u32> = (0..self.next_row)
+            .filter(|&r| self.meta.get(r)[0].version != 0)
+            .collect();
+        let rows = self.read_rows(&live)?;
+        let mut free_rows = self.free_rows.clone();
+        free_rows.retain(|&r| r < self.next_row);
+        Ok(TableSnapshot {
+            name: self.name.clone(),
+            dim: self.dim as u32,
+            optimizer: self.cfg.optimizer.name().to_owned(),
+            row_floats: self.row_floats as u32,
+            version: self.version,
+            next_row: self.next_row,
+            free_rows,
+            rows,
+            admission: self.admission.snapshot(),
+            sampler: self.sampler.clone(),
+            sweep_cursor: self.sweep_cursor,
+            stats: self.stats.clone(),
+        })
+    }
+
+    /// Replaces this table's contents with a snapshot. Row ids are kept, so sampling and
+    /// sweeping continue exactly as they would have without the restart.
+    pub fn restore(&mut self, snap: TableSnapshot) -> Result<(), EmbeddingError> {
+        let mismatch = |reason: String| EmbeddingError::SnapshotMismatch {
+            table: self.name.clone(),
+            reason,
+        };
+        if snap.dim as usize != self.dim
+            || snap.row_floats as usize != self.row_floats
+            || snap.optimizer != self.cfg.optimizer.name()
+        {
+            return Err(mismatch(format!(
+                "snapshot has dim {} with {} ({} floats per row), table has dim {} with {} ({})",
+                snap.dim,
+                snap.optimizer,
+                snap.row_floats,
+                self.dim,
+                self.cfg.optimizer.name(),
+                self.row_floats
+            )));
+        }
+        snap.rows
+            .check(self.row_floats)
+            .map_err(|e| mismatch(e))?;
+        let spill_dir = self
+            .tier
+            .as_ref()
+            .map(|t| t.store_dir().to_owned());
+        let mut fresh = Table::new(
+            self.name.clone(),
+            self.cfg.clone(),
+            spill_dir.as_deref().and_then(|d| d.parent()),
+        )?;
+        fresh.admission.restore(snap.admission).map_err(|e| mismatch(e))?;
+        fresh.index.reserve(snap.rows.len());
+        fresh.next_row = snap.next_row;
+        fresh.meta.ensure(snap.next_row as usize);
+        let rf = self.row_floats;
+        for i in 0..snap.rows.len() {
+            let row = snap.rows.row_ids[i];
+            let key = snap.rows.keys[i];
+            if row >= snap.next_row {
+                return Err(mismatch(format!("row id {row} beyond next_row {}", snap.next_row)));
+            }
+            if fresh.index.find(key, index_hash(key)).is_some() {
+                return Err(mismatch(format!("key {key:#x} appears twice")));
+            }
+            fresh.meta.get_mut(row)[0] = RowMeta {
+                key,
+                version: snap.rows.versions[i],
+                update_step: snap.rows.update_steps[i],
+                access_step: snap.rows.access_steps[i],
+                update_secs: snap.rows.update_secs[i],
+                freq: snap.rows.freqs[i],
+            };
+            let slot = fresh.alloc_hot(row)?;
+            fresh.rows.get_mut(slot)[..rf].copy_from_slice(&snap.rows.data[i * rf..(i + 1) * rf]);
+            fresh
+                .index
+                .insert_new(key, index_hash(key), row, slot);
+            // Without a batch in progress, restored rows must be fair game for demotion.
+            if let Some(t) = &mut fresh.tier {
+                t.hot_mark[slot as usize] = 0;
+            }
+        }
+        fresh.live_rows = snap.rows.len() as u64;
+        fresh.free_rows = snap.free_rows;
+        fresh.version = snap.version;
+        fresh.changes_floor = snap.version;
+        fresh.sampler = snap.sampler;
+        fresh.sweep_cursor = snap.sweep_cursor.min(snap.next_row.saturating_sub(1));
+        fresh.stats = snap.stats;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Every row's key, sorted (tests and tools; O(rows)).
+    pub fn keys(&self) -> Vec<u64> {
+        let mut k: Vec<u64> = self.index.iter().map(|b| b.key).collect();
+        k.sort_unstable();
+        k
+    }
+}
+
+impl Tier {
+    fn store_dir(&self) -> &std::path::Path {
+        self.store.dir()
+    }
+}
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;
+
+/// Folds duplicate keys: returns false when there are none (the common case, nothing copied),
+/// else fills `sc.keys`/`sc.grads` with unique keys and summed gradients in first-seen order.
+fn dedup(keys: &[u64], grads: &[f32], dim: usize, sc: &mut Scratch) -> bool {
+    let cap = (keys.len() * 2).next_power_of_two().max(16);
+    let mask = cap - 1;
+    sc.dedup.clear();
+    sc.dedup.resize(cap, (0, 0));
+    let mut dup = false;
+    for (i, &k) in keys.iter().enumerate() {
+        let mut p = (mix64(k) as usize) & mask;
+        loop {
+            let (sk, si) = sc.dedup[p];
+            if si == 0 {
+                sc.dedup[p] = (k, i as u32 + 1);
+                break;
+            }
+            if sk == k {
+                dup = true;
+                break;
+            }
+            p = (p + 1) & mask;
+        }
+        if dup {
+            break;
+        }
+    }
+    if !dup {
+        return false;
+    }
+    // Slow path: map each key to its unique index, summing gradients.
+    let mut first: AHashMap<u64, usize> = AHashMap::with_capacity(keys.len());
+    sc.keys.clear();
+    sc.grads.clear();
+    for (i, &k) in keys.iter().enumerate() {
+        let g = &grads[i * dim..(i + 1) * dim];
+        match first.get(&k) {
+            Some(&u) => {
+                for (a, b) in sc.grads[u * dim..(u + 1) * dim].iter_mut().zip(g) {
+                    *a += b;
+                }
+            }
+            None => {
+                first.insert(k, sc.keys.len());
+                sc.keys.push(k);
+                sc.grads.extend_from_slice(g);
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,109 @@
+//! The envelope every actor message travels in.
+//!
+//! `ractor_cluster` carries message bodies between nodes but not tracing context, so Freshet
+//! carries W3C trace context itself, inside every message. The slot exists from the first
+//! message type on, so that turning tracing on later changes no message's shape.
+
+use serde::{Deserialize, Serialize};
+
+/// W3C trace context (<https://www.w3.org/TR/trace-context/>), as the two header values.
+///
+/// Both are kept as the exact strings of the headers, so that a hop which does not understand
+/// a vendor's `tracestate` still forwards it untouched, as the recommendation requires.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
+    pub traceparent: Option<String>,
+    /// `tracestate`: vendor-specific key/value list, forwarded as is.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// No trace: the message starts no span and continues none.
+    pub const fn none() -> Self {
+        Self {
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// A context from a `traceparent` header value, if it is well formed.
+    ///
+    /// A malformed header is dropped rather than forwarded: the recommendation says a receiver
+    /// must not propagate a `traceparent` it cannot parse.
+    pub fn from_traceparent(value: &str) -> Option<Self> {
+        is_valid_traceparent(value).then(|| Self {
+            traceparent: Some(value.to_owned()),
+            tracestate: None,
+        })
+    }
+
+    pub fn is_sampled(&self) -> bool {
+        self.traceparent
+            .as_deref()
+            .and_then(|tp| tp.rsplit('-').next())
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1)
+    }
+}
+
+fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+/// A message body with its trace context.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub trace: TraceContext,
+    pub body: T,
+}
+
+impl<T> Envelope<T> {
+    /// A body sent outside any trace.
+    pub fn new(body: T) -> Self {
+        Self {
+            trace: TraceContext::none(),
+            body,
+        }
+    }
+
+    pub fn with_trace(trace: TraceContext, body: T) -> Self {
+        Self { trace, body }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_parsing_accepts_spec_example_and_rejects_garbage() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::from_traceparent(ok).expect("spec example parses");
+        assert!(ctx.is_sampled());
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(!TraceContext::from_traceparent(unsampled).unwrap().is_sampled());
+        for bad in [
+            "",
+            "00",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(TraceContext::from_traceparent(bad).is_none(), "{bad:?} accepted");
+        }
+        assert!(!TraceContext::none().is_sampled());
+    }
+}
