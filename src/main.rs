@@ -1,1 +1,70 @@
-fn main() {}
+//! `freshet`: the composition root. CLI, configuration and telemetry; the components live in
+//! `freshet-actors`, the cluster in `freshet-cluster`.
+
+mod bench;
+mod settings;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "freshet", version, about = "Online deep learning for recommendation models")]
+struct Cli {
+    /// Configuration file (default: ./freshet.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides node.data_dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure a hot path against its baseline, in one run.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
+    Config,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut overrides = Vec::new();
+    if let Some(d) = &cli.data_dir {
+        overrides.push(("node.data_dir", d.display().to_string()));
+    }
+    let settings = settings::load(cli.config.as_deref(), &overrides)?;
+    init_tracing(&settings.node.log);
+    match cli.command {
+        Command::Bench { what } => bench::run(what, &settings),
+        Command::Config => {
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

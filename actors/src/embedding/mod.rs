@@ -9,6 +9,7 @@
 
 mod admission;
 mod arena;
+pub mod bench;
 pub mod config;
 mod index;
 mod mem;

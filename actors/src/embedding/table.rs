@@ -179,9 +179,13 @@ pub struct Table {
     live_rows: u64,
     version: u64,
     admission: Admission,
-    /// (version, key) per change, in version order. An entry is current if the row still has
-    /// that version, or the key's tombstone does.
+    /// (version, key), in version order: a key is logged on its first change after the latest
+    /// seal, and on every deletion. A row changed a million times between two checkpoints
+    /// costs one entry, and an update costs one comparison.
     changes: Vec<(u64, u64)>,
+    /// Versions at which `changes_since` was asked (the log's seal points), ascending. A query
+    /// scans from the latest seal at or below its version, so it costs the changes since then.
+    seals: Vec<u64>,
     tombstones: AHashMap<u64, u64>,
     /// `changes_since(v)` for `v` below this needs a full snapshot instead.
     changes_floor: u64,
@@ -263,6 +267,7 @@ impl Table {
             live_rows: 0,
             version: 0,
             changes: Vec::new(),
+            seals: vec![0],
             tombstones: AHashMap::new(),
             changes_floor: 0,
             sweep_cursor: 0,
@@ -447,10 +452,12 @@ impl Table {
             }
             row.copy_from_slice(&sc.row);
             let m = &mut self.meta.get_mut(sc.rows[i])[0];
+            if m.version <= *self.seals.last().expect("seals start with one") {
+                self.changes.push((v, key));
+            }
             m.version = v;
             m.update_step = step;
             m.update_secs = secs;
-            self.changes.push((v, key));
             changed = true;
             report.applied += 1;
             if let Some(floor) = self.cfg.eviction.min_l2_norm {
@@ -500,7 +507,8 @@ impl Table {
     }
 
     /// Rows changed and keys deleted after version `since`. Costs in proportion to the
-    /// number of changes since then, not to the size of the table.
+    /// changes since the latest seal at or below `since` (every earlier call is a seal), not
+    /// to the size of the table.
     pub fn changes_since(&mut self, since: u64) -> Result<Changes, EmbeddingError> {
         if since < self.changes_floor {
             return Err(EmbeddingError::ChangesCompacted {
@@ -509,25 +517,33 @@ impl Table {
                 floor: self.changes_floor,
             });
         }
-        let start = self.changes.partition_point(|&(v, _)| v <= since);
+        let seal = self.seals[self.seals.partition_point(|&s| s <= since) - 1];
+        let start = self.changes.partition_point(|&(v, _)| v <= seal);
+        let mut seen = ahash::AHashSet::new();
         let mut rows = Vec::new();
         let mut tombstones = Vec::new();
-        for &(v, key) in &self.changes[start..] {
+        for &(_, key) in &self.changes[start..] {
+            if !seen.insert(key) {
+                continue;
+            }
             match self.index.find(key, index_hash(key)) {
                 Some(pos) => {
                     let row = self.index.get(pos).row();
-                    if self.meta.get(row)[0].version == v {
+                    if self.meta.get(row)[0].version > since {
                         rows.push(row);
                     }
                 }
                 None => {
-                    if self.tombstones.get(&key) == Some(&v) {
+                    if self.tombstones.get(&key).is_some_and(|&d| d > since) {
                         tombstones.push(key);
                     }
                 }
             }
         }
         let upserts = self.read_rows(&rows)?;
+        if self.seals.last() != Some(&self.version) {
+            self.seals.push(self.version);
+        }
         Ok(Changes {
             since,
             version: self.version,
@@ -537,15 +553,19 @@ impl Table {
     }
 
     /// Forgets change history up to and including `version` (a checkpoint holds it now), so
-    /// that tombstones do not accumulate.
+    /// that tombstones do not accumulate. Later `changes_since(v)` needs `v >= version`.
     pub fn forget_changes_through(&mut self, version: u64) {
         let version = version.min(self.version);
         if version <= self.changes_floor {
             return;
         }
+        // Entries up to the latest seal at or below `version` can go: a row changed after
+        // that seal was logged again at its first change after it.
+        let seal = self.seals[self.seals.partition_point(|&s| s <= version) - 1];
         self.tombstones.retain(|_, &mut v| v > version);
-        let start = self.changes.partition_point(|&(v, _)| v <= version);
+        let start = self.changes.partition_point(|&(v, _)| v <= seal);
         self.changes.drain(..start);
+        self.seals.retain(|&s| s >= seal);
         self.changes_floor = version;
     }
 
@@ -832,15 +852,11 @@ impl Table {
                 t.hot_mark[bucket.hot as usize] = 0;
             }
         }
-        let changed_in_this_call = self.meta.get(row)[0].version == v;
         self.meta.get_mut(row)[0].version = 0;
         self.free_rows.push(row);
         self.live_rows -= 1;
         self.tombstones.insert(key, v);
-        if !changed_in_this_call {
-            // Otherwise the (v, key) entry is already in the log.
-            self.changes.push((v, key));
-        }
+        self.changes.push((v, key));
         self.version = self.version.max(v);
         Ok(())
     }
@@ -966,11 +982,22 @@ impl Table {
         }
         let needed = self.live_rows as usize + self.tombstones.len();
         if self.changes.len() > 2 * needed + 4096 {
-            let (index, meta, tombstones) = (&self.index, &self.meta, &self.tombstones);
-            self.changes.retain(|&(v, key)| match index.find(key, index_hash(key)) {
-                Some(pos) => meta.get(index.get(pos).row())[0].version == v,
-                None => tombstones.get(&key) == Some(&v),
-            });
+            // Only a key's latest entry matters (it lies after every seal that an earlier one
+            // served), and only for keys that still have a row or a tombstone.
+            let mut seen = ahash::AHashSet::with_capacity(needed);
+            let (index, tombstones) = (&self.index, &self.tombstones);
+            let mut kept: Vec<(u64, u64)> = self
+                .changes
+                .iter()
+                .rev()
+                .filter(|&&(_, key)| {
+                    seen.insert(key)
+                        && (tombstones.contains_key(&key) || index.find(key, index_hash(key)).is_some())
+                })
+                .copied()
+                .collect();
+            kept.reverse();
+            self.changes = kept;
         }
     }
 
@@ -1102,6 +1129,7 @@ impl Table {
         fresh.free_rows = snap.free_rows;
         fresh.version = snap.version;
         fresh.changes_floor = snap.version;
+        fresh.seals = vec![snap.version];
         fresh.sampler = snap.sampler;
         fresh.sweep_cursor = snap.sweep_cursor.min(snap.next_row.saturating_sub(1));
         fresh.stats = snap.stats;

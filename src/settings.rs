@@ -1,0 +1,226 @@
+//! Layered configuration: built-in defaults < `freshet.toml` (or `--config FILE`) <
+//! `FRESHET__SECTION__KEY` environment variables < command-line flags.
+//!
+//! Every refusal names the key, the value and what was expected, whichever layer the value
+//! came from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use freshet_actors::embedding::{InvalidValue, TableConfig};
+use freshet_actors::TableName;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub node: NodeSettings,
+    pub embedding: EmbeddingSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Where logs, checkpoints and the spill tier live.
+    pub data_dir: PathBuf,
+    /// A `tracing` filter, such as `info` or `freshet=debug,info`.
+    pub log: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingSettings {
+    /// Number of embedding shards (ShardOwner actors).
+    pub shards: u32,
+    /// Directory for the on-disk tier; each shard gets `shard-<i>/` inside it. Defaults to
+    /// `<data_dir>/spill` when a table sets a DRAM budget.
+    pub spill_dir: Option<PathBuf>,
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node: NodeSettings::default(),
+            embedding: EmbeddingSettings::default(),
+        }
+    }
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("freshet-data"),
+            log: "info".into(),
+        }
+    }
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        Self {
+            shards: 4,
+            spill_dir: None,
+            tables: BTreeMap::from([("default".to_owned(), TableConfig::default())]),
+        }
+    }
+}
+
+impl Settings {
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if self.embedding.shards == 0 || self.embedding.shards > 4096 {
+            return Err(InvalidValue::new(
+                "embedding.shards",
+                self.embedding.shards,
+                "an integer in 1..=4096",
+            ));
+        }
+        if self.embedding.tables.is_empty() {
+            return Err(InvalidValue::new(
+                "embedding.tables",
+                "{}",
+                "at least one table",
+            ));
+        }
+        for (name, t) in &self.embedding.tables {
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(InvalidValue::new(
+                    format!("embedding.tables.{name}"),
+                    name,
+                    "a table name of letters, digits, '_' and '-'",
+                ));
+            }
+            t.validate(&format!("embedding.tables.{name}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn tables(&self) -> Vec<(TableName, TableConfig)> {
+        self.embedding
+            .tables
+            .iter()
+            .map(|(n, c)| (TableName::new(n), c.clone()))
+            .collect()
+    }
+
+    pub fn spill_dir(&self) -> PathBuf {
+        self.embedding
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("spill"))
+    }
+}
+
+/// Builds the settings from every layer. `overrides` are flags, as (dotted key, value).
+pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Settings> {
+    let defaults = config::Config::try_from(&Settings::default())
+        .context("while encoding the built-in defaults")?;
+    let mut b = config::Config::builder().add_source(defaults);
+    b = match file {
+        // An explicit --config must exist; the default freshet.toml is optional.
+        Some(p) => b.add_source(config::File::from(p).format(config::FileFormat::Toml).required(true)),
+        None => b.add_source(
+            config::File::with_name("freshet.toml")
+                .format(config::FileFormat::Toml)
+                .required(false),
+        ),
+    };
+    b = b.add_source(
+        config::Environment::with_prefix("FRESHET")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true),
+    );
+    for (k, v) in overrides {
+        b = b.set_override(*k, v.as_str())?;
+    }
+    let settings: Settings = b
+        .build()
+        .map_err(explain)?
+        .try_deserialize()
+        .map_err(explain)?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// Turns a `config` error into one that names key, value and expectation.
+fn explain(e: config::ConfigError) -> anyhow::Error {
+    match e {
+        config::ConfigError::Type {
+            origin,
+            unexpected,
+            expected,
+            key,
+        } => {
+            let key = key.unwrap_or_else(|| "?".into());
+            let from = origin.map(|o| format!(" (from {o})")).unwrap_or_default();
+            anyhow::Error::new(InvalidValue::new(key, unexpected, expected))
+                .context(format!("invalid configuration{from}"))
+        }
+        other => anyhow::Error::new(other).context("invalid configuration"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let s = load(Some(Path::new("/nonexistent/none.toml")), &[]);
+        assert!(s.is_err(), "an explicit --config that is missing is an error");
+        let s = Settings::default();
+        s.validate().unwrap();
+        let toml_ok = config::Config::try_from(&s).unwrap().try_deserialize::<Settings>().unwrap();
+        assert_eq!(toml_ok, s);
+    }
+
+    #[test]
+    fn file_values_and_flag_overrides_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.toml");
+        std::fs::write(
+            &f,
+            "[embedding]\nshards = 8\n[embedding.tables.user]\ndim = 32\noptimizer = { kind = \"ftrl\", alpha = 0.05 }\nadmission = { kind = \"counter\", min_count = 3 }\n",
+        )
+        .unwrap();
+        let s = load(Some(&f), &[]).unwrap();
+        assert_eq!(s.embedding.shards, 8);
+        assert_eq!(s.embedding.tables["user"].dim, 32);
+        let s = load(Some(&f), &[("embedding.shards", "2".into())]).unwrap();
+        assert_eq!(s.embedding.shards, 2, "flags beat the file");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_expectation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("[embedding]\nshards = \"many\"\n", ["embedding.shards", "many", "expected"]),
+            ("[embedding]\nshards = 0\n", ["embedding.shards", "0", "1..=4096"]),
+            ("[embedding.tables.user]\ndim = 0\n", ["embedding.tables.user.dim", "0", "1..=4096"]),
+            (
+                "[embedding.tables.user]\noptimizer = { kind = \"adam\", lr = 0.1, beta1 = 2.0 }\n",
+                ["embedding.tables.user.optimizer.beta1", "2", "[0, 1)"],
+            ),
+            ("[embedding]\nshardz = 3\n", ["shardz", "unknown field", ""]),
+        ];
+        for (i, (text, want)) in cases.iter().enumerate() {
+            let f = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&f, text).unwrap();
+            let e = format!("{:#}", load(Some(&f), &[]).unwrap_err());
+            for w in want {
+                assert!(e.contains(w), "case {i}: {e:?} lacks {w:?}");
+            }
+        }
+        let f = dir.path().join("broken.toml");
+        std::fs::write(&f, "[embedding\nshards = ").unwrap();
+        assert!(load(Some(&f), &[]).is_err(), "malformed TOML is refused");
+    }
+}
