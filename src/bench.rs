@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use freshet_actors::embedding::bench::{zipf_batches, HashMapBaseline, MemoryProbe, key_of_rank};
+use freshet_actors::embedding::bench::{key_of_rank, zipf_batches, HashMapBaseline, MemoryProbe};
 use freshet_actors::embedding::{Initializer, OptimizerConfig, Table, TableConfig, TrainCtx};
 use freshet_actors::rng::Xoshiro256;
 use freshet_actors::TableName;
@@ -16,13 +16,13 @@ use serde::Serialize;
 use crate::settings::Settings;
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// The embedding table against an ahash HashMap and a memory-limit probe.
     Embedding(EmbeddingArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct EmbeddingArgs {
+pub(crate) struct EmbeddingArgs {
     /// Distinct keys in the table.
     #[arg(long, default_value_t = 10_000_000)]
     keys: u64,
@@ -50,7 +50,7 @@ pub struct EmbeddingArgs {
     json: bool,
 }
 
-pub fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Embedding(a) => embedding(a, settings),
     }
@@ -103,13 +103,16 @@ fn median_rate(rounds: usize, keys_per_pass: usize, mut f: impl FnMut()) -> f64 
     rates[rates.len() / 2]
 }
 
-fn progress(json: bool, msg: &str) {
-    if !json || std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!("{msg}");
-    }
+/// Progress goes to stderr always: stdout carries only the report, so `--json` stays parseable.
+fn progress(_json: bool, msg: &str) {
+    eprintln!("{msg}");
 }
 
-fn adagrad_table(dim: usize, budget: Option<u64>, dir: Option<&std::path::Path>) -> anyhow::Result<Table> {
+fn adagrad_table(
+    dim: usize,
+    budget: Option<u64>,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<Table> {
     let cfg = TableConfig {
         init: Initializer::Uniform { scale: 0.01 },
         optimizer: OptimizerConfig::default(),
@@ -125,32 +128,60 @@ fn populate(t: &mut Table, keys: u64, seed: u64, json: bool) -> anyhow::Result<(
     let mut ranks: Vec<u32> = (0..keys as u32).collect();
     Xoshiro256::seed_from_u64(seed).shuffle(&mut ranks);
     let mut out = Vec::new();
-    let mut batch = Vec::with_capacity(65_536);
-    for (i, chunk) in ranks.chunks(65_536).enumerate() {
+    // Batches no larger than a training batch: a batch is pinned in DRAM while it runs, so
+    // a huge one would stretch a small DRAM budget.
+    let mut batch = Vec::with_capacity(4096);
+    for (i, chunk) in ranks.chunks(4096).enumerate() {
         batch.clear();
         batch.extend(chunk.iter().map(|&r| key_of_rank(u64::from(r), seed)));
         out.clear();
         t.lookup_for_training(&batch, &TrainCtx::at_step(0), &mut out)?;
         if i % 32 == 31 {
-            progress(json, &format!("  populated {} of {keys} keys", (i + 1) * 65_536));
+            progress(
+                json,
+                &format!("  populated {} of {keys} keys", (i + 1) * 65_536),
+            );
         }
     }
-    progress(json, &format!("  populated {keys} keys in {:.1}s", started.elapsed().as_secs_f64()));
+    progress(
+        json,
+        &format!(
+            "  populated {keys} keys in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
+    );
     Ok(())
 }
 
 fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
-    anyhow::ensure!(a.keys > 0 && a.keys <= u64::from(u32::MAX), "--keys must be in 1..=2^32-1");
+    anyhow::ensure!(
+        a.keys > 0 && a.keys <= u64::from(u32::MAX),
+        "--keys must be in 1..=2^32-1"
+    );
     anyhow::ensure!(a.dim > 0 && a.dim <= 1024, "--dim must be in 1..=1024");
     anyhow::ensure!(a.zipf > 0.0 && a.zipf.is_finite(), "--zipf must be > 0");
-    anyhow::ensure!(a.batch > 0 && a.batches > 0, "--batch and --batches must be > 0");
-    anyhow::ensure!((0.0..1.0).contains(&a.tier_fraction), "--tier-fraction must be in [0, 1)");
+    anyhow::ensure!(
+        a.batch > 0 && a.batches > 0,
+        "--batch and --batches must be > 0"
+    );
+    anyhow::ensure!(
+        (0.0..1.0).contains(&a.tier_fraction),
+        "--tier-fraction must be in [0, 1)"
+    );
     let d = a.dim;
-    progress(a.json, &format!("freshet bench embedding: {} keys, dim {d}, zipf {}, batch {}", a.keys, a.zipf, a.batch));
+    progress(
+        a.json,
+        &format!(
+            "freshet bench embedding: {} keys, dim {d}, zipf {}, batch {}",
+            a.keys, a.zipf, a.batch
+        ),
+    );
     let batches = zipf_batches(a.keys, a.zipf, a.batch, a.batches, a.seed);
     let per_pass: usize = batches.iter().map(Vec::len).sum();
     let mut rng = Xoshiro256::seed_from_u64(a.seed);
-    let grads: Vec<f32> = (0..a.batch * d).map(|_| rng.next_f32() * 0.02 - 0.01).collect();
+    let grads: Vec<f32> = (0..a.batch * d)
+        .map(|_| rng.next_f32() * 0.02 - 0.01)
+        .collect();
 
     progress(a.json, "table (all DRAM):");
     let mut table = adagrad_table(d, None, None)?;
@@ -164,14 +195,25 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
     for r in 0..a.keys {
         map.insert(key_of_rank(r, a.seed));
     }
-    progress(a.json, &format!("  populated in {:.1}s", started.elapsed().as_secs_f64()));
+    progress(
+        a.json,
+        &format!("  populated in {:.1}s", started.elapsed().as_secs_f64()),
+    );
     let probe = MemoryProbe::new(table_bytes as usize);
     let probe_batches = probe.batches(a.batch, a.batches, a.seed);
 
     let mut out = Vec::with_capacity(a.batch * d);
     let mut step = 1u64;
     // Interleave subjects round by round, so that drift hits all of them alike.
-    let mut rates = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut rates = [
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    ];
     for round in 0..a.rounds.max(1) {
         rates[0].push(median_rate(1, per_pass, || {
             for b in &batches {
@@ -184,8 +226,12 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
                 out.clear();
                 let ctx = TrainCtx::at_step(step);
                 step += 1;
-                table.lookup_for_training(b, &ctx, &mut out).expect("training lookup");
-                table.apply_gradients(b, &grads[..b.len() * d], &ctx).expect("gradients");
+                table
+                    .lookup_for_training(b, &ctx, &mut out)
+                    .expect("training lookup");
+                table
+                    .apply_gradients(b, &grads[..b.len() * d], &ctx)
+                    .expect("gradients");
             }
         }));
         rates[2].push(median_rate(1, per_pass, || {
@@ -219,10 +265,15 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
         rates[6].push(median_rate(1, per_pass, || {
             for b in &batches {
                 let ctx = TrainCtx::at_step(step);
-                table.apply_gradients(b, &grads[..b.len() * d], &ctx).expect("gradients");
+                table
+                    .apply_gradients(b, &grads[..b.len() * d], &ctx)
+                    .expect("gradients");
             }
         }));
-        progress(a.json, &format!("  round {} of {} measured", round + 1, a.rounds.max(1)));
+        progress(
+            a.json,
+            &format!("  round {} of {} measured", round + 1, a.rounds.max(1)),
+        );
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -233,7 +284,13 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
     drop(map);
 
     let tiered = if a.tier_fraction > 0.0 {
-        progress(a.json, &format!("table with a DRAM budget of {:.0}% of rows:", a.tier_fraction * 100.0));
+        progress(
+            a.json,
+            &format!(
+                "table with a DRAM budget of {:.0}% of rows:",
+                a.tier_fraction * 100.0
+            ),
+        );
         let row_slot_bytes = (2 * d * 4).next_multiple_of(64).max(64) as f64 + 8.0;
         let budget = (a.keys as f64 * a.tier_fraction * row_slot_bytes) as u64;
         let dir = tempfile_dir(&settings.spill_dir())?;
@@ -249,8 +306,12 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
                 out.clear();
                 let ctx = TrainCtx::at_step(step);
                 step += 1;
-                tiered.lookup_for_training(b, &ctx, &mut out).expect("training lookup");
-                tiered.apply_gradients(b, &grads[..b.len() * d], &ctx).expect("gradients");
+                tiered
+                    .lookup_for_training(b, &ctx, &mut out)
+                    .expect("training lookup");
+                tiered
+                    .apply_gradients(b, &grads[..b.len() * d], &ctx)
+                    .expect("gradients");
             }
         });
         let s = tiered.stats();
@@ -293,10 +354,28 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let m = |x: f64| format!("{:>8.2} M/s", x / 1e6);
-        println!("lookup          table {}  hashmap {}  ratio {:.2}x", m(t_lookup), m(m_lookup), report.lookup_vs_hashmap);
-        println!("lookup+adagrad  table {}  hashmap {}  ratio {:.2}x", m(t_update), m(m_update), report.lookup_update_vs_hashmap);
-        println!("  of which      training lookup {}  apply {}", m(t_train_lookup), m(t_apply));
-        println!("memory probe    {}            lookup at {:.0}% of it", m(p_read), report.lookup_vs_probe * 100.0);
+        println!(
+            "lookup          table {}  hashmap {}  ratio {:.2}x",
+            m(t_lookup),
+            m(m_lookup),
+            report.lookup_vs_hashmap
+        );
+        println!(
+            "lookup+adagrad  table {}  hashmap {}  ratio {:.2}x",
+            m(t_update),
+            m(m_update),
+            report.lookup_update_vs_hashmap
+        );
+        println!(
+            "  of which      training lookup {}  apply {}",
+            m(t_train_lookup),
+            m(t_apply)
+        );
+        println!(
+            "memory probe    {}            lookup at {:.0}% of it",
+            m(p_read),
+            report.lookup_vs_probe * 100.0
+        );
         if let Some(t) = &report.tiered {
             println!(
                 "tiered ({:.0}% in DRAM) lookup+adagrad {}  = {:.0}% of all-DRAM, hit rate {:.3}",

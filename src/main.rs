@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "freshet", version, about = "Online deep learning for recommendation models")]
+#[command(
+    name = "freshet",
+    version,
+    about = "Online deep learning for recommendation models"
+)]
 struct Cli {
     /// Configuration file (default: ./freshet.toml when present).
     #[arg(long, global = true, value_name = "FILE")]

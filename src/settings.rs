@@ -9,44 +9,34 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use freshet_actors::embedding::{InvalidValue, TableConfig};
-use freshet_actors::TableName;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Settings {
-    pub node: NodeSettings,
-    pub embedding: EmbeddingSettings,
+pub(crate) struct Settings {
+    pub(crate) node: NodeSettings,
+    pub(crate) embedding: EmbeddingSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct NodeSettings {
+pub(crate) struct NodeSettings {
     /// Where logs, checkpoints and the spill tier live.
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// A `tracing` filter, such as `info` or `freshet=debug,info`.
-    pub log: String,
+    pub(crate) log: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct EmbeddingSettings {
+pub(crate) struct EmbeddingSettings {
     /// Number of embedding shards (ShardOwner actors).
-    pub shards: u32,
+    pub(crate) shards: u32,
     /// Directory for the on-disk tier; each shard gets `shard-<i>/` inside it. Defaults to
     /// `<data_dir>/spill` when a table sets a DRAM budget.
-    pub spill_dir: Option<PathBuf>,
-    pub tables: BTreeMap<String, TableConfig>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            node: NodeSettings::default(),
-            embedding: EmbeddingSettings::default(),
-        }
-    }
+    pub(crate) spill_dir: Option<PathBuf>,
+    pub(crate) tables: BTreeMap<String, TableConfig>,
 }
 
 impl Default for NodeSettings {
@@ -70,7 +60,7 @@ impl Default for EmbeddingSettings {
 
 impl Settings {
     /// Checks what types alone cannot.
-    pub fn validate(&self) -> Result<(), InvalidValue> {
+    pub(crate) fn validate(&self) -> Result<(), InvalidValue> {
         if self.embedding.shards == 0 || self.embedding.shards > 4096 {
             return Err(InvalidValue::new(
                 "embedding.shards",
@@ -102,15 +92,7 @@ impl Settings {
         Ok(())
     }
 
-    pub fn tables(&self) -> Vec<(TableName, TableConfig)> {
-        self.embedding
-            .tables
-            .iter()
-            .map(|(n, c)| (TableName::new(n), c.clone()))
-            .collect()
-    }
-
-    pub fn spill_dir(&self) -> PathBuf {
+    pub(crate) fn spill_dir(&self) -> PathBuf {
         self.embedding
             .spill_dir
             .clone()
@@ -119,13 +101,17 @@ impl Settings {
 }
 
 /// Builds the settings from every layer. `overrides` are flags, as (dotted key, value).
-pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Settings> {
+pub(crate) fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Settings> {
     let defaults = config::Config::try_from(&Settings::default())
         .context("while encoding the built-in defaults")?;
     let mut b = config::Config::builder().add_source(defaults);
     b = match file {
         // An explicit --config must exist; the default freshet.toml is optional.
-        Some(p) => b.add_source(config::File::from(p).format(config::FileFormat::Toml).required(true)),
+        Some(p) => b.add_source(
+            config::File::from(p)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        ),
         None => b.add_source(
             config::File::with_name("freshet.toml")
                 .format(config::FileFormat::Toml)
@@ -175,10 +161,16 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_round_trip() {
         let s = load(Some(Path::new("/nonexistent/none.toml")), &[]);
-        assert!(s.is_err(), "an explicit --config that is missing is an error");
+        assert!(
+            s.is_err(),
+            "an explicit --config that is missing is an error"
+        );
         let s = Settings::default();
         s.validate().unwrap();
-        let toml_ok = config::Config::try_from(&s).unwrap().try_deserialize::<Settings>().unwrap();
+        let toml_ok = config::Config::try_from(&s)
+            .unwrap()
+            .try_deserialize::<Settings>()
+            .unwrap();
         assert_eq!(toml_ok, s);
     }
 
@@ -202,9 +194,18 @@ mod tests {
     fn bad_values_name_key_value_and_expectation() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            ("[embedding]\nshards = \"many\"\n", ["embedding.shards", "many", "expected"]),
-            ("[embedding]\nshards = 0\n", ["embedding.shards", "0", "1..=4096"]),
-            ("[embedding.tables.user]\ndim = 0\n", ["embedding.tables.user.dim", "0", "1..=4096"]),
+            (
+                "[embedding]\nshards = \"many\"\n",
+                ["embedding.shards", "many", "expected"],
+            ),
+            (
+                "[embedding]\nshards = 0\n",
+                ["embedding.shards", "0", "1..=4096"],
+            ),
+            (
+                "[embedding.tables.user]\ndim = 0\n",
+                ["embedding.tables.user.dim", "0", "1..=4096"],
+            ),
             (
                 "[embedding.tables.user]\noptimizer = { kind = \"adam\", lr = 0.1, beta1 = 2.0 }\n",
                 ["embedding.tables.user.optimizer.beta1", "2", "[0, 1)"],

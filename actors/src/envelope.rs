@@ -91,7 +91,9 @@ mod tests {
         let ctx = TraceContext::from_traceparent(ok).expect("spec example parses");
         assert!(ctx.is_sampled());
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        assert!(!TraceContext::from_traceparent(unsampled).unwrap().is_sampled());
+        assert!(!TraceContext::from_traceparent(unsampled)
+            .unwrap()
+            .is_sampled());
         for bad in [
             "",
             "00",
@@ -102,7 +104,10 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
-            assert!(TraceContext::from_traceparent(bad).is_none(), "{bad:?} accepted");
+            assert!(
+                TraceContext::from_traceparent(bad).is_none(),
+                "{bad:?} accepted"
+            );
         }
         assert!(!TraceContext::none().is_sampled());
     }

@@ -24,7 +24,10 @@ pub const fn mix64(mut z: u64) -> u64 {
 /// Jump Consistent Hash: the bucket in `0..buckets` for a 64-bit key.
 #[inline]
 pub fn jump_consistent_hash(mut key: u64, buckets: u32) -> u32 {
-    assert!(buckets > 0, "jump_consistent_hash needs at least one bucket");
+    assert!(
+        buckets > 0,
+        "jump_consistent_hash needs at least one bucket"
+    );
     let mut b: i64 = -1;
     let mut j: i64 = 0;
     while j < i64::from(buckets) {
@@ -88,7 +91,10 @@ mod tests {
         }
         let expect = keys as f64 / f64::from(n);
         for c in counts {
-            assert!((f64::from(c) - expect).abs() < expect * 0.05, "unbalanced: {c}");
+            assert!(
+                (f64::from(c) - expect).abs() < expect * 0.05,
+                "unbalanced: {c}"
+            );
         }
         let frac = f64::from(moved) / keys as f64;
         assert!((frac - 1.0 / 9.0).abs() < 0.01, "moved {frac}");

@@ -138,7 +138,11 @@ impl Actor for ShardOwner {
         if let Some(snap) = args.restore {
             shard.restore(snap)?;
         }
-        tracing::debug!(shard = args.shard, tables = args.tables.len(), "shard owner started");
+        tracing::debug!(
+            shard = args.shard,
+            tables = args.tables.len(),
+            "shard owner started"
+        );
         Ok(ShardState {
             shard,
             counters: ShardCounters::default(),
@@ -281,10 +285,18 @@ impl ShardHandle {
         }
     }
 
-    pub async fn lookup(&self, table: &TableName, keys: Vec<FeatureId>) -> Result<Vec<f32>, ShardError> {
+    pub async fn lookup(
+        &self,
+        table: &TableName,
+        keys: Vec<FeatureId>,
+    ) -> Result<Vec<f32>, ShardError> {
         let table = table.clone();
-        self.ask(TraceContext::none(), |reply| ShardRequest::Lookup { table, keys, reply })
-            .await
+        self.ask(TraceContext::none(), |reply| ShardRequest::Lookup {
+            table,
+            keys,
+            reply,
+        })
+        .await
     }
 
     pub async fn lookup_for_training(
@@ -294,11 +306,13 @@ impl ShardHandle {
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
         let table = table.clone();
-        self.ask(TraceContext::none(), |reply| ShardRequest::LookupForTraining {
-            table,
-            keys,
-            ctx,
-            reply,
+        self.ask(TraceContext::none(), |reply| {
+            ShardRequest::LookupForTraining {
+                table,
+                keys,
+                ctx,
+                reply,
+            }
         })
         .await
     }
@@ -321,7 +335,11 @@ impl ShardHandle {
         .await
     }
 
-    pub async fn changes_since(&self, table: &TableName, since: u64) -> Result<Changes, ShardError> {
+    pub async fn changes_since(
+        &self,
+        table: &TableName,
+        since: u64,
+    ) -> Result<Changes, ShardError> {
         let table = table.clone();
         self.ask(TraceContext::none(), |reply| ShardRequest::ChangesSince {
             table,
@@ -332,8 +350,10 @@ impl ShardHandle {
     }
 
     pub async fn snapshot(&self) -> Result<ShardSnapshot, ShardError> {
-        self.ask(TraceContext::none(), |reply| ShardRequest::Snapshot { reply })
-            .await
+        self.ask(TraceContext::none(), |reply| ShardRequest::Snapshot {
+            reply,
+        })
+        .await
     }
 
     pub async fn restore(&self, snapshot: ShardSnapshot) -> Result<(), ShardError> {
@@ -396,7 +416,12 @@ impl ShardRouter {
         parts
     }
 
-    async fn gather_rows<F, Fut>(&self, keys: &[FeatureId], dim: usize, ask: F) -> Result<Vec<f32>, ShardError>
+    async fn gather_rows<F, Fut>(
+        &self,
+        keys: &[FeatureId],
+        dim: usize,
+        ask: F,
+    ) -> Result<Vec<f32>, ShardError>
     where
         F: Fn(ShardHandle, Vec<FeatureId>) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<f32>, ShardError>> + Send + 'static,
@@ -426,7 +451,12 @@ impl ShardRouter {
         Ok(out)
     }
 
-    pub async fn lookup(&self, table: &TableName, dim: usize, keys: &[FeatureId]) -> Result<Vec<f32>, ShardError> {
+    pub async fn lookup(
+        &self,
+        table: &TableName,
+        dim: usize,
+        keys: &[FeatureId],
+    ) -> Result<Vec<f32>, ShardError> {
         let t = table.clone();
         self.gather_rows(keys, dim, move |h, ks| {
             let t = t.clone();
@@ -505,7 +535,10 @@ mod tests {
             (
                 TableName::new("user"),
                 TableConfig {
-                    init: Initializer::Normal { mean: 0.0, std: 0.1 },
+                    init: Initializer::Normal {
+                        mean: 0.0,
+                        std: 0.1,
+                    },
                     ..TableConfig::with_dim(8)
                 },
             ),
@@ -551,9 +584,17 @@ mod tests {
                 let a = three.lookup_for_training(t, dim, &keys, ctx).await.unwrap();
                 let b = one.lookup_for_training(t, dim, &keys, ctx).await.unwrap();
                 assert_eq!(a, b, "seed {seed} step {step}");
-                let grads: Vec<f32> = (0..keys.len() * dim).map(|_| rng.next_f32() - 0.5).collect();
-                let ra = three.apply_gradients(t, dim, &keys, &grads, ctx).await.unwrap();
-                let rb = one.apply_gradients(t, dim, &keys, &grads, ctx).await.unwrap();
+                let grads: Vec<f32> = (0..keys.len() * dim)
+                    .map(|_| rng.next_f32() - 0.5)
+                    .collect();
+                let ra = three
+                    .apply_gradients(t, dim, &keys, &grads, ctx)
+                    .await
+                    .unwrap();
+                let rb = one
+                    .apply_gradients(t, dim, &keys, &grads, ctx)
+                    .await
+                    .unwrap();
                 assert_eq!(ra.applied, rb.applied);
             }
         }
@@ -574,7 +615,10 @@ mod tests {
             }
         }
         let one_snap = one.shards()[0].snapshot().await.unwrap();
-        assert_eq!(total, one_snap.tables.iter().map(|t| t.rows.len()).sum::<usize>());
+        assert_eq!(
+            total,
+            one_snap.tables.iter().map(|t| t.rows.len()).sum::<usize>()
+        );
         let stats = three.stats().await.unwrap();
         assert!(stats.iter().all(|s| s.counters.training_lookups > 0));
     }
@@ -583,17 +627,40 @@ mod tests {
     async fn errors_come_back_typed_and_the_shard_keeps_serving() {
         let r = cluster(2).await;
         let h = &r.shards()[0];
-        let err = h.lookup(&TableName::new("nope"), vec![1]).await.unwrap_err();
+        let err = h
+            .lookup(&TableName::new("nope"), vec![1])
+            .await
+            .unwrap_err();
         assert!(
-            matches!(err, ShardError::Embedding { source: EmbeddingError::UnknownTable(_), .. }),
+            matches!(
+                err,
+                ShardError::Embedding {
+                    source: EmbeddingError::UnknownTable(_),
+                    ..
+                }
+            ),
             "{err}"
         );
         let err = h
-            .apply_gradients(&TableName::new("user"), vec![1, 2], vec![0.0; 3], TrainCtx::default())
+            .apply_gradients(
+                &TableName::new("user"),
+                vec![1, 2],
+                vec![0.0; 3],
+                TrainCtx::default(),
+            )
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("gradient block has 3 floats"), "{err}");
-        assert_eq!(h.lookup(&TableName::new("user"), vec![1]).await.unwrap().len(), 8);
+        assert!(
+            err.to_string().contains("gradient block has 3 floats"),
+            "{err}"
+        );
+        assert_eq!(
+            h.lookup(&TableName::new("user"), vec![1])
+                .await
+                .unwrap()
+                .len(),
+            8
+        );
         assert_eq!(h.stats().await.unwrap().counters.errors, 2);
         // A stopped shard answers Unavailable, not a hang or a panic.
         h.actor().stop(None);
@@ -604,7 +671,10 @@ mod tests {
         })
         .await
         .expect("shard stops");
-        let err = h.lookup(&TableName::new("user"), vec![1]).await.unwrap_err();
+        let err = h
+            .lookup(&TableName::new("user"), vec![1])
+            .await
+            .unwrap_err();
         assert!(matches!(err, ShardError::Unavailable { .. }), "{err}");
     }
 
@@ -613,8 +683,12 @@ mod tests {
         let r = cluster(1).await;
         let user = TableName::new("user");
         let keys: Vec<u64> = (0..100).collect();
-        r.lookup_for_training(&user, 8, &keys, TrainCtx::at_step(1)).await.unwrap();
-        r.apply_gradients(&user, 8, &keys, &vec![0.1; 800], TrainCtx::at_step(1)).await.unwrap();
+        r.lookup_for_training(&user, 8, &keys, TrainCtx::at_step(1))
+            .await
+            .unwrap();
+        r.apply_gradients(&user, 8, &keys, &vec![0.1; 800], TrainCtx::at_step(1))
+            .await
+            .unwrap();
         let snap = r.shards()[0].snapshot().await.unwrap();
         let before = r.lookup(&user, 8, &keys).await.unwrap();
         r.shards()[0].actor().stop(None);
@@ -628,7 +702,10 @@ mod tests {
         .await
         .unwrap();
         let mut after = h.snapshot().await.unwrap();
-        assert_eq!(after, snap, "the restarted shard starts exactly at the snapshot");
+        assert_eq!(
+            after, snap,
+            "the restarted shard starts exactly at the snapshot"
+        );
         assert_eq!(h.lookup(&user, keys.clone()).await.unwrap(), before);
         // The lookup only moved the access counters; the model is unchanged.
         after = h.snapshot().await.unwrap();

@@ -58,7 +58,9 @@ impl Admission {
                 // The standard Bloom sizing: m = -n ln p / ln² 2, k = (m / n) ln 2.
                 let n = expected_keys as f64;
                 let ln2 = std::f64::consts::LN_2;
-                let m = (-n * false_positive_rate.ln() / (ln2 * ln2)).ceil().max(64.0);
+                let m = (-n * false_positive_rate.ln() / (ln2 * ln2))
+                    .ceil()
+                    .max(64.0);
                 let k = ((m / n) * ln2).round().clamp(1.0, 16.0);
                 Self::CountingBloom {
                     min_count,
@@ -68,7 +70,7 @@ impl Admission {
             }
             AdmissionConfig::Probability { p } => Self::Probability {
                 p,
-                rng: Xoshiro256::seed_from_u64(mix64(seed ^ 0xad_0155_10)),
+                rng: Xoshiro256::seed_from_u64(mix64(seed ^ 0xad01_5510)),
             },
         }
     }
@@ -145,7 +147,9 @@ impl Admission {
                 v.sort_unstable();
                 AdmissionSnapshot::Counter(v)
             }
-            Self::CountingBloom { counters, .. } => AdmissionSnapshot::CountingBloom(counters.clone()),
+            Self::CountingBloom { counters, .. } => {
+                AdmissionSnapshot::CountingBloom(counters.clone())
+            }
             Self::Probability { rng, .. } => AdmissionSnapshot::Probability(rng.clone()),
         }
     }

@@ -32,7 +32,9 @@ impl InvalidValue {
 pub enum Initializer {
     Zeros,
     /// Uniform in `[-scale, scale)`.
-    Uniform { scale: f32 },
+    Uniform {
+        scale: f32,
+    },
     /// Normal with the given mean and standard deviation.
     Normal {
         #[serde(default)]
@@ -266,7 +268,11 @@ impl TableConfig {
             }
         };
         if self.dim == 0 || self.dim > 4096 {
-            return Err(InvalidValue::new(key("dim"), self.dim, "an integer in 1..=4096"));
+            return Err(InvalidValue::new(
+                key("dim"),
+                self.dim,
+                "an integer in 1..=4096",
+            ));
         }
         match self.init {
             Initializer::Zeros => {}
@@ -355,7 +361,11 @@ impl TableConfig {
             }
             AdmissionConfig::Probability { p } => {
                 if !(p > 0.0 && p <= 1.0) {
-                    return Err(InvalidValue::new(key("admission.p"), p, "a number in (0, 1]"));
+                    return Err(InvalidValue::new(
+                        key("admission.p"),
+                        p,
+                        "a number in (0, 1]",
+                    ));
                 }
             }
         }

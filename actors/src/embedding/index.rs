@@ -70,7 +70,7 @@ impl Index {
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        self.buckets.as_slice().len() * std::mem::size_of::<Bucket>()
+        std::mem::size_of_val(self.buckets.as_slice())
     }
 
     #[inline]
@@ -86,7 +86,12 @@ impl Index {
 
     #[inline]
     pub(crate) fn prefetch(&self, hash: u64) {
-        prefetch(self.buckets.as_slice().as_ptr().wrapping_add(self.home(hash)));
+        prefetch(
+            self.buckets
+                .as_slice()
+                .as_ptr()
+                .wrapping_add(self.home(hash)),
+        );
     }
 
     /// The position of `key`'s bucket, if present.
@@ -210,10 +215,10 @@ mod tests {
                     reference.remove(&key),
                     "seed {seed} step {step}"
                 );
-            } else if !reference.contains_key(&key) {
+            } else if let std::collections::hash_map::Entry::Vacant(e) = reference.entry(key) {
                 idx.reserve(1);
                 idx.insert_new(key, index_hash(key), step, COLD);
-                reference.insert(key, step);
+                e.insert(step);
             }
             if step % 1000 == 0 {
                 assert_eq!(idx.len(), reference.len());

@@ -80,8 +80,9 @@ impl<T: bytemuck::Pod> HugeBuf<T> {
                 _owns: PhantomData,
             }
         } else {
-            let layout = std::alloc::Layout::from_size_align(bytes, 64.max(std::mem::align_of::<T>()))
-                .expect("valid layout");
+            let layout =
+                std::alloc::Layout::from_size_align(bytes, 64.max(std::mem::align_of::<T>()))
+                    .expect("valid layout");
             // SAFETY: layout has a non-zero size.
             let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
             let Some(ptr) = NonNull::new(p) else {
@@ -119,7 +120,9 @@ impl<T> Drop for HugeBuf<T> {
                 libc::munmap(base, len);
             },
             // SAFETY: ptr came from alloc_zeroed with this layout.
-            Alloc::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) },
+            Alloc::Heap(layout) => unsafe {
+                std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout)
+            },
         }
     }
 }

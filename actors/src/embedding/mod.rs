@@ -74,7 +74,9 @@ pub enum EmbeddingError {
     },
     #[error("table `{table}`: snapshot does not fit: {reason}")]
     SnapshotMismatch { table: TableName, reason: String },
-    #[error("shard snapshot is for shard {got} of {got_count}, this is shard {want} of {want_count}")]
+    #[error(
+        "shard snapshot is for shard {got} of {got_count}, this is shard {want} of {want_count}"
+    )]
     WrongShard {
         got: ShardId,
         got_count: u32,
@@ -191,7 +193,11 @@ impl EmbeddingShard {
         let mut fresh = Vec::with_capacity(self.tables.len());
         for ts in snap.tables {
             let old = self.table(&ts.name)?;
-            let mut t = Table::new(old.name().clone(), old.config().clone(), self.spill_dir.as_deref())?;
+            let mut t = Table::new(
+                old.name().clone(),
+                old.config().clone(),
+                self.spill_dir.as_deref(),
+            )?;
             t.restore(ts)?;
             fresh.push(t);
         }

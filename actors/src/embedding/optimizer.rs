@@ -20,7 +20,9 @@ pub(crate) fn init_row(
     key: u64,
 ) {
     let (w, state) = row.split_at_mut(dim);
-    let mut rng = SplitMix64::new(crate::routing::mix64(table_seed ^ crate::routing::mix64(key)));
+    let mut rng = SplitMix64::new(crate::routing::mix64(
+        table_seed ^ crate::routing::mix64(key),
+    ));
     match *init {
         Initializer::Zeros => w.fill(0.0),
         Initializer::Uniform { scale } => {
@@ -47,7 +49,11 @@ pub(crate) fn init_row(
             state[2 * dim + 1] = 1.0;
         }
         OptimizerConfig::Ftrl {
-            alpha, beta, l1, l2, ..
+            alpha,
+            beta,
+            l1,
+            l2,
+            ..
         } => {
             // Choose z so that FTRL's closed form reproduces the initial weights: w = 0 when
             // |z| <= l1, else -(z - sign(z) l1) / (beta / alpha + l2) with n = 0.
@@ -103,7 +109,11 @@ pub(crate) fn apply(row: &mut [f32], dim: usize, grad: &[f32], opt: &OptimizerCo
             }
         }
         OptimizerConfig::Ftrl {
-            alpha, beta, l1, l2, ..
+            alpha,
+            beta,
+            l1,
+            l2,
+            ..
         } => {
             let (z, n) = state.split_at_mut(dim);
             for i in 0..dim {
@@ -152,8 +162,18 @@ mod tests {
                     w[i] -= f64::from(lr) * mh / (vh.sqrt() + f64::from(eps));
                 }
             }
-            OptimizerConfig::Ftrl { alpha, beta, l1, l2 } => {
-                let (a, b, l1, l2) = (f64::from(alpha), f64::from(beta), f64::from(l1), f64::from(l2));
+            OptimizerConfig::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                let (a, b, l1, l2) = (
+                    f64::from(alpha),
+                    f64::from(beta),
+                    f64::from(l1),
+                    f64::from(l2),
+                );
                 for i in 0..d {
                     let (z, n) = (s[i], s[d + i]);
                     let n2 = n + g[i] * g[i];
@@ -193,14 +213,18 @@ mod tests {
         for opt in &opts {
             for case in 0..50 {
                 let dim = 1 + rng.below(24) as usize;
-                let init = Initializer::Normal { mean: 0.0, std: 0.05 };
+                let init = Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.05,
+                };
                 let key = rng.next_u64();
                 let mut row = vec![0.0f32; dim + opt.state_floats(dim)];
                 init_row(&mut row, dim, &init, opt, seed, key);
                 let mut w: Vec<f64> = row[..dim].iter().map(|&x| f64::from(x)).collect();
                 let mut s: Vec<f64> = row[dim..].iter().map(|&x| f64::from(x)).collect();
                 for _ in 0..20 {
-                    let g32: Vec<f32> = (0..dim).map(|_| (rng.next_normal() * 0.3) as f32).collect();
+                    let g32: Vec<f32> =
+                        (0..dim).map(|_| (rng.next_normal() * 0.3) as f32).collect();
                     let g64: Vec<f64> = g32.iter().map(|&x| f64::from(x)).collect();
                     apply(&mut row, dim, &g32, opt);
                     reference_step(&mut w, &mut s, &g64, opt);
@@ -240,7 +264,10 @@ mod tests {
     #[test]
     fn initializer_depends_only_on_seed_and_key() {
         let opt = OptimizerConfig::default();
-        let init = Initializer::Normal { mean: 0.0, std: 1.0 };
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         let mut a = vec![0.0; 32];
         let mut b = vec![0.0; 32];
         init_row(&mut a, 16, &init, &opt, 5, 77);

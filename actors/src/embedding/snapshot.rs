@@ -174,7 +174,10 @@ pub mod f32_bytes {
             fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Vec<f32>, E> {
                 self.visit_bytes(&b)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<f32>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<f32>, A::Error> {
                 // Formats without a byte type (JSON) write bytes as a sequence of numbers.
                 let mut bytes = Vec::new();
                 while let Some(b) = seq.next_element::<u8>()? {

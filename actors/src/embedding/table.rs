@@ -232,10 +232,12 @@ impl Table {
                 // Per hot slot: the row, its owner id and its clock mark.
                 let per_slot = (stride * 4 + 8) as u64;
                 let hot_capacity = (budget / per_slot).clamp(1, u64::from(u32::MAX - 1)) as u32;
-                let store = SpillStore::open(&dir.join(name.as_str()), row_floats)
-                    .map_err(|source| EmbeddingError::Tier {
-                        table: name.clone(),
-                        source,
+                let store =
+                    SpillStore::open(&dir.join(name.as_str()), row_floats).map_err(|source| {
+                        EmbeddingError::Tier {
+                            table: name.clone(),
+                            source,
+                        }
                     })?;
                 Some(Tier {
                     store,
@@ -353,7 +355,7 @@ impl Table {
     ) -> Result<(), EmbeddingError> {
         let mut sc = std::mem::take(&mut self.scratch);
         let new_version = self.version + 1;
-        let r = self.resolve(keys, Mode::Admit, ctx, &mut sc).map(|created| {
+        let r = self.resolve(keys, Mode::Admit, ctx, &mut sc).inspect(|_| {
             let step = ctx.step as u32;
             for &row in &sc.rows {
                 if row != NO_SLOT {
@@ -363,7 +365,6 @@ impl Table {
                 }
             }
             self.gather(&sc.slots, out);
-            created
         });
         let r = match r {
             Ok(created) => {
@@ -413,7 +414,8 @@ impl Table {
         // Fold duplicates. The trainer already sends unique keys, so the common case is one
         // cheap pass over an L1-resident set that finds none.
         let merged = dedup(keys, grads, dim, sc);
-        report.merged_duplicates = (keys.len() - if merged { sc.keys.len() } else { keys.len() }) as u64;
+        report.merged_duplicates =
+            (keys.len() - if merged { sc.keys.len() } else { keys.len() }) as u64;
         let (merged_keys, merged_grads): (Vec<u64>, Vec<f32>) = if merged {
             (std::mem::take(&mut sc.keys), std::mem::take(&mut sc.grads))
         } else {
@@ -601,7 +603,11 @@ impl Table {
         sc.cold.clear();
         let weight_lines = (self.dim * 4).div_ceil(64).min(4);
         let row_lines = (self.row_floats * 4).div_ceil(64).min(4);
-        let lines = if mode == Mode::Read { weight_lines } else { row_lines };
+        let lines = if mode == Mode::Read {
+            weight_lines
+        } else {
+            row_lines
+        };
         let v = self.version + 1;
         let mut created = false;
         for (i, (&key, &h)) in keys.iter().zip(&sc.hashes).enumerate() {
@@ -644,9 +650,9 @@ impl Table {
         if created {
             // A key admitted by a later occurrence in this batch: its earlier occurrences must
             // read the same row, not the default.
-            for i in 0..n {
+            for (i, &key) in keys.iter().enumerate() {
                 if sc.slots[i] == NO_SLOT {
-                    if let Some(pos) = self.index.find(keys[i], sc.hashes[i]) {
+                    if let Some(pos) = self.index.find(key, sc.hashes[i]) {
                         let b = *self.index.get(pos);
                         sc.slots[i] = b.hot;
                         sc.rows[i] = b.row();
@@ -664,7 +670,10 @@ impl Table {
     fn promote(&mut self, sc: &mut Scratch) -> Result<(), EmbeddingError> {
         let mut cold = std::mem::take(&mut sc.cold);
         let mut fetched: Vec<(usize, Vec<f32>)> = Vec::with_capacity(cold.len());
-        let tier = self.tier.as_mut().expect("cold rows exist only with a tier");
+        let tier = self
+            .tier
+            .as_mut()
+            .expect("cold rows exist only with a tier");
         let r = tier
             .store
             .read_many(&mut cold, |i, payload| fetched.push((i, payload.to_vec())));
@@ -838,7 +847,10 @@ impl Table {
             .remove(key)
             .expect("a live row id is in the index");
         if bucket.hot == COLD {
-            let tier = self.tier.as_mut().expect("cold rows exist only with a tier");
+            let tier = self
+                .tier
+                .as_mut()
+                .expect("cold rows exist only with a tier");
             let at = tier.disk_loc.get(row)[0];
             tier.cold_rows -= 1;
             if let Err(e) = tier.store.free(at) {
@@ -957,13 +969,10 @@ impl Table {
             if b.hot != COLD || tier.disk_loc.get(b.row())[0] != at {
                 continue; // a stale copy: the row moved since
             }
-            let r = tier
-                .store
-                .append(key, &payload)
-                .and_then(|new_at| {
-                    tier.disk_loc.get_mut(b.row())[0] = new_at;
-                    tier.store.free(at)
-                });
+            let r = tier.store.append(key, &payload).and_then(|new_at| {
+                tier.disk_loc.get_mut(b.row())[0] = new_at;
+                tier.store.free(at)
+            });
             if let Err(e) = r {
                 return Err(self.tier_err(e));
             }
@@ -992,7 +1001,8 @@ impl Table {
                 .rev()
                 .filter(|&&(_, key)| {
                     seen.insert(key)
-                        && (tombstones.contains_key(&key) || index.find(key, index_hash(key)).is_some())
+                        && (tombstones.contains_key(&key)
+                            || index.find(key, index_hash(key)).is_some())
                 })
                 .copied()
                 .collect();
@@ -1015,7 +1025,15 @@ impl Table {
                 .find(m.key, index_hash(m.key))
                 .expect("a live row is in the index");
             let hot = self.index.get(pos).hot;
-            block.push_meta(row, m.key, m.version, m.update_step, m.access_step, m.update_secs, m.freq);
+            block.push_meta(
+                row,
+                m.key,
+                m.version,
+                m.update_step,
+                m.access_step,
+                m.update_secs,
+                m.freq,
+            );
             if hot == COLD {
                 let at = self.tier.as_ref().expect("tier").disk_loc.get(row)[0];
                 cold.push((at, m.key, i));
@@ -1081,19 +1099,14 @@ impl Table {
                 self.row_floats
             )));
         }
-        snap.rows
-            .check(self.row_floats)
-            .map_err(|e| mismatch(e))?;
-        let spill_dir = self
-            .tier
-            .as_ref()
-            .map(|t| t.store_dir().to_owned());
+        snap.rows.check(self.row_floats).map_err(&mismatch)?;
+        let spill_dir = self.tier.as_ref().map(|t| t.store_dir().to_owned());
         let mut fresh = Table::new(
             self.name.clone(),
             self.cfg.clone(),
             spill_dir.as_deref().and_then(|d| d.parent()),
         )?;
-        fresh.admission.restore(snap.admission).map_err(|e| mismatch(e))?;
+        fresh.admission.restore(snap.admission).map_err(&mismatch)?;
         fresh.index.reserve(snap.rows.len());
         fresh.next_row = snap.next_row;
         fresh.meta.ensure(snap.next_row as usize);
@@ -1102,7 +1115,10 @@ impl Table {
             let row = snap.rows.row_ids[i];
             let key = snap.rows.keys[i];
             if row >= snap.next_row {
-                return Err(mismatch(format!("row id {row} beyond next_row {}", snap.next_row)));
+                return Err(mismatch(format!(
+                    "row id {row} beyond next_row {}",
+                    snap.next_row
+                )));
             }
             if fresh.index.find(key, index_hash(key)).is_some() {
                 return Err(mismatch(format!("key {key:#x} appears twice")));
@@ -1117,9 +1133,7 @@ impl Table {
             };
             let slot = fresh.alloc_hot(row)?;
             fresh.rows.get_mut(slot)[..rf].copy_from_slice(&snap.rows.data[i * rf..(i + 1) * rf]);
-            fresh
-                .index
-                .insert_new(key, index_hash(key), row, slot);
+            fresh.index.insert_new(key, index_hash(key), row, slot);
             // Without a batch in progress, restored rows must be fair game for demotion.
             if let Some(t) = &mut fresh.tier {
                 t.hot_mark[slot as usize] = 0;

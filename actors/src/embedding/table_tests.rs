@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
-use crate::embedding::EmbeddingShard;
 use crate::embedding::config::{AdmissionConfig, EvictionConfig, Initializer, OptimizerConfig};
+use crate::embedding::EmbeddingShard;
 use crate::rng::Xoshiro256;
 
 fn table(cfg: TableConfig) -> Table {
@@ -19,7 +19,8 @@ fn lookup(t: &mut Table, keys: &[u64]) -> Vec<f32> {
 
 fn train_lookup(t: &mut Table, keys: &[u64], step: u64) -> Vec<f32> {
     let mut out = Vec::new();
-    t.lookup_for_training(keys, &TrainCtx::at_step(step), &mut out).unwrap();
+    t.lookup_for_training(keys, &TrainCtx::at_step(step), &mut out)
+        .unwrap();
     out
 }
 
@@ -42,7 +43,10 @@ fn plain_lookup_reads_default_row_and_never_inserts() {
 #[test]
 fn initial_rows_do_not_depend_on_arrival_order_or_shard() {
     let cfg = TableConfig {
-        init: Initializer::Normal { mean: 0.0, std: 0.1 },
+        init: Initializer::Normal {
+            mean: 0.0,
+            std: 0.1,
+        },
         seed: 11,
         ..TableConfig::with_dim(8)
     };
@@ -70,7 +74,10 @@ fn bad_gradients_are_refused_and_never_touch_a_row() {
     let before = lookup(&mut t, &[1, 2, 3]);
     let v0 = t.version();
     let err = t.apply_gradients(&[1, 2], &[0.1; 7], &TrainCtx::default());
-    assert!(matches!(err, Err(EmbeddingError::GradientShape { got: 7, .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(EmbeddingError::GradientShape { got: 7, .. })),
+        "{err:?}"
+    );
     assert_eq!(lookup(&mut t, &[1, 2, 3]), before);
     assert_eq!(t.version(), v0);
 
@@ -81,7 +88,9 @@ fn bad_gradients_are_refused_and_never_touch_a_row() {
     g[5] = f32::INFINITY;
     g[8..12].fill(1e30);
     g[12..16].fill(0.1);
-    let rep = t.apply_gradients(&[1, 2, 3, 99], &g, &TrainCtx::default()).unwrap();
+    let rep = t
+        .apply_gradients(&[1, 2, 3, 99], &g, &TrainCtx::default())
+        .unwrap();
     assert_eq!(rep.rejected_non_finite, 3);
     assert_eq!(rep.without_row, 1);
     assert_eq!(rep.applied, 0);
@@ -89,7 +98,13 @@ fn bad_gradients_are_refused_and_never_touch_a_row() {
     assert_eq!(t.stats().rejected_gradients, 3);
     assert_eq!(t.version(), v0, "a refused update is not a change");
 
-    let shard = EmbeddingShard::new(0, 1, &[(TableName::new("t"), TableConfig::with_dim(4))], None).unwrap();
+    let shard = EmbeddingShard::new(
+        0,
+        1,
+        &[(TableName::new("t"), TableConfig::with_dim(4))],
+        None,
+    )
+    .unwrap();
     assert!(matches!(
         shard.table(&TableName::new("nope")),
         Err(EmbeddingError::UnknownTable(_))
@@ -103,12 +118,20 @@ fn duplicate_keys_in_a_batch_are_summed_first() {
     train_lookup(&mut a, &[5, 6], 0);
     train_lookup(&mut b, &[5, 6], 0);
     let rep = a
-        .apply_gradients(&[5, 6, 5], &[0.1, 0.2, 1.0, 1.0, 0.3, -0.4], &TrainCtx::default())
+        .apply_gradients(
+            &[5, 6, 5],
+            &[0.1, 0.2, 1.0, 1.0, 0.3, -0.4],
+            &TrainCtx::default(),
+        )
         .unwrap();
     assert_eq!(rep.merged_duplicates, 1);
     assert_eq!(rep.applied, 2);
-    b.apply_gradients(&[5, 6], &[0.1 + 0.3, 0.2 - 0.4, 1.0, 1.0], &TrainCtx::default())
-        .unwrap();
+    b.apply_gradients(
+        &[5, 6],
+        &[0.1 + 0.3, 0.2 - 0.4, 1.0, 1.0],
+        &TrainCtx::default(),
+    )
+    .unwrap();
     assert_eq!(lookup(&mut a, &[5, 6]), lookup(&mut b, &[5, 6]));
 }
 
@@ -180,8 +203,18 @@ fn table_matches_reference_model_under_random_operations() {
     for opt in [
         OptimizerConfig::Sgd { lr: 0.1 },
         OptimizerConfig::default(),
-        OptimizerConfig::Adam { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8 },
-        OptimizerConfig::Ftrl { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.01 },
+        OptimizerConfig::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+        },
+        OptimizerConfig::Ftrl {
+            alpha: 0.1,
+            beta: 1.0,
+            l1: 0.0,
+            l2: 0.01,
+        },
     ] {
         let min_count = 1 + rng.below(3) as u32;
         let cfg = TableConfig {
@@ -207,9 +240,20 @@ fn table_matches_reference_model_under_random_operations() {
             match rng.below(10) {
                 0 => {
                     let (got, want) = (lookup(&mut t, &keys), r.lookup(&keys));
-                    assert_eq!(got.len(), want.len(), "seed {seed} step {step} keys {keys:?}");
+                    assert_eq!(
+                        got.len(),
+                        want.len(),
+                        "seed {seed} step {step} keys {keys:?}"
+                    );
                     let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
-                    assert!(diff.is_empty(), "seed {seed} step {step} {}: differ at {diff:?} of {}: {:?} vs {:?}", cfg.optimizer.name(), got.len(), diff.first().map(|&i| got[i]), diff.first().map(|&i| want[i]));
+                    assert!(
+                        diff.is_empty(),
+                        "seed {seed} step {step} {}: differ at {diff:?} of {}: {:?} vs {:?}",
+                        cfg.optimizer.name(),
+                        got.len(),
+                        diff.first().map(|&i| got[i]),
+                        diff.first().map(|&i| want[i])
+                    );
                 }
                 1 => {
                     let del: Vec<u64> = keys.iter().take(3).copied().collect();
@@ -222,8 +266,11 @@ fn table_matches_reference_model_under_random_operations() {
                 _ => {
                     let got = train_lookup(&mut t, &keys, step);
                     assert_eq!(got, r.train_lookup(&keys), "seed {seed} step {step}");
-                    let grads: Vec<f32> = (0..n * d).map(|_| (rng.next_normal() * 0.5) as f32).collect();
-                    t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step)).unwrap();
+                    let grads: Vec<f32> = (0..n * d)
+                        .map(|_| (rng.next_normal() * 0.5) as f32)
+                        .collect();
+                    t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step))
+                        .unwrap();
                     r.apply(&keys, &grads);
                 }
             }
@@ -250,14 +297,19 @@ fn idle_rows_are_evicted_within_one_sweep_and_active_rows_stay() {
     };
     let mut t = table(cfg);
     let all: Vec<u64> = (0..1000).collect();
-    let ctx = |step, secs: u64| TrainCtx { step, now_ms: secs * 1000 };
+    let ctx = |step, secs: u64| TrainCtx {
+        step,
+        now_ms: secs * 1000,
+    };
     let mut out = Vec::new();
     t.lookup_for_training(&all, &ctx(0, 0), &mut out).unwrap();
     let active: Vec<u64> = (0..100).collect();
     // 1000 rows at 64 per call: 16 calls sweep everything. Keep 0..100 updated.
     for step in 1..=40 {
-        t.lookup_for_training(&active, &ctx(step, 0), &mut out).unwrap();
-        t.apply_gradients(&active, &vec![0.01; 200], &ctx(step, 0)).unwrap();
+        t.lookup_for_training(&active, &ctx(step, 0), &mut out)
+            .unwrap();
+        t.apply_gradients(&active, &vec![0.01; 200], &ctx(step, 0))
+            .unwrap();
     }
     assert_eq!(t.keys(), active, "idle rows evicted, active rows kept");
     assert_eq!(t.stats().evicted_idle_steps, 900);
@@ -291,7 +343,10 @@ fn capacity_eviction_keeps_the_limit_and_prefers_cold_rows() {
         }
         let kept = t.keys();
         let hot_kept = hot.iter().filter(|k| kept.binary_search(k).is_ok()).count();
-        assert!(hot_kept >= 48, "{policy:?} kept only {hot_kept} of 50 hot keys");
+        assert!(
+            hot_kept >= 48,
+            "{policy:?} kept only {hot_kept} of 50 hot keys"
+        );
         assert!(t.stats().evicted_capacity > 5000);
     }
 }
@@ -299,15 +354,24 @@ fn capacity_eviction_keeps_the_limit_and_prefers_cold_rows() {
 #[test]
 fn l2_floor_evicts_rows_that_ftrl_zeroes() {
     let cfg = TableConfig {
-        optimizer: OptimizerConfig::Ftrl { alpha: 0.1, beta: 1.0, l1: 10.0, l2: 0.0 },
-        eviction: EvictionConfig { min_l2_norm: Some(1e-6), ..EvictionConfig::default() },
+        optimizer: OptimizerConfig::Ftrl {
+            alpha: 0.1,
+            beta: 1.0,
+            l1: 10.0,
+            l2: 0.0,
+        },
+        eviction: EvictionConfig {
+            min_l2_norm: Some(1e-6),
+            ..EvictionConfig::default()
+        },
         init: Initializer::Zeros,
         ..TableConfig::with_dim(4)
     };
     let mut t = table(cfg);
     train_lookup(&mut t, &[1, 2], 0);
     // A big l1 drives every weight to exactly zero after one small update.
-    t.apply_gradients(&[1, 2], &[0.01; 8], &TrainCtx::at_step(1)).unwrap();
+    t.apply_gradients(&[1, 2], &[0.01; 8], &TrainCtx::at_step(1))
+        .unwrap();
     assert!(t.is_empty());
     assert_eq!(t.stats().evicted_l2, 2);
     let ch = t.changes_since(0).unwrap();
@@ -338,7 +402,8 @@ fn changes_since_turns_any_earlier_snapshot_into_the_current_one() {
         let keys: Vec<u64> = (0..1 + rng.below(40)).map(|_| rng.below(300)).collect();
         train_lookup(&mut t, &keys, step);
         let grads: Vec<f32> = (0..keys.len() * 3).map(|_| rng.next_f32() - 0.5).collect();
-        t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step)).unwrap();
+        t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step))
+            .unwrap();
         if rng.below(8) == 0 {
             t.delete(&[rng.below(300)]).unwrap();
         }
@@ -374,27 +439,47 @@ fn changes_since_costs_changes_not_table_size() {
     let keys: Vec<u64> = (0..100_000).collect();
     train_lookup(&mut t, &keys, 0);
     let v = t.version();
-    t.apply_gradients(&[7, 8], &[0.1; 8], &TrainCtx::at_step(1)).unwrap();
+    t.apply_gradients(&[7, 8], &[0.1; 8], &TrainCtx::at_step(1))
+        .unwrap();
     // The first query seals the log at v; later ones scan only what came after.
     assert_eq!(t.changes_since(v).unwrap().upserts.keys, vec![7, 8]);
     let v = t.version();
     for step in 1..50 {
-        t.apply_gradients(&[7, 8], &[0.1; 8], &TrainCtx::at_step(step)).unwrap();
+        t.apply_gradients(&[7, 8], &[0.1; 8], &TrainCtx::at_step(step))
+            .unwrap();
     }
-    assert!(t.changes.len() <= 100_000 + 2, "repeated updates of a row add no entries");
+    assert!(
+        t.changes.len() <= 100_000 + 2,
+        "repeated updates of a row add no entries"
+    );
     let start = t.changes.partition_point(|&(ver, _)| ver <= v);
-    assert_eq!(t.changes.len() - start, 2, "only the two changed rows are examined");
+    assert_eq!(
+        t.changes.len() - start,
+        2,
+        "only the two changed rows are examined"
+    );
     let ch = t.changes_since(v).unwrap();
     assert_eq!(ch.upserts.keys, vec![7, 8]);
     t.forget_changes_through(t.version());
-    assert!(matches!(t.changes_since(v), Err(EmbeddingError::ChangesCompacted { .. })));
+    assert!(matches!(
+        t.changes_since(v),
+        Err(EmbeddingError::ChangesCompacted { .. })
+    ));
 }
 
 /// The same random workload, with and without a tier that holds a fifth of the rows.
-fn tier_workload(seed: u64, dir: Option<&std::path::Path>) -> (Vec<Vec<f32>>, TableSnapshot, TableStats) {
+fn tier_workload(
+    seed: u64,
+    dir: Option<&std::path::Path>,
+) -> (Vec<Vec<f32>>, TableSnapshot, TableStats) {
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let mut cfg = TableConfig {
-        optimizer: OptimizerConfig::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        optimizer: OptimizerConfig::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
         eviction: EvictionConfig {
             capacity: Some(3_000),
             capacity_policy: CapacityPolicy::Lfu,
@@ -413,10 +498,12 @@ fn tier_workload(seed: u64, dir: Option<&std::path::Path>) -> (Vec<Vec<f32>>, Ta
     for step in 0..400u64 {
         let keys: Vec<u64> = (0..64).map(|_| zipf.sample(&mut rng) * 31).collect();
         let mut out = Vec::new();
-        t.lookup_for_training(&keys, &TrainCtx::at_step(step), &mut out).unwrap();
+        t.lookup_for_training(&keys, &TrainCtx::at_step(step), &mut out)
+            .unwrap();
         outs.push(out);
         let grads: Vec<f32> = (0..keys.len() * 8).map(|_| rng.next_f32() - 0.5).collect();
-        t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step)).unwrap();
+        t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step))
+            .unwrap();
         if step % 50 == 0 {
             t.delete(&[31, 62]).unwrap();
         }
@@ -451,8 +538,15 @@ fn snapshot_restore_is_bit_identical_and_continues_identically() {
     for tiered in [false, true] {
         let mut rng = Xoshiro256::seed_from_u64(seed);
         let cfg = TableConfig {
-            admission: AdmissionConfig::CountingBloom { min_count: 2, false_positive_rate: 0.01, expected_keys: 1000 },
-            eviction: EvictionConfig { capacity: Some(400), ..EvictionConfig::default() },
+            admission: AdmissionConfig::CountingBloom {
+                min_count: 2,
+                false_positive_rate: 0.01,
+                expected_keys: 1000,
+            },
+            eviction: EvictionConfig {
+                capacity: Some(400),
+                ..EvictionConfig::default()
+            },
             dram_budget_bytes: tiered.then_some(100 * 136),
             ..TableConfig::with_dim(8)
         };
@@ -460,9 +554,11 @@ fn snapshot_restore_is_bit_identical_and_continues_identically() {
         let work = |t: &mut Table, rng: &mut Xoshiro256, step: u64| {
             let keys: Vec<u64> = (0..50).map(|_| rng.below(1000)).collect();
             let mut out = Vec::new();
-            t.lookup_for_training(&keys, &TrainCtx::at_step(step), &mut out).unwrap();
+            t.lookup_for_training(&keys, &TrainCtx::at_step(step), &mut out)
+                .unwrap();
             let grads: Vec<f32> = (0..keys.len() * 8).map(|_| rng.next_f32() - 0.5).collect();
-            t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step)).unwrap();
+            t.apply_gradients(&keys, &grads, &TrainCtx::at_step(step))
+                .unwrap();
             out
         };
         for step in 0..100 {
@@ -482,13 +578,20 @@ fn snapshot_restore_is_bit_identical_and_continues_identically() {
         // Both continue with the same inputs and stay identical.
         let mut rng_b = rng.clone();
         for step in 100..150 {
-            assert_eq!(work(&mut a, &mut rng, step), work(&mut b, &mut rng_b, step), "seed {seed}");
+            assert_eq!(
+                work(&mut a, &mut rng, step),
+                work(&mut b, &mut rng_b, step),
+                "seed {seed}"
+            );
         }
         // Restore refuses a snapshot of another shape, and leaves the table as it was.
         let mut wrong = snap.clone();
         wrong.rows.data.pop();
         let before = b.snapshot().unwrap().rows_by_key().len();
-        assert!(matches!(b.restore(wrong), Err(EmbeddingError::SnapshotMismatch { .. })));
+        assert!(matches!(
+            b.restore(wrong),
+            Err(EmbeddingError::SnapshotMismatch { .. })
+        ));
         assert_eq!(b.snapshot().unwrap().rows_by_key().len(), before);
         let mut other = Table::new(TableName::new("t"), TableConfig::with_dim(4), None).unwrap();
         assert!(other.restore(snap).is_err());
@@ -497,13 +600,22 @@ fn snapshot_restore_is_bit_identical_and_continues_identically() {
 
 #[test]
 fn shard_restore_checks_identity_and_tables() {
-    let tables = [(TableName::new("a"), TableConfig::with_dim(2)), (TableName::new("b"), TableConfig::with_dim(3))];
+    let tables = [
+        (TableName::new("a"), TableConfig::with_dim(2)),
+        (TableName::new("b"), TableConfig::with_dim(3)),
+    ];
     let mut s = EmbeddingShard::new(1, 4, &tables, None).unwrap();
     let mut out = Vec::new();
-    s.table_mut(&TableName::new("a")).unwrap().lookup_for_training(&[1, 2], &TrainCtx::default(), &mut out).unwrap();
+    s.table_mut(&TableName::new("a"))
+        .unwrap()
+        .lookup_for_training(&[1, 2], &TrainCtx::default(), &mut out)
+        .unwrap();
     let snap = s.snapshot().unwrap();
     let mut other = EmbeddingShard::new(2, 4, &tables, None).unwrap();
-    assert!(matches!(other.restore(snap.clone()), Err(EmbeddingError::WrongShard { .. })));
+    assert!(matches!(
+        other.restore(snap.clone()),
+        Err(EmbeddingError::WrongShard { .. })
+    ));
     let mut fresh = EmbeddingShard::new(1, 4, &tables, None).unwrap();
     fresh.restore(snap.clone()).unwrap();
     assert_eq!(fresh.snapshot().unwrap(), snap);

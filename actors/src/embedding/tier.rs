@@ -118,7 +118,10 @@ impl SpillStore {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let seg = self.segments.get(&self.active).expect("active segment exists");
+        let seg = self
+            .segments
+            .get(&self.active)
+            .expect("active segment exists");
         seg.file
             .write_all_at(&self.buf, u64::from(self.buf_start) * self.rec_bytes as u64)?;
         self.buf_start += (self.buf.len() / self.rec_bytes) as u32;
@@ -139,7 +142,10 @@ impl SpillStore {
         self.buf.extend_from_slice(&crc(key, bytes).to_le_bytes());
         self.buf.extend_from_slice(&[0; 4]);
         self.buf.extend_from_slice(bytes);
-        let seg = self.segments.get_mut(&self.active).expect("active segment exists");
+        let seg = self
+            .segments
+            .get_mut(&self.active)
+            .expect("active segment exists");
         let at = loc(self.active, seg.len);
         seg.len += 1;
         seg.live += 1;
@@ -296,7 +302,12 @@ mod tests {
         let floats = 20;
         let mut s = SpillStore::open(dir.path(), floats).unwrap();
         let rows: Vec<(u64, Vec<f32>)> = (0..200_000u64)
-            .map(|k| (k * 7, (0..floats).map(|i| (k as f32) + i as f32 * 0.5).collect()))
+            .map(|k| {
+                (
+                    k * 7,
+                    (0..floats).map(|i| (k as f32) + i as f32 * 0.5).collect(),
+                )
+            })
             .collect();
         let mut locs = Vec::new();
         for (k, r) in &rows {
@@ -316,7 +327,9 @@ mod tests {
         assert_eq!(seen, reqs.len());
         // Free most of the first segment: it becomes a compaction candidate.
         let first_seg = unpack(locs[0]).0;
-        let in_first: Vec<usize> = (0..rows.len()).filter(|&i| unpack(locs[i]).0 == first_seg).collect();
+        let in_first: Vec<usize> = (0..rows.len())
+            .filter(|&i| unpack(locs[i]).0 == first_seg)
+            .collect();
         for &i in &in_first[..in_first.len() * 3 / 4] {
             s.free(locs[i]).unwrap();
         }
@@ -341,7 +354,9 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[HEADER + 3] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
-        let err = s.read_many(&mut [(at, 9, 0)], |_, _| panic!("no row from a corrupt record"));
+        let err = s.read_many(&mut [(at, 9, 0)], |_, _| {
+            panic!("no row from a corrupt record")
+        });
         let msg = err.unwrap_err().to_string();
         assert!(msg.contains("corrupt spill record"), "{msg}");
         // Asking for the wrong key is caught too.

@@ -1,0 +1,168 @@
+//! The `freshet` binary, driven as a real process: subcommands, layered configuration, bad
+//! input, and the embedding bench's report.
+
+use std::process::{Command, Output};
+
+fn freshet(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
+    // Run in an empty directory so that no freshet.toml from the checkout leaks in.
+    c.current_dir(dir.path()).args(args);
+    // Nothing from the caller's environment may leak in; only what the test sets.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FRESHET") {
+            c.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run freshet");
+    drop(dir);
+    out
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let o = freshet(&["--help"], &[]);
+    assert!(o.status.success());
+    let t = text(&o);
+    for sub in ["bench", "config"] {
+        assert!(t.contains(sub), "--help lacks {sub}: {t}");
+    }
+    let o = freshet(&["bench", "--help"], &[]);
+    assert!(text(&o).contains("embedding"));
+}
+
+#[test]
+fn layers_apply_in_order_defaults_file_env_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        "[node]\ndata_dir = \"from-file\"\n[embedding]\nshards = 8\n",
+    )
+    .unwrap();
+    let cfg = f.to_str().unwrap();
+    let json = |o: &Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", text(o));
+        serde_json::from_slice(&o.stdout).expect("config prints JSON")
+    };
+    let v = json(&freshet(&["config"], &[]));
+    assert_eq!(v["embedding"]["shards"], 4, "built-in default");
+    let v = json(&freshet(&["--config", cfg, "config"], &[]));
+    assert_eq!(v["embedding"]["shards"], 8, "file beats default");
+    let v = json(&freshet(
+        &["--config", cfg, "config"],
+        &[("FRESHET__EMBEDDING__SHARDS", "16")],
+    ));
+    assert_eq!(v["embedding"]["shards"], 16, "env beats file");
+    assert_eq!(v["node"]["data_dir"], "from-file");
+    let v = json(&freshet(
+        &["--config", cfg, "--data-dir", "from-flag", "config"],
+        &[("FRESHET__NODE__DATA_DIR", "from-env")],
+    ));
+    assert_eq!(v["node"]["data_dir"], "from-flag", "flag beats env");
+    let v = json(&freshet(
+        &["config"],
+        &[("FRESHET__EMBEDDING__TABLES__DEFAULT__DIM", "32")],
+    ));
+    assert_eq!(
+        v["embedding"]["tables"]["default"]["dim"], 32,
+        "nested keys from env"
+    );
+}
+
+#[test]
+fn invalid_values_are_refused_naming_key_value_and_expectation() {
+    for (env, want) in [
+        (
+            ("FRESHET__EMBEDDING__SHARDS", "lots"),
+            ["embedding.shards", "lots", "expected"],
+        ),
+        (
+            ("FRESHET__EMBEDDING__SHARDS", "0"),
+            ["embedding.shards", "0", "1..=4096"],
+        ),
+        (
+            ("FRESHET__EMBEDDING__TABLES__DEFAULT__DIM", "0"),
+            ["embedding.tables.default.dim", "0", "expected"],
+        ),
+    ] {
+        let o = freshet(&["config"], &[env]);
+        assert!(!o.status.success(), "{env:?} accepted");
+        let t = text(&o);
+        for w in want {
+            assert!(t.contains(w), "{env:?}: {t:?} lacks {w:?}");
+        }
+    }
+    let o = freshet(&["--config", "/nonexistent/freshet.toml", "config"], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("nonexistent"), "{}", text(&o));
+}
+
+#[test]
+fn bench_embedding_reports_every_figure_with_its_baseline() {
+    let o = freshet(
+        &[
+            "bench",
+            "embedding",
+            "--keys",
+            "20000",
+            "--batch",
+            "512",
+            "--batches",
+            "8",
+            "--rounds",
+            "1",
+            "--tier-fraction",
+            "0.3",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for field in [
+        "table_lookup_keys_per_s",
+        "table_lookup_update_keys_per_s",
+        "hashmap_lookup_keys_per_s",
+        "hashmap_lookup_update_keys_per_s",
+        "probe_reads_per_s",
+        "lookup_update_vs_hashmap",
+        "lookup_vs_probe",
+    ] {
+        let x = v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{field} = {x}");
+    }
+    let tiered = &v["tiered"];
+    assert!(
+        tiered["cold_rows"].as_u64().unwrap() > 0,
+        "the tiered run spilled: {tiered}"
+    );
+    assert!(tiered["vs_all_dram"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_bench_arguments_get_a_clear_error() {
+    for args in [
+        &["bench", "embedding", "--zipf", "-1"][..],
+        &["bench", "embedding", "--keys", "0"],
+        &["bench", "embedding", "--keys", "many"],
+        &["bench", "embedding", "--tier-fraction", "1.5"],
+    ] {
+        let o = freshet(args, &[]);
+        assert!(!o.status.success(), "{args:?} accepted");
+        assert!(text(&o).contains("error"), "{args:?}: {}", text(&o));
+    }
+}
