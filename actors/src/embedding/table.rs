@@ -158,6 +158,11 @@ struct Scratch {
     keys: Vec<u64>,
     grads: Vec<f32>,
     evict: Vec<u32>,
+    /// `slots`/`rows` still describe these keys while the table's layout epoch is this one:
+    /// the trainer's gradients for a batch come with the keys it just looked up, and
+    /// resolving them again would repeat every random memory access of the lookup.
+    resolved_keys: Vec<u64>,
+    resolved_epoch: Option<u64>,
 }
 
 /// One dynamic embedding table.
@@ -191,6 +196,9 @@ pub struct Table {
     changes_floor: u64,
     sweep_cursor: u32,
     sampler: Xoshiro256,
+    /// Bumped whenever a row gets, moves or loses a slot: creation, eviction, promotion,
+    /// demotion. A resolution taken at an epoch is valid while the epoch holds.
+    layout_epoch: u64,
     tier: Option<Tier>,
     stats: TableStats,
     scratch: Scratch,
@@ -273,6 +281,7 @@ impl Table {
             tombstones: AHashMap::new(),
             changes_floor: 0,
             sweep_cursor: 0,
+            layout_epoch: 0,
             tier,
             stats: TableStats::default(),
             scratch: Scratch::default(),
@@ -375,6 +384,11 @@ impl Table {
             }
             Err(e) => Err(e),
         };
+        if r.is_ok() {
+            sc.resolved_keys.clear();
+            sc.resolved_keys.extend_from_slice(keys);
+            sc.resolved_epoch = Some(self.layout_epoch);
+        }
         self.scratch = sc;
         r
     }
@@ -426,7 +440,12 @@ impl Table {
         } else {
             (keys, grads)
         };
-        self.resolve(keys_ref, Mode::Existing, ctx, sc)?;
+        let reusable = !merged
+            && sc.resolved_epoch == Some(self.layout_epoch)
+            && sc.resolved_keys.as_slice() == keys_ref;
+        if !reusable {
+            self.resolve(keys_ref, Mode::Existing, ctx, sc)?;
+        }
         let v = self.version + 1;
         let step = ctx.step as u32;
         let secs = ctx.now_secs();
@@ -584,6 +603,7 @@ impl Table {
         sc: &mut Scratch,
     ) -> Result<bool, EmbeddingError> {
         let n = keys.len();
+        sc.resolved_epoch = None;
         if mode == Mode::Admit {
             self.index.reserve(n);
         }
@@ -704,6 +724,7 @@ impl Table {
                 return Err(self.tier_err(e));
             }
             self.index.get_mut(pos).hot = slot;
+            self.layout_epoch += 1;
             sc.slots[i] = slot;
         }
         sc.cold = cold;
@@ -783,6 +804,7 @@ impl Table {
                 .find(key, index_hash(key))
                 .expect("a hot row is in the index");
             self.index.get_mut(pos).hot = COLD;
+            self.layout_epoch += 1;
             return Ok(Some(s));
         }
         Ok(None)
@@ -818,6 +840,7 @@ impl Table {
             freq: 0,
         };
         self.index.insert_new(key, hash, row, slot);
+        self.layout_epoch += 1;
         self.tombstones.remove(&key);
         self.changes.push((version, key));
         self.live_rows += 1;
@@ -865,6 +888,7 @@ impl Table {
             }
         }
         self.meta.get_mut(row)[0].version = 0;
+        self.layout_epoch += 1;
         self.free_rows.push(row);
         self.live_rows -= 1;
         self.tombstones.insert(key, v);
