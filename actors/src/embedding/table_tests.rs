@@ -633,11 +633,19 @@ fn reused_resolution_equals_a_fresh_one() {
     let seed = crate::testkit::seed("reused_resolution");
     let dir = tempfile::tempdir().unwrap();
     let cfg = TableConfig {
-        eviction: EvictionConfig { capacity: Some(300), ..EvictionConfig::default() },
+        eviction: EvictionConfig {
+            capacity: Some(300),
+            ..EvictionConfig::default()
+        },
         dram_budget_bytes: Some(100 * 136),
         ..TableConfig::with_dim(8)
     };
-    let mut a = Table::new(TableName::new("t"), cfg.clone(), Some(&dir.path().join("a"))).unwrap();
+    let mut a = Table::new(
+        TableName::new("t"),
+        cfg.clone(),
+        Some(&dir.path().join("a")),
+    )
+    .unwrap();
     let mut b = Table::new(TableName::new("t"), cfg, Some(&dir.path().join("b"))).unwrap();
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let mut out = Vec::new();
@@ -646,7 +654,11 @@ fn reused_resolution_equals_a_fresh_one() {
         keys.sort_unstable();
         keys.dedup();
         // Half the time delete a key of this very batch, between its lookup and its update.
-        let del = if rng.below(2) == 0 { keys[rng.below(keys.len() as u64) as usize] } else { rng.below(600) };
+        let del = if rng.below(2) == 0 {
+            keys[rng.below(keys.len() as u64) as usize]
+        } else {
+            rng.below(600)
+        };
         let breaker = rng.below(3) == 0;
         let grads: Vec<f32> = (0..keys.len() * 8).map(|_| rng.next_f32() - 0.5).collect();
         let ctx = TrainCtx::at_step(step);
@@ -668,6 +680,9 @@ fn reused_resolution_equals_a_fresh_one() {
         s
     };
     let (sa, sb) = (strip(a.snapshot().unwrap()), strip(b.snapshot().unwrap()));
-    assert!(a.stats().cold_rows > 0, "the tier moved rows during the test");
+    assert!(
+        a.stats().cold_rows > 0,
+        "the tier moved rows during the test"
+    );
     assert_eq!(sa, sb, "seed {seed}");
 }
