@@ -136,11 +136,9 @@ fn populate(t: &mut Table, keys: u64, seed: u64, json: bool) -> anyhow::Result<(
         batch.extend(chunk.iter().map(|&r| key_of_rank(u64::from(r), seed)));
         out.clear();
         t.lookup_for_training(&batch, &TrainCtx::at_step(0), &mut out)?;
-        if i % 32 == 31 {
-            progress(
-                json,
-                &format!("  populated {} of {keys} keys", (i + 1) * 65_536),
-            );
+        let done = (i + 1) * 4096;
+        if done % (1 << 21) == 0 {
+            progress(json, &format!("  populated {done} of {keys} keys"));
         }
     }
     progress(

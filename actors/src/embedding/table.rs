@@ -200,6 +200,8 @@ pub struct Table {
     /// demotion. A resolution taken at an epoch is valid while the epoch holds.
     layout_epoch: u64,
     tier: Option<Tier>,
+    /// The shard's spill directory this table was opened with (a restore opens a new store).
+    spill_dir: Option<std::path::PathBuf>,
     stats: TableStats,
     scratch: Scratch,
 }
@@ -283,6 +285,7 @@ impl Table {
             sweep_cursor: 0,
             layout_epoch: 0,
             tier,
+            spill_dir: spill_dir.map(std::path::Path::to_owned),
             stats: TableStats::default(),
             scratch: Scratch::default(),
             cfg,
@@ -380,7 +383,7 @@ impl Table {
                 if created {
                     self.version = new_version;
                 }
-                self.maintain(ctx, &mut sc)
+                self.maintain(ctx)
             }
             Err(e) => Err(e),
         };
@@ -505,7 +508,7 @@ impl Table {
         }
         sc.evict = l2;
         sc.evict.clear();
-        self.maintain(ctx, sc)?;
+        self.maintain(ctx)?;
         Ok(report)
     }
 
@@ -899,7 +902,7 @@ impl Table {
 
     /// Amortised upkeep after a training call: a bounded slice of the idle sweep, capacity
     /// eviction, one tier compaction at most, and change-log compaction.
-    fn maintain(&mut self, ctx: &TrainCtx, sc: &mut Scratch) -> Result<(), EmbeddingError> {
+    fn maintain(&mut self, ctx: &TrainCtx) -> Result<(), EmbeddingError> {
         let v = self.version + 1;
         let ev = self.cfg.eviction.clone();
         let mut evicted_any = false;
@@ -940,7 +943,6 @@ impl Table {
         if evicted_any {
             self.version = v;
         }
-        let _ = sc;
         self.compact_tier()?;
         self.compact_changes(ev.max_tombstones);
         Ok(())
@@ -1124,11 +1126,10 @@ impl Table {
             )));
         }
         snap.rows.check(self.row_floats).map_err(&mismatch)?;
-        let spill_dir = self.tier.as_ref().map(|t| t.store_dir().to_owned());
         let mut fresh = Table::new(
             self.name.clone(),
             self.cfg.clone(),
-            spill_dir.as_deref().and_then(|d| d.parent()),
+            self.spill_dir.as_deref(),
         )?;
         fresh.admission.restore(snap.admission).map_err(&mismatch)?;
         fresh.index.reserve(snap.rows.len());
@@ -1180,12 +1181,6 @@ impl Table {
         let mut k: Vec<u64> = self.index.iter().map(|b| b.key).collect();
         k.sort_unstable();
         k
-    }
-}
-
-impl Tier {
-    fn store_dir(&self) -> &std::path::Path {
-        self.store.dir()
     }
 }
 

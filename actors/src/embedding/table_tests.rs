@@ -686,3 +686,35 @@ fn reused_resolution_equals_a_fresh_one() {
     );
     assert_eq!(sa, sb, "seed {seed}");
 }
+
+/// A refused restore opens (and drops) a second spill store beside the live one: the live
+/// table's cold rows must stay readable and its tier keep working afterwards.
+#[test]
+fn a_refused_restore_leaves_a_tiered_table_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TableConfig {
+        dram_budget_bytes: Some(50 * 136),
+        ..TableConfig::with_dim(8)
+    };
+    let mut t = Table::new(TableName::new("t"), cfg, Some(dir.path())).unwrap();
+    // Enough cold rows (80 B records) to fill several 4 MiB segments.
+    let keys: Vec<u64> = (0..150_000).collect();
+    for c in keys.chunks(1000) {
+        train_lookup(&mut t, c, 0);
+    }
+    assert!(t.stats().cold_rows > 140_000);
+    let before = t.snapshot().unwrap();
+    let mut bad = before.clone();
+    bad.rows.keys[1] = bad.rows.keys[0]; // a duplicate key: refused after the store opened
+    assert!(matches!(
+        t.restore(bad),
+        Err(EmbeddingError::SnapshotMismatch { .. })
+    ));
+    // Every row, hot or cold, still reads back, and the tier still promotes and demotes.
+    assert_eq!(t.snapshot().unwrap(), before);
+    for c in keys.chunks(1000) {
+        t.apply_gradients(c, &vec![0.01; c.len() * 8], &TrainCtx::at_step(1))
+            .unwrap();
+    }
+    assert_eq!(t.stats().rows, 150_000);
+}

@@ -7,8 +7,11 @@
 //! Record: `key: u64 LE | crc32c(key, payload): u32 | 0u32 | payload (row floats, raw)`.
 //!
 //! The tier is a cache behind the DRAM arena, not a durable store: checkpoints make tables
-//! durable, and a store left by an earlier process is wiped on open. The CRC is still checked on
-//! every read, because a bad read must never become a row.
+//! durable. Each open store lives in a private directory `<dir>/<pid>-<n>`, removed when the
+//! store is dropped; directories left by processes that no longer run are removed on open. A
+//! private directory per store matters during a restore, when the new table's store and the old
+//! one's exist side by side until one of them is dropped. The CRC is still checked on every
+//! read, because a bad read must never become a row.
 //!
 //! Why an own store rather than `redb` or `fjall`: see `docs/embedding-tier.md`.
 
@@ -17,6 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const HEADER: usize = 16;
 /// Sealed segments hold about this much; small enough that compacting one is a short pause.
@@ -66,18 +70,20 @@ fn crc(key: u64, payload: &[u8]) -> u32 {
 }
 
 impl SpillStore {
-    /// Opens (and empties) the store in `dir`.
-    pub(crate) fn open(dir: &Path, payload_floats: usize) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "seg") {
-                fs::remove_file(&path)?;
-            }
-        }
+    /// Opens a new, empty store in a private directory under `parent`.
+    pub(crate) fn open(parent: &Path, payload_floats: usize) -> io::Result<Self> {
+        static OPENED: AtomicU64 = AtomicU64::new(0);
+        fs::create_dir_all(parent)?;
+        remove_stale(parent)?;
+        let dir = parent.join(format!(
+            "{}-{}",
+            std::process::id(),
+            OPENED.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir)?;
         let rec_bytes = HEADER + payload_floats * 4;
         let mut store = Self {
-            dir: dir.to_owned(),
+            dir,
             payload_floats,
             rec_bytes,
             recs_per_seg: (SEGMENT_BYTES / rec_bytes).max(1) as u32,
@@ -255,6 +261,7 @@ impl SpillStore {
         Ok(out)
     }
 
+    #[cfg(test)]
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
@@ -272,6 +279,39 @@ impl SpillStore {
             .map(|s| u64::from(s.live) * self.rec_bytes as u64)
             .sum()
     }
+}
+
+impl Drop for SpillStore {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove spill directory");
+        }
+    }
+}
+
+/// Removes store directories of processes that are no longer running. Where liveness cannot be
+/// told (no `/proc`), nothing is removed: a leftover directory wastes disk, a wrong removal
+/// would destroy a running process's rows.
+fn remove_stale(parent: &Path) -> io::Result<()> {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(parent)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .map(|(p, _)| p)
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !proc.join(pid).exists() {
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn decode(rec: &[u8], want_key: u64, path: &Path, rec_no: u32, out: &mut [f32]) -> io::Result<()> {
@@ -342,6 +382,32 @@ mod tests {
             s.free(locs[i]).unwrap();
         }
         assert!(!s.segments.contains_key(&first_seg));
+        let own = s.dir().to_owned();
+        assert!(own.is_dir());
+        drop(s);
+        assert!(!own.exists(), "a dropped store removes its directory");
+    }
+
+    #[test]
+    fn stores_side_by_side_do_not_disturb_each_other_and_stale_dirs_go() {
+        let parent = tempfile::tempdir().unwrap();
+        // A directory left by a process that cannot exist (pid beyond the kernel's limit).
+        let stale = parent.path().join("4294967295-0");
+        fs::create_dir_all(&stale).unwrap();
+        let mut a = SpillStore::open(parent.path(), 2).unwrap();
+        assert!(!stale.exists(), "stale directory removed");
+        let at = a.append(1, &[1.0, 2.0]).unwrap();
+        let b = SpillStore::open(parent.path(), 2).unwrap();
+        drop(b);
+        a.flush().unwrap();
+        let mut got = Vec::new();
+        a.read_many(&mut [(at, 1, 0)], |_, p| got = p.to_vec())
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![1.0, 2.0],
+            "a second store in the same parent left the first intact"
+        );
     }
 
     #[test]
