@@ -220,17 +220,7 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
             }
         }));
         rates[1].push(median_rate(1, per_pass, || {
-            for b in &batches {
-                out.clear();
-                let ctx = TrainCtx::at_step(step);
-                step += 1;
-                table
-                    .lookup_for_training(b, &ctx, &mut out)
-                    .expect("training lookup");
-                table
-                    .apply_gradients(b, &grads[..b.len() * d], &ctx)
-                    .expect("gradients");
-            }
+            train_pass(&mut table, &batches, &grads, &mut step, &mut out)
         }));
         rates[2].push(median_rate(1, per_pass, || {
             for b in &batches {
@@ -300,17 +290,7 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
             tiered.lookup_for_training(b, &TrainCtx::at_step(step), &mut out)?;
         }
         let rate = median_rate(a.rounds, per_pass, || {
-            for b in &batches {
-                out.clear();
-                let ctx = TrainCtx::at_step(step);
-                step += 1;
-                tiered
-                    .lookup_for_training(b, &ctx, &mut out)
-                    .expect("training lookup");
-                tiered
-                    .apply_gradients(b, &grads[..b.len() * d], &ctx)
-                    .expect("gradients");
-            }
+            train_pass(&mut tiered, &batches, &grads, &mut step, &mut out)
         });
         let s = tiered.stats();
         drop(tiered);
@@ -385,6 +365,26 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One pass of training steps: a training lookup, then the gradients for the same keys.
+fn train_pass(
+    t: &mut Table,
+    batches: &[Vec<u64>],
+    grads: &[f32],
+    step: &mut u64,
+    out: &mut Vec<f32>,
+) {
+    let d = t.dim();
+    for b in batches {
+        out.clear();
+        let ctx = TrainCtx::at_step(*step);
+        *step += 1;
+        t.lookup_for_training(b, &ctx, out)
+            .expect("training lookup");
+        t.apply_gradients(b, &grads[..b.len() * d], &ctx)
+            .expect("gradients");
+    }
 }
 
 /// A fresh directory for this run's spill files under the configured spill dir.
