@@ -1148,6 +1148,9 @@ impl Table {
             if fresh.index.find(key, index_hash(key)).is_some() {
                 return Err(mismatch(format!("key {key:#x} appears twice")));
             }
+            if fresh.meta.get(row)[0].version != 0 {
+                return Err(mismatch(format!("row id {row} appears twice")));
+            }
             fresh.meta.get_mut(row)[0] = RowMeta {
                 key,
                 version: snap.rows.versions[i],
@@ -1163,6 +1166,26 @@ impl Table {
             if let Some(t) = &mut fresh.tier {
                 t.hot_mark[slot as usize] = 0;
             }
+        }
+        // Free row ids must be exactly the ids below next_row that hold no row: one listed
+        // twice, or a live one listed as free, would later give two keys the same row id.
+        let mut used = vec![false; snap.next_row as usize];
+        for &r in &snap.rows.row_ids {
+            used[r as usize] = true;
+        }
+        for &r in &snap.free_rows {
+            match used.get_mut(r as usize) {
+                Some(u) if !*u => *u = true,
+                _ => {
+                    return Err(mismatch(format!(
+                        "free row id {r} is live, repeated or beyond next_row {}",
+                        snap.next_row
+                    )))
+                }
+            }
+        }
+        if let Some(r) = used.iter().position(|u| !u) {
+            return Err(mismatch(format!("row id {r} is neither live nor free")));
         }
         fresh.live_rows = snap.rows.len() as u64;
         fresh.free_rows = snap.free_rows;

@@ -593,6 +593,21 @@ fn snapshot_restore_is_bit_identical_and_continues_identically() {
             Err(EmbeddingError::SnapshotMismatch { .. })
         ));
         assert_eq!(b.snapshot().unwrap().rows_by_key().len(), before);
+        // Row-id bookkeeping from disk is checked, not trusted.
+        if let Some(&live) = snap.rows.row_ids.first() {
+            let mut freed_live = snap.clone();
+            freed_live.free_rows.push(live);
+            assert!(
+                b.restore(freed_live).is_err(),
+                "a live row id listed as free"
+            );
+            let mut dup_id = snap.clone();
+            dup_id.rows.row_ids[1] = dup_id.rows.row_ids[0];
+            assert!(b.restore(dup_id).is_err(), "two rows with one id");
+            let mut hole = snap.clone();
+            hole.next_row += 1;
+            assert!(b.restore(hole).is_err(), "a row id neither live nor free");
+        }
         let mut other = Table::new(TableName::new("t"), TableConfig::with_dim(4), None).unwrap();
         assert!(other.restore(snap).is_err());
     }
