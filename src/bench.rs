@@ -104,7 +104,7 @@ fn median_rate(rounds: usize, keys_per_pass: usize, mut f: impl FnMut()) -> f64 
 }
 
 /// Progress goes to stderr always: stdout carries only the report, so `--json` stays parseable.
-fn progress(_json: bool, msg: &str) {
+fn progress(msg: &str) {
     eprintln!("{msg}");
 }
 
@@ -123,7 +123,7 @@ fn adagrad_table(
 }
 
 /// Inserts every key in random order, so that a key's rank says nothing about where its row is.
-fn populate(t: &mut Table, keys: u64, seed: u64, json: bool) -> anyhow::Result<()> {
+fn populate(t: &mut Table, keys: u64, seed: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut ranks: Vec<u32> = (0..keys as u32).collect();
     Xoshiro256::seed_from_u64(seed).shuffle(&mut ranks);
@@ -138,16 +138,13 @@ fn populate(t: &mut Table, keys: u64, seed: u64, json: bool) -> anyhow::Result<(
         t.lookup_for_training(&batch, &TrainCtx::at_step(0), &mut out)?;
         let done = (i + 1) * 4096;
         if done % (1 << 21) == 0 {
-            progress(json, &format!("  populated {done} of {keys} keys"));
+            progress(&format!("  populated {done} of {keys} keys"));
         }
     }
-    progress(
-        json,
-        &format!(
-            "  populated {keys} keys in {:.1}s",
-            started.elapsed().as_secs_f64()
-        ),
-    );
+    progress(&format!(
+        "  populated {keys} keys in {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -167,13 +164,10 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
         "--tier-fraction must be in [0, 1)"
     );
     let d = a.dim;
-    progress(
-        a.json,
-        &format!(
-            "freshet bench embedding: {} keys, dim {d}, zipf {}, batch {}",
-            a.keys, a.zipf, a.batch
-        ),
-    );
+    progress(&format!(
+        "freshet bench embedding: {} keys, dim {d}, zipf {}, batch {}",
+        a.keys, a.zipf, a.batch
+    ));
     let batches = zipf_batches(a.keys, a.zipf, a.batch, a.batches, a.seed);
     let per_pass: usize = batches.iter().map(Vec::len).sum();
     let mut rng = Xoshiro256::seed_from_u64(a.seed);
@@ -181,22 +175,22 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
         .map(|_| rng.next_f32() * 0.02 - 0.01)
         .collect();
 
-    progress(a.json, "table (all DRAM):");
+    progress("table (all DRAM):");
     let mut table = adagrad_table(d, None, None)?;
-    populate(&mut table, a.keys, a.seed, a.json)?;
+    populate(&mut table, a.keys, a.seed)?;
     let st = table.stats();
     let table_bytes = st.hot_bytes + st.index_bytes;
 
-    progress(a.json, "baseline HashMap<u64, Vec<f32>> (ahash):");
+    progress("baseline HashMap<u64, Vec<f32>> (ahash):");
     let started = Instant::now();
     let mut map = HashMapBaseline::new(d, a.keys as usize);
     for r in 0..a.keys {
         map.insert(key_of_rank(r, a.seed));
     }
-    progress(
-        a.json,
-        &format!("  populated in {:.1}s", started.elapsed().as_secs_f64()),
-    );
+    progress(&format!(
+        "  populated in {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
     let probe = MemoryProbe::new(table_bytes as usize);
     let probe_batches = probe.batches(a.batch, a.batches, a.seed);
 
@@ -258,10 +252,11 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
                     .expect("gradients");
             }
         }));
-        progress(
-            a.json,
-            &format!("  round {} of {} measured", round + 1, a.rounds.max(1)),
-        );
+        progress(&format!(
+            "  round {} of {} measured",
+            round + 1,
+            a.rounds.max(1)
+        ));
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -272,18 +267,15 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
     drop(map);
 
     let tiered = if a.tier_fraction > 0.0 {
-        progress(
-            a.json,
-            &format!(
-                "table with a DRAM budget of {:.0}% of rows:",
-                a.tier_fraction * 100.0
-            ),
-        );
+        progress(&format!(
+            "table with a DRAM budget of {:.0}% of rows:",
+            a.tier_fraction * 100.0
+        ));
         let row_slot_bytes = (2 * d * 4).next_multiple_of(64).max(64) as f64 + 8.0;
         let budget = (a.keys as f64 * a.tier_fraction * row_slot_bytes) as u64;
         let dir = tempfile_dir(&settings.spill_dir())?;
         let mut tiered = adagrad_table(d, Some(budget.max(1)), Some(&dir))?;
-        populate(&mut tiered, a.keys, a.seed, a.json)?;
+        populate(&mut tiered, a.keys, a.seed)?;
         // One unmeasured pass lets the hot set settle into DRAM, as in a running trainer.
         for b in &batches {
             out.clear();

@@ -367,26 +367,23 @@ impl Table {
     ) -> Result<(), EmbeddingError> {
         let mut sc = std::mem::take(&mut self.scratch);
         let new_version = self.version + 1;
-        let r = self.resolve(keys, Mode::Admit, ctx, &mut sc).inspect(|_| {
-            let step = ctx.step as u32;
-            for &row in &sc.rows {
-                if row != NO_SLOT {
-                    let m = &mut self.meta.get_mut(row)[0];
-                    m.freq = m.freq.saturating_add(1);
-                    m.access_step = step;
+        let r = self
+            .resolve(keys, Mode::Admit, ctx, &mut sc)
+            .and_then(|created| {
+                let step = ctx.step as u32;
+                for &row in &sc.rows {
+                    if row != NO_SLOT {
+                        let m = &mut self.meta.get_mut(row)[0];
+                        m.freq = m.freq.saturating_add(1);
+                        m.access_step = step;
+                    }
                 }
-            }
-            self.gather(&sc.slots, out);
-        });
-        let r = match r {
-            Ok(created) => {
+                self.gather(&sc.slots, out);
                 if created {
                     self.version = new_version;
                 }
                 self.maintain(ctx)
-            }
-            Err(e) => Err(e),
-        };
+            });
         if r.is_ok() {
             sc.resolved_keys.clear();
             sc.resolved_keys.extend_from_slice(keys);
@@ -431,8 +428,9 @@ impl Table {
         // Fold duplicates. The trainer already sends unique keys, so the common case is one
         // cheap pass over an L1-resident set that finds none.
         let merged = dedup(keys, grads, dim, sc);
-        report.merged_duplicates =
-            (keys.len() - if merged { sc.keys.len() } else { keys.len() }) as u64;
+        if merged {
+            report.merged_duplicates = (keys.len() - sc.keys.len()) as u64;
+        }
         let (merged_keys, merged_grads): (Vec<u64>, Vec<f32>) = if merged {
             (std::mem::take(&mut sc.keys), std::mem::take(&mut sc.grads))
         } else {
