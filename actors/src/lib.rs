@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod ids;
 pub mod rng;
 pub mod routing;
+pub mod sample;
 pub mod shard;
 pub mod testkit;
 
