@@ -10,6 +10,7 @@
 pub mod embedding;
 pub mod envelope;
 pub mod ids;
+pub mod metrics;
 pub mod rng;
 pub mod routing;
 pub mod sample;
