@@ -1,0 +1,212 @@
+//! The one door to the `gemm` crate: a bounds-checked, row-major `C (+)= op(A) op(B)`.
+//!
+//! `gemm::gemm` is an `unsafe fn` over raw pointers and strides. This module checks every
+//! length against the shapes before the call, so the rest of the dense code is safe Rust.
+#![allow(unsafe_code)]
+
+use std::time::Instant;
+
+/// How many threads a GEMM may use. Inside [`Threads::install`] the calls run on a private
+/// rayon pool of exactly that size, so "2 threads" means 2 whatever the machine.
+#[derive(Debug)]
+pub struct Threads {
+    n: usize,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Threads {
+    pub fn new(n: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(n >= 1, "threads must be at least 1, got {n}");
+        let pool = if n > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("freshet-dense-{i}"))
+                    .build()?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { n, pool })
+    }
+
+    pub fn count(&self) -> usize {
+        self.n
+    }
+
+    /// Runs `f` where this pool's threads do the GEMMs.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    pub(crate) fn parallelism(&self) -> gemm::Parallelism {
+        if self.n > 1 {
+            gemm::Parallelism::Rayon(self.n)
+        } else {
+            gemm::Parallelism::None
+        }
+    }
+}
+
+/// A row-major operand: `rows x cols` as used, stored transposed when `t` is set (then the
+/// buffer holds `cols x rows`).
+#[derive(Clone, Copy, Debug)]
+pub struct Op<'a> {
+    pub data: &'a [f32],
+    pub t: bool,
+}
+
+impl<'a> Op<'a> {
+    pub fn n(data: &'a [f32]) -> Self {
+        Self { data, t: false }
+    }
+    pub fn t(data: &'a [f32]) -> Self {
+        Self { data, t: true }
+    }
+    /// (row stride, column stride) of the `rows x cols` matrix this operand stands for.
+    fn strides(&self, rows: usize, cols: usize) -> (isize, isize) {
+        let _ = rows;
+        if self.t {
+            (1, rows as isize)
+        } else {
+            (cols as isize, 1)
+        }
+    }
+}
+
+/// `c = a · b` (or `c += a · b` when `accumulate`), with `a` as `m x k`, `b` as `k x n` and
+/// `c` as `m x n`, all row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Op<'_>,
+    b: Op<'_>,
+    accumulate: bool,
+    threads: &Threads,
+) {
+    assert!(c.len() >= m * n, "c holds {} < {m}x{n}", c.len());
+    assert!(a.data.len() >= m * k, "a holds {} < {m}x{k}", a.data.len());
+    assert!(b.data.len() >= k * n, "b holds {} < {k}x{n}", b.data.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = a.strides(m, k);
+    let (b_rs, b_cs) = b.strides(k, n);
+    // SAFETY: the asserts above guarantee every element the strides reach lies inside its
+    // slice: a's largest offset is (m-1)*a_rs + (k-1)*a_cs = m*k - 1 in either layout, and
+    // likewise for b and c. `c` is borrowed mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads.parallelism(),
+        );
+    }
+}
+
+/// The measured sgemm rate of this binary on `threads`, in FLOP/s: the best of a few timed
+/// runs of an `m x k` by `k x n` product. The dense bench divides by this, so its ratio does
+/// not drift with the machine.
+pub fn sgemm_peak(threads: &Threads, m: usize, n: usize, k: usize, min_secs: f64) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0f32; m * n];
+    threads.install(|| {
+        for _ in 0..2 {
+            matmul(&mut c, m, n, k, Op::n(&a), Op::n(&b), false, threads);
+        }
+        let flop = 2.0 * (m * n * k) as f64;
+        let mut best = 0f64;
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < min_secs {
+            let t = Instant::now();
+            for _ in 0..4 {
+                matmul(&mut c, m, n, k, Op::n(&a), Op::n(&b), false, threads);
+            }
+            best = best.max(4.0 * flop / t.elapsed().as_secs_f64());
+        }
+        best
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f32;
+                for p in 0..k {
+                    let x = if at { a[p * m + i] } else { a[i * k + p] };
+                    let y = if bt { b[j * k + p] } else { b[p * n + j] };
+                    s += x * y;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_in_every_layout() {
+        let (m, n, k) = (37, 29, 41);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 11) as f32 - 5.0).collect();
+        for threads in [1, 2] {
+            let th = Threads::new(threads).unwrap();
+            for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+                let want = naive(&a, at, &b, bt, m, n, k);
+                let mut c = vec![1f32; m * n];
+                th.install(|| {
+                    let op = |d, t| Op { data: d, t };
+                    matmul(&mut c, m, n, k, op(&a, at), op(&b, bt), false, &th);
+                });
+                assert_eq!(c, want, "at={at} bt={bt} threads={threads}");
+                th.install(|| {
+                    let op = |d, t| Op { data: d, t };
+                    matmul(&mut c, m, n, k, op(&a, at), op(&b, bt), true, &th);
+                });
+                let twice: Vec<f32> = want.iter().map(|x| 2.0 * x).collect();
+                assert_eq!(c, twice, "accumulate at={at} bt={bt}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "b holds")]
+    fn refuses_short_operands() {
+        let th = Threads::new(1).unwrap();
+        let mut c = vec![0f32; 4];
+        matmul(&mut c, 2, 2, 2, Op::n(&[0.0; 4]), Op::n(&[0.0; 3]), false, &th);
+    }
+}
