@@ -10,6 +10,7 @@
 pub mod dense;
 pub mod embedding;
 pub mod envelope;
+pub mod gen;
 pub mod ids;
 pub mod metrics;
 pub mod rng;
@@ -17,6 +18,7 @@ pub mod routing;
 pub mod sample;
 pub mod shard;
 pub mod testkit;
+pub mod trainer;
 
 pub use envelope::{Envelope, TraceContext};
 pub use ids::{FeatureId, ShardId, TableName};

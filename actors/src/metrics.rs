@@ -213,14 +213,20 @@ mod tests {
     #[test]
     fn auc_by_hand() {
         // Pairs (pos, neg): (0.8,0.1) win, (0.8,0.4) win, (0.35,0.1) win, (0.35,0.4) loss.
-        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[0.0, 0.0, 1.0, 1.0]), Some(0.75));
+        assert_eq!(
+            auc(&[0.1, 0.4, 0.35, 0.8], &[0.0, 0.0, 1.0, 1.0]),
+            Some(0.75)
+        );
         assert_eq!(auc(&[0.1, 0.9], &[0.0, 1.0]), Some(1.0));
         assert_eq!(auc(&[0.1, 0.9], &[1.0, 0.0]), Some(0.0));
         // Ties: all scores equal is a coin flip.
         assert_eq!(auc(&[0.5; 4], &[0.0, 1.0, 0.0, 1.0]), Some(0.5));
         // One tie between a positive and a negative: wins 1 + 1 + 0.5 + 1 of 4... by hand:
         // pos {0.5, 0.9}, neg {0.5, 0.2}: (0.5,0.5) tie 0.5, (0.5,0.2) 1, (0.9,*) 2 -> 3.5/4.
-        assert_eq!(auc(&[0.5, 0.9, 0.5, 0.2], &[1.0, 1.0, 0.0, 0.0]), Some(0.875));
+        assert_eq!(
+            auc(&[0.5, 0.9, 0.5, 0.2], &[1.0, 1.0, 0.0, 0.0]),
+            Some(0.875)
+        );
         assert_eq!(auc(&[0.3, 0.4], &[1.0, 1.0]), None);
     }
 
@@ -273,7 +279,11 @@ mod tests {
         for _ in 0..3000 {
             // Scores on the bin grid, so the windowed AUC must be exact.
             let p = rng.below(100) as f32 / 100.0 + 0.005;
-            let y = if rng.next_f64() < f64::from(p) { 1.0 } else { 0.0 };
+            let y = if rng.next_f64() < f64::from(p) {
+                1.0
+            } else {
+                0.0
+            };
             w.push(p, y);
             all.push((p, y));
         }
@@ -282,7 +292,10 @@ mod tests {
         let exact = evaluate(&p, &y);
         let got = w.evaluation();
         assert_eq!(got.samples, 500);
-        assert!((got.auc.unwrap() - exact.auc.unwrap()).abs() < 1e-12, "seed {seed}");
+        assert!(
+            (got.auc.unwrap() - exact.auc.unwrap()).abs() < 1e-12,
+            "seed {seed}"
+        );
         assert!((got.logloss - exact.logloss).abs() < 1e-9, "seed {seed}");
         assert!((got.calibration.unwrap() - exact.calibration.unwrap()).abs() < 1e-9);
     }

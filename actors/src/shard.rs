@@ -404,6 +404,38 @@ impl ShardRouter {
         &self.shards
     }
 
+    /// Spawns `count` ShardOwners in this process, each owning every table in `tables`, and
+    /// returns their router. `restore[i]`, when given, is shard `i`'s starting state; a spill
+    /// directory gets one subdirectory per shard.
+    pub async fn spawn_local(
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        spill_dir: Option<&std::path::Path>,
+        mut restore: Vec<Option<ShardSnapshot>>,
+    ) -> Result<Self, ractor::SpawnErr> {
+        restore.resize(count as usize, None);
+        let mut shards = Vec::with_capacity(count as usize);
+        for (s, snap) in (0..count).zip(restore) {
+            let (h, _join) = ShardHandle::spawn(ShardArgs {
+                shard: s,
+                shard_count: count,
+                tables: tables.clone(),
+                spill_dir: spill_dir.map(|d| d.join(format!("shard-{s}"))),
+                restore: snap,
+            })
+            .await?;
+            shards.push(h);
+        }
+        Ok(Self::new(shards))
+    }
+
+    /// Stops every shard actor.
+    pub fn stop(&self) {
+        for h in &self.shards {
+            h.actor().stop(None);
+        }
+    }
+
     /// Per shard: the positions of its keys in the batch, and the keys.
     fn split(&self, keys: &[FeatureId]) -> Vec<(Vec<usize>, Vec<FeatureId>)> {
         let n = self.shards.len() as u32;

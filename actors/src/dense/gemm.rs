@@ -181,7 +181,9 @@ mod tests {
     fn matches_naive_in_every_layout() {
         let (m, n, k) = (37, 29, 41);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 11) as f32 - 5.0).collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 11) as f32 - 5.0)
+            .collect();
         for threads in [1, 2] {
             let th = Threads::new(threads).unwrap();
             for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -207,6 +209,15 @@ mod tests {
     fn refuses_short_operands() {
         let th = Threads::new(1).unwrap();
         let mut c = vec![0f32; 4];
-        matmul(&mut c, 2, 2, 2, Op::n(&[0.0; 4]), Op::n(&[0.0; 3]), false, &th);
+        matmul(
+            &mut c,
+            2,
+            2,
+            2,
+            Op::n(&[0.0; 4]),
+            Op::n(&[0.0; 3]),
+            false,
+            &th,
+        );
     }
 }

@@ -158,7 +158,14 @@ impl Cross {
 
 /// The FM second-order term over `fields` vectors of `dim` per row, read from `x` at column
 /// offset 0 with row stride `stride`: `0.5 * Σ_k ((Σ_f e_fk)^2 - Σ_f e_fk^2)`.
-pub fn fm_forward(x: &[f32], stride: usize, rows: usize, fields: usize, dim: usize, out: &mut [f32]) {
+pub fn fm_forward(
+    x: &[f32],
+    stride: usize,
+    rows: usize,
+    fields: usize,
+    dim: usize,
+    out: &mut [f32],
+) {
     let mut s = vec![0f32; dim];
     for r in 0..rows {
         let e = &x[r * stride..r * stride + fields * dim];
@@ -301,7 +308,11 @@ pub fn pool_forward(
     for (r, &(a, b)) in spans.iter().enumerate() {
         let o = &mut out[r * out_stride..r * out_stride + w];
         o.fill(0.0);
-        let scale = if mean && b > a { 1.0 / (b - a) as f32 } else { 1.0 };
+        let scale = if mean && b > a {
+            1.0 / (b - a) as f32
+        } else {
+            1.0
+        };
         for i in a as usize..b as usize {
             let base = index[i] as usize * row_dim + cols.start;
             let c = weights[i] * scale;
@@ -328,7 +339,11 @@ pub fn pool_backward(
     let w = cols.len();
     for (r, &(a, b)) in spans.iter().enumerate() {
         let d = &dout[r * dout_stride..r * dout_stride + w];
-        let scale = if mean && b > a { 1.0 / (b - a) as f32 } else { 1.0 };
+        let scale = if mean && b > a {
+            1.0 / (b - a) as f32
+        } else {
+            1.0
+        };
         for i in a as usize..b as usize {
             let base = index[i] as usize * row_dim + cols.start;
             let c = weights[i] * scale;
@@ -347,7 +362,9 @@ mod tests {
     use crate::rng::Xoshiro256;
 
     fn randv(rng: &mut Xoshiro256, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+        (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
     }
 
     /// Values bounded away from 0 so ReLU kinks do not sit within `h` of an input.
@@ -355,7 +372,11 @@ mod tests {
         (0..n)
             .map(|_| {
                 let v = 0.2 + rng.next_f32();
-                if rng.below(2) == 0 { v } else { -v }
+                if rng.below(2) == 0 {
+                    v
+                } else {
+                    -v
+                }
             })
             .collect()
     }
@@ -373,12 +394,18 @@ mod tests {
             let num = (up - down) / (2.0 * f64::from(h));
             let a = f64::from(analytic[i]);
             let tol = 2e-3 + 2e-3 * a.abs().max(num.abs());
-            assert!((num - a).abs() <= tol, "{name}[{i}]: numeric {num} vs analytic {a}");
+            assert!(
+                (num - a).abs() <= tol,
+                "{name}[{i}]: numeric {num} vs analytic {a}"
+            );
         }
     }
 
     fn dot(c: &[f32], out: &[f32]) -> f64 {
-        c.iter().zip(out).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum()
+        c.iter()
+            .zip(out)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
     }
 
     #[test]
@@ -388,7 +415,12 @@ mod tests {
         let th = Threads::new(1).unwrap();
         for relu in [false, true] {
             let (rows, inp, out) = (5, 7, 6);
-            let l = Linear { inp, out, at: 3, relu };
+            let l = Linear {
+                inp,
+                out,
+                at: 3,
+                relu,
+            };
             let mut p = randv(&mut rng, 3 + Linear::param_count(inp, out), 0.5);
             let mut x = randv_nonzero(&mut rng, rows * inp);
             let c = randv(&mut rng, rows * out, 1.0);
@@ -432,8 +464,14 @@ mod tests {
         };
         let (u, _) = fwd(&p, &x0, &xl);
         let mut g = vec![0f32; p.len()];
-        let (mut dx0, mut dxl, mut s) = (vec![0f32; rows * d], vec![0f32; rows * d], vec![0f32; rows * d]);
-        cl.backward(&p, &mut g, &x0, &xl, &u, &c, &mut dx0, &mut dxl, &mut s, rows, &th);
+        let (mut dx0, mut dxl, mut s) = (
+            vec![0f32; rows * d],
+            vec![0f32; rows * d],
+            vec![0f32; rows * d],
+        );
+        cl.backward(
+            &p, &mut g, &x0, &xl, &u, &c, &mut dx0, &mut dxl, &mut s, rows, &th,
+        );
         let (a0, al) = (x0.clone(), xl.clone());
         check("cross.p", &mut p, &g, |pv| dot(&c, &fwd(pv, &a0, &al).1));
         let p0 = p.clone();
@@ -502,7 +540,13 @@ mod tests {
         assert!((l - std::f64::consts::LN_2).abs() < 1e-6);
         assert_eq!((p1[0], d1[0]), (0.5, -0.5));
         // Large logits stay finite.
-        let l = bce_with_logits(&[80.0, -80.0], &[0.0, 1.0], &[1.0, 1.0], &mut [0.0; 2], &mut [0.0; 2]);
+        let l = bce_with_logits(
+            &[80.0, -80.0],
+            &[0.0, 1.0],
+            &[1.0, 1.0],
+            &mut [0.0; 2],
+            &mut [0.0; 2],
+        );
         assert!((l - 160.0).abs() < 1e-3, "{l}");
         println!("seed {seed}");
     }
@@ -521,13 +565,36 @@ mod tests {
             let c = randv(&mut rng, spans.len() * stride, 1.0);
             let fwd = |t: &[f32]| {
                 let mut o = vec![0f32; spans.len() * stride];
-                pool_forward(t, row_dim, cols.clone(), &index, &weights, &spans, mean, &mut o, stride);
+                pool_forward(
+                    t,
+                    row_dim,
+                    cols.clone(),
+                    &index,
+                    &weights,
+                    &spans,
+                    mean,
+                    &mut o,
+                    stride,
+                );
                 o
             };
             let mut dt = vec![0f32; table.len()];
-            pool_backward(&mut dt, row_dim, cols.clone(), &index, &weights, &spans, mean, &c, stride);
+            pool_backward(
+                &mut dt,
+                row_dim,
+                cols.clone(),
+                &index,
+                &weights,
+                &spans,
+                mean,
+                &c,
+                stride,
+            );
             check("pool.table", &mut table, &dt, |v| dot(&c, &fwd(v)));
-            assert!(fwd(&table)[stride..stride + 4].iter().all(|&v| v == 0.0), "empty field");
+            assert!(
+                fwd(&table)[stride..stride + 4].iter().all(|&v| v == 0.0),
+                "empty field"
+            );
         }
         println!("seed {seed}");
     }

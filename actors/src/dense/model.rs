@@ -124,7 +124,12 @@ impl ModelConfig {
     }
 
     pub fn validate(&self, prefix: &str, shape: &InputShape) -> Result<(), InvalidValue> {
-        if self.hidden().iter().chain(&self.bottom).any(|&w| w == 0 || w > 65_536) {
+        if self
+            .hidden()
+            .iter()
+            .chain(&self.bottom)
+            .any(|&w| w == 0 || w > 65_536)
+        {
             return Err(InvalidValue::new(
                 format!("{prefix}.hidden"),
                 format!("{:?}", self.hidden()),
@@ -144,7 +149,10 @@ impl ModelConfig {
                     return Err(InvalidValue::new(
                         "schema.fields.dim",
                         format!("{:?}", shape.fields),
-                        format!("one dim for every field ({} interacts fields pairwise)", self.kind.name()),
+                        format!(
+                            "one dim for every field ({} interacts fields pairwise)",
+                            self.kind.name()
+                        ),
                     ));
                 }
             }
@@ -297,10 +305,22 @@ impl DenseNet {
             }
         };
         for l in lin.iter().chain(&bottom).chain(&tower) {
-            init(&mut params, l.at, l.inp, Linear::param_count(l.inp, l.out), &mut rng);
+            init(
+                &mut params,
+                l.at,
+                l.inp,
+                Linear::param_count(l.inp, l.out),
+                &mut rng,
+            );
         }
         for c in &cross {
-            init(&mut params, c.at, c.dim, Cross::param_count(c.dim), &mut rng);
+            init(
+                &mut params,
+                c.at,
+                c.dim,
+                Cross::param_count(c.dim),
+                &mut rng,
+            );
         }
         let opt = DenseOptimizer::new(config.optimizer.clone(), n);
         Ok(Self {
@@ -407,7 +427,11 @@ impl DenseNet {
         ws.grads_b.resize(rows * widest, 0.0);
         ws.cross_u = self.cross.iter().map(|_| vec![0.0; rows * d]).collect();
         ws.cross_out = self.cross.iter().map(|_| vec![0.0; rows * d]).collect();
-        ws.bottom = self.bottom.iter().map(|l| vec![0.0; rows * l.out]).collect();
+        ws.bottom = self
+            .bottom
+            .iter()
+            .map(|l| vec![0.0; rows * l.out])
+            .collect();
         if self.config.kind == ModelKind::Dlrm {
             let n = self.shape.fields.len() + 1;
             let e = self.shape.fields.first().copied().unwrap_or(0);
@@ -571,7 +595,16 @@ impl DenseNet {
                 };
                 let (dy, dxb) = (&mut ws.grads_a, &mut ws.grads_b);
                 let want_dx = i > 0 || self.config.kind != ModelKind::Lr;
-                l.backward(p, g, inp, &ws.acts[i], dy, want_dx.then_some(&mut dxb[..]), rows, th);
+                l.backward(
+                    p,
+                    g,
+                    inp,
+                    &ws.acts[i],
+                    dy,
+                    want_dx.then_some(&mut dxb[..]),
+                    rows,
+                    th,
+                );
                 std::mem::swap(&mut ws.grads_a, &mut ws.grads_b);
             }
         }
@@ -639,7 +672,16 @@ impl DenseNet {
                     let l = self.bottom[i];
                     let inp: &[f32] = if i > 0 { &ws.bottom[i - 1] } else { &ws.dense };
                     let (dy, dxb) = (&mut ws.grads_a, &mut ws.grads_b);
-                    l.backward(p, g, inp, &ws.bottom[i], dy, (i > 0).then_some(&mut dxb[..]), rows, th);
+                    l.backward(
+                        p,
+                        g,
+                        inp,
+                        &ws.bottom[i],
+                        dy,
+                        (i > 0).then_some(&mut dxb[..]),
+                        rows,
+                        th,
+                    );
                     std::mem::swap(&mut ws.grads_a, &mut ws.grads_b);
                 }
             }
@@ -667,7 +709,14 @@ mod tests {
     }
 
     /// Loss of the batch at the given parameters and inputs, without updating anything.
-    fn loss_at(net: &mut DenseNet, x: &[f32], wide: &[f32], y: &[f32], w: &[f32], th: &Threads) -> f64 {
+    fn loss_at(
+        net: &mut DenseNet,
+        x: &[f32],
+        wide: &[f32],
+        y: &[f32],
+        w: &[f32],
+        th: &Threads,
+    ) -> f64 {
         let rows = y.len();
         let (xi, wi) = net.inputs_mut(rows);
         xi.copy_from_slice(x);
@@ -688,7 +737,13 @@ mod tests {
         let mut rng = Xoshiro256::seed_from_u64(seed);
         let th = Threads::new(1).unwrap();
         let rows = 4;
-        for kind in [ModelKind::Lr, ModelKind::Wdl, ModelKind::Deepfm, ModelKind::Dcn, ModelKind::Dlrm] {
+        for kind in [
+            ModelKind::Lr,
+            ModelKind::Wdl,
+            ModelKind::Deepfm,
+            ModelKind::Dcn,
+            ModelKind::Dlrm,
+        ] {
             let mut cfg = ModelConfig::new(kind);
             cfg.hidden = Some(vec![5, 4]);
             cfg.bottom = vec![4];
@@ -727,7 +782,10 @@ mod tests {
                 net.params[i] = orig;
                 let num = (up - down) / (2.0 * f64::from(h));
                 let a = f64::from(g[i]);
-                assert!((num - a).abs() <= tol(a, num), "{kind:?} param {i}: {num} vs {a}, seed {seed}");
+                assert!(
+                    (num - a).abs() <= tol(a, num),
+                    "{kind:?} param {i}: {num} vs {a}, seed {seed}"
+                );
             }
             // Embedding columns of x (dense columns are not back-propagated).
             let emb: usize = sh.fields.iter().sum();
@@ -740,7 +798,10 @@ mod tests {
                     let down = loss_at(&mut net, &xp, &wide, &y, &w, &th);
                     let num = (up - down) / (2.0 * f64::from(h));
                     let a = f64::from(dx[r * d + c]);
-                    assert!((num - a).abs() <= tol(a, num), "{kind:?} x[{r},{c}]: {num} vs {a}, seed {seed}");
+                    assert!(
+                        (num - a).abs() <= tol(a, num),
+                        "{kind:?} x[{r},{c}]: {num} vs {a}, seed {seed}"
+                    );
                 }
                 if kind.has_wide() {
                     let mut wp = wide.clone();
@@ -750,7 +811,10 @@ mod tests {
                     let down = loss_at(&mut net, &x, &wp, &y, &w, &th);
                     let num = (up - down) / (2.0 * f64::from(h));
                     let a = f64::from(dwide[r]);
-                    assert!((num - a).abs() <= tol(a, num), "{kind:?} wide[{r}]: {num} vs {a}");
+                    assert!(
+                        (num - a).abs() <= tol(a, num),
+                        "{kind:?} wide[{r}]: {num} vs {a}"
+                    );
                 }
             }
         }

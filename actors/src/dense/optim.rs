@@ -71,7 +71,11 @@ impl DenseOptimizerConfig {
         if let Self::Adam { beta1, beta2, .. } = *self {
             for (k, b) in [("beta1", beta1), ("beta2", beta2)] {
                 if !(0.0..1.0).contains(&b) {
-                    return Err(InvalidValue::new(format!("{prefix}.{k}"), b, "a value in [0, 1)"));
+                    return Err(InvalidValue::new(
+                        format!("{prefix}.{k}"),
+                        b,
+                        "a value in [0, 1)",
+                    ));
                 }
             }
         }
@@ -177,7 +181,10 @@ mod tests {
         let mut o = DenseOptimizer::new(DenseOptimizerConfig::default(), 2);
         let mut p = [0.5f32, -0.5];
         o.apply(&mut p, &[3.0, -0.01]);
-        assert!((p[0] - 0.499).abs() < 1e-6 && (p[1] + 0.499).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.499).abs() < 1e-6 && (p[1] + 0.499).abs() < 1e-6,
+            "{p:?}"
+        );
         // Second step with the same gradient: m_hat = g, v_hat = g^2, again lr * sign(g).
         o.apply(&mut p, &[3.0, -0.01]);
         assert!((p[0] - 0.498).abs() < 1e-6, "{p:?}");
@@ -185,7 +192,9 @@ mod tests {
 
     #[test]
     fn refuses_bad_settings() {
-        let e = DenseOptimizerConfig::Sgd { lr: -1.0 }.validate("model.optimizer").unwrap_err();
+        let e = DenseOptimizerConfig::Sgd { lr: -1.0 }
+            .validate("model.optimizer")
+            .unwrap_err();
         assert_eq!(e.key, "model.optimizer.lr");
     }
 }

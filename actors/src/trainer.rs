@@ -1,0 +1,545 @@
+//! The training step: the one code path that offline (`freshet train`) and, later, online
+//! training share.
+//!
+//! One step, in order:
+//! 1. deduplicate the batch's keys per table (first-occurrence order, so the step is
+//!    deterministic);
+//! 2. look the unique keys up through the ShardOwner handles (`lookup_for_training`, which
+//!    admits and counts them);
+//! 3. pool each field's rows into the model input, run forward and backward;
+//! 4. make the dense update;
+//! 5. push the summed sparse gradient of every unique key back to its shard.
+//!
+//! A table row holds a field's embedding followed, for models with a wide part, by the id's
+//! wide weight: one lookup fetches both, as the PyTorch peer's fused table does. Adagrad is
+//! per coordinate, so this is the same mathematics as two tables.
+
+use std::ops::Range;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ahash::AHashMap;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::dense::layers::{pool_backward, pool_forward};
+use crate::dense::{DenseNet, InputShape, ModelConfig, Threads};
+use crate::embedding::{Initializer, OptimizerConfig, TableConfig, TrainCtx};
+use crate::ids::{FeatureId, TableName};
+use crate::sample::{Pooling, SampleBlock, Schema};
+use crate::shard::ShardRouter;
+
+/// The embedding table config the trainer uses for a schema table when none is configured:
+/// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
+/// its embeddings.
+pub fn default_table_config(row_dim: usize) -> TableConfig {
+    let mut c = TableConfig::with_dim(row_dim);
+    c.init = Initializer::Normal {
+        mean: 0.0,
+        std: 0.01,
+    };
+    c.optimizer = OptimizerConfig::Adagrad {
+        lr: 0.05,
+        initial_accumulator: 0.1,
+        eps: 1e-10,
+    };
+    c
+}
+
+/// One embedding table as the trainer sees it.
+#[derive(Clone, Debug)]
+struct TableUse {
+    name: TableName,
+    /// Embedding columns (0 for LR) plus the wide column when the model has one.
+    row_dim: usize,
+    emb_dim: usize,
+    /// Fields stored in this table, in schema order.
+    fields: Vec<usize>,
+}
+
+/// Per-step scratch of one table: unique keys and where each id occurrence points.
+#[derive(Debug, Default)]
+struct TableBatch {
+    keys: Vec<FeatureId>,
+    slot: AHashMap<FeatureId, u32>,
+    index: Vec<u32>,
+    weights: Vec<f32>,
+    /// Per field of the table, per row: the range of that row's ids in `index`.
+    spans: Vec<Vec<(u32, u32)>>,
+    rows: Vec<f32>,
+    grads: Vec<f32>,
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub rows: usize,
+    pub loss_sum: f64,
+    pub unique_keys: usize,
+    pub gradients_rejected: u64,
+}
+
+/// The trainer's state: the dense net and how the schema maps to tables.
+#[derive(Debug)]
+pub struct Trainer {
+    schema: Schema,
+    net: DenseNet,
+    tables: Vec<TableUse>,
+    /// Per field: (table index, column offset of its embedding in the model input).
+    field_at: Vec<(usize, usize)>,
+    batches: Vec<TableBatch>,
+    labels: Vec<f32>,
+    weights: Vec<f32>,
+    wide_tmp: Vec<f32>,
+    step: u64,
+}
+
+impl Trainer {
+    /// The tables (name and row dim) this schema and model need from the shards.
+    pub fn required_tables(schema: &Schema, model: &ModelConfig) -> Vec<(String, usize)> {
+        schema
+            .tables()
+            .into_iter()
+            .map(|(name, dim)| (name, Self::row_dim(model, dim)))
+            .collect()
+    }
+
+    fn row_dim(model: &ModelConfig, emb_dim: usize) -> usize {
+        let emb = if model.kind.has_embeddings() {
+            emb_dim
+        } else {
+            0
+        };
+        emb + usize::from(model.kind.has_wide())
+    }
+
+    pub fn new(schema: Schema, model: ModelConfig) -> anyhow::Result<Self> {
+        schema.validate("schema")?;
+        let emb_of = |d: usize| if model.kind.has_embeddings() { d } else { 0 };
+        let shape = InputShape {
+            fields: schema.fields.iter().map(|f| emb_of(f.dim)).collect(),
+            dense: schema.dense.len(),
+        };
+        let net = DenseNet::new(model, shape)?;
+        Self::with_net(schema, net)
+    }
+
+    /// A trainer around an existing dense net (for example one loaded from a model dir).
+    pub fn with_net(schema: Schema, net: DenseNet) -> anyhow::Result<Self> {
+        schema.validate("schema")?;
+        let model = net.config().clone();
+        let want: Vec<usize> = schema
+            .fields
+            .iter()
+            .map(|f| {
+                if model.kind.has_embeddings() {
+                    f.dim
+                } else {
+                    0
+                }
+            })
+            .collect();
+        anyhow::ensure!(
+            net.shape().fields == want && net.shape().dense == schema.dense.len(),
+            "the model was built for {} fields with dims {:?} and {} dense features; \
+             the schema has dims {:?} and {} dense features",
+            net.shape().fields.len(),
+            net.shape().fields,
+            net.shape().dense,
+            want,
+            schema.dense.len()
+        );
+        let mut tables: Vec<TableUse> = Vec::new();
+        let mut field_at = Vec::new();
+        let mut col = 0;
+        for (i, f) in schema.fields.iter().enumerate() {
+            let t = match tables.iter().position(|t| t.name.as_str() == f.table) {
+                Some(t) => t,
+                None => {
+                    tables.push(TableUse {
+                        name: TableName::new(&f.table),
+                        row_dim: Self::row_dim(&model, f.dim),
+                        emb_dim: want[i],
+                        fields: Vec::new(),
+                    });
+                    tables.len() - 1
+                }
+            };
+            tables[t].fields.push(i);
+            field_at.push((t, col));
+            col += want[i];
+        }
+        let batches = tables.iter().map(|_| TableBatch::default()).collect();
+        Ok(Self {
+            schema,
+            net,
+            tables,
+            field_at,
+            batches,
+            labels: Vec::new(),
+            weights: Vec::new(),
+            wide_tmp: Vec::new(),
+            step: 0,
+        })
+    }
+
+    pub fn net(&self) -> &DenseNet {
+        &self.net
+    }
+
+    pub fn into_net(self) -> DenseNet {
+        self.net
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Continues the step count of a loaded model.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Steps 1 and the pooling of 3: dedupes keys and fills the model input from `fetch`ed rows.
+    fn gather(&mut self, block: &SampleBlock, range: &Range<usize>) {
+        let rows = range.len();
+        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+            tb.keys.clear();
+            tb.slot.clear();
+            tb.index.clear();
+            tb.weights.clear();
+            tb.spans.resize(t.fields.len(), Vec::new());
+            for (k, &f) in t.fields.iter().enumerate() {
+                let spans = &mut tb.spans[k];
+                spans.clear();
+                for r in range.clone() {
+                    let (ids, ws) = block.row(r).field(f);
+                    let a = tb.index.len() as u32;
+                    for (&id, &w) in ids.iter().zip(ws) {
+                        let next = tb.keys.len() as u32;
+                        let s = *tb.slot.entry(id).or_insert_with(|| {
+                            tb.keys.push(id);
+                            next
+                        });
+                        tb.index.push(s);
+                        tb.weights.push(w);
+                    }
+                    spans.push((a, tb.index.len() as u32));
+                }
+            }
+        }
+        self.labels.clear();
+        self.weights.clear();
+        for r in range.clone() {
+            let s = block.row(r);
+            self.labels.push(s.label());
+            self.weights.push(s.weight());
+        }
+        let _ = rows;
+    }
+
+    /// Step 3's pooling, once the rows of every table are in `batches[t].rows`.
+    fn fill_inputs(&mut self, block: &SampleBlock, range: &Range<usize>) {
+        let rows = range.len();
+        let d = self.net.shape().input_dim();
+        let nd = self.net.shape().dense;
+        let emb_cols = d - nd;
+        let has_wide = self.net.config().kind.has_wide();
+        self.wide_tmp.resize(rows, 0.0);
+        let (x, wide) = self.net.inputs_mut(rows);
+        wide.fill(0.0);
+        for (t, tb) in self.tables.iter().zip(&self.batches) {
+            for (k, &f) in t.fields.iter().enumerate() {
+                let mean = self.schema.fields[f].pooling == Pooling::Mean;
+                let col = self.field_at[f].1;
+                if t.emb_dim > 0 {
+                    pool_forward(
+                        &tb.rows,
+                        t.row_dim,
+                        0..t.emb_dim,
+                        &tb.index,
+                        &tb.weights,
+                        &tb.spans[k],
+                        mean,
+                        &mut x[col..],
+                        d,
+                    );
+                }
+                if has_wide {
+                    pool_forward(
+                        &tb.rows,
+                        t.row_dim,
+                        t.emb_dim..t.emb_dim + 1,
+                        &tb.index,
+                        &tb.weights,
+                        &tb.spans[k],
+                        mean,
+                        &mut self.wide_tmp,
+                        1,
+                    );
+                    for (w, v) in wide.iter_mut().zip(&self.wide_tmp) {
+                        *w += v;
+                    }
+                }
+            }
+        }
+        for (i, r) in range.clone().enumerate() {
+            x[i * d + emb_cols..(i + 1) * d].copy_from_slice(block.row(r).dense());
+        }
+    }
+
+    /// One training step on rows `range` of `block`.
+    pub async fn train_batch(
+        &mut self,
+        block: &SampleBlock,
+        range: Range<usize>,
+        router: &ShardRouter,
+        threads: &Threads,
+    ) -> anyhow::Result<StepReport> {
+        let rows = range.len();
+        if rows == 0 {
+            return Ok(StepReport::default());
+        }
+        self.step += 1;
+        let ctx = TrainCtx {
+            step: self.step,
+            now_ms: now_ms(),
+        };
+        self.gather(block, &range);
+        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+            tb.rows = router
+                .lookup_for_training(&t.name, t.row_dim, &tb.keys, ctx)
+                .await
+                .with_context(|| {
+                    format!("looking up {} keys of table {}", tb.keys.len(), t.name)
+                })?;
+        }
+        self.fill_inputs(block, &range);
+        let (labels, weights) = (&self.labels, &self.weights);
+        let net = &mut self.net;
+        let loss = threads.install(|| net.train_step(rows, labels, weights, threads));
+        // Sparse gradients: the pooling's backward pass, per unique key.
+        let d = self.net.shape().input_dim();
+        let has_wide = self.net.config().kind.has_wide();
+        let (dx, dwide) = self.net.input_grads(rows);
+        let mut report = StepReport {
+            rows,
+            loss_sum: loss.loss_sum,
+            ..Default::default()
+        };
+        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+            tb.grads.clear();
+            tb.grads.resize(tb.keys.len() * t.row_dim, 0.0);
+            for (k, &f) in t.fields.iter().enumerate() {
+                let mean = self.schema.fields[f].pooling == Pooling::Mean;
+                let col = self.field_at[f].1;
+                if t.emb_dim > 0 {
+                    pool_backward(
+                        &mut tb.grads,
+                        t.row_dim,
+                        0..t.emb_dim,
+                        &tb.index,
+                        &tb.weights,
+                        &tb.spans[k],
+                        mean,
+                        &dx[col..],
+                        d,
+                    );
+                }
+                if has_wide {
+                    pool_backward(
+                        &mut tb.grads,
+                        t.row_dim,
+                        t.emb_dim..t.emb_dim + 1,
+                        &tb.index,
+                        &tb.weights,
+                        &tb.spans[k],
+                        mean,
+                        dwide,
+                        1,
+                    );
+                }
+            }
+            report.unique_keys += tb.keys.len();
+        }
+        for (t, tb) in self.tables.iter().zip(&self.batches) {
+            let rep = router
+                .apply_gradients(&t.name, t.row_dim, &tb.keys, &tb.grads, ctx)
+                .await
+                .with_context(|| format!("pushing gradients of table {}", t.name))?;
+            report.gradients_rejected += rep.rejected_non_finite;
+        }
+        Ok(report)
+    }
+
+    /// Click probabilities for rows `range` of `block`, without admitting, creating or
+    /// updating any row (unknown keys read as the table's default row).
+    pub async fn predict_batch(
+        &mut self,
+        block: &SampleBlock,
+        range: Range<usize>,
+        router: &ShardRouter,
+        threads: &Threads,
+    ) -> anyhow::Result<Vec<f32>> {
+        let rows = range.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.gather(block, &range);
+        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+            tb.rows = router
+                .lookup(&t.name, t.row_dim, &tb.keys)
+                .await
+                .with_context(|| format!("looking up table {}", t.name))?;
+        }
+        self.fill_inputs(block, &range);
+        let net = &mut self.net;
+        threads.install(|| net.forward(rows, threads));
+        Ok(self.net.predictions(rows).to_vec())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dense::ModelKind;
+    use crate::gen::{GenConfig, Generator};
+    use crate::metrics::auc;
+    use crate::sample::criteo::{read_into, CriteoParser};
+    use crate::sample::RejectSink;
+
+    fn data(rows: u64, seed: u64) -> SampleBlock {
+        let mut g = Generator::new(GenConfig {
+            rows,
+            seed,
+            vocab: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut text = Vec::new();
+        for _ in 0..rows {
+            let r = g.next_row();
+            g.write_row(&r, &mut text).unwrap();
+        }
+        let schema = Schema::criteo(8);
+        let mut b = SampleBlock::for_schema(&schema);
+        read_into(
+            &CriteoParser::new(&schema).unwrap(),
+            &text[..],
+            &mut b,
+            &mut RejectSink::counting(),
+            None,
+        )
+        .unwrap();
+        b
+    }
+
+    async fn router_for(schema: &Schema, model: &ModelConfig, shards: u32) -> ShardRouter {
+        let tables = Trainer::required_tables(schema, model)
+            .into_iter()
+            .map(|(n, d)| (TableName::new(&n), default_table_config(d)))
+            .collect();
+        ShardRouter::spawn_local(shards, tables, None, vec![])
+            .await
+            .unwrap()
+    }
+
+    async fn train(
+        kind: ModelKind,
+        shards: u32,
+        block: &SampleBlock,
+        threads: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let schema = Schema::criteo(8);
+        let mut model = ModelConfig::new(kind);
+        model.hidden = Some(vec![32, 16]);
+        let router = router_for(&schema, &model, shards).await;
+        let th = Threads::new(threads).unwrap();
+        let mut t = Trainer::new(schema, model).unwrap();
+        let n = block.len();
+        let split = n * 4 / 5;
+        for s in (0..split).step_by(64) {
+            t.train_batch(block, s..(s + 64).min(split), &router, &th)
+                .await
+                .unwrap();
+        }
+        let preds = t
+            .predict_batch(block, split..n, &router, &th)
+            .await
+            .unwrap();
+        router.stop();
+        (preds, t.net().params().to_vec())
+    }
+
+    /// Training learns (test AUC well above chance) for every model, and the step is
+    /// deterministic: the same data gives the same weights bit for bit, with 1 or 3 shards.
+    #[tokio::test]
+    async fn every_model_learns_and_is_deterministic() {
+        let block = data(20_000, 3);
+        let labels: Vec<f32> = block.ctr_labels().skip(16_000).collect();
+        for kind in [
+            ModelKind::Lr,
+            ModelKind::Wdl,
+            ModelKind::Deepfm,
+            ModelKind::Dcn,
+            ModelKind::Dlrm,
+        ] {
+            let (p1, w1) = train(kind, 1, &block, 1).await;
+            let a = auc(&p1, &labels).unwrap();
+            println!("{kind:?} test auc {a}");
+            assert!(a > 0.62, "{kind:?} test auc {a}");
+            let (p2, w2) = train(kind, 3, &block, 1).await;
+            assert_eq!(p1, p2, "{kind:?}: sharding changed the predictions");
+            assert_eq!(w1, w2, "{kind:?}: sharding changed the dense weights");
+        }
+    }
+
+    /// The sparse gradient pushed per key is the sum over the batch: a key seen in two rows of
+    /// the same batch moves once, by the summed gradient (checked via SGD on the wide column).
+    #[tokio::test]
+    async fn duplicate_keys_get_summed_gradients() {
+        let mut schema = Schema::criteo(4);
+        schema.fields.truncate(1);
+        schema.dense.truncate(1);
+        let mut model = ModelConfig::new(ModelKind::Lr);
+        model.optimizer = crate::dense::DenseOptimizerConfig::Sgd { lr: 1e-9 };
+        let mut cfg = TableConfig::with_dim(1);
+        cfg.init = Initializer::Zeros;
+        cfg.optimizer = OptimizerConfig::Sgd { lr: 1.0 };
+        let router = ShardRouter::spawn_local(1, vec![(TableName::new("emb"), cfg)], None, vec![])
+            .await
+            .unwrap();
+        let mut b = SampleBlock::for_schema(&schema);
+        for label in [1.0, 1.0, 0.0] {
+            b.push_label(label);
+            b.push_dense(0.0);
+            b.push_id(42, 1.0);
+            b.end_field();
+            b.end_row(1.0);
+        }
+        let mut t = Trainer::new(schema, model).unwrap();
+        let th = Threads::new(1).unwrap();
+        // The LR's dense bias starts at some b0; logits are all b0, predictions p0.
+        let p0 = t.predict_batch(&b, 0..1, &router, &th).await.unwrap()[0];
+        let rep = t.train_batch(&b, 0..3, &router, &th).await.unwrap();
+        assert_eq!(rep.unique_keys, 1);
+        let w = router
+            .lookup(&TableName::new("emb"), 1, &[42])
+            .await
+            .unwrap()[0];
+        // d mean-loss / d w = (1/3) Σ (p0 - y) = (3 p0 - 2) / 3; SGD lr 1 moves w by minus that.
+        let want = -(3.0 * p0 - 2.0) / 3.0;
+        assert!((w - want).abs() < 1e-5, "{w} vs {want}");
+        router.stop();
+    }
+}
