@@ -3,6 +3,7 @@
 
 mod bench;
 mod settings;
+mod train;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,10 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Train a model offline on files (the daily base model), then evaluate it.
+    Train(train::TrainArgs),
+    /// Write synthetic Criteo-layout data with known click probabilities.
+    Gen(train::GenArgs),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
     Config,
 }
@@ -56,6 +61,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&settings.node.log);
     match cli.command {
         Command::Bench { what } => bench::run(what, &settings),
+        Command::Train(args) => train::run(args, &settings),
+        Command::Gen(args) => train::gen(args),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use freshet_actors::dense::ModelConfig;
 use freshet_actors::embedding::{InvalidValue, TableConfig};
+use freshet_actors::sample::Schema;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a node.
@@ -17,6 +19,29 @@ use serde::{Deserialize, Serialize};
 pub(crate) struct Settings {
     pub(crate) node: NodeSettings,
     pub(crate) embedding: EmbeddingSettings,
+    /// The sample layout: labels, dense features, sparse fields and their tables.
+    pub(crate) schema: Schema,
+    /// The model trained by `freshet train` (`--model` overrides the kind).
+    pub(crate) model: ModelConfig,
+    pub(crate) train: TrainSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TrainSettings {
+    /// Samples per training step.
+    pub(crate) batch: usize,
+    /// Threads for the dense math.
+    pub(crate) threads: usize,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            batch: 512,
+            threads: 2,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +113,21 @@ impl Settings {
                 ));
             }
             t.validate(&format!("embedding.tables.{name}"))?;
+        }
+        self.schema.validate("schema")?;
+        if self.train.batch == 0 || self.train.batch > 1 << 20 {
+            return Err(InvalidValue::new(
+                "train.batch",
+                self.train.batch,
+                "an integer in 1..=1048576",
+            ));
+        }
+        if self.train.threads == 0 || self.train.threads > 256 {
+            return Err(InvalidValue::new(
+                "train.threads",
+                self.train.threads,
+                "an integer in 1..=256",
+            ));
         }
         Ok(())
     }

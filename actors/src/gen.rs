@@ -14,7 +14,9 @@
 //! rotate towards an independent second set as the row index grows: at the last row the
 //! rotation is `drift * 90°`, so a model trained on early rows grows stale.
 //!
-//! Everything derives from the seed through fixed functions (SplitMix64, Xoshiro256, the
+//! The hidden model derives from `world_seed` and the rows from `seed`, so a training file and
+//! a test file drawn with two seeds share one world. Everything derives from the seeds
+//! through fixed functions (SplitMix64, Xoshiro256, the
 //! rejection-inversion Zipf), so a file is the same on every machine and in every version.
 
 use std::io::Write;
@@ -33,7 +35,11 @@ const LATENT: usize = 4;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GenConfig {
     pub rows: u64,
+    /// Seeds the row sampler: two files with different seeds are two samples of one world.
     pub seed: u64,
+    /// Seeds the hidden model (per-id effects, latent vectors, value strings): keep it fixed
+    /// for a training file and its test file.
+    pub world_seed: u64,
     /// Distinct values per categorical field.
     pub vocab: u64,
     pub zipf: f64,
@@ -48,6 +54,7 @@ impl Default for GenConfig {
         Self {
             rows: 100_000,
             seed: 1,
+            world_seed: 1,
             vocab: 1_000_000,
             zipf: 1.1,
             drift: 0.0,
@@ -114,7 +121,11 @@ impl Generator {
         cfg.validate()?;
         let mut field_keys = [0u64; FIELDS];
         for (f, k) in field_keys.iter_mut().enumerate() {
-            *k = mix64(cfg.seed.wrapping_mul(0x1_0000).wrapping_add(f as u64 + 1));
+            *k = mix64(
+                cfg.world_seed
+                    .wrapping_mul(0x1_0000)
+                    .wrapping_add(f as u64 + 1),
+            );
         }
         Ok(Self {
             zipf: Zipf::new(cfg.vocab, cfg.zipf),

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod gen;
 pub mod ids;
 pub mod metrics;
+pub mod model_dir;
 pub mod rng;
 pub mod routing;
 pub mod sample;

@@ -78,7 +78,7 @@ impl ModelKind {
 
 /// Layer sizes and the dense optimizer. Configured under `[model]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub kind: ModelKind,
     /// The deep tower's hidden widths (DLRM: the top MLP). `None`: the model's standard sizes
@@ -103,6 +103,12 @@ fn default_cross_layers() -> usize {
 }
 fn default_bottom() -> Vec<usize> {
     vec![64]
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::new(ModelKind::Wdl)
+    }
 }
 
 impl ModelConfig {

@@ -75,6 +75,8 @@ pub struct RejectStats {
 pub struct RejectSink {
     file: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
     stats: RejectStats,
+    /// Prefixes line numbers in the file (`source:line`) when rows come from several inputs.
+    source: Option<String>,
 }
 
 /// Raw bytes kept per rejected row; a 10 MB garbage line must not become a 10 MB reject line.
@@ -86,17 +88,25 @@ impl RejectSink {
         Self {
             file: None,
             stats: RejectStats::default(),
+            source: None,
         }
     }
 
-    /// Counts, and writes each refused row as `line<TAB>reason<TAB>raw` to `path`.
+    /// Counts, and writes each refused row as `line<TAB>reason<TAB>raw` to `path` (`line` is
+    /// `source:line` once [`Self::set_source`] named the input).
     pub fn to_file(path: &Path) -> anyhow::Result<Self> {
         let f = std::fs::File::create(path)
             .with_context(|| format!("creating reject file {}", path.display()))?;
         Ok(Self {
             file: Some((path.to_path_buf(), std::io::BufWriter::new(f))),
             stats: RejectStats::default(),
+            source: None,
         })
+    }
+
+    /// Names the input the following rows come from.
+    pub fn set_source(&mut self, source: impl Into<String>) {
+        self.source = Some(source.into());
     }
 
     pub fn reject(&mut self, line: u64, reason: &RejectReason, raw: &[u8]) -> anyhow::Result<()> {
@@ -106,8 +116,11 @@ impl RejectSink {
             let cut = &raw[..raw.len().min(MAX_RAW)];
             // Escape so one rejected row stays one line whatever bytes it held.
             let shown: String = cut.escape_ascii().to_string();
-            writeln!(w, "{line}\t{reason}\t{shown}")
-                .with_context(|| format!("writing reject file {}", path.display()))?;
+            match &self.source {
+                Some(src) => writeln!(w, "{src}:{line}\t{reason}\t{shown}"),
+                None => writeln!(w, "{line}\t{reason}\t{shown}"),
+            }
+            .with_context(|| format!("writing reject file {}", path.display()))?;
         }
         Ok(())
     }

@@ -1,0 +1,584 @@
+//! `freshet train`: offline (T+1) training on files, through the same trainer and ShardOwner
+//! actors the online pipeline uses.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use freshet_actors::dense::{DenseNet, ModelKind, Threads};
+use freshet_actors::embedding::TableConfig;
+use freshet_actors::metrics::{auc, evaluate, Evaluation};
+use freshet_actors::model_dir::{self, Manifest};
+use freshet_actors::sample::criteo::{self, CriteoParser};
+use freshet_actors::sample::json::{read_jsonl, read_msgpack, SampleDecoder};
+use freshet_actors::sample::{Format, RejectSink, RejectStats, SampleBlock, Schema};
+use freshet_actors::shard::ShardRouter;
+use freshet_actors::trainer::{default_table_config, Trainer};
+use freshet_actors::TableName;
+use serde::Serialize;
+
+use crate::settings::Settings;
+
+#[derive(Debug, Args)]
+pub(crate) struct TrainArgs {
+    /// Training data, one or more files (comma-separated), read in the given order.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "FILE")]
+    data: Vec<PathBuf>,
+    /// criteo, jsonl or msgpack.
+    #[arg(long, default_value = "criteo")]
+    format: Format,
+    /// lr, wdl, deepfm, dcn or dlrm (default: model.kind from the config; with --init, the
+    /// saved model's).
+    #[arg(long)]
+    model: Option<ModelKind>,
+    #[arg(long, default_value_t = 1)]
+    epochs: u32,
+    /// Samples per step (default: train.batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Test data. Without it the last 10% of --data rows are held out.
+    #[arg(long, value_delimiter = ',', value_name = "FILE")]
+    test: Vec<PathBuf>,
+    /// Write the trained model here (docs/model-format.md).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Start from the model in DIR instead of a fresh one.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
+    /// Threads for the dense math (default: train.threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Read at most this many rows of --data.
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// Where refused rows go (default: <data_dir>/rejects.tsv).
+    #[arg(long, value_name = "FILE")]
+    rejects: Option<PathBuf>,
+    /// Seed of the dense initialisation (default: model.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct TrainReport {
+    model: &'static str,
+    rows: u64,
+    rejected_rows: u64,
+    rejects: RejectStats,
+    reject_file: PathBuf,
+    train_rows: u64,
+    test_rows: u64,
+    epochs: u32,
+    batch: usize,
+    threads: usize,
+    shards: u32,
+    steps: u64,
+    /// Training only: parsing and evaluation are excluded.
+    samples_per_sec: f64,
+    train_seconds: f64,
+    parse_seconds: f64,
+    train_logloss: f64,
+    test_auc: Option<f64>,
+    test_logloss: f64,
+    test_calibration: Option<f64>,
+    /// The AUC of the generator's true probabilities on the test rows, when a `<test>.prob`
+    /// file lies beside the test data.
+    oracle_auc: Option<f64>,
+    per_epoch: Vec<EpochReport>,
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct EpochReport {
+    epoch: u32,
+    train_logloss: f64,
+    samples_per_sec: f64,
+    test: Evaluation,
+}
+
+/// Rows of several files, with what each file contributed.
+struct Loaded {
+    block: SampleBlock,
+    /// Per file: (path, lines read, rows accepted).
+    files: Vec<(PathBuf, u64, usize)>,
+}
+
+fn read_files(
+    paths: &[PathBuf],
+    format: Format,
+    schema: &Schema,
+    rejects: &mut RejectSink,
+    max_rows: Option<usize>,
+) -> anyhow::Result<Loaded> {
+    let mut block = SampleBlock::for_schema(schema);
+    let mut files = Vec::new();
+    let criteo = match format {
+        Format::Criteo => Some(CriteoParser::new(schema)?),
+        _ => None,
+    };
+    let decoder = SampleDecoder::new(schema);
+    for p in paths {
+        if max_rows.is_some_and(|m| block.len() >= m) {
+            break;
+        }
+        rejects.set_source(p.display().to_string());
+        let before = block.len();
+        let open = || -> anyhow::Result<_> {
+            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            Ok(std::io::BufReader::with_capacity(1 << 20, f))
+        };
+        let lines = match format {
+            Format::Criteo => {
+                let parser = criteo.as_ref().context("criteo parser")?;
+                criteo::read_into(parser, open()?, &mut block, rejects, max_rows)
+            }
+            Format::Jsonl => read_jsonl(&decoder, open()?, &mut block, rejects, max_rows),
+            Format::Msgpack => {
+                let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                read_msgpack(&decoder, &data, &mut block, rejects, max_rows)
+            }
+        }
+        .with_context(|| format!("reading {}", p.display()))?;
+        files.push((p.clone(), lines, block.len() - before));
+    }
+    rejects.flush()?;
+    Ok(Loaded { block, files })
+}
+
+/// The generator's true probabilities for the rows of `loaded`, when every file has a
+/// `<file>.prob` beside it and no row was refused (otherwise rows and probabilities would not
+/// line up).
+fn oracle_probabilities(loaded: &Loaded) -> Option<Vec<f32>> {
+    let mut out = Vec::new();
+    for (path, lines, accepted) in &loaded.files {
+        if *lines != *accepted as u64 {
+            return None;
+        }
+        let mut prob = path.clone().into_os_string();
+        prob.push(".prob");
+        let text = std::fs::read_to_string(PathBuf::from(prob)).ok()?;
+        let before = out.len();
+        for l in text.lines().take(*accepted) {
+            out.push(l.trim().parse::<f32>().ok()?);
+        }
+        if out.len() - before != *accepted {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Progress on stderr: a line rewritten in place on a terminal, a line every 10 s otherwise.
+struct Progress {
+    tty: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, msg: impl FnOnce() -> String) {
+        let every = if self.tty { 0.25 } else { 10.0 };
+        if self.last.elapsed().as_secs_f64() >= every {
+            self.last = Instant::now();
+            if self.tty {
+                eprint!("\r\x1b[2K{}", msg());
+            } else {
+                eprintln!("{}", msg());
+            }
+        }
+    }
+
+    fn done(&mut self, msg: &str) {
+        if self.tty {
+            eprintln!("\r\x1b[2K{msg}");
+        } else {
+            eprintln!("{msg}");
+        }
+    }
+}
+
+pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(train(args, settings))
+}
+
+async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
+    let threads = Threads::new(args.threads.unwrap_or(settings.train.threads))?;
+    let batch = args.batch.unwrap_or(settings.train.batch);
+    if batch == 0 {
+        bail!("invalid value 0 for `--batch`: expected a positive batch size");
+    }
+    // The model: fresh from config and flags, or loaded from --init.
+    let saved = match &args.init {
+        Some(dir) => Some(
+            model_dir::load(dir).with_context(|| format!("loading --init {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let (schema, mut trainer, tables, restore) = match saved {
+        Some(s) => {
+            if let Some(k) = args.model {
+                if k != s.manifest.model.kind {
+                    bail!(
+                        "--model {} but the model in --init is {}",
+                        k.name(),
+                        s.manifest.model.kind.name()
+                    );
+                }
+            }
+            if s.manifest.shards != settings.embedding.shards {
+                bail!(
+                    "the model in --init was saved with {} shards and embedding.shards is {}; \
+                     set embedding.shards = {} (FRESHET__EMBEDDING__SHARDS={})",
+                    s.manifest.shards,
+                    settings.embedding.shards,
+                    s.manifest.shards,
+                    s.manifest.shards
+                );
+            }
+            let net = DenseNet::from_state(s.dense)?;
+            let mut t = Trainer::with_net(s.manifest.schema.clone(), net)?;
+            t.set_step(s.manifest.step);
+            let tables: Vec<(String, TableConfig)> =
+                s.manifest.tables.clone().into_iter().collect();
+            (
+                s.manifest.schema,
+                t,
+                tables,
+                s.shards.into_iter().map(Some).collect(),
+            )
+        }
+        None => {
+            let mut model = settings.model.clone();
+            if let Some(k) = args.model {
+                model.kind = k;
+            }
+            if let Some(seed) = args.seed {
+                model.seed = seed;
+            }
+            let schema = settings.schema.clone();
+            let mut tables = Vec::new();
+            for (name, dim) in Trainer::required_tables(&schema, &model) {
+                let cfg = match settings.embedding.tables.get(&name) {
+                    Some(c) if c.dim != dim => bail!(
+                        "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} \
+                         (the {} model's row for this table)",
+                        c.dim,
+                        model.kind.name()
+                    ),
+                    Some(c) => c.clone(),
+                    None => default_table_config(dim),
+                };
+                tables.push((name, cfg));
+            }
+            let t = Trainer::new(schema.clone(), model)?;
+            (schema, t, tables, Vec::new())
+        }
+    };
+
+    // Data.
+    let reject_path = args
+        .rejects
+        .clone()
+        .unwrap_or_else(|| settings.node.data_dir.join("rejects.tsv"));
+    if let Some(p) = reject_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    let mut rejects = RejectSink::to_file(&reject_path)?;
+    let t0 = Instant::now();
+    let data = read_files(
+        &args.data,
+        args.format,
+        &schema,
+        &mut rejects,
+        args.max_rows,
+    )?;
+    let (train_block, test_block, oracle) = if args.test.is_empty() {
+        let n = data.block.len();
+        let split = n - n / 10;
+        let mut tr = SampleBlock::for_schema(&schema);
+        let mut te = SampleBlock::for_schema(&schema);
+        for (i, r) in data.block.rows().enumerate() {
+            if i < split {
+                tr.push_row(r)
+            } else {
+                te.push_row(r)
+            }
+        }
+        let oracle = oracle_probabilities(&data).map(|p| p[split..].to_vec());
+        (tr, te, oracle)
+    } else {
+        let test = read_files(&args.test, args.format, &schema, &mut rejects, None)?;
+        let oracle = oracle_probabilities(&test);
+        (data.block, test.block, oracle)
+    };
+    let parse_seconds = t0.elapsed().as_secs_f64();
+    let stats = rejects.stats().clone();
+    if stats.total > 0 {
+        tracing::warn!(rejected = stats.total, file = %reject_path.display(), "refused malformed rows");
+    }
+    if train_block.is_empty() {
+        bail!(
+            "no training rows: every row of --data was refused (see {})",
+            reject_path.display()
+        );
+    }
+    let test_labels: Vec<f32> = test_block.ctr_labels().collect();
+    let oracle_auc = oracle.and_then(|p| auc(&p, &test_labels));
+
+    // Shards.
+    let table_list: Vec<(TableName, TableConfig)> = tables
+        .iter()
+        .map(|(n, c)| (TableName::new(n), c.clone()))
+        .collect();
+    let spill = table_list
+        .iter()
+        .any(|(_, c)| c.dram_budget_bytes.is_some())
+        .then(|| settings.spill_dir());
+    let router = ShardRouter::spawn_local(
+        settings.embedding.shards,
+        table_list,
+        spill.as_deref(),
+        restore,
+    )
+    .await
+    .context("starting the shard owners")?;
+
+    let n = train_block.len();
+    eprintln!(
+        "training {} on {n} rows ({} refused), {} test rows, batch {batch}, {} threads, {} shards",
+        trainer.net().config().kind.name(),
+        stats.total,
+        test_block.len(),
+        threads.count(),
+        settings.embedding.shards
+    );
+    let mut progress = Progress::new();
+    let mut per_epoch = Vec::new();
+    let mut train_secs = 0.0;
+    let mut last_loss = 0.0;
+    let mut steps = 0u64;
+    for epoch in 1..=args.epochs {
+        let start = Instant::now();
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        for s in (0..n).step_by(batch) {
+            let rep = trainer
+                .train_batch(&train_block, s..(s + batch).min(n), &router, &threads)
+                .await?;
+            steps += 1;
+            loss_sum += rep.loss_sum;
+            seen += rep.rows;
+            progress.tick(|| {
+                let el = start.elapsed().as_secs_f64();
+                format!(
+                    "epoch {epoch}/{}: {seen}/{n} rows, {:.0} rows/s, loss {:.4}",
+                    args.epochs,
+                    seen as f64 / el,
+                    loss_sum / seen as f64
+                )
+            });
+        }
+        let secs = start.elapsed().as_secs_f64();
+        train_secs += secs;
+        last_loss = loss_sum / seen.max(1) as f64;
+        let test = evaluate_block(&mut trainer, &test_block, batch, &router, &threads).await?;
+        progress.done(&format!(
+            "epoch {epoch}/{}: {n} rows in {secs:.1}s ({:.0} rows/s), train loss {last_loss:.4}, \
+             test auc {}, logloss {:.4}",
+            args.epochs,
+            n as f64 / secs,
+            test.auc.map_or("-".into(), |a| format!("{a:.4}")),
+            test.logloss
+        ));
+        per_epoch.push(EpochReport {
+            epoch,
+            train_logloss: last_loss,
+            samples_per_sec: n as f64 / secs,
+            test,
+        });
+    }
+    let final_test = per_epoch
+        .last()
+        .map(|e| e.test.clone())
+        .unwrap_or_else(|| evaluate(&[], &[]));
+
+    if let Some(out) = &args.out {
+        let mut snaps = Vec::new();
+        for h in router.shards() {
+            snaps.push(h.snapshot().await.context("snapshotting a shard")?);
+        }
+        let manifest = Manifest {
+            format: model_dir::FORMAT.into(),
+            format_version: model_dir::FORMAT_VERSION,
+            model: trainer.net().config().clone(),
+            schema: schema.clone(),
+            tables: tables.iter().cloned().collect::<BTreeMap<_, _>>(),
+            step: trainer.step(),
+            rows_trained: n as u64 * u64::from(args.epochs),
+            shards: snaps.len() as u32,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            files: BTreeMap::new(),
+        };
+        model_dir::save(out, manifest, &trainer.net().state(), &snaps)
+            .with_context(|| format!("writing the model to {}", out.display()))?;
+        eprintln!("model written to {}", out.display());
+    }
+    router.stop();
+
+    let report = TrainReport {
+        model: trainer.net().config().kind.name(),
+        rows: (n + test_block.len()) as u64,
+        rejected_rows: stats.total,
+        rejects: stats,
+        reject_file: reject_path,
+        train_rows: n as u64,
+        test_rows: test_block.len() as u64,
+        epochs: args.epochs,
+        batch,
+        threads: threads.count(),
+        shards: settings.embedding.shards,
+        steps,
+        samples_per_sec: (n as f64 * f64::from(args.epochs)) / train_secs.max(1e-9),
+        train_seconds: train_secs,
+        parse_seconds,
+        train_logloss: last_loss,
+        test_auc: final_test.auc,
+        test_logloss: final_test.logloss,
+        test_calibration: final_test.calibration,
+        oracle_auc,
+        per_epoch,
+        out: args.out.clone(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn evaluate_block(
+    trainer: &mut Trainer,
+    block: &SampleBlock,
+    batch: usize,
+    router: &ShardRouter,
+    threads: &Threads,
+) -> anyhow::Result<Evaluation> {
+    let mut preds = Vec::with_capacity(block.len());
+    for s in (0..block.len()).step_by(batch.max(1)) {
+        let p = trainer
+            .predict_batch(block, s..(s + batch).min(block.len()), router, threads)
+            .await?;
+        preds.extend(p);
+    }
+    let labels: Vec<f32> = block.ctr_labels().collect();
+    Ok(evaluate(&preds, &labels))
+}
+
+/// `freshet gen`: Criteo-layout rows from a hidden model, with the true probabilities.
+#[derive(Debug, Args)]
+pub(crate) struct GenArgs {
+    #[arg(long)]
+    rows: u64,
+    /// Seeds the rows; use another seed for a test file of the same world.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seeds the hidden model; keep it equal for a training file and its test file.
+    #[arg(long, default_value_t = 1)]
+    world_seed: u64,
+    /// Output file; the true click probabilities go to `<out>.prob`, one per line.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Rotate the hidden per-id effects over the rows (0: none; 1: 90° by the last row).
+    #[arg(long, default_value_t = 0.0)]
+    drift: f64,
+    /// Distinct values per categorical field.
+    #[arg(long, default_value_t = 1_000_000)]
+    vocab: u64,
+    /// Zipf exponent of the id popularity.
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+}
+
+pub(crate) fn gen(args: GenArgs) -> anyhow::Result<()> {
+    use freshet_actors::gen::{GenConfig, Generator};
+    use std::io::Write;
+    let cfg = GenConfig {
+        rows: args.rows,
+        seed: args.seed,
+        world_seed: args.world_seed,
+        vocab: args.vocab,
+        zipf: args.zipf,
+        drift: args.drift,
+        ..Default::default()
+    };
+    let mut g = Generator::new(cfg)?;
+    let prob_path = {
+        let mut p = args.out.clone().into_os_string();
+        p.push(".prob");
+        PathBuf::from(p)
+    };
+    let create = |p: &Path| -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(std::io::BufWriter::with_capacity(1 << 20, f))
+    };
+    let mut out = create(&args.out)?;
+    let mut probs = create(&prob_path)?;
+    let mut progress = Progress::new();
+    let start = Instant::now();
+    let (mut clicks, mut psum) = (0u64, 0f64);
+    let mut all_p = Vec::with_capacity(args.rows.min(50_000_000) as usize);
+    let mut all_y = Vec::with_capacity(all_p.capacity());
+    for i in 0..args.rows {
+        let r = g.next_row();
+        g.write_row(&r, &mut out)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        writeln!(probs, "{:.6}", r.probability)
+            .with_context(|| format!("writing {}", prob_path.display()))?;
+        clicks += u64::from(r.label);
+        psum += r.probability;
+        all_p.push(r.probability as f32);
+        all_y.push(f32::from(r.label));
+        progress.tick(|| {
+            format!(
+                "{} of {} rows, {:.0} rows/s",
+                i + 1,
+                args.rows,
+                (i + 1) as f64 / start.elapsed().as_secs_f64()
+            )
+        });
+    }
+    out.flush()?;
+    probs.flush()?;
+    progress.done(&format!(
+        "{} rows written to {}",
+        args.rows,
+        args.out.display()
+    ));
+    let report = serde_json::json!({
+        "rows": args.rows,
+        "out": args.out,
+        "probabilities": prob_path,
+        "ctr": clicks as f64 / args.rows.max(1) as f64,
+        "mean_probability": psum / args.rows.max(1) as f64,
+        "oracle_auc": auc(&all_p, &all_y),
+        "seconds": start.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    Ok(())
+}
