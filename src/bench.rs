@@ -19,6 +19,120 @@ use crate::settings::Settings;
 pub(crate) enum BenchCommand {
     /// The embedding table against an ahash HashMap and a memory-limit probe.
     Embedding(EmbeddingArgs),
+    /// The dense training step's FLOP/s against this binary's sgemm peak on the same threads.
+    Dense(DenseArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DenseArgs {
+    /// lr, wdl, deepfm, dcn or dlrm.
+    #[arg(long, default_value = "wdl")]
+    model: freshet_actors::dense::ModelKind,
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed steps per round.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Rounds; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Embedding dim of each of the 26 fields (13 dense features follow).
+    #[arg(long, default_value_t = 16)]
+    dim: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DenseReport {
+    model: &'static str,
+    batch: usize,
+    threads: usize,
+    input_dim: usize,
+    params: usize,
+    step_ms: f64,
+    samples_per_sec: f64,
+    flops_per_sample: f64,
+    step_gflops: f64,
+    /// The best of several sgemm shapes (the largest square and the model's own layers).
+    sgemm_peak_gflops: f64,
+    sgemm_shapes: Vec<(usize, usize, usize, f64)>,
+    vs_sgemm_peak: f64,
+}
+
+fn dense(a: DenseArgs) -> anyhow::Result<()> {
+    use freshet_actors::dense::{DenseNet, InputShape, ModelConfig, Threads};
+    let th = Threads::new(a.threads)?;
+    anyhow::ensure!(
+        a.batch > 0 && a.steps > 0,
+        "--batch and --steps must be positive"
+    );
+    let shape = InputShape {
+        fields: vec![if a.model.has_embeddings() { a.dim } else { 0 }; 26],
+        dense: 13,
+    };
+    let mut net = DenseNet::new(ModelConfig::new(a.model), shape.clone())?;
+    let mut rng = Xoshiro256::seed_from_u64(1);
+    let (x, wide) = net.inputs_mut(a.batch);
+    x.iter_mut().for_each(|v| *v = rng.next_f32() * 0.1 - 0.05);
+    wide.fill(0.0);
+    let labels: Vec<f32> = (0..a.batch).map(|i| (i % 4 == 0) as u8 as f32).collect();
+    let weights = vec![1.0f32; a.batch];
+    progress(&format!(
+        "dense bench: {} with {} parameters, batch {}, {} threads",
+        a.model.name(),
+        net.param_count(),
+        a.batch,
+        a.threads
+    ));
+    let flops = net.flops_per_sample();
+    let step_rate = th.install(|| {
+        for _ in 0..5 {
+            net.train_step(a.batch, &labels, &weights, &th);
+        }
+        median_rate(a.rounds, a.steps, || {
+            for _ in 0..a.steps {
+                net.train_step(a.batch, &labels, &weights, &th);
+            }
+        })
+    });
+    progress("measuring the sgemm peak");
+    let d = shape.input_dim();
+    let mut shapes = vec![(2048, 2048, 2048), (a.batch, 1024, d), (a.batch, 512, 1024)];
+    shapes.dedup();
+    let mut measured = Vec::new();
+    for &(m, n, k) in &shapes {
+        let g = freshet_actors::dense::gemm::sgemm_peak(&th, m, n, k, 1.0) / 1e9;
+        measured.push((m, n, k, g));
+    }
+    let peak = measured.iter().map(|s| s.3).fold(0.0, f64::max);
+    let step_gflops = step_rate * a.batch as f64 * flops / 1e9;
+    let r = DenseReport {
+        model: a.model.name(),
+        batch: a.batch,
+        threads: a.threads,
+        input_dim: d,
+        params: net.param_count(),
+        step_ms: 1e3 / step_rate,
+        samples_per_sec: step_rate * a.batch as f64,
+        flops_per_sample: flops,
+        step_gflops,
+        sgemm_peak_gflops: peak,
+        sgemm_shapes: measured,
+        vs_sgemm_peak: step_gflops / peak,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}: {:.2} ms/step, {:.0} samples/s, {:.1} GFLOP/s = {:.2} of the sgemm peak {:.1} GFLOP/s",
+            r.model, r.step_ms, r.samples_per_sec, r.step_gflops, r.vs_sgemm_peak, r.sgemm_peak_gflops
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +167,7 @@ pub(crate) struct EmbeddingArgs {
 pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Embedding(a) => embedding(a, settings),
+        BenchCommand::Dense(a) => dense(a),
     }
 }
 

@@ -35,7 +35,7 @@ fn help_lists_the_subcommands() {
     let o = freshet(&["--help"], &[]);
     assert!(o.status.success());
     let t = text(&o);
-    for sub in ["bench", "config"] {
+    for sub in ["bench", "config", "train", "gen"] {
         assert!(t.contains(sub), "--help lacks {sub}: {t}");
     }
     let o = freshet(&["bench", "--help"], &[]);

@@ -203,9 +203,8 @@ impl Trainer {
         self.step = step;
     }
 
-    /// Steps 1 and the pooling of 3: dedupes keys and fills the model input from `fetch`ed rows.
+    /// Step 1: dedupes each table's keys and records where every id occurrence points.
     fn gather(&mut self, block: &SampleBlock, range: &Range<usize>) {
-        let rows = range.len();
         for (t, tb) in self.tables.iter().zip(&mut self.batches) {
             tb.keys.clear();
             tb.slot.clear();
@@ -238,7 +237,6 @@ impl Trainer {
             self.labels.push(s.label());
             self.weights.push(s.weight());
         }
-        let _ = rows;
     }
 
     /// Step 3's pooling, once the rows of every table are in `batches[t].rows`.

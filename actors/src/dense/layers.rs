@@ -7,6 +7,10 @@
 
 use super::gemm::{matmul, Op, Threads};
 
+/// Rows per parallel task in elementwise passes: large enough that a task outweighs its
+/// scheduling, small enough to split a 512-row batch over the threads.
+const ROWS_PER_TASK: usize = 64;
+
 /// A fully connected layer `y = act(x W + b)`, `W` stored `inp x out` row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Linear {
@@ -36,17 +40,25 @@ impl Linear {
         let (inp, out) = (self.inp, self.out);
         matmul(y, rows, out, inp, Op::n(x), Op::n(self.w(p)), false, th);
         let b = self.b(p);
-        for yr in y[..rows * out].chunks_exact_mut(out) {
-            if self.relu {
-                for (v, &bj) in yr.iter_mut().zip(b) {
-                    *v = (*v + bj).max(0.0);
+        let relu = self.relu;
+        // Bias and activation in one pass, split by rows over the pool (elementwise, so the
+        // thread count does not change the result).
+        use rayon::prelude::*;
+        y[..rows * out]
+            .par_chunks_mut(out * ROWS_PER_TASK)
+            .for_each(|block| {
+                for yr in block.chunks_exact_mut(out) {
+                    if relu {
+                        for (v, &bj) in yr.iter_mut().zip(b) {
+                            *v = (*v + bj).max(0.0);
+                        }
+                    } else {
+                        for (v, &bj) in yr.iter_mut().zip(b) {
+                            *v += bj;
+                        }
+                    }
                 }
-            } else {
-                for (v, &bj) in yr.iter_mut().zip(b) {
-                    *v += bj;
-                }
-            }
-        }
+            });
     }
 
     /// Given `dy` (masked in place by the ReLU), writes `dW`, `db` into `g` and, when asked,
@@ -66,11 +78,16 @@ impl Linear {
         let (inp, out) = (self.inp, self.out);
         let dy = &mut dy[..rows * out];
         if self.relu {
-            for (d, &v) in dy.iter_mut().zip(&y[..rows * out]) {
-                if v <= 0.0 {
-                    *d = 0.0;
-                }
-            }
+            use rayon::prelude::*;
+            dy.par_chunks_mut(out * ROWS_PER_TASK)
+                .zip(y[..rows * out].par_chunks(out * ROWS_PER_TASK))
+                .for_each(|(d, y)| {
+                    for (d, &v) in d.iter_mut().zip(y) {
+                        if v <= 0.0 {
+                            *d = 0.0;
+                        }
+                    }
+                });
         }
         let (gw, gb) = g[self.at..self.at + inp * out + out].split_at_mut(inp * out);
         gb.fill(0.0);
@@ -192,7 +209,7 @@ pub fn fm_backward(
     dx: &mut [f32],
 ) {
     let mut s = vec![0f32; dim];
-    for r in 0..rows {
+    for (r, &d) in dout[..rows].iter().enumerate() {
         let base = r * stride;
         let e = &x[base..base + fields * dim];
         s.fill(0.0);
@@ -201,7 +218,6 @@ pub fn fm_backward(
                 *a += b;
             }
         }
-        let d = dout[r];
         for (f, v) in e.chunks_exact(dim).enumerate() {
             let o = base + f * dim;
             for k in 0..dim {

@@ -575,7 +575,7 @@ impl DenseNet {
     }
 
     fn backward(&mut self, rows: usize, th: &Threads) {
-        let (d, nd) = (self.shape.input_dim(), self.shape.dense);
+        let d = self.shape.input_dim();
         let ws = &mut self.ws;
         let p = &self.params;
         let g = &mut self.grads;
@@ -692,7 +692,6 @@ impl DenseNet {
                 }
             }
         }
-        let _ = nd;
     }
 
     /// The gradient of the summed loss over all parameters after a `train_step` (for tests).

@@ -112,20 +112,34 @@ impl DenseOptimizer {
         }
     }
 
-    /// One update of `params` by `grads`.
+    /// One update of `params` by `grads`. The update is elementwise, so it runs in chunks on
+    /// the current rayon pool: the result does not depend on the thread count.
     pub fn apply(&mut self, params: &mut [f32], grads: &[f32]) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 15;
         self.step += 1;
         match self.config {
             DenseOptimizerConfig::Sgd { lr } => {
-                for (p, g) in params.iter_mut().zip(grads) {
-                    *p -= lr * g;
-                }
+                params
+                    .par_chunks_mut(CHUNK)
+                    .zip(grads.par_chunks(CHUNK))
+                    .for_each(|(p, g)| {
+                        for (p, g) in p.iter_mut().zip(g) {
+                            *p -= lr * g;
+                        }
+                    });
             }
             DenseOptimizerConfig::Adagrad { lr, eps, .. } => {
-                for ((p, g), v) in params.iter_mut().zip(grads).zip(&mut self.v) {
-                    *v += g * g;
-                    *p -= lr * g / (v.sqrt() + eps);
-                }
+                params
+                    .par_chunks_mut(CHUNK)
+                    .zip(grads.par_chunks(CHUNK))
+                    .zip(self.v.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), v)| {
+                        for ((p, g), v) in p.iter_mut().zip(g).zip(v) {
+                            *v += g * g;
+                            *p -= lr * g / (v.sqrt() + eps);
+                        }
+                    });
             }
             DenseOptimizerConfig::Adam {
                 lr,
@@ -139,16 +153,20 @@ impl DenseOptimizer {
                 let bc1 = 1.0 - beta1.powi(t);
                 let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
                 let step = lr / bc1;
-                for (((p, g), m), v) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(&mut self.m)
-                    .zip(&mut self.v)
-                {
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *p -= step * *m / (v.sqrt() / bc2_sqrt + eps);
-                }
+                params
+                    .par_chunks_mut(CHUNK)
+                    .zip(grads.par_chunks(CHUNK))
+                    .zip(self.m.par_chunks_mut(CHUNK))
+                    .zip(self.v.par_chunks_mut(CHUNK))
+                    .for_each(|(((p, g), m), v)| {
+                        for (((p, g), m), v) in
+                            p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                        {
+                            *m = beta1 * *m + (1.0 - beta1) * g;
+                            *v = beta2 * *v + (1.0 - beta2) * g * g;
+                            *p -= step * *m / (v.sqrt() / bc2_sqrt + eps);
+                        }
+                    });
             }
         }
     }

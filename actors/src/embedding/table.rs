@@ -382,13 +382,22 @@ impl Table {
                 if created {
                     self.version = new_version;
                 }
-                self.maintain(ctx)
+                // The resolution is valid at the epoch it was taken in. `maintain` may evict
+                // or move rows of this very batch (an idle row looked up now), which bumps the
+                // epoch, so `apply_gradients` must then resolve again instead of writing to a
+                // row id that was freed and possibly handed to another key.
+                let epoch = self.layout_epoch;
+                self.maintain(ctx).map(|()| epoch)
             });
-        if r.is_ok() {
-            sc.resolved_keys.clear();
-            sc.resolved_keys.extend_from_slice(keys);
-            sc.resolved_epoch = Some(self.layout_epoch);
-        }
+        let r = match r {
+            Ok(epoch) => {
+                sc.resolved_keys.clear();
+                sc.resolved_keys.extend_from_slice(keys);
+                sc.resolved_epoch = Some(epoch);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         self.scratch = sc;
         r
     }
@@ -912,7 +921,9 @@ impl Table {
                 let row = self.sweep_cursor;
                 self.sweep_cursor = (self.sweep_cursor + 1) % self.next_row;
                 let m = self.meta.get(row)[0];
-                if m.version == 0 {
+                // A row looked up for training in this step is about to be updated: it is in
+                // use, however long it sat idle before.
+                if m.version == 0 || m.access_step == step {
                     continue;
                 }
                 let idle_steps = u64::from(step.wrapping_sub(m.update_step));

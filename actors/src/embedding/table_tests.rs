@@ -733,3 +733,55 @@ fn a_refused_restore_leaves_a_tiered_table_working() {
     }
     assert_eq!(t.stats().rows, 150_000);
 }
+
+/// Eviction at the end of `lookup_for_training` spares the rows the step just looked up
+/// (capacity sampling and the idle sweep both skip them), so the following `apply_gradients`
+/// always finds its rows; capacity is restored at the next step. Snapshots stay consistent
+/// throughout: no row id is live without its key in the index.
+#[test]
+fn eviction_spares_the_current_batch_and_catches_up_next_step() {
+    let cfg = TableConfig {
+        eviction: EvictionConfig {
+            capacity: Some(1),
+            max_idle_steps: Some(0),
+            ..EvictionConfig::default()
+        },
+        optimizer: OptimizerConfig::Sgd { lr: 1.0 },
+        ..TableConfig::with_dim(2)
+    };
+    let mut t = table(cfg);
+    train_lookup(&mut t, &[10, 11], 1);
+    assert_eq!(t.len(), 2, "both rows are in use by step 1");
+    let rep = t
+        .apply_gradients(&[10, 11], &[1.0, 1.0, 2.0, 2.0], &TrainCtx::at_step(1))
+        .unwrap();
+    assert_eq!((rep.applied, rep.without_row), (2, 0));
+    assert_eq!(t.snapshot().unwrap().rows.keys.len(), 2);
+    train_lookup(&mut t, &[12], 3);
+    assert_eq!(t.len(), 1, "step 3 evicts the idle rows down to capacity");
+    let rep = t
+        .apply_gradients(&[12], &[1.0, 1.0], &TrainCtx::at_step(3))
+        .unwrap();
+    assert_eq!(rep.applied, 1);
+    assert_eq!(t.snapshot().unwrap().rows.keys, vec![12]);
+}
+
+/// The idle sweep never evicts a row that the current training step has just looked up.
+#[test]
+fn idle_sweep_spares_rows_of_the_current_step() {
+    let cfg = TableConfig {
+        eviction: EvictionConfig {
+            max_idle_steps: Some(5),
+            ..EvictionConfig::default()
+        },
+        ..TableConfig::with_dim(2)
+    };
+    let mut t = table(cfg);
+    train_lookup(&mut t, &[1, 2], 0);
+    train_lookup(&mut t, &[1], 10);
+    assert_eq!(lookup(&mut t, &[2]), vec![0.0, 0.0], "idle key 2 is gone");
+    let rep = t
+        .apply_gradients(&[1], &[0.5, 0.5], &TrainCtx::at_step(10))
+        .unwrap();
+    assert_eq!(rep.applied, 1, "key 1 was in use and kept");
+}

@@ -198,7 +198,7 @@ pub fn read_jsonl(
 ) -> anyhow::Result<u64> {
     let mut line = Vec::new();
     let mut line_no = 0u64;
-    while !max_rows.is_some_and(|m| block.len() >= m) {
+    while max_rows.is_none_or(|m| block.len() < m) {
         line.clear();
         if input
             .read_until(b'\n', &mut line)
@@ -233,7 +233,7 @@ pub fn read_msgpack(
 ) -> anyhow::Result<u64> {
     let mut rest = data;
     let mut record = 0u64;
-    while !rest.is_empty() && !max_rows.is_some_and(|m| block.len() >= m) {
+    while !rest.is_empty() && max_rows.is_none_or(|m| block.len() < m) {
         record += 1;
         let before = rest;
         let mut cursor = rest;

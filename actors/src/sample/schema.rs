@@ -107,7 +107,7 @@ impl Schema {
         for n in self.labels.iter().chain(&self.dense) {
             if !names.insert(n.as_str()) {
                 return Err(InvalidValue::new(
-                    format!("{prefix}"),
+                    prefix.to_string(),
                     n,
                     "label and dense names that are unique",
                 ));
