@@ -387,7 +387,7 @@ impl Table {
                 // epoch, so `apply_gradients` must then resolve again instead of writing to a
                 // row id that was freed and possibly handed to another key.
                 let epoch = self.layout_epoch;
-                self.maintain(ctx).map(|()| epoch)
+                self.maintain(ctx, true).map(|()| epoch)
             });
         let r = match r {
             Ok(epoch) => {
@@ -515,7 +515,7 @@ impl Table {
         }
         sc.evict = l2;
         sc.evict.clear();
-        self.maintain(ctx)?;
+        self.maintain(ctx, false)?;
         Ok(report)
     }
 
@@ -909,7 +909,10 @@ impl Table {
 
     /// Amortised upkeep after a training call: a bounded slice of the idle sweep, capacity
     /// eviction, one tier compaction at most, and change-log compaction.
-    fn maintain(&mut self, ctx: &TrainCtx) -> Result<(), EmbeddingError> {
+    ///
+    /// `spare_current`: skip idle rows accessed in `ctx.step` (set after a training lookup,
+    /// whose rows the caller is about to update).
+    fn maintain(&mut self, ctx: &TrainCtx, spare_current: bool) -> Result<(), EmbeddingError> {
         let v = self.version + 1;
         let ev = self.cfg.eviction.clone();
         let mut evicted_any = false;
@@ -921,9 +924,9 @@ impl Table {
                 let row = self.sweep_cursor;
                 self.sweep_cursor = (self.sweep_cursor + 1) % self.next_row;
                 let m = self.meta.get(row)[0];
-                // A row looked up for training in this step is about to be updated: it is in
-                // use, however long it sat idle before.
-                if m.version == 0 || m.access_step == step {
+                // After a training lookup, the rows it just returned are about to be updated:
+                // they are in use, however long they sat idle before.
+                if m.version == 0 || (spare_current && m.access_step == step) {
                     continue;
                 }
                 let idle_steps = u64::from(step.wrapping_sub(m.update_step));
