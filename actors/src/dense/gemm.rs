@@ -68,7 +68,6 @@ impl<'a> Op<'a> {
     }
     /// (row stride, column stride) of the `rows x cols` matrix this operand stands for.
     fn strides(&self, rows: usize, cols: usize) -> (isize, isize) {
-        let _ = rows;
         if self.t {
             (1, rows as isize)
         } else {

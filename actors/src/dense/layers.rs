@@ -1,6 +1,7 @@
 //! Hand-written forward and backward passes. Every function works on row-major slices of a
-//! batch (`rows` samples), reads parameters from and writes gradients to the flat vectors of
-//! [`super::Params`] at fixed offsets, and allocates nothing: the model owns every buffer.
+//! batch (`rows` samples), and reads parameters from and writes gradients to the model's flat
+//! parameter and gradient vectors at fixed offsets. Buffers belong to the model; the FM passes
+//! allocate one `dim`-sized accumulator per call.
 //!
 //! Gradients of parameters are *written*, not accumulated, because every parameter is used once
 //! per step; input gradients say in their docs whether they overwrite or add.

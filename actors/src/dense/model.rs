@@ -192,7 +192,8 @@ pub struct DenseState {
     pub optimizer: DenseOptimizer,
 }
 
-/// Per-batch buffers, grown to the largest batch seen and then reused (no allocation per step).
+/// Per-batch buffers, grown to the largest batch seen and then reused. (DCN's and DLRM's
+/// backward passes still allocate two small temporaries per step.)
 #[derive(Debug, Default)]
 struct Workspace {
     rows: usize,
