@@ -12,7 +12,8 @@
 //!
 //! A table row holds a field's embedding followed, for models with a wide part, by the id's
 //! wide weight: one lookup fetches both, as the PyTorch peer's fused table does. Adagrad is
-//! per coordinate, so this is the same mathematics as two tables.
+//! per coordinate, so this is the same mathematics as two tables, except that the wide weight
+//! starts from the table's initializer (N(0, 0.01²) by default) where the peer starts it at 0.
 
 use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
