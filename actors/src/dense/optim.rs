@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+// The same defaults as the sparse optimizers, so one `adam` means one thing everywhere.
+use crate::embedding::config::{
+    default_adagrad_eps, default_adam_eps, default_beta1, default_beta2,
+    default_initial_accumulator,
+};
 use crate::embedding::InvalidValue;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,22 +31,6 @@ pub enum DenseOptimizerConfig {
         #[serde(default = "default_adam_eps")]
         eps: f32,
     },
-}
-
-fn default_initial_accumulator() -> f32 {
-    0.1
-}
-fn default_adagrad_eps() -> f32 {
-    1e-10
-}
-fn default_beta1() -> f32 {
-    0.9
-}
-fn default_beta2() -> f32 {
-    0.999
-}
-fn default_adam_eps() -> f32 {
-    1e-8
 }
 
 impl Default for DenseOptimizerConfig {

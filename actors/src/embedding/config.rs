@@ -87,19 +87,19 @@ pub enum OptimizerConfig {
     },
 }
 
-fn default_initial_accumulator() -> f32 {
+pub(crate) fn default_initial_accumulator() -> f32 {
     0.1
 }
-fn default_adagrad_eps() -> f32 {
+pub(crate) fn default_adagrad_eps() -> f32 {
     1e-10
 }
-fn default_beta1() -> f32 {
+pub(crate) fn default_beta1() -> f32 {
     0.9
 }
-fn default_beta2() -> f32 {
+pub(crate) fn default_beta2() -> f32 {
     0.999
 }
-fn default_adam_eps() -> f32 {
+pub(crate) fn default_adam_eps() -> f32 {
     1e-8
 }
 fn default_ftrl_beta() -> f32 {

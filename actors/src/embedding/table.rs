@@ -389,15 +389,11 @@ impl Table {
                 let epoch = self.layout_epoch;
                 self.maintain(ctx, true).map(|()| epoch)
             });
-        let r = match r {
-            Ok(epoch) => {
-                sc.resolved_keys.clear();
-                sc.resolved_keys.extend_from_slice(keys);
-                sc.resolved_epoch = Some(epoch);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
+        let r = r.map(|epoch| {
+            sc.resolved_keys.clear();
+            sc.resolved_keys.extend_from_slice(keys);
+            sc.resolved_epoch = Some(epoch);
+        });
         self.scratch = sc;
         r
     }
