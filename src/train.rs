@@ -251,6 +251,20 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
             }
             let net = DenseNet::from_state(s.dense)?;
             let mut t = Trainer::with_net(s.manifest.schema.clone(), net)?;
+            // model.json carries no checksum of its own: check that its tables give the rows
+            // the model reads before any lookup slices them.
+            for (name, dim) in Trainer::required_tables(&s.manifest.schema, &s.manifest.model) {
+                match s.manifest.tables.get(&name) {
+                    Some(c) if c.dim == dim => {}
+                    Some(c) => bail!(
+                        "the model in --init has table {name} with dim {}, but its {} model \
+                         reads rows of {dim}",
+                        c.dim,
+                        s.manifest.model.kind.name()
+                    ),
+                    None => bail!("the model in --init lacks table {name}"),
+                }
+            }
             t.set_step(s.manifest.step);
             let tables: Vec<(String, TableConfig)> =
                 s.manifest.tables.clone().into_iter().collect();

@@ -132,6 +132,19 @@ fn gen_train_save_resume() {
         String::from_utf8_lossy(&o.stderr).contains("--model lr but the model in --init is wdl")
     );
 
+    // A manifest whose table no longer fits the model is refused before any lookup.
+    let mpath = d.join("m2/model.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let mut m: Value = serde_json::from_str(&text).unwrap();
+    m["tables"]["emb"]["dim"] = Value::from(5);
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    let o = freshet(d, &["train", "--data", "train.tsv", "--init", "m2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("table emb with dim 5"),
+        "{err}"
+    );
+
     // A flipped byte in a shard file is named, and nothing trains.
     let p = d.join("m1/shard-0.msgpack");
     let mut bytes = std::fs::read(&p).unwrap();
