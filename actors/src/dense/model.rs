@@ -782,7 +782,7 @@ mod tests {
             // `h/4` and `h`, the one at `h/4`). Where a kink lies right at the point, the
             // analytic value must be one of the one-sided slopes (between left and right, up
             // to the tolerance). A wrong gradient matches none of these at a smooth point.
-            let mut check = |what: String, a: f64, loss: &mut dyn FnMut(f32) -> f64| {
+            let check = |what: String, a: f64, loss: &mut dyn FnMut(f32) -> f64| {
                 let q = h / 4.0;
                 let (up, down) = (loss(h), loss(-h));
                 let (up_q, mid, down_q) = (loss(q), loss(0.0), loss(-q));
