@@ -18,6 +18,7 @@ pub mod rng;
 pub mod routing;
 pub mod sample;
 pub mod shard;
+pub mod stream;
 pub mod testkit;
 pub mod trainer;
 
