@@ -10,8 +10,10 @@
 pub mod dense;
 pub mod embedding;
 pub mod envelope;
+pub mod event;
 pub mod gen;
 pub mod ids;
+pub mod joiner;
 pub mod metrics;
 pub mod model_dir;
 pub mod rng;

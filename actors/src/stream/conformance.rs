@@ -26,7 +26,11 @@ pub fn run_all(factory: &Factory<'_>) {
     for (name, check) in checks {
         let t = Instant::now();
         check(factory);
-        tracing::info!(check = name, elapsed_ms = t.elapsed().as_millis() as u64, "conformance check passed");
+        tracing::info!(
+            check = name,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "conformance check passed"
+        );
     }
 }
 
@@ -54,7 +58,10 @@ fn read_all(log: &dyn StreamLog, partition: u32, from: u64) -> Vec<super::Record
     let mut at = from;
     while at < hw {
         let got = log.read(partition, at, 1000).expect("read");
-        assert!(!got.is_empty(), "read at {at} below the high watermark {hw} returned nothing");
+        assert!(
+            !got.is_empty(),
+            "read at {at} below the high watermark {hw} returned nothing"
+        );
         at = got.last().expect("non-empty").offset + 1;
         out.extend(got);
     }
@@ -77,7 +84,11 @@ fn append_and_read_back(factory: &Factory<'_>) {
         assert_eq!(r.offset, i as u64);
         let want = if i == 11 { Vec::new() } else { rec(i as u64) };
         assert_eq!(r.payload, want, "payload at {i}");
-        assert!(r.timestamp_ms > 1_600_000_000_000, "timestamp {}", r.timestamp_ms);
+        assert!(
+            r.timestamp_ms > 1_600_000_000_000,
+            "timestamp {}",
+            r.timestamp_ms
+        );
     }
     let mid = log.read(0, 5, 2).unwrap();
     assert_eq!(mid.iter().map(|r| r.offset).collect::<Vec<_>>(), [5, 6]);
@@ -98,7 +109,10 @@ fn partitions_are_independent(factory: &Factory<'_>) {
 fn reads_respect_bounds(factory: &Factory<'_>) {
     let log = factory(&topic_name("bounds"), 1);
     append_all(&*log, 0, 0..3);
-    assert!(log.read(0, 3, 10).unwrap().is_empty(), "reading at the end is empty");
+    assert!(
+        log.read(0, 3, 10).unwrap().is_empty(),
+        "reading at the end is empty"
+    );
     assert!(log.read(0, 0, 0).unwrap().is_empty());
     match log.read(0, 4, 10) {
         Err(LogError::OffsetOutOfRange {
@@ -113,7 +127,10 @@ fn wait_for_wakes_on_append(factory: &Factory<'_>) {
     // Nothing arrives: the wait ends at its timeout with the unchanged high watermark.
     let t = Instant::now();
     assert_eq!(log.wait_for(0, 0, Duration::from_millis(200)).unwrap(), 0);
-    assert!(t.elapsed() >= Duration::from_millis(150), "returned early without data");
+    assert!(
+        t.elapsed() >= Duration::from_millis(150),
+        "returned early without data"
+    );
     // Data already there: no wait at all.
     append_all(&*log, 0, 0..1);
     assert_eq!(log.wait_for(0, 0, Duration::from_secs(30)).unwrap(), 1);
@@ -127,7 +144,10 @@ fn wait_for_wakes_on_append(factory: &Factory<'_>) {
     let t = Instant::now();
     let hw = log.wait_for(0, 1, Duration::from_secs(30)).unwrap();
     assert_eq!(hw, 2);
-    assert!(t.elapsed() < Duration::from_secs(10), "wait did not wake on append");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "wait did not wake on append"
+    );
     h.join().expect("writer thread");
 }
 
@@ -143,7 +163,11 @@ fn committed_offsets(factory: &Factory<'_>) {
     assert_eq!(log.committed("g2", 0).unwrap(), Some(5));
     assert_eq!(log.committed("g2", 1).unwrap(), None);
     log.commit("g1", 0, 4).unwrap();
-    assert_eq!(log.committed("g1", 0).unwrap(), Some(4), "a later commit replaces");
+    assert_eq!(
+        log.committed("g1", 0).unwrap(),
+        Some(4),
+        "a later commit replaces"
+    );
 }
 
 fn bad_arguments_are_refused(factory: &Factory<'_>) {
@@ -166,7 +190,10 @@ fn bad_arguments_are_refused(factory: &Factory<'_>) {
         0,
         "a refused batch appends nothing"
     );
-    assert!(matches!(log.commit("a/b", 0, 1), Err(LogError::BadGroup(_))));
+    assert!(matches!(
+        log.commit("a/b", 0, 1),
+        Err(LogError::BadGroup(_))
+    ));
 }
 
 fn chunked_reads(factory: &Factory<'_>) {

@@ -284,7 +284,7 @@ impl EmbeddedLog {
 
     /// Forces every partition's appended data to disk now.
     pub fn sync(&self) -> Result<(), LogError> {
-        sync_all(&self.shared)
+        sync_all(&self.shared, true)
     }
 
     /// Deletes sealed segments beyond the retention limits. Runs on every segment roll too.
@@ -335,7 +335,7 @@ impl Drop for EmbeddedLog {
             let _ = h.join();
         }
         if self.shared.cfg.fsync != FsyncPolicy::Never {
-            if let Err(e) = sync_all(&self.shared) {
+            if let Err(e) = sync_all(&self.shared, false) {
                 tracing::error!(topic = %self.shared.topic, error = %e, "final log sync failed");
             }
         }
@@ -354,18 +354,20 @@ fn flush_loop(shared: &Shared, every: Duration) {
             return;
         }
         drop(stop);
-        if let Err(e) = sync_all(shared) {
+        if let Err(e) = sync_all(shared, false) {
             tracing::error!(topic = %shared.topic, error = %e, "periodic log sync failed");
         }
         stop = lock(&shared.stop);
     }
 }
 
-fn sync_all(shared: &Shared) -> Result<(), LogError> {
+/// Syncs each partition's active segment: all of them when `force`, else those written to
+/// since the last sync. (Sealed segments were synced when they were sealed.)
+fn sync_all(shared: &Shared, force: bool) -> Result<(), LogError> {
     for part in &shared.parts {
         let file = {
             let mut st = lock(&part.state);
-            if !st.dirty {
+            if !st.dirty && !force {
                 continue;
             }
             st.dirty = false;
@@ -379,7 +381,7 @@ fn sync_all(shared: &Shared) -> Result<(), LogError> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
     let tmp = path.with_extension("tmp");
     let ctx = || format!("writing {}", path.display());
     let mut f = File::create(&tmp).map_err(LogError::io(ctx()))?;
@@ -397,7 +399,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
 
 /// One frame parsed from a buffer.
 enum Frame<'a> {
-    Ok { ts: i64, payload: &'a [u8], size: usize },
+    Ok {
+        ts: i64,
+        payload: &'a [u8],
+        size: usize,
+    },
     /// Not enough bytes for the frame the header announces.
     Short,
     Bad(String),
@@ -564,7 +570,9 @@ fn recover_partition(
 ) -> Result<(PartState, RecoveryReport), LogError> {
     std::fs::create_dir_all(dir).map_err(LogError::io(format!("creating {}", dir.display())))?;
     let mut bases = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(LogError::io(format!("listing {}", dir.display())))? {
+    for entry in
+        std::fs::read_dir(dir).map_err(LogError::io(format!("listing {}", dir.display())))?
+    {
         let entry = entry.map_err(LogError::io(format!("listing {}", dir.display())))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -680,12 +688,11 @@ fn recover_partition(
 
 fn roll(st: &mut PartState, dir: &Path, cfg: &LogConfig) -> Result<(), LogError> {
     let active = st.segs.last().expect("at least one segment");
-    if cfg.fsync != FsyncPolicy::Never {
-        active
-            .file
-            .sync_data()
-            .map_err(LogError::io(format!("syncing {}", active.path.display())))?;
-    }
+    // Synced whatever the policy: `flush` then only has the active segment to sync.
+    active
+        .file
+        .sync_data()
+        .map_err(LogError::io(format!("syncing {}", active.path.display())))?;
     // The index is written before the next segment exists: recovery trusts an index only for
     // a segment that has a successor.
     write_index(active, dir)?;
@@ -851,7 +858,11 @@ impl StreamLog for EmbeddedLog {
             let i = st.segs.partition_point(|s| s.base <= from) - 1;
             let seg = &st.segs[i];
             let j = seg.index.partition_point(|&(o, _)| o <= from);
-            let (o, p) = if j == 0 { (seg.base, 0) } else { seg.index[j - 1] };
+            let (o, p) = if j == 0 {
+                (seg.base, 0)
+            } else {
+                seg.index[j - 1]
+            };
             (seg.file.clone(), p, seg.len, o)
         };
         let mut out = Vec::new();
@@ -889,8 +900,8 @@ impl StreamLog for EmbeddedLog {
                         }
                         if at == 0 {
                             // One frame larger than the buffer: grow it to the whole frame.
-                            let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"))
-                                as usize;
+                            let len =
+                                u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
                             buf.reserve(FRAME_HEADER + len);
                         }
                         break;
@@ -945,6 +956,10 @@ impl StreamLog for EmbeddedLog {
         }
     }
 
+    fn flush(&self) -> Result<(), LogError> {
+        sync_all(&self.shared, true)
+    }
+
     fn commit(&self, group: &str, partition: u32, offset: Offset) -> Result<(), LogError> {
         check_group(group)?;
         self.part(partition)?;
@@ -960,7 +975,9 @@ impl StreamLog for EmbeddedLog {
         check_group(group)?;
         self.part(partition)?;
         let _g = lock(&self.shared.groups);
-        Ok(read_group(&self.group_path(group))?.get(&partition).copied())
+        Ok(read_group(&self.group_path(group))?
+            .get(&partition)
+            .copied())
     }
 }
 
@@ -1056,24 +1073,40 @@ mod tests {
         // Each case damages the end of the active segment the way a crash mid-write can.
         type Damage = fn(&Path);
         let cases: [(&str, Damage, u64); 4] = [
-            ("half a frame", |p| {
-                let len = std::fs::metadata(p).unwrap().len();
-                let f = OpenOptions::new().write(true).open(p).unwrap();
-                f.set_len(len - 5).unwrap();
-            }, 1),
-            ("half a header", |p| {
-                let mut f = OpenOptions::new().append(true).open(p).unwrap();
-                f.write_all(&[7, 0, 0]).unwrap();
-            }, 1),
-            ("zeroes from a preallocated tail", |p| {
-                let mut f = OpenOptions::new().append(true).open(p).unwrap();
-                f.write_all(&[0u8; 100]).unwrap();
-            }, 7),
-            ("a bad checksum", |p| {
-                let len = std::fs::metadata(p).unwrap().len();
-                let f = OpenOptions::new().write(true).open(p).unwrap();
-                f.write_all_at(b"!", len - 1).unwrap();
-            }, 1),
+            (
+                "half a frame",
+                |p| {
+                    let len = std::fs::metadata(p).unwrap().len();
+                    let f = OpenOptions::new().write(true).open(p).unwrap();
+                    f.set_len(len - 5).unwrap();
+                },
+                1,
+            ),
+            (
+                "half a header",
+                |p| {
+                    let mut f = OpenOptions::new().append(true).open(p).unwrap();
+                    f.write_all(&[7, 0, 0]).unwrap();
+                },
+                1,
+            ),
+            (
+                "zeroes from a preallocated tail",
+                |p| {
+                    let mut f = OpenOptions::new().append(true).open(p).unwrap();
+                    f.write_all(&[0u8; 100]).unwrap();
+                },
+                7,
+            ),
+            (
+                "a bad checksum",
+                |p| {
+                    let len = std::fs::metadata(p).unwrap().len();
+                    let f = OpenOptions::new().write(true).open(p).unwrap();
+                    f.write_all_at(b"!", len - 1).unwrap();
+                },
+                1,
+            ),
         ];
         for (name, damage, dropped) in cases {
             let dir = tempfile::tempdir().unwrap();
@@ -1118,12 +1151,23 @@ mod tests {
             let log = EmbeddedLog::open(dir.path(), "t", cfg(1)).unwrap();
             assert_eq!(log.read(0, 3, 1).unwrap()[0].payload, payload(3));
         }
-        assert!(read_index(&first_idx, std::fs::metadata(dir.path().join("t/p-0").join(format!("{:020}.log", 0))).unwrap().len()).is_some());
+        assert!(read_index(
+            &first_idx,
+            std::fs::metadata(dir.path().join("t/p-0").join(format!("{:020}.log", 0)))
+                .unwrap()
+                .len()
+        )
+        .is_some());
         // Cut a sealed segment short: its records can no longer reach the next one's base.
         std::fs::remove_file(&first_idx).unwrap();
         let first_log = dir.path().join("t/p-0").join(format!("{:020}.log", 0));
         let len = std::fs::metadata(&first_log).unwrap().len();
-        OpenOptions::new().write(true).open(&first_log).unwrap().set_len(len - 3).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&first_log)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
         let err = EmbeddedLog::open(dir.path(), "t", cfg(1)).unwrap_err();
         assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
     }
@@ -1153,7 +1197,10 @@ mod tests {
         assert_eq!(log.enforce_retention().unwrap().segments_deleted, 0);
         let r = log.enforce_retention_at(now_ms() + 3_600_000).unwrap();
         assert!(r.segments_deleted > 0);
-        assert_eq!(log.low_watermark(0).unwrap(), log.high_watermark(0).unwrap() - log.recovery()[0].records);
+        assert_eq!(
+            log.low_watermark(0).unwrap(),
+            log.high_watermark(0).unwrap() - log.recovery()[0].records
+        );
     }
 
     #[test]
@@ -1178,7 +1225,10 @@ mod tests {
         assert!(err.to_string().contains("2 partitions"), "{err}");
         let mut bad = cfg(1);
         bad.segment_bytes = 10;
-        assert!(EmbeddedLog::open(dir.path(), "u", bad).unwrap_err().to_string().contains("segment_bytes"));
+        assert!(EmbeddedLog::open(dir.path(), "u", bad)
+            .unwrap_err()
+            .to_string()
+            .contains("segment_bytes"));
         assert!(EmbeddedLog::open(dir.path(), "../x", cfg(1)).is_err());
     }
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub(crate) use embedded::write_atomic;
 pub use embedded::{EmbeddedLog, LogConfig, RecoveryReport, RetentionReport};
 
 /// A record's position in its partition. Offsets start at 0, grow by one per record and are
@@ -130,8 +131,12 @@ pub trait StreamLog: Send + Sync + std::fmt::Debug {
     fn append(&self, partition: u32, records: &[&[u8]]) -> Result<AppendAck, LogError>;
 
     /// Up to `max_records` records from `from` on. Fewer (or none, at the end) is not an error.
-    fn read(&self, partition: u32, from: Offset, max_records: usize)
-        -> Result<Vec<Record>, LogError>;
+    fn read(
+        &self,
+        partition: u32,
+        from: Offset,
+        max_records: usize,
+    ) -> Result<Vec<Record>, LogError>;
 
     /// One past the last acknowledged record.
     fn high_watermark(&self, partition: u32) -> Result<Offset, LogError>;
@@ -141,8 +146,16 @@ pub trait StreamLog: Send + Sync + std::fmt::Debug {
 
     /// Blocks until the high watermark passes `offset` or `timeout` ends, without busy polling.
     /// Returns the high watermark then.
-    fn wait_for(&self, partition: u32, offset: Offset, timeout: Duration)
-        -> Result<Offset, LogError>;
+    fn wait_for(
+        &self,
+        partition: u32,
+        offset: Offset,
+        timeout: Duration,
+    ) -> Result<Offset, LogError>;
+
+    /// Makes every acknowledged record durable now, whatever the fsync policy. A writer that
+    /// records "I wrote up to offset o" elsewhere (a checkpoint) calls this first.
+    fn flush(&self) -> Result<(), LogError>;
 
     /// Records that `group` has consumed `partition` up to (not including) `offset`.
     fn commit(&self, group: &str, partition: u32, offset: Offset) -> Result<(), LogError>;
