@@ -162,10 +162,24 @@ impl Generator {
 
     pub fn next_row(&mut self) -> GenRow {
         let i = self.row;
+        let angle = if self.cfg.rows > 1 {
+            self.cfg.drift * std::f64::consts::FRAC_PI_2 * i as f64 / (self.cfg.rows - 1) as f64
+        } else {
+            0.0
+        };
+        self.row_with(&[], angle)
+    }
+
+    /// A row whose first `fixed.len()` fields take the given ranks instead of sampled ones (the
+    /// simulator's user and item), with the per-id effects rotated by `angle` radians.
+    pub fn row_with(&mut self, fixed: &[u64], angle: f64) -> GenRow {
         self.row += 1;
         let mut ranks = [0u64; FIELDS];
         for r in &mut ranks {
             *r = self.zipf.sample(&mut self.rng) - 1;
+        }
+        for (r, &f) in ranks.iter_mut().zip(fixed) {
+            *r = f;
         }
         let mut dense = [None; DENSE];
         let mut t = [0f64; DENSE];
@@ -179,11 +193,6 @@ impl Generator {
             dense[j] = Some(x);
             t[j] = (x as f64).ln_1p();
         }
-        let angle = if self.cfg.rows > 1 {
-            self.cfg.drift * std::f64::consts::FRAC_PI_2 * i as f64 / (self.cfg.rows - 1) as f64
-        } else {
-            0.0
-        };
         let mut logit = -1.8;
         for (f, &r) in ranks.iter().enumerate() {
             logit += 0.3 * self.effect(f, r, angle);

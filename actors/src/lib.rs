@@ -20,6 +20,7 @@ pub mod rng;
 pub mod routing;
 pub mod sample;
 pub mod shard;
+pub mod simulate;
 pub mod stream;
 pub mod testkit;
 pub mod trainer;
