@@ -21,6 +21,9 @@ pub(crate) enum BenchCommand {
     Embedding(EmbeddingArgs),
     /// The dense training step's FLOP/s against this binary's sgemm peak on the same threads.
     Dense(DenseArgs),
+    /// The SampleJoiner end to end through the embedded log: impressions/s and click-to-sample
+    /// latency, against the raw log in the same run.
+    Join(crate::bench_join::JoinBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +171,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
     match cmd {
         BenchCommand::Embedding(a) => embedding(a, settings),
         BenchCommand::Dense(a) => dense(a),
+        BenchCommand::Join(a) => crate::bench_join::run(a, settings),
     }
 }
 

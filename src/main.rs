@@ -2,7 +2,9 @@
 //! `freshet-actors`, the cluster in `freshet-cluster`.
 
 mod bench;
+mod bench_join;
 mod settings;
+mod stream;
 mod train;
 
 use std::path::PathBuf;
@@ -37,6 +39,12 @@ enum Command {
     Train(train::TrainArgs),
     /// Write synthetic Criteo-layout data with known click probabilities.
     Gen(train::GenArgs),
+    /// Play a live application (impressions, delayed clicks, faults) into the event log.
+    Simulate(stream::SimulateArgs),
+    /// Append JSON-lines events (impressions, actions) to the event log.
+    Ingest(stream::IngestArgs),
+    /// Join events into labelled samples, exactly once, one joiner per event-log partition.
+    Join(stream::JoinArgsCli),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
     Config,
 }
@@ -63,6 +71,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { what } => bench::run(what, &settings),
         Command::Train(args) => train::run(args, &settings),
         Command::Gen(args) => train::gen(args),
+        Command::Simulate(args) => stream::simulate(args, &settings),
+        Command::Ingest(args) => stream::ingest(args, &settings),
+        Command::Join(args) => stream::join(args, &settings),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())

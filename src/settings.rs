@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use freshet_actors::dense::ModelConfig;
 use freshet_actors::embedding::{InvalidValue, TableConfig};
+use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
 use freshet_actors::sample::Schema;
+use freshet_actors::stream::LogConfig;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a node.
@@ -24,6 +26,19 @@ pub(crate) struct Settings {
     /// The model trained by `freshet train` (`--model` overrides the kind).
     pub(crate) model: ModelConfig,
     pub(crate) train: TrainSettings,
+    /// The embedded stream log (events, samples, dead letters) under `<data_dir>/log`.
+    pub(crate) log: LogConfig,
+    pub(crate) joiner: JoinerSettings,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct JoinerSettings {
+    /// Window, lateness, action kinds, late policy, downsampling, state bound.
+    pub(crate) window: JoinConfig,
+    pub(crate) checkpoint: CheckpointEvery,
+    /// Event records joined per step (0: the default of 4096).
+    pub(crate) batch: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,7 +144,28 @@ impl Settings {
                 "an integer in 1..=256",
             ));
         }
+        self.log.validate("log")?;
+        self.joiner.window.validate("joiner.window")?;
+        if self.joiner.batch > 1 << 20 {
+            return Err(InvalidValue::new(
+                "joiner.batch",
+                self.joiner.batch,
+                "an integer in 0..=1048576",
+            ));
+        }
         Ok(())
+    }
+
+    pub(crate) fn log_dir(&self) -> PathBuf {
+        self.node.data_dir.join("log")
+    }
+
+    pub(crate) fn joiner_batch(&self) -> usize {
+        if self.joiner.batch == 0 {
+            4096
+        } else {
+            self.joiner.batch
+        }
     }
 
     pub(crate) fn spill_dir(&self) -> PathBuf {
@@ -251,6 +287,23 @@ mod tests {
                 ["embedding.tables.user.optimizer.beta1", "2", "[0, 1)"],
             ),
             ("[embedding]\nshardz = 3\n", ["shardz", "unknown field", ""]),
+            ("[log]\npartitions = 0\n", ["log.partitions", "0", "1..=4096"]),
+            (
+                "[log]\nfsync = { mode = \"interval\", ms = 0 }\n",
+                ["log.fsync.ms", "0", "at least 1"],
+            ),
+            (
+                "[joiner.window]\nnegative_rate = 1.5\n",
+                ["joiner.window.negative_rate", "1.5", "(0, 1]"],
+            ),
+            (
+                "[joiner.window]\nkinds = []\n",
+                ["joiner.window.kinds", "[]", "1 to 32"],
+            ),
+            (
+                "[log]\nfsync = { mode = \"sometimes\" }\n",
+                ["sometimes", "every_batch", ""],
+            ),
         ];
         for (i, (text, want)) in cases.iter().enumerate() {
             let f = dir.path().join(format!("{i}.toml"));

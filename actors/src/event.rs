@@ -24,6 +24,13 @@ use crate::sample::json::{RawField, RawSample};
 use crate::sample::MAX_ABS_VALUE;
 use crate::stream::Offset;
 
+/// The topic of raw events (impressions and actions).
+pub const EVENTS_TOPIC: &str = "events";
+/// The topic of joined, labelled samples.
+pub const SAMPLES_TOPIC: &str = "samples";
+/// The topic of records set aside: malformed events, orphan actions.
+pub const DEAD_LETTERS_TOPIC: &str = "dead-letters";
+
 /// Longest request, user or item id accepted.
 pub const MAX_ID_BYTES: usize = 256;
 

@@ -52,6 +52,8 @@ pub struct SimConfig {
     pub out_of_order_rate: f64,
     pub max_disorder_ms: u64,
     pub malformed_rate: f64,
+    /// Multiplies every click probability (benches use it to set the click rate).
+    pub click_scale: f64,
 }
 
 impl Default for SimConfig {
@@ -73,6 +75,7 @@ impl Default for SimConfig {
             out_of_order_rate: 0.02,
             max_disorder_ms: 3000,
             malformed_rate: 0.001,
+            click_scale: 1.0,
         }
     }
 }
@@ -89,6 +92,9 @@ impl SimConfig {
         rate("duplicate_rate", self.duplicate_rate)?;
         rate("out_of_order_rate", self.out_of_order_rate)?;
         rate("malformed_rate", self.malformed_rate)?;
+        if !(self.click_scale > 0.0 && self.click_scale <= 1.0) {
+            return Err(format!("click_scale: {} is not in (0, 1]", self.click_scale));
+        }
         if self.users == 0 || self.items == 0 {
             return Err("users and items must be at least 1".into());
         }
@@ -279,13 +285,18 @@ impl Simulator {
                     RawField::One(RawValue::Str(self.gen.value_string(f, r))),
                 );
             }
-            let clicked = row.label == 1;
+            let (probability, clicked) = if self.cfg.click_scale == 1.0 {
+                (row.probability, row.label == 1)
+            } else {
+                let p = row.probability * self.cfg.click_scale;
+                (p, self.rng.next_f64() < p)
+            };
             self.stats.impressions += 1;
             truth.push(Truth {
                 request_id: request_id.clone(),
                 item: item.clone(),
                 time_ms: t,
-                probability: row.probability,
+                probability,
                 clicked,
             });
             let imp = Event::Impression(Impression {

@@ -231,9 +231,7 @@ impl JoinTask {
     /// Loads the checkpoint (or starts fresh) and prepares the replay of outputs that were
     /// written after it.
     pub fn open(args: JoinArgs) -> anyhow::Result<Self> {
-        args.config
-            .validate()
-            .map_err(|e| anyhow::anyhow!("joiner config: {e}"))?;
+        args.config.validate("joiner.window")?;
         let p = args.partition;
         for log in [&args.events, &args.samples, &args.dead_letters] {
             if p >= log.partitions() {

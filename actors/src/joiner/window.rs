@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::embedding::InvalidValue;
 use crate::event::{Action, Event, EventError, Features, Impression, JoinedSample, SampleKind};
 use crate::sample::hash::feature_id;
 use crate::stream::Offset;
@@ -86,39 +87,49 @@ impl Default for JoinConfig {
 }
 
 impl JoinConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the values; `prefix` names this section in errors (such as `joiner.window`).
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidValue> {
+        let key = |k: &str| format!("{prefix}.{k}");
         if self.kinds.is_empty() || self.kinds.len() > 32 {
-            return Err(format!(
-                "kinds: {:?} must name 1 to 32 action kinds",
-                self.kinds
+            return Err(InvalidValue::new(
+                key("kinds"),
+                format!("{:?}", self.kinds),
+                "1 to 32 action kinds",
             ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for k in &self.kinds {
             if k.is_empty() || !seen.insert(k) {
-                return Err(format!("kinds: {k:?} is empty or repeated"));
+                return Err(InvalidValue::new(
+                    key("kinds"),
+                    format!("{k:?}"),
+                    "distinct, non-empty kind names",
+                ));
             }
         }
         if !(self.negative_rate > 0.0 && self.negative_rate <= 1.0) {
-            return Err(format!(
-                "negative_rate: {} is not in (0, 1]",
-                self.negative_rate
+            return Err(InvalidValue::new(
+                key("negative_rate"),
+                self.negative_rate,
+                "a rate in (0, 1]",
             ));
         }
-        if self.window_ms == 0 {
-            return Err("window_ms: must be above 0".into());
-        }
         if self.max_state < 1 {
-            return Err("max_state: must be at least 1".into());
+            return Err(InvalidValue::new(key("max_state"), 0, "at least 1"));
         }
-        for (name, v) in [
-            ("window_ms", self.window_ms),
-            ("allowed_lateness_ms", self.allowed_lateness_ms),
-            ("remember_closed_ms", self.remember_closed_ms),
-            ("max_future_ms", self.max_future_ms),
+        const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+        for (name, v, min) in [
+            ("window_ms", self.window_ms, 1),
+            ("allowed_lateness_ms", self.allowed_lateness_ms, 0),
+            ("remember_closed_ms", self.remember_closed_ms, 0),
+            ("max_future_ms", self.max_future_ms, 0),
         ] {
-            if v > 365 * 24 * 3600 * 1000 {
-                return Err(format!("{name}: {v} is more than a year"));
+            if v < min || v > YEAR_MS {
+                return Err(InvalidValue::new(
+                    key(name),
+                    v,
+                    format!("milliseconds in {min}..={YEAR_MS}"),
+                ));
             }
         }
         Ok(())

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::embedding::InvalidValue;
+
 use super::{
     check_group, now_ms, AppendAck, FsyncPolicy, LogError, Offset, Record, StreamLog,
     MAX_RECORD_BYTES,
@@ -70,24 +72,35 @@ impl Default for LogConfig {
 }
 
 impl LogConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the values; `prefix` names this section in errors (such as `log`).
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidValue> {
         if !(1..=4096).contains(&self.partitions) {
-            return Err(format!(
-                "partitions: {} is not in 1..=4096",
-                self.partitions
+            return Err(InvalidValue::new(
+                format!("{prefix}.partitions"),
+                self.partitions,
+                "an integer in 1..=4096",
             ));
         }
-        if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
-            return Err(format!(
-                "segment_bytes: {} is not in 4096..=4294967295",
-                self.segment_bytes
+        if !(4096..=u64::from(u32::MAX)).contains(&self.segment_bytes) {
+            return Err(InvalidValue::new(
+                format!("{prefix}.segment_bytes"),
+                self.segment_bytes,
+                "an integer in 4096..=4294967295",
             ));
         }
         if self.index_interval_bytes == 0 {
-            return Err("index_interval_bytes: must be at least 1".into());
+            return Err(InvalidValue::new(
+                format!("{prefix}.index_interval_bytes"),
+                0,
+                "at least 1",
+            ));
         }
         if let FsyncPolicy::Interval { ms: 0 } = self.fsync {
-            return Err("fsync interval: must be at least 1 ms".into());
+            return Err(InvalidValue::new(
+                format!("{prefix}.fsync.ms"),
+                0,
+                "at least 1 ms",
+            ));
         }
         Ok(())
     }
@@ -184,9 +197,9 @@ impl EmbeddedLog {
     /// Opens `topic` under `root`, creating it with `cfg.partitions` partitions if it does not
     /// exist, and recovers every partition.
     pub fn open(root: &Path, topic: &str, cfg: LogConfig) -> Result<Self, LogError> {
-        cfg.validate().map_err(|detail| LogError::Mismatch {
+        cfg.validate("log").map_err(|e| LogError::Mismatch {
             topic: topic.to_owned(),
-            detail,
+            detail: e.to_string(),
         })?;
         if topic.is_empty() || check_group(topic).is_err() {
             return Err(LogError::Mismatch {
