@@ -80,7 +80,12 @@ struct Traffic {
     clicks: u64,
 }
 
-fn traffic(args: &JoinBenchArgs, impressions: u64, rate: f64, seed: u64) -> anyhow::Result<Traffic> {
+fn traffic(
+    args: &JoinBenchArgs,
+    impressions: u64,
+    rate: f64,
+    seed: u64,
+) -> anyhow::Result<Traffic> {
     // A base click rate of ~25% comes from the hidden model; scale it to the asked one.
     let scale = (args.ctr / 0.256).clamp(1e-6, 1.0);
     let mut sim = Simulator::new(SimConfig {
@@ -105,7 +110,9 @@ fn traffic(args: &JoinBenchArgs, impressions: u64, rate: f64, seed: u64) -> anyh
             Ok(Event::Action(a)) => key = Some((a.request_id, a.item)),
             Ok(Event::Impression(mut i)) if args.fields < 26 => {
                 let keep: Vec<String> = (1..=args.fields).map(|f| format!("C{f}")).collect();
-                i.features.sparse.retain(|k, _| keep.contains(k));
+                let mut f = i.features.decode()?;
+                f.sparse.retain(|k, _| keep.contains(k));
+                i.features = freshet_actors::event::Snapshot::encode(&f);
                 payload = Event::Impression(i).to_msgpack();
             }
             _ => {}
@@ -133,7 +140,11 @@ fn join_args(topics: &crate::stream::Topics, dir: &std::path::Path, p: u32) -> J
     }
 }
 
-fn append_all(log: &dyn StreamLog, records: &[(u32, Vec<u8>, Option<(String, String)>)], partitions: u32) -> anyhow::Result<()> {
+fn append_all(
+    log: &dyn StreamLog,
+    records: &[(u32, Vec<u8>, Option<(String, String)>)],
+    partitions: u32,
+) -> anyhow::Result<()> {
     let mut batches: Vec<Vec<&[u8]>> = vec![Vec::new(); partitions as usize];
     for chunk in records.chunks(4096) {
         for (p, payload, _) in chunk {
@@ -152,7 +163,10 @@ fn append_all(log: &dyn StreamLog, records: &[(u32, Vec<u8>, Option<(String, Str
 pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
     anyhow::ensure!(args.fields <= 26, "--fields is at most 26");
-    anyhow::ensure!(args.ctr > 0.0 && args.ctr <= 0.25, "--ctr must be in (0, 0.25]");
+    anyhow::ensure!(
+        args.ctr > 0.0 && args.ctr <= 0.25,
+        "--ctr must be in (0, 0.25]"
+    );
     let mut log_cfg = settings.log.clone();
     log_cfg.partitions = args.partitions;
     eprintln!("bench join: generating {} impressions", args.impressions);
@@ -220,7 +234,10 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
     })?;
     drop(topics);
 
-    eprintln!("bench join: latency run at {} impressions/s", args.latency_rate);
+    eprintln!(
+        "bench join: latency run at {} impressions/s",
+        args.latency_rate
+    );
     let n = (args.latency_rate * args.latency_secs) as u64;
     let lt = traffic(&args, n, args.latency_rate, 2)?;
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
@@ -297,7 +314,9 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
             }
             let now = Instant::now();
             {
-                let mut m = appended.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?;
+                let mut m = appended
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lock poisoned"))?;
                 for k in keys.drain(..) {
                     m.entry(k).or_insert(now);
                 }
@@ -308,7 +327,8 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
         loop {
             let mut caught_up = true;
             for (p, (h, _)) in joiners.iter().enumerate() {
-                caught_up &= h.stats().await?.input_next >= topics.events.high_watermark(p as u32)?;
+                caught_up &=
+                    h.stats().await?.input_next >= topics.events.high_watermark(p as u32)?;
             }
             if caught_up {
                 break;

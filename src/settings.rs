@@ -287,7 +287,10 @@ mod tests {
                 ["embedding.tables.user.optimizer.beta1", "2", "[0, 1)"],
             ),
             ("[embedding]\nshardz = 3\n", ["shardz", "unknown field", ""]),
-            ("[log]\npartitions = 0\n", ["log.partitions", "0", "1..=4096"]),
+            (
+                "[log]\npartitions = 0\n",
+                ["log.partitions", "0", "1..=4096"],
+            ),
             (
                 "[log]\nfsync = { mode = \"interval\", ms = 0 }\n",
                 ["log.fsync.ms", "0", "at least 1"],

@@ -335,8 +335,8 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
     let input: Box<dyn BufRead> = if args.input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(&args.input)
-            .with_context(|| format!("opening {}", args.input))?;
+        let f =
+            std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input))?;
         Box::new(std::io::BufReader::with_capacity(1 << 20, f))
     };
     let source = format!("ingest:{}", args.input);
@@ -345,19 +345,17 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
     let mut report = IngestReport::default();
     let mut oldest: Option<Instant> = None;
     let stdout = std::io::stdout();
-    let flush = |events: &mut Batcher<'_>,
-                 dead: &mut Batcher<'_>,
-                 lines: u64|
-     -> anyhow::Result<()> {
-        events.flush()?;
-        dead.flush()?;
-        if args.ack {
-            let mut out = stdout.lock();
-            writeln!(out, "{{\"acked\": {lines}}}")?;
-            out.flush()?;
-        }
-        Ok(())
-    };
+    let flush =
+        |events: &mut Batcher<'_>, dead: &mut Batcher<'_>, lines: u64| -> anyhow::Result<()> {
+            events.flush()?;
+            dead.flush()?;
+            if args.ack {
+                let mut out = stdout.lock();
+                writeln!(out, "{{\"acked\": {lines}}}")?;
+                out.flush()?;
+            }
+            Ok(())
+        };
     for line in input.split(b'\n') {
         let line = line.with_context(|| format!("reading {}", args.input))?;
         report.lines += 1;

@@ -23,7 +23,7 @@ use std::collections::BinaryHeap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Action, Event, Features, Impression};
+use crate::event::{Action, Event, Features, Impression, Snapshot};
 use crate::gen::{GenConfig, Generator, DENSE, FIELDS};
 use crate::rng::{Xoshiro256, Zipf};
 use crate::sample::json::{RawField, RawValue};
@@ -93,7 +93,10 @@ impl SimConfig {
         rate("out_of_order_rate", self.out_of_order_rate)?;
         rate("malformed_rate", self.malformed_rate)?;
         if !(self.click_scale > 0.0 && self.click_scale <= 1.0) {
-            return Err(format!("click_scale: {} is not in (0, 1]", self.click_scale));
+            return Err(format!(
+                "click_scale: {} is not in (0, 1]",
+                self.click_scale
+            ));
         }
         if self.users == 0 || self.items == 0 {
             return Err("users and items must be at least 1".into());
@@ -304,7 +307,7 @@ impl Simulator {
                 time_ms: t,
                 user,
                 item: item.clone(),
-                features,
+                features: Snapshot::encode(&features),
             });
             self.schedule(t, &imp);
             if clicked {

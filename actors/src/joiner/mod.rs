@@ -162,6 +162,56 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Option<Checkpoint>> {
     Ok(Some(ck))
 }
 
+/// Reads the feature snapshots a restored window lacks back from the event log: one
+/// sequential scan from the oldest needed offset to the checkpointed input offset.
+fn hydrate(
+    window: &mut Window,
+    events: &dyn StreamLog,
+    partition: u32,
+    until: Offset,
+) -> anyhow::Result<()> {
+    let need = window.missing_snapshots();
+    let Some(&first) = need.first() else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let mut found = std::collections::HashMap::with_capacity(need.len());
+    let mut at = first;
+    let mut i = 0;
+    while at < until && i < need.len() {
+        let records = events
+            .read(partition, at, 4096)
+            .with_context(|| format!("reading impression snapshots back from offset {at}"))?;
+        let Some(last) = records.last() else { break };
+        at = last.offset + 1;
+        for r in records {
+            while i < need.len() && need[i] < r.offset {
+                i += 1;
+            }
+            if i < need.len() && need[i] == r.offset {
+                if let Ok(Event::Impression(imp)) = Event::from_msgpack(&r.payload) {
+                    found.insert(r.offset, imp.features);
+                }
+                i += 1;
+            }
+        }
+    }
+    let missing = window.hydrate(&found);
+    if missing > 0 {
+        bail!(
+            "{missing} open impressions of topic {} partition {partition} could not be read back from the event log (below offset {until}); was it truncated or its retention shortened?",
+            events.topic()
+        );
+    }
+    tracing::info!(
+        partition,
+        impressions = need.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restored open impressions' snapshots from the event log"
+    );
+    Ok(())
+}
+
 /// The newest usable checkpoint. A checkpoint is written as `.ckpt.new`, the current one
 /// becomes `.ckpt.prev`, and the new one becomes `.ckpt`; a crash can stop between any two
 /// steps, and every complete file is a valid point to resume from (its outputs were flushed
@@ -299,6 +349,8 @@ impl JoinTask {
                 )
             }
         };
+        let mut window = window;
+        hydrate(&mut window, &*args.events, p, input_next)?;
         let low = args.events.low_watermark(p)?;
         if input_next < low {
             bail!(
@@ -406,7 +458,7 @@ impl JoinTask {
         let max_future = self.window.config().max_future_ms as i64;
         for r in &records {
             let parsed = Event::from_msgpack(&r.payload).and_then(|e| {
-                e.validate()?;
+                e.validate_header()?;
                 let ahead = e.time_ms() - r.timestamp_ms;
                 if ahead > max_future {
                     return Err(EventError::FromTheFuture {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::embedding::InvalidValue;
-use crate::event::{Action, Event, EventError, Features, Impression, JoinedSample, SampleKind};
+use crate::event::{Action, Event, EventError, Impression, JoinedSample, SampleKind, Snapshot};
 use crate::sample::hash::feature_id;
 use crate::stream::Offset;
 
@@ -180,7 +180,13 @@ struct Shown {
     item: String,
     user: String,
     time_ms: i64,
-    features: Features,
+    /// Where the impression is in the event log.
+    offset: Offset,
+    /// The feature snapshot. Left out of checkpoints, which would otherwise carry every open
+    /// impression's features (hundreds of bytes each) every few seconds; a restored window
+    /// reads them back from the event log at `offset` (see [`Window::hydrate`]).
+    #[serde(skip)]
+    features: Option<Snapshot>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -282,6 +288,39 @@ impl Window {
         self.st.entries.is_empty()
     }
 
+    /// Event-log offsets of the impressions whose snapshots a restored window still lacks,
+    /// ascending.
+    pub fn missing_snapshots(&self) -> Vec<Offset> {
+        let mut v: Vec<Offset> = self
+            .st
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Open { shown, .. } | Entry::Closed { shown, .. } => {
+                    shown.features.is_none().then_some(shown.offset)
+                }
+                Entry::Orphan { .. } => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Puts back the snapshots a checkpoint left out, read from the event log by offset.
+    /// Returns how many impressions still lack theirs.
+    pub fn hydrate(&mut self, snapshots: &HashMap<Offset, Snapshot>) -> usize {
+        let mut missing = 0;
+        for e in self.st.entries.values_mut() {
+            if let Entry::Open { shown, .. } | Entry::Closed { shown, .. } = e {
+                if shown.features.is_none() {
+                    shown.features = snapshots.get(&shown.offset).cloned();
+                    missing += usize::from(shown.features.is_none());
+                }
+            }
+        }
+        missing
+    }
+
     /// Largest event time seen minus the allowed lateness.
     pub fn watermark(&self) -> Option<i64> {
         self.st
@@ -322,7 +361,7 @@ impl Window {
         let t = event.time_ms();
         self.st.max_time = Some(self.st.max_time.map_or(t, |m| m.max(t)));
         match event {
-            Event::Impression(i) => self.on_impression(i, out),
+            Event::Impression(i) => self.on_impression(offset, i, out),
             Event::Action(a) => self.on_action(offset, a, out),
         }
         self.advance(out);
@@ -330,7 +369,7 @@ impl Window {
         Ok(())
     }
 
-    fn on_impression(&mut self, i: Impression, out: &mut Vec<Emit>) {
+    fn on_impression(&mut self, offset: Offset, i: Impression, out: &mut Vec<Emit>) {
         self.st.counters.impressions += 1;
         let k = key(&i.request_id, &i.item);
         let shown = Shown {
@@ -338,7 +377,8 @@ impl Window {
             item: i.item,
             user: i.user,
             time_ms: i.time_ms,
-            features: i.features,
+            offset,
+            features: Some(i.features),
         };
         let waiting = match self.st.entries.get(&k) {
             Some(Entry::Open { .. } | Entry::Closed { .. }) => {
@@ -476,7 +516,14 @@ impl Window {
                 .map(|(i, k)| (k.clone(), f64::from((labels >> i) & 1)))
                 .collect(),
             weight,
-            features: shown.features.clone(),
+            features: shown.features.clone().unwrap_or_else(|| {
+                // Only a restore that skipped `hydrate` gets here.
+                tracing::error!(
+                    offset = shown.offset,
+                    "impression snapshot missing; emitting the sample without features"
+                );
+                Snapshot::default()
+            }),
         }
     }
 
@@ -633,7 +680,7 @@ mod tests {
             time_ms: t,
             user: "u".into(),
             item: item.into(),
-            features: Features::default(),
+            features: Snapshot::default(),
         })
     }
 

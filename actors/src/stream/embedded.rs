@@ -881,7 +881,13 @@ impl StreamLog for EmbeddedLog {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         while pos < end_len && out.len() < max_records {
-            let want = ((end_len - pos) as usize).min((256 << 10).max(buf.capacity()));
+            // Small reads (a replay check, one record) need not pull a quarter megabyte.
+            let chunk = if max_records < 64 {
+                16 << 10
+            } else {
+                256 << 10
+            };
+            let want = ((end_len - pos) as usize).min(chunk.max(buf.capacity()));
             buf.resize(want, 0);
             file.read_exact_at(&mut buf, pos)
                 .map_err(LogError::io(format!("reading partition {partition}")))?;
