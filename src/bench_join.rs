@@ -80,12 +80,18 @@ struct Traffic {
     clicks: u64,
 }
 
+/// `faults`: the simulator's default duplicate, out-of-order and malformed rates; without them
+/// every click follows its impression, so a latency is the pipeline's own and not the wait for
+/// an impression the simulator held back.
 fn traffic(
     args: &JoinBenchArgs,
     impressions: u64,
     rate: f64,
     seed: u64,
+    faults: bool,
 ) -> anyhow::Result<Traffic> {
+    let defaults = SimConfig::default();
+    let f = if faults { 1.0 } else { 0.0 };
     // A base click rate of ~25% comes from the hidden model; scale it to the asked one.
     let scale = (args.ctr / 0.256).clamp(1e-6, 1.0);
     let mut sim = Simulator::new(SimConfig {
@@ -93,7 +99,10 @@ fn traffic(
         rate,
         start_ms: freshet_now_ms() - (impressions as f64 / rate * 1000.0) as i64,
         click_scale: scale,
-        ..SimConfig::default()
+        duplicate_rate: defaults.duplicate_rate * f,
+        out_of_order_rate: defaults.out_of_order_rate * f,
+        malformed_rate: defaults.malformed_rate * f,
+        ..defaults.clone()
     })?;
     let (mut out, mut truth) = (Vec::new(), Vec::new());
     while sim.stats().impressions < impressions {
@@ -170,7 +179,7 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
     let mut log_cfg = settings.log.clone();
     log_cfg.partitions = args.partitions;
     eprintln!("bench join: generating {} impressions", args.impressions);
-    let t = traffic(&args, args.impressions, 100_000.0, 1)?;
+    let t = traffic(&args, args.impressions, 100_000.0, 1, true)?;
     let bytes: usize = t.records.iter().map(|r| r.1.len()).sum();
     let events = t.records.len() as u64;
 
@@ -239,7 +248,7 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
         args.latency_rate
     );
     let n = (args.latency_rate * args.latency_secs) as u64;
-    let lt = traffic(&args, n, args.latency_rate, 2)?;
+    let lt = traffic(&args, n, args.latency_rate, 2, false)?;
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let topics = open_topics(dir.path(), &log_cfg)?;
     let appended: Arc<Mutex<HashMap<(String, String), Instant>>> = Arc::default();

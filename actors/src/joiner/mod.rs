@@ -120,7 +120,7 @@ pub struct JoinerStats {
     pub watermark_ms: Option<i64>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Checkpoint {
     format: u32,
     partition: u32,
@@ -130,6 +130,19 @@ struct Checkpoint {
     dead_letters_next: Offset,
     config: JoinConfig,
     state: WindowState,
+}
+
+/// [`Checkpoint`] as written: borrowing the window state instead of copying it.
+#[derive(Serialize)]
+struct CheckpointRef<'a> {
+    format: u32,
+    partition: u32,
+    input_topic: &'a str,
+    input_next: Offset,
+    samples_next: Offset,
+    dead_letters_next: Offset,
+    config: &'a JoinConfig,
+    state: &'a WindowState,
 }
 
 fn checkpoint_path(dir: &Path, partition: u32) -> PathBuf {
@@ -566,15 +579,15 @@ impl JoinTask {
             .dead_letters
             .flush()
             .context("flushing dead letters")?;
-        let ck = Checkpoint {
+        let ck = CheckpointRef {
             format: CHECKPOINT_FORMAT,
             partition: p,
-            input_topic: self.args.events.topic().to_owned(),
+            input_topic: self.args.events.topic(),
             input_next: self.input_next,
             samples_next: self.samples_next,
             dead_letters_next: self.dead_next,
-            config: self.window.config().clone(),
-            state: self.window.state().clone(),
+            config: self.window.config(),
+            state: self.window.state(),
         };
         let mut bytes = rmp_serde::to_vec(&ck).context("encoding the joiner checkpoint")?;
         let crc = crc32c::crc32c(&bytes);
