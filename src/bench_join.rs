@@ -73,9 +73,11 @@ struct JoinBenchReport {
     latency_max_ms: f64,
 }
 
+/// `(partition, payload, click key)`; the key is set for click actions.
+type TrafficRecord = (u32, Vec<u8>, Option<(String, String)>);
+
 struct Traffic {
-    /// `(partition, payload, click key)`; the key is set for click actions.
-    records: Vec<(u32, Vec<u8>, Option<(String, String)>)>,
+    records: Vec<TrafficRecord>,
     impressions: u64,
     clicks: u64,
 }
@@ -151,7 +153,7 @@ fn join_args(topics: &crate::stream::Topics, dir: &std::path::Path, p: u32) -> J
 
 fn append_all(
     log: &dyn StreamLog,
-    records: &[(u32, Vec<u8>, Option<(String, String)>)],
+    records: &[TrafficRecord],
     partitions: u32,
 ) -> anyhow::Result<()> {
     let mut batches: Vec<Vec<&[u8]>> = vec![Vec::new(); partitions as usize];

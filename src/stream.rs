@@ -281,7 +281,7 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
     let elapsed = started.elapsed().as_secs_f64();
     let report = SimulateReport {
         ctr: s.clicks as f64 / s.impressions.max(1) as f64,
-        oracle_auc: auc(&probs, &clicks).map(f64::from),
+        oracle_auc: auc(&probs, &clicks),
         records_appended: batcher.appended,
         elapsed_s: elapsed,
         records_per_sec: batcher.appended as f64 / elapsed.max(1e-9),

@@ -35,7 +35,9 @@ fn help_lists_the_subcommands() {
     let o = freshet(&["--help"], &[]);
     assert!(o.status.success());
     let t = text(&o);
-    for sub in ["bench", "config", "train", "gen"] {
+    for sub in [
+        "bench", "config", "train", "gen", "simulate", "ingest", "join",
+    ] {
         assert!(t.contains(sub), "--help lacks {sub}: {t}");
     }
     let o = freshet(&["bench", "--help"], &[]);

@@ -12,9 +12,11 @@ use super::{LogError, StreamLog, MAX_RECORD_BYTES};
 /// Makes a fresh, empty topic with `partitions` partitions. `name` is unique per call.
 pub type Factory<'a> = dyn Fn(&str, u32) -> Arc<dyn StreamLog> + 'a;
 
+type Check = fn(&Factory<'_>);
+
 /// Runs every check; panics with the check's name on the first failure.
 pub fn run_all(factory: &Factory<'_>) {
-    let checks: [(&str, fn(&Factory<'_>)); 7] = [
+    let checks: [(&str, Check); 7] = [
         ("append_and_read_back", append_and_read_back),
         ("partitions_are_independent", partitions_are_independent),
         ("reads_respect_bounds", reads_respect_bounds),
