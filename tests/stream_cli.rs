@@ -32,8 +32,7 @@ fn ok(o: &Output) -> serde_json::Value {
     );
     let last = o
         .stdout
-        .split(|&b| b == b'
-')
+        .split(|&b| b == b'\n')
         .rfind(|l| !l.is_empty())
         .expect("output");
     serde_json::from_slice(last).expect("a JSON report")
