@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use freshet_actors::event::{DeadLetter, Event, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, SAMPLES_TOPIC};
+use freshet_actors::event::{
+    DeadLetter, Event, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
+};
 use freshet_actors::joiner::{JoinArgs, JoinerHandle, JoinerStats};
 use freshet_actors::metrics::auc;
 use freshet_actors::simulate::{SimConfig, SimRecord, Simulator};
@@ -331,7 +333,11 @@ struct IngestReport {
 
 pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
-    let topics = open_topics(&settings.log_dir(), &settings.log)?;
+    let root = settings.log_dir();
+    let events_log = EmbeddedLog::open(&root, EVENTS_TOPIC, settings.log.clone())
+        .with_context(|| format!("opening the event log under {}", root.display()))?;
+    let rejects_log = EmbeddedLog::open(&root, INGEST_REJECTS_TOPIC, settings.log.clone())
+        .with_context(|| format!("opening the ingest rejects under {}", root.display()))?;
     let input: Box<dyn BufRead> = if args.input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -340,8 +346,8 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
         Box::new(std::io::BufReader::with_capacity(1 << 20, f))
     };
     let source = format!("ingest:{}", args.input);
-    let mut events = Batcher::new(&*topics.events);
-    let mut dead = Batcher::new(&*topics.dead_letters);
+    let mut events = Batcher::new(&events_log);
+    let mut dead = Batcher::new(&rejects_log);
     let mut report = IngestReport::default();
     let mut oldest: Option<Instant> = None;
     let stdout = std::io::stdout();
@@ -396,7 +402,8 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
     if report.rejected > 0 {
         tracing::warn!(
             rejected = report.rejected,
-            "refused events were written to the dead-letter topic with their line numbers"
+            topic = INGEST_REJECTS_TOPIC,
+            "refused events were written aside with their line numbers"
         );
     }
     println!("{}", serde_json::to_string(&report)?);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use freshet_actors::event::{
-    DeadLetter, Event, JoinedSample, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, SAMPLES_TOPIC,
+    DeadLetter, Event, JoinedSample, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
 };
 use freshet_actors::rng::Xoshiro256;
 use freshet_actors::stream::{EmbeddedLog, LogConfig, StreamLog};
@@ -162,7 +162,7 @@ fn ingest_takes_json_lines_and_dead_letters_bad_ones() {
         Event::from_msgpack(&events[0]).unwrap(),
         Event::Impression(_)
     ));
-    let dead: Vec<DeadLetter> = read_all(&open(dir.path(), DEAD_LETTERS_TOPIC))
+    let dead: Vec<DeadLetter> = read_all(&open(dir.path(), INGEST_REJECTS_TOPIC))
         .iter()
         .map(|b| DeadLetter::from_msgpack(b).unwrap())
         .collect();

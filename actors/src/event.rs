@@ -28,8 +28,12 @@ use crate::stream::Offset;
 pub const EVENTS_TOPIC: &str = "events";
 /// The topic of joined, labelled samples.
 pub const SAMPLES_TOPIC: &str = "samples";
-/// The topic of records set aside: malformed events, orphan actions.
+/// The topic of records the joiners set aside: malformed events, orphan actions. Partition `p`
+/// has one writer, the joiner of event partition `p`.
 pub const DEAD_LETTERS_TOPIC: &str = "dead-letters";
+/// The topic of lines `freshet ingest` refused. Separate from [`DEAD_LETTERS_TOPIC`] because
+/// the joiners' exactly-once replay needs to be the only writer of theirs.
+pub const INGEST_REJECTS_TOPIC: &str = "ingest-rejects";
 
 /// Longest request, user or item id accepted.
 pub const MAX_ID_BYTES: usize = 256;
