@@ -361,7 +361,6 @@ fn a_wiped_checkpoint_is_refused_rather_than_duplicating_samples() {
     std::fs::remove_dir_all(dir.path().join("ckpt")).unwrap();
     let err = JoinTask::open(args(&logs, dir.path(), 0, 1000, 100)).unwrap_err();
     assert!(format!("{err:#}").contains("twice"), "{err:#}");
-    // A damaged checkpoint falls back to the previous one and still replays exactly.
 }
 
 #[test]
