@@ -24,7 +24,7 @@ use freshet_actors::stream::{partition_of, StreamLog};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::Settings;
-use crate::stream::{freshet_now_ms, open_topics};
+use crate::stream::open_topics;
 
 #[derive(Debug, Args)]
 pub(crate) struct JoinBenchArgs {
@@ -99,7 +99,7 @@ fn traffic(
     let mut sim = Simulator::new(SimConfig {
         seed,
         rate,
-        start_ms: freshet_now_ms() - (impressions as f64 / rate * 1000.0) as i64,
+        start_ms: freshet_actors::stream::now_ms() - (impressions as f64 / rate * 1000.0) as i64,
         click_scale: scale,
         duplicate_rate: defaults.duplicate_rate * f,
         out_of_order_rate: defaults.out_of_order_rate * f,

@@ -169,7 +169,7 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
     if args.fast && args.impressions.is_none() {
         anyhow::bail!("--fast needs --impressions: event time is laid out so the run ends now");
     }
-    let now = freshet_now_ms();
+    let now = freshet_actors::stream::now_ms();
     // A fast run ends at the present, so no event is from the future and the joiner's
     // watermark moves as it would have live.
     let start_ms = match (args.fast, args.impressions) {
@@ -294,13 +294,6 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
-}
-
-pub(crate) fn freshet_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------

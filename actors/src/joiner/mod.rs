@@ -155,14 +155,13 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Option<Checkpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let Some(split) = bytes.len().checked_sub(4) else {
-        bail!("{} is truncated ({} bytes)", path.display(), bytes.len());
+    let Some(body) = crate::stream::unseal(&bytes) else {
+        bail!(
+            "{} fails its checksum or is truncated ({} bytes)",
+            path.display(),
+            bytes.len()
+        );
     };
-    let (body, crc) = bytes.split_at(split);
-    let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    if crc32c::crc32c(body) != crc {
-        bail!("{} fails its checksum", path.display());
-    }
     let ck: Checkpoint =
         rmp_serde::from_slice(body).with_context(|| format!("decoding {}", path.display()))?;
     if ck.format != CHECKPOINT_FORMAT {
@@ -589,9 +588,8 @@ impl JoinTask {
             config: self.window.config(),
             state: self.window.state(),
         };
-        let mut bytes = rmp_serde::to_vec(&ck).context("encoding the joiner checkpoint")?;
-        let crc = crc32c::crc32c(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
+        let bytes =
+            crate::stream::seal(rmp_serde::to_vec(&ck).context("encoding the joiner checkpoint")?);
         let path = checkpoint_path(&self.args.checkpoint_dir, p);
         let staged = path.with_extension("ckpt.new");
         crate::stream::write_atomic(&staged, &bytes)

@@ -429,29 +429,20 @@ impl Window {
         let late_policy = self.cfg.late_policy;
         let mut emit = None;
         match self.st.entries.get_mut(&k) {
+            // Nothing labelled it yet (an open impression with no label has emitted nothing).
             Some(Entry::Open {
                 shown,
                 labels,
                 emitted,
                 ..
-            }) => {
-                if *labels & bit != 0 {
-                    self.st.counters.duplicate_actions += 1;
-                } else {
-                    *labels |= bit;
-                    if !*emitted {
-                        *emitted = true;
-                        self.st.counters.positives += 1;
-                        emit = Some((shown.clone(), *labels, SampleKind::Positive));
-                    } else if late_policy == LatePolicy::Correction {
-                        self.st.counters.corrections += 1;
-                        emit = Some((shown.clone(), *labels, SampleKind::Correction));
-                    } else {
-                        self.st.counters.late_dropped += 1;
-                    }
-                }
+            }) if !*emitted => {
+                *labels |= bit;
+                *emitted = true;
+                self.st.counters.positives += 1;
+                emit = Some((shown.clone(), *labels, SampleKind::Positive));
             }
-            Some(Entry::Closed { shown, labels, .. }) => {
+            // Its sample is out, whether or not its window has closed.
+            Some(Entry::Open { shown, labels, .. } | Entry::Closed { shown, labels, .. }) => {
                 if *labels & bit != 0 {
                     self.st.counters.duplicate_actions += 1;
                 } else {

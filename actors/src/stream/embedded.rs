@@ -548,18 +548,13 @@ fn write_index(seg: &Segment, dir: &Path) -> Result<(), LogError> {
         max_ts: seg.max_ts,
         entries: seg.index.clone(),
     };
-    let mut bytes = rmp_serde::to_vec(&idx).expect("plain struct serialises");
-    let crc = crc32c::crc32c(&bytes);
-    bytes.extend_from_slice(&crc.to_le_bytes());
+    let bytes = super::seal(rmp_serde::to_vec(&idx).expect("plain struct serialises"));
     write_atomic(&seg_path(dir, seg.base, "idx"), &bytes)
 }
 
 fn read_index(path: &Path, file_len: u64) -> Option<IndexFile> {
     let bytes = std::fs::read(path).ok()?;
-    let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
-    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
-        return None;
-    }
+    let body = super::unseal(&bytes)?;
     let idx: IndexFile = rmp_serde::from_slice(body).ok()?;
     (idx.magic == IDX_MAGIC && idx.len == file_len).then_some(idx)
 }

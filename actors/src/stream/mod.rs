@@ -184,7 +184,21 @@ pub fn partition_of(key: &str, partitions: u32) -> u32 {
     crate::routing::jump_consistent_hash(h, partitions.max(1))
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Appends a CRC32C of `bytes` (little-endian), for files that must be checked on load.
+pub(crate) fn seal(mut bytes: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// The body of a [`seal`]ed buffer, or `None` if it is too short or fails its checksum.
+pub(crate) fn unseal(bytes: &[u8]) -> Option<&[u8]> {
+    let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
+    (crc32c::crc32c(body) == u32::from_le_bytes(crc.try_into().ok()?)).then_some(body)
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
