@@ -307,6 +307,31 @@ mod tests {
                 "[log]\nfsync = { mode = \"sometimes\" }\n",
                 ["sometimes", "every_batch", ""],
             ),
+            (
+                "[log]\nbackend = \"kafkaa\"\n",
+                ["kafkaa", "embedded", "kafka"],
+            ),
+            // A Kafka build checks the cluster's settings; any other build refuses the backend
+            // and says how to get it.
+            if cfg!(feature = "kafka") {
+                (
+                    "[log]\nbackend = \"kafka\"\n[log.kafka]\nbrokers = \"k1:9092,k2\"\n",
+                    ["log.kafka.brokers", "k1:9092,k2", "host:port"],
+                )
+            } else {
+                (
+                    "[log]\nbackend = \"kafka\"\n",
+                    ["log.backend", "kafka", "--features kafka"],
+                )
+            },
+            (
+                "[log]\nbackend = \"kafka\"\n[log.kafka]\ntimeout_ms = 5\n",
+                if cfg!(feature = "kafka") {
+                    ["log.kafka.timeout_ms", "5", "100..=3600000"]
+                } else {
+                    ["log.backend", "kafka", "--features kafka"]
+                },
+            ),
         ];
         for (i, (text, want)) in cases.iter().enumerate() {
             let f = dir.path().join(format!("{i}.toml"));

@@ -18,7 +18,7 @@ use freshet_actors::event::{
 use freshet_actors::joiner::{JoinArgs, JoinerHandle, JoinerStats};
 use freshet_actors::metrics::auc;
 use freshet_actors::simulate::{SimConfig, SimRecord, Simulator};
-use freshet_actors::stream::{partition_of, EmbeddedLog, LogConfig, StreamLog};
+use freshet_actors::stream::{open_topic, partition_of, LogBackend, LogConfig, StreamLog};
 use serde::Serialize;
 
 use crate::settings::Settings;
@@ -32,15 +32,20 @@ pub(crate) struct Topics {
 
 pub(crate) fn open_topics(root: &Path, cfg: &LogConfig) -> anyhow::Result<Topics> {
     let open = |t: &str| -> anyhow::Result<Arc<dyn StreamLog>> {
-        let log = EmbeddedLog::open(root, t, cfg.clone())
-            .with_context(|| format!("opening topic {t} under {}", root.display()))?;
-        Ok(Arc::new(log))
+        open_topic(root, t, cfg).with_context(|| topic_context(t, root, cfg))
     };
     Ok(Topics {
         events: open(EVENTS_TOPIC)?,
         samples: open(SAMPLES_TOPIC)?,
         dead_letters: open(DEAD_LETTERS_TOPIC)?,
     })
+}
+
+fn topic_context(topic: &str, root: &Path, cfg: &LogConfig) -> String {
+    match cfg.backend {
+        LogBackend::Embedded => format!("opening topic {topic} under {}", root.display()),
+        LogBackend::Kafka => format!("opening topic {topic} on Kafka at {}", cfg.kafka.brokers),
+    }
 }
 
 /// Set by Ctrl-C: long-running commands finish their current batch and stop cleanly.
@@ -195,8 +200,8 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
     };
     let mut sim = Simulator::new(cfg)?;
     let root = settings.log_dir();
-    let events = EmbeddedLog::open(&root, EVENTS_TOPIC, settings.log.clone())
-        .with_context(|| format!("opening the event log under {}", root.display()))?;
+    let events = open_topic(&root, EVENTS_TOPIC, &settings.log)
+        .with_context(|| topic_context(EVENTS_TOPIC, &root, &settings.log))?;
     let truth_path = args.truth.clone().unwrap_or_else(|| {
         settings
             .node
@@ -211,7 +216,7 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
             .with_context(|| format!("creating {}", truth_path.display()))?,
     );
     let stop = interrupted();
-    let mut batcher = Batcher::new(&events);
+    let mut batcher = Batcher::new(&*events);
     let (mut recs, mut truth) = (Vec::<SimRecord>::new(), Vec::new());
     let (mut probs, mut clicks) = (Vec::new(), Vec::new());
     let started = Instant::now();
@@ -327,10 +332,10 @@ struct IngestReport {
 pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let root = settings.log_dir();
-    let events_log = EmbeddedLog::open(&root, EVENTS_TOPIC, settings.log.clone())
-        .with_context(|| format!("opening the event log under {}", root.display()))?;
-    let rejects_log = EmbeddedLog::open(&root, INGEST_REJECTS_TOPIC, settings.log.clone())
-        .with_context(|| format!("opening the ingest rejects under {}", root.display()))?;
+    let events_log = open_topic(&root, EVENTS_TOPIC, &settings.log)
+        .with_context(|| topic_context(EVENTS_TOPIC, &root, &settings.log))?;
+    let rejects_log = open_topic(&root, INGEST_REJECTS_TOPIC, &settings.log)
+        .with_context(|| topic_context(INGEST_REJECTS_TOPIC, &root, &settings.log))?;
     let input: Box<dyn BufRead> = if args.input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -339,8 +344,8 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
         Box::new(std::io::BufReader::with_capacity(1 << 20, f))
     };
     let source = format!("ingest:{}", args.input);
-    let mut events = Batcher::new(&events_log);
-    let mut dead = Batcher::new(&rejects_log);
+    let mut events = Batcher::new(&*events_log);
+    let mut dead = Batcher::new(&*rejects_log);
     let mut report = IngestReport::default();
     let mut oldest: Option<Instant> = None;
     let stdout = std::io::stdout();

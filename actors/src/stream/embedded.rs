@@ -34,18 +34,20 @@ use serde::{Deserialize, Serialize};
 use crate::embedding::InvalidValue;
 
 use super::{
-    check_group, now_ms, AppendAck, FsyncPolicy, LogError, Offset, Record, StreamLog,
-    MAX_RECORD_BYTES,
+    check_group, now_ms, AppendAck, FsyncPolicy, KafkaConfig, LogBackend, LogError, Offset, Record,
+    StreamLog, MAX_RECORD_BYTES,
 };
 
 const FRAME_HEADER: usize = 16;
 const IDX_MAGIC: u32 = 0x4653_4958; // "FSIX"
 
 /// How a topic is stored. Only `partitions` is fixed at creation; the rest may change between
-/// opens.
+/// opens. `backend` picks the implementation; the segment, fsync and retention settings apply
+/// to the embedded log (a Kafka topic keeps the retention its cluster gives it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    pub backend: LogBackend,
     pub partitions: u32,
     /// A segment is sealed and a new one started past this size.
     pub segment_bytes: u64,
@@ -56,17 +58,21 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Delete sealed segments whose newest record is older than this.
     pub retention_ms: Option<u64>,
+    /// Used when `backend` is `kafka`.
+    pub kafka: KafkaConfig,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
+            backend: LogBackend::Embedded,
             partitions: 4,
             segment_bytes: 64 << 20,
             index_interval_bytes: 4096,
             fsync: FsyncPolicy::Interval { ms: 100 },
             retention_bytes: None,
             retention_ms: Some(7 * 24 * 3600 * 1000),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -101,6 +107,16 @@ impl LogConfig {
                 0,
                 "at least 1 ms",
             ));
+        }
+        if self.backend == LogBackend::Kafka {
+            if !cfg!(feature = "kafka") {
+                return Err(InvalidValue::new(
+                    format!("{prefix}.backend"),
+                    "kafka",
+                    "\"embedded\": this build has no Kafka support (build with `--features kafka`)",
+                ));
+            }
+            self.kafka.validate(&format!("{prefix}.kafka"))?;
         }
         Ok(())
     }
@@ -1020,6 +1036,7 @@ mod tests {
             fsync: FsyncPolicy::Never,
             retention_bytes: None,
             retention_ms: None,
+            ..LogConfig::default()
         }
     }
 

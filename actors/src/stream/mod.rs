@@ -8,14 +8,21 @@
 //!
 //! Two implementations pass one conformance suite ([`conformance`]):
 //! - [`EmbeddedLog`]: segment files on local disk, the default and what `freshet dev` uses;
-//! - Kafka, for scale (cargo feature `kafka`).
+//! - `KafkaLog`, for scale (cargo feature `kafka`; `[log] backend = "kafka"`).
+//!
+//! [`open_topic`] picks one from the configuration.
 //!
 //! The trait is synchronous: the embedded log is file I/O, and Kafka's fetch is a long poll.
 //! Async callers run [`StreamLog::wait_for`] on a blocking thread.
 
 pub mod conformance;
 mod embedded;
+#[cfg(feature = "kafka")]
+mod kafka;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +30,137 @@ use thiserror::Error;
 
 pub(crate) use embedded::write_atomic;
 pub use embedded::{EmbeddedLog, LogConfig, RecoveryReport, RetentionReport};
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaLog;
+
+use crate::embedding::InvalidValue;
+
+/// Which implementation stores the topics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "String")]
+pub enum LogBackend {
+    /// Segment files under `<data_dir>/log`.
+    #[default]
+    Embedded,
+    /// A Kafka cluster (needs a build with the `kafka` feature).
+    Kafka,
+}
+
+// By hand rather than derived: a configuration loader's own "no such variant" message does not
+// say which values exist.
+impl TryFrom<String> for LogBackend {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "embedded" => Ok(Self::Embedded),
+            "kafka" => Ok(Self::Kafka),
+            _ => Err(format!(
+                "invalid log backend {s:?}: expected \"embedded\" or \"kafka\""
+            )),
+        }
+    }
+}
+
+/// Where the Kafka cluster is and how to talk to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// Prepended to every topic name, so several deployments can share a cluster.
+    pub topic_prefix: String,
+    /// Replicas of each topic Freshet creates.
+    pub replication_factor: i16,
+    /// How long one operation (an append's acknowledgement, a read's first record, a metadata
+    /// request) may take before it fails.
+    pub timeout_ms: u64,
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, ...), applied to
+    /// every client.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "freshet-".into(),
+            replication_factor: 1,
+            timeout_ms: 30_000,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Checks the values; `prefix` names this section in errors (such as `log.kafka`).
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidValue> {
+        let hosts_ok = !self.brokers.trim().is_empty()
+            && self.brokers.split(',').all(|h| {
+                h.trim()
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            });
+        if !hosts_ok {
+            return Err(InvalidValue::new(
+                format!("{prefix}.brokers"),
+                &self.brokers,
+                "a comma-separated list of host:port",
+            ));
+        }
+        let prefix_ok = self.topic_prefix.len() <= 200
+            && self
+                .topic_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return Err(InvalidValue::new(
+                format!("{prefix}.topic_prefix"),
+                &self.topic_prefix,
+                "up to 200 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        if self.replication_factor < 1 {
+            return Err(InvalidValue::new(
+                format!("{prefix}.replication_factor"),
+                self.replication_factor,
+                "at least 1",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.timeout_ms) {
+            return Err(InvalidValue::new(
+                format!("{prefix}.timeout_ms"),
+                self.timeout_ms,
+                "an integer in 100..=3600000",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Opens (creating if needed) `topic` on the configured backend. `root` is the embedded log's
+/// directory; Kafka ignores it.
+pub fn open_topic(
+    root: &Path,
+    topic: &str,
+    cfg: &LogConfig,
+) -> Result<Arc<dyn StreamLog>, LogError> {
+    match cfg.backend {
+        LogBackend::Embedded => Ok(Arc::new(EmbeddedLog::open(root, topic, cfg.clone())?)),
+        #[cfg(feature = "kafka")]
+        LogBackend::Kafka => Ok(Arc::new(KafkaLog::open(&cfg.kafka, topic, cfg.partitions)?)),
+        #[cfg(not(feature = "kafka"))]
+        LogBackend::Kafka => Err(LogError::Backend(
+            "[log] backend = \"kafka\", but this build has no Kafka support; rebuild with \
+             `--features kafka`"
+                .into(),
+        )),
+    }
+}
 
 /// A record's position in its partition. Offsets start at 0, grow by one per record and are
 /// never reused, not even after retention deletes the records below them.
