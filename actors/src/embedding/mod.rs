@@ -17,6 +17,8 @@ mod optimizer;
 pub mod snapshot;
 mod table;
 mod tier;
+#[cfg(feature = "tier-compare")]
+pub mod tier_compare;
 
 use std::path::{Path, PathBuf};
 

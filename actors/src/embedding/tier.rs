@@ -261,6 +261,11 @@ impl SpillStore {
         Ok(out)
     }
 
+    #[cfg(feature = "tier-compare")]
+    pub(crate) fn payload_floats(&self) -> usize {
+        self.payload_floats
+    }
+
     #[cfg(test)]
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
