@@ -152,17 +152,7 @@ impl KafkaLog {
         }
         let timeout = cfg.timeout();
 
-        let mut pc = client_config(cfg);
-        pc.set("enable.idempotence", "true")
-            .set("acks", "all")
-            // A batch is sent as soon as it is queued; `append` already batches.
-            .set("linger.ms", "1")
-            .set("message.timeout.ms", cfg.timeout_ms.to_string())
-            .set(
-                "message.max.bytes",
-                (MAX_RECORD_BYTES + 64 * 1024).to_string(),
-            );
-        let producer: ThreadedProducer<Ctx> = pc
+        let producer: ThreadedProducer<Ctx> = producer_config(cfg)
             .create_with_context(Ctx)
             .map_err(|e| backend(format!("creating a producer for {}", cfg.brokers), e))?;
         let meta: BaseConsumer<Ctx> = consumer_config(cfg, "freshet-meta")
@@ -235,7 +225,7 @@ impl KafkaLog {
     }
 
     fn create_topic(&self, timeout: Duration) -> Result<(), LogError> {
-        let cfg = client_config(&self.cfg);
+        let cfg = client_config(&self.cfg, &[], &[]);
         let topic = self.topic.clone();
         let partitions = self.partitions as i32;
         let replication = i32::from(self.cfg.replication_factor);
@@ -412,26 +402,61 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+/// A client's settings: `defaults` first, the user's `options` over them, then `fixed`, the
+/// settings the guarantees of this module rest on, which no option may change.
+fn client_config(
+    cfg: &KafkaConfig,
+    defaults: &[(&str, String)],
+    fixed: &[(&str, &str)],
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
     // librdkafka's own logging goes through `Ctx::log`; keep it to warnings and worse.
     c.set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in defaults {
+        c.set(*k, v);
+    }
     for (k, v) in &cfg.options {
         c.set(k, v);
+    }
+    for (k, v) in fixed {
+        c.set(*k, *v);
     }
     c
 }
 
+fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let defaults = [
+        // A batch is sent as soon as it is queued; `append` already batches.
+        ("linger.ms", "1".to_owned()),
+        ("message.timeout.ms", cfg.timeout_ms.to_string()),
+        (
+            "message.max.bytes",
+            (MAX_RECORD_BYTES + 64 * 1024).to_string(),
+        ),
+    ];
+    // Idempotence (which implies acks=all) is what keeps offsets one to one: no duplicate
+    // from a retried request, no reordering.
+    client_config(
+        cfg,
+        &defaults,
+        &[("enable.idempotence", "true"), ("acks", "all")],
+    )
+}
+
 fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
-    let mut c = client_config(cfg);
-    c.set("group.id", group)
-        // Offsets move only by explicit `commit`; positions only by explicit seeks.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "error")
-        .set("enable.partition.eof", "false");
-    c
+    client_config(
+        cfg,
+        &[],
+        &[
+            ("group.id", group),
+            // Offsets move only by explicit `commit`; positions only by explicit seeks.
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "error"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
 }
 
 impl StreamLog for KafkaLog {

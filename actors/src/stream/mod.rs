@@ -75,8 +75,11 @@ pub struct KafkaConfig {
     /// How long one operation (an append's acknowledgement, a read's first record, a metadata
     /// request) may take before it fails.
     pub timeout_ms: u64,
-    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, ...), applied to
-    /// every client.
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, `linger.ms`, ...),
+    /// applied to every client. The few settings the log's guarantees rest on
+    /// (`enable.idempotence`, `acks`, `group.id`, `enable.auto.commit`,
+    /// `enable.auto.offset.store`, `auto.offset.reset`, `enable.partition.eof`) are fixed and
+    /// override these.
     pub options: BTreeMap<String, String>,
 }
 
