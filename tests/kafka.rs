@@ -7,12 +7,15 @@
 #![cfg(feature = "kafka")]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_actors::event::{JoinedSample, SAMPLES_TOPIC};
 use freshet_actors::stream::{conformance, KafkaConfig, KafkaLog, LogError, StreamLog};
+
+mod common;
+use common::{ok, read_all};
 
 fn brokers() -> String {
     std::env::var("FRESHET_KAFKA_BROKERS").unwrap_or_else(|_| {
@@ -110,7 +113,7 @@ fn an_unreachable_cluster_fails_with_an_error_naming_it() {
 }
 
 /// `freshet` in `dir`, configured by a `freshet.toml` there for Kafka under `prefix`.
-fn freshet(dir: &Path, prefix: &str) -> Command {
+fn freshet_on_kafka(dir: &Path, prefix: &str) -> Command {
     let options: String = broker_workarounds()
         .iter()
         .map(|(k, v)| format!("{k:?} = {v:?}\n"))
@@ -121,42 +124,20 @@ fn freshet(dir: &Path, prefix: &str) -> Command {
         brokers()
     );
     std::fs::write(dir.join("freshet.toml"), toml).expect("write freshet.toml");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
-    c.current_dir(dir).args(["--data-dir", "data"]);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FRESHET") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn ok(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let last = o
-        .stdout
-        .split(|&b| b == b'\n')
-        .rfind(|l| !l.is_empty())
-        .expect("output");
-    serde_json::from_slice(last).expect("a JSON report")
+    common::freshet(dir)
 }
 
 #[test]
 fn simulate_and_join_run_on_kafka() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("cli");
-    let sim = ok(&freshet(dir.path(), &prefix)
+    let sim = ok(&freshet_on_kafka(dir.path(), &prefix)
         .args(["simulate", "--fast", "--impressions", "3000"])
         .output()
         .unwrap());
     assert_eq!(sim["impressions"], 3000);
     let clicks = sim["clicks"].as_u64().expect("clicks");
-    let joined = ok(&freshet(dir.path(), &prefix)
+    let joined = ok(&freshet_on_kafka(dir.path(), &prefix)
         .args(["join", "--until-caught-up"])
         .output()
         .unwrap());
@@ -174,20 +155,12 @@ fn simulate_and_join_run_on_kafka() {
         ..config("cli")
     };
     let samples = KafkaLog::open(&cfg, SAMPLES_TOPIC, 2).unwrap();
-    let mut positives = 0;
-    let mut total = 0;
-    for p in 0..2 {
-        let hw = samples.high_watermark(p).unwrap();
-        let mut at = 0;
-        while at < hw {
-            for r in samples.read(p, at, 1000).unwrap() {
-                at = r.offset + 1;
-                let s = JoinedSample::from_msgpack(&r.payload).expect("a joined sample");
-                total += 1;
-                positives += u64::from(s.labels["click"] == 1.0);
-            }
-        }
-    }
+    let samples: Vec<JoinedSample> = read_all(&samples)
+        .iter()
+        .map(|b| JoinedSample::from_msgpack(b).expect("a joined sample"))
+        .collect();
+    let total = samples.len() as u64;
+    let positives = samples.iter().filter(|s| s.labels["click"] == 1.0).count() as u64;
     assert_eq!(total, written);
     // The fast run spans 3 s of event time against a 10-minute window: every sample so far is
     // a positive, one per clicked (request, item) in the simulator's ground truth.
@@ -203,7 +176,7 @@ fn simulate_and_join_run_on_kafka() {
     assert_eq!(total, positives);
 
     // A second join resumes from its checkpoint against Kafka's offsets: nothing twice.
-    let again = ok(&freshet(dir.path(), &prefix)
+    let again = ok(&freshet_on_kafka(dir.path(), &prefix)
         .args(["join", "--until-caught-up"])
         .output()
         .unwrap());

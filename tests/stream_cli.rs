@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
 use freshet_actors::event::{
     DeadLetter, Event, JoinedSample, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
@@ -12,49 +12,11 @@ use freshet_actors::rng::Xoshiro256;
 use freshet_actors::stream::{EmbeddedLog, LogConfig, StreamLog};
 use freshet_actors::testkit;
 
-fn freshet(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
-    c.current_dir(dir).args(["--data-dir", "data"]);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FRESHET") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn ok(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let last = o
-        .stdout
-        .split(|&b| b == b'\n')
-        .rfind(|l| !l.is_empty())
-        .expect("output");
-    serde_json::from_slice(last).expect("a JSON report")
-}
+mod common;
+use common::{freshet, ok, read_all};
 
 fn open(dir: &Path, topic: &str) -> EmbeddedLog {
     EmbeddedLog::open(&dir.join("data/log"), topic, LogConfig::default()).expect("open log")
-}
-
-fn read_all(log: &dyn StreamLog) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for p in 0..log.partitions() {
-        let hw = log.high_watermark(p).unwrap();
-        let mut at = log.low_watermark(p).unwrap();
-        while at < hw {
-            for r in log.read(p, at, 1000).unwrap() {
-                at = r.offset + 1;
-                out.push(r.payload);
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::embedding::InvalidValue;
 
 use super::{
-    check_group, now_ms, AppendAck, FsyncPolicy, KafkaConfig, LogBackend, LogError, Offset, Record,
-    StreamLog, MAX_RECORD_BYTES,
+    check_group, check_read, now_ms, AppendAck, FsyncPolicy, KafkaConfig, LogBackend, LogError,
+    Offset, Record, StreamLog, MAX_RECORD_BYTES,
 };
 
 const FRAME_HEADER: usize = 16;
@@ -865,16 +865,13 @@ impl StreamLog for EmbeddedLog {
             let st = lock(&part.state);
             let low = st.segs[0].base;
             let high = st.segs.last().expect("segment").end;
-            if from < low || from > high {
-                return Err(LogError::OffsetOutOfRange {
-                    topic: self.shared.topic.clone(),
-                    partition,
-                    requested: from,
-                    low,
-                    high,
-                });
-            }
-            if from == high || max_records == 0 {
+            if !check_read(
+                &self.shared.topic,
+                partition,
+                from,
+                max_records,
+                (low, high),
+            )? {
                 return Ok(Vec::new());
             }
             // The segment holding `from`: the last one starting at or before it, skipping any

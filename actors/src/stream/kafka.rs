@@ -27,7 +27,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::topic_partition_list::{Offset as KOffset, TopicPartitionList};
 
 use super::{
-    check_group, now_ms, AppendAck, KafkaConfig, LogError, Offset, Record, StreamLog,
+    check_group, check_read, now_ms, AppendAck, KafkaConfig, LogError, Offset, Record, StreamLog,
     MAX_RECORD_BYTES,
 };
 
@@ -585,16 +585,7 @@ impl StreamLog for KafkaLog {
                 }
             }
             let (low, high) = self.watermarks(partition)?;
-            if from < low || from > high {
-                return Err(LogError::OffsetOutOfRange {
-                    topic: self.topic.clone(),
-                    partition,
-                    requested: from,
-                    low,
-                    high,
-                });
-            }
-            if from == high || max_records == 0 {
+            if !check_read(&self.topic, partition, from, max_records, (low, high))? {
                 return Ok(Vec::new());
             }
             self.seek(r, partition, from)?;

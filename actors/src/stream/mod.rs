@@ -318,6 +318,28 @@ pub(crate) fn check_group(group: &str) -> Result<(), LogError> {
     }
 }
 
+/// Checks a read from `from` against the retained range `low..=high`, the same way in every
+/// implementation: outside it is `OffsetOutOfRange`; `Ok(false)` means there is nothing to
+/// read (`from` is the end, or no record was asked for).
+pub(crate) fn check_read(
+    topic: &str,
+    partition: u32,
+    from: Offset,
+    max_records: usize,
+    (low, high): (Offset, Offset),
+) -> Result<bool, LogError> {
+    if from < low || from > high {
+        return Err(LogError::OffsetOutOfRange {
+            topic: topic.to_owned(),
+            partition,
+            requested: from,
+            low,
+            high,
+        });
+    }
+    Ok(from < high && max_records > 0)
+}
+
 /// The partition of a string key (a request id): the routing every producer and consumer of a
 /// topic must agree on, so it uses the stable hash and never `ahash`.
 pub fn partition_of(key: &str, partitions: u32) -> u32 {
