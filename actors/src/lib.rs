@@ -7,6 +7,7 @@
 //! The shared vocabulary (feature ids, table names, the message envelope, the key-to-shard
 //! function and the stable random numbers) lives here too, because every crate above speaks it.
 
+pub mod ckpt;
 pub mod dense;
 pub mod embedding;
 pub mod envelope;

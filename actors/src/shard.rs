@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::embedding::{
-    ApplyReport, Changes, EmbeddingError, EmbeddingShard, ShardSnapshot, TableConfig, TableStats,
-    TrainCtx,
+    ApplyReport, Changes, EmbeddingError, EmbeddingShard, ShardDelta, ShardSnapshot, TableConfig,
+    TableStats, TrainCtx,
 };
 use crate::envelope::{Envelope, TraceContext};
 use crate::ids::{FeatureId, ShardId, TableName};
@@ -101,6 +101,16 @@ pub enum ShardRequest {
     },
     Snapshot {
         reply: Reply<ShardSnapshot>,
+    },
+    /// Every table's checkpoint delta after the given table versions.
+    DeltaSince {
+        since: Vec<(TableName, u64)>,
+        reply: Reply<ShardDelta>,
+    },
+    /// A checkpoint holds everything up to these table versions: drop their change history.
+    ForgetChanges {
+        through: Vec<(TableName, u64)>,
+        reply: Reply<()>,
     },
     Restore {
         snapshot: Box<ShardSnapshot>,
@@ -215,6 +225,13 @@ impl Actor for ShardOwner {
             }
             ShardRequest::Snapshot { reply } => {
                 let _ = reply.send(st.shard.snapshot());
+            }
+            ShardRequest::DeltaSince { since, reply } => {
+                let _ = reply.send(st.shard.delta_since(&since));
+            }
+            ShardRequest::ForgetChanges { through, reply } => {
+                st.shard.forget_changes_through(&through);
+                let _ = reply.send(Ok(()));
             }
             ShardRequest::Restore { snapshot, reply } => {
                 let _ = reply.send(st.shard.restore(*snapshot));
@@ -351,6 +368,28 @@ impl ShardHandle {
 
     pub async fn snapshot(&self) -> Result<ShardSnapshot, ShardError> {
         self.ask(TraceContext::none(), |reply| ShardRequest::Snapshot {
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delta_since(
+        &self,
+        since: Vec<(TableName, u64)>,
+    ) -> Result<ShardDelta, ShardError> {
+        self.ask(TraceContext::none(), |reply| ShardRequest::DeltaSince {
+            since,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn forget_changes_through(
+        &self,
+        through: Vec<(TableName, u64)>,
+    ) -> Result<(), ShardError> {
+        self.ask(TraceContext::none(), |reply| ShardRequest::ForgetChanges {
+            through,
             reply,
         })
         .await

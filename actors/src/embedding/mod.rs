@@ -10,6 +10,7 @@
 mod admission;
 mod arena;
 pub mod bench;
+pub mod columns;
 pub mod config;
 mod index;
 mod mem;
@@ -30,7 +31,7 @@ pub use config::{
     AdmissionConfig, CapacityPolicy, EvictionConfig, Initializer, InvalidValue, OptimizerConfig,
     TableConfig,
 };
-pub use snapshot::{RowBlock, ShardSnapshot, TableSnapshot};
+pub use snapshot::{RowBlock, ShardDelta, ShardSnapshot, TableDelta, TableSnapshot};
 pub use table::{ApplyReport, Changes, Table, TableStats};
 
 use crate::ids::{ShardId, TableName};
@@ -167,6 +168,37 @@ impl EmbeddingShard {
             shard_count: self.shard_count,
             tables,
         })
+    }
+
+    /// Every table's changes after the versions in `since` (by table name; a table not
+    /// listed is taken from version 0, i.e. whole).
+    pub fn delta_since(
+        &mut self,
+        since: &[(TableName, u64)],
+    ) -> Result<ShardDelta, EmbeddingError> {
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for t in &mut self.tables {
+            let v = since
+                .iter()
+                .find(|(n, _)| n == t.name())
+                .map_or(0, |&(_, v)| v);
+            tables.push(t.delta_since(v)?);
+        }
+        Ok(ShardDelta {
+            shard: self.id,
+            shard_count: self.shard_count,
+            tables,
+        })
+    }
+
+    /// Forgets every table's change history up to the versions in `through`: a durable
+    /// checkpoint holds them now.
+    pub fn forget_changes_through(&mut self, through: &[(TableName, u64)]) {
+        for t in &mut self.tables {
+            if let Some(&(_, v)) = through.iter().find(|(n, _)| n == t.name()) {
+                t.forget_changes_through(v);
+            }
+        }
     }
 
     /// Restores every table from a snapshot of this same shard. All tables are checked before

@@ -7,12 +7,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::admission::AdmissionSnapshot;
+use super::columns;
 use super::table::TableStats;
 use crate::ids::{ShardId, TableName};
 use crate::rng::Xoshiro256;
 
 /// Rows in columns: one entry per row in every column, `data` holding `row_floats` per row.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Serialized as two byte strings: the metadata columns packed and compressed
+/// ([`super::columns`]), then the float block raw.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowBlock {
     pub row_ids: Vec<u32>,
     pub keys: Vec<u64>,
@@ -22,8 +26,46 @@ pub struct RowBlock {
     pub update_secs: Vec<u32>,
     pub freqs: Vec<u32>,
     /// Weights then optimizer state, per row.
-    #[serde(with = "f32_bytes")]
     pub data: Vec<f32>,
+}
+
+impl Serialize for RowBlock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        struct Meta<'a>(&'a RowBlock);
+        impl Serialize for Meta<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&columns::encode_meta(self.0, columns::DEFAULT_CODEC))
+            }
+        }
+        struct Floats<'a>(&'a [f32]);
+        impl Serialize for Floats<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                f32_bytes::serialize(self.0, s)
+            }
+        }
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&Meta(self))?;
+        t.serialize_element(&Floats(&self.data))?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RowBlock {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire(
+            #[serde(with = "byte_vec")] Vec<u8>,
+            #[serde(with = "f32_bytes")] Vec<f32>,
+        );
+        let Wire(meta, data) = Wire::deserialize(d)?;
+        let mut block = RowBlock {
+            data,
+            ..RowBlock::default()
+        };
+        columns::decode_meta(&meta, &mut block).map_err(serde::de::Error::custom)?;
+        Ok(block)
+    }
 }
 
 impl RowBlock {
@@ -132,6 +174,36 @@ impl TableSnapshot {
     }
 }
 
+/// What changed in one table of one shard after version `since`: with the snapshot (or
+/// restored state) at `since`, exactly the state at `version`. Rows changed and keys
+/// deleted cost in proportion to the changes; the table's small state (row-id allocation,
+/// pending admission, sampler, counters) travels whole.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableDelta {
+    pub name: TableName,
+    pub dim: u32,
+    pub optimizer: String,
+    pub row_floats: u32,
+    pub since: u64,
+    pub version: u64,
+    pub upserts: RowBlock,
+    pub tombstones: Vec<u64>,
+    pub next_row: u32,
+    pub free_rows: Vec<u32>,
+    pub admission: AdmissionSnapshot,
+    pub sampler: Xoshiro256,
+    pub sweep_cursor: u32,
+    pub stats: TableStats,
+}
+
+/// Every table's delta of one shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardDelta {
+    pub shard: ShardId,
+    pub shard_count: u32,
+    pub tables: Vec<TableDelta>,
+}
+
 /// Every table of one shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardSnapshot {
@@ -184,6 +256,42 @@ pub mod f32_bytes {
                     bytes.push(b);
                 }
                 self.visit_bytes(&bytes)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// Serde for `Vec<u8>` as one byte string (msgpack `bin`), not a sequence of numbers.
+pub mod byte_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(b.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(b)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut bytes = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                Ok(bytes)
             }
         }
         d.deserialize_bytes(V)

@@ -24,7 +24,7 @@ use super::arena::Arena;
 use super::config::{CapacityPolicy, TableConfig};
 use super::index::{index_hash, Index, COLD};
 use super::optimizer;
-use super::snapshot::{RowBlock, TableSnapshot};
+use super::snapshot::{RowBlock, TableDelta, TableSnapshot};
 use super::tier::SpillStore;
 use super::{EmbeddingError, TrainCtx};
 use crate::ids::TableName;
@@ -371,15 +371,25 @@ impl Table {
             .resolve(keys, Mode::Admit, ctx, &mut sc)
             .and_then(|created| {
                 let step = ctx.step as u32;
+                // Access counts and times are row state (LFU/LRU eviction reads them), so a
+                // training lookup stamps the row like any change: a checkpoint delta must
+                // carry them for a restore to be bit-identical.
+                let seal = *self.seals.last().expect("seals start with one");
+                let mut touched = created;
                 for &row in &sc.rows {
                     if row != NO_SLOT {
                         let m = &mut self.meta.get_mut(row)[0];
                         m.freq = m.freq.saturating_add(1);
                         m.access_step = step;
+                        if m.version <= seal {
+                            self.changes.push((new_version, m.key));
+                        }
+                        m.version = new_version;
+                        touched = true;
                     }
                 }
                 self.gather(&sc.slots, out);
-                if created {
+                if touched {
                     self.version = new_version;
                 }
                 // The resolution is valid at the epoch it was taken in. `maintain` may evict
@@ -576,6 +586,30 @@ impl Table {
             version: self.version,
             upserts,
             tombstones,
+        })
+    }
+
+    /// Everything that changed after version `since`, as a checkpoint delta: the rows and
+    /// tombstones of [`Table::changes_since`] plus the table's small state.
+    pub fn delta_since(&mut self, since: u64) -> Result<TableDelta, EmbeddingError> {
+        let changes = self.changes_since(since)?;
+        let mut free_rows = self.free_rows.clone();
+        free_rows.retain(|&r| r < self.next_row);
+        Ok(TableDelta {
+            name: self.name.clone(),
+            dim: self.dim as u32,
+            optimizer: self.cfg.optimizer.name().to_owned(),
+            row_floats: self.row_floats as u32,
+            since,
+            version: changes.version,
+            upserts: changes.upserts,
+            tombstones: changes.tombstones,
+            next_row: self.next_row,
+            free_rows,
+            admission: self.admission.snapshot(),
+            sampler: self.sampler.clone(),
+            sweep_cursor: self.sweep_cursor,
+            stats: self.stats.clone(),
         })
     }
 

@@ -1,0 +1,150 @@
+//! Checkpoints: the model as a chain of versions on disk.
+//!
+//! A full version holds every shard's snapshot and the dense state; a delta holds the rows
+//! changed since its parent, tombstones for rows removed, the whole dense state and the
+//! offsets. Each version records exactly which samples it has seen, so that rollback, replay,
+//! calibration and serving all start from a known point.
+//!
+//! - [`store`]: the on-disk store: atomic writes, verification, restore (into any number of
+//!   shards), retention with pins, serving export.
+//! - [`merge`]: the pure part of restore: deltas applied to snapshots, re-sharding.
+//! - [`writer`]: the CheckpointWriter actor, which captures versions at training-step
+//!   boundaries and announces them.
+//!
+//! The format is documented in `docs/model-store.md`.
+
+pub mod merge;
+pub mod store;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::dense::ModelConfig;
+use crate::embedding::TableConfig;
+use crate::ids::{ShardId, TableName};
+use crate::sample::Schema;
+
+pub use store::{load_serving, ModelStore, Payload, Restored};
+
+pub const FORMAT: &str = "freshet-model-store";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What the store can fail with. Callers act on `Corrupt`/`Missing` (pick an older version)
+/// differently from `Io` (the disk).
+#[derive(Debug, Error)]
+pub enum CkptError {
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is missing")]
+    Missing { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("version {version} cannot be restored: {reason}")]
+    Chain { version: u64, reason: String },
+    #[error("no version in {store} restores ({tried} tried)")]
+    NoGoodVersion { store: PathBuf, tried: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionKind {
+    Full,
+    Delta,
+    /// A serving export: weights only, outside the store's chain.
+    Serving,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    pub bytes: u64,
+    pub crc32c: u32,
+}
+
+/// The validator's verdict on a version, filled in after it is written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    pub passed: bool,
+    pub samples: u64,
+    /// Metric name -> value (auc, logloss, calibration, ...).
+    pub metrics: BTreeMap<String, f64>,
+    pub at_unix_ms: u64,
+    /// Which gate failed, if one did.
+    pub reason: Option<String>,
+}
+
+/// A version's manifest: `manifest.json` in its directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub version: u64,
+    pub parent: Option<u64>,
+    /// The full version this version's chain starts from (itself for a full version).
+    pub base: u64,
+    pub kind: VersionKind,
+    pub created_unix_ms: u64,
+    /// Training steps taken at this version.
+    pub step: u64,
+    pub rows_trained: u64,
+    /// Sample-log partition -> the next offset to consume: every sample before it is in this
+    /// version, none after it.
+    pub sample_offsets: BTreeMap<u32, u64>,
+    /// Event topic -> partition -> the joiner's next offset.
+    pub joiner_offsets: BTreeMap<String, BTreeMap<u32, u64>>,
+    pub validation: Option<Validation>,
+    pub model: ModelConfig,
+    pub schema: Schema,
+    pub tables: BTreeMap<String, TableConfig>,
+    pub shards: u32,
+    /// Every data file of this version: size and CRC32C (Castagnoli).
+    pub files: BTreeMap<String, FileSum>,
+}
+
+impl Manifest {
+    /// Bytes of this version's data files.
+    pub fn bytes(&self) -> u64 {
+        self.files.values().map(|f| f.bytes).sum()
+    }
+}
+
+/// What the caller knows of a version besides its state: the step, the offsets, the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionMeta {
+    pub step: u64,
+    pub rows_trained: u64,
+    pub sample_offsets: BTreeMap<u32, u64>,
+    pub joiner_offsets: BTreeMap<String, BTreeMap<u32, u64>>,
+    pub model: ModelConfig,
+    pub schema: Schema,
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// One table of a serving export: keys and weights only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServingTable {
+    pub name: TableName,
+    pub dim: u32,
+    pub keys: Vec<u64>,
+    #[serde(with = "crate::embedding::snapshot::f32_bytes")]
+    pub weights: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServingShard {
+    pub shard: ShardId,
+    pub shard_count: u32,
+    pub tables: Vec<ServingTable>,
+}
+
+#[cfg(test)]
+mod tests;

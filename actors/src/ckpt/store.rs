@@ -1,0 +1,694 @@
+//! The model store on disk: one directory per version, written atomically, verified before
+//! anything is decoded. The format is documented in `docs/model-store.md`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::merge::{apply_deltas, reshard};
+use super::{
+    CkptError, FileSum, Manifest, ServingShard, ServingTable, Validation, VersionKind, VersionMeta,
+    FORMAT, FORMAT_VERSION,
+};
+use crate::dense::DenseState;
+use crate::embedding::{ShardDelta, ShardSnapshot};
+
+const MANIFEST: &str = "manifest.json";
+const DENSE: &str = "dense.msgpack";
+const PINS: &str = "pins";
+/// Fault injection for the crash test: with `FRESHET_FAULT_CKPT_STALL=<version>`, the writer
+/// of that version stops after its first data file, as a process killed mid-write would.
+const STALL_ENV: &str = "FRESHET_FAULT_CKPT_STALL";
+
+fn shard_file(kind: VersionKind, i: usize) -> String {
+    match kind {
+        VersionKind::Full | VersionKind::Serving => format!("shard-{i}.msgpack"),
+        VersionKind::Delta => format!("shard-{i}.delta.msgpack"),
+    }
+}
+
+fn version_dir_name(v: u64) -> String {
+    format!("v{v:012}")
+}
+
+fn parse_version_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix('v')?;
+    if digits.len() != 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn io(path: &Path, e: std::io::Error) -> CkptError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        CkptError::Missing {
+            path: path.to_path_buf(),
+        }
+    } else {
+        CkptError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CkptError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a writer hands the store for one version.
+#[derive(Debug)]
+pub enum Payload {
+    Full(Vec<ShardSnapshot>),
+    /// Changes since `parent`, which must be in the store.
+    Delta {
+        parent: u64,
+        shards: Vec<ShardDelta>,
+    },
+}
+
+/// A version brought back: the manifest of the version asked for, its dense state, and every
+/// shard's snapshot at that version (re-sharded if asked).
+#[derive(Debug)]
+pub struct Restored {
+    pub manifest: Manifest,
+    pub dense: DenseState,
+    pub shards: Vec<ShardSnapshot>,
+    /// Bytes read from disk to restore it.
+    pub bytes_read: u64,
+}
+
+/// One store directory. Readers and one writer may share it: a version appears by a single
+/// rename, so a reader never sees half of one.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+impl ModelStore {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, CkptError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
+        Ok(Self { root })
+    }
+
+    /// Opens an existing store without creating anything.
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self, CkptError> {
+        let root = root.into();
+        if !root.is_dir() {
+            return Err(CkptError::Missing { path: root });
+        }
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn version_dir(&self, v: u64) -> PathBuf {
+        self.root.join(version_dir_name(v))
+    }
+
+    /// Every complete version, oldest first. Directories in progress (`.tmp-*`) are not
+    /// versions.
+    pub fn versions(&self) -> Result<Vec<u64>, CkptError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))? {
+            let e = e.map_err(|e| io(&self.root, e))?;
+            if let Some(v) = e.file_name().to_str().and_then(parse_version_dir) {
+                out.push(v);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    pub fn latest(&self) -> Result<Option<u64>, CkptError> {
+        Ok(self.versions()?.last().copied())
+    }
+
+    /// The manifest of version `v`, checked for format.
+    pub fn manifest(&self, v: u64) -> Result<Manifest, CkptError> {
+        let path = self.version_dir(v).join(MANIFEST);
+        let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
+            path: path.clone(),
+            reason: format!("not a manifest: {e}"),
+        })?;
+        if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+            return Err(CkptError::Corrupt {
+                path,
+                reason: format!(
+                    "format {} v{}; this build reads {FORMAT} v{FORMAT_VERSION}",
+                    m.format, m.format_version
+                ),
+            });
+        }
+        if m.version != v {
+            return Err(CkptError::Corrupt {
+                path,
+                reason: format!("manifest says version {}", m.version),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Writes a new version (numbered one past the newest) and returns its manifest.
+    ///
+    /// Files go to a temporary directory and are fsynced; the directory is renamed into
+    /// place and the store directory fsynced. A crash at any point leaves every earlier
+    /// version intact and no partial version visible.
+    pub fn write(
+        &self,
+        meta: VersionMeta,
+        dense: &DenseState,
+        payload: &Payload,
+    ) -> Result<Manifest, CkptError> {
+        let version = self.latest()?.map_or(1, |v| v + 1);
+        let (kind, parent, base, shards) = match payload {
+            Payload::Full(s) => (VersionKind::Full, None, version, s.len()),
+            Payload::Delta { parent, shards } => {
+                let p = self.manifest(*parent)?;
+                if p.kind == VersionKind::Serving {
+                    return Err(CkptError::Chain {
+                        version,
+                        reason: format!("parent {parent} is a serving export"),
+                    });
+                }
+                if p.shards as usize != shards.len() {
+                    return Err(CkptError::Chain {
+                        version,
+                        reason: format!(
+                            "{} shard deltas, parent {parent} has {} shards",
+                            shards.len(),
+                            p.shards
+                        ),
+                    });
+                }
+                (VersionKind::Delta, Some(*parent), p.base, shards.len())
+            }
+        };
+        let mut files = BTreeMap::new();
+        let tmp = self
+            .root
+            .join(format!(".tmp-{}-{}", version, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        let stall = std::env::var(STALL_ENV)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok());
+        write_encoded(&tmp, DENSE, dense, &mut files)?;
+        if stall == Some(version) {
+            eprintln!("{STALL_ENV}: stalled writing version {version}");
+            loop {
+                std::thread::park();
+            }
+        }
+        match payload {
+            Payload::Full(s) => {
+                for (i, snap) in s.iter().enumerate() {
+                    write_encoded(&tmp, &shard_file(kind, i), snap, &mut files)?;
+                }
+            }
+            Payload::Delta { shards: d, .. } => {
+                for (i, delta) in d.iter().enumerate() {
+                    write_encoded(&tmp, &shard_file(kind, i), delta, &mut files)?;
+                }
+            }
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            version,
+            parent,
+            base,
+            kind,
+            created_unix_ms: now_unix_ms(),
+            step: meta.step,
+            rows_trained: meta.rows_trained,
+            sample_offsets: meta.sample_offsets,
+            joiner_offsets: meta.joiner_offsets,
+            validation: None,
+            model: meta.model,
+            schema: meta.schema,
+            tables: meta.tables,
+            shards: shards as u32,
+            files,
+        };
+        write_manifest(&tmp, &manifest)?;
+        sync_dir(&tmp)?;
+        let dir = self.version_dir(version);
+        std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+        sync_dir(&self.root)?;
+        Ok(manifest)
+    }
+
+    /// Removes directories left by writers that died mid-version. Only the store's single
+    /// writer calls this, when it starts.
+    pub fn remove_stale_temporaries(&self) -> Result<usize, CkptError> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))? {
+            let e = e.map_err(|e| io(&self.root, e))?;
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                std::fs::remove_dir_all(e.path()).map_err(|err| io(&e.path(), err))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records a validation result in version `v`'s manifest (atomically replaced).
+    pub fn set_validation(&self, v: u64, validation: Validation) -> Result<Manifest, CkptError> {
+        let mut m = self.manifest(v)?;
+        m.validation = Some(validation);
+        let dir = self.version_dir(v);
+        write_manifest(&dir, &m)?;
+        Ok(m)
+    }
+
+    /// The versions `v` is built from, oldest first: its full version, then each delta.
+    pub fn chain(&self, v: u64) -> Result<Vec<Manifest>, CkptError> {
+        let mut chain = vec![self.manifest(v)?];
+        while let Some(p) = chain.last().and_then(|m| m.parent) {
+            let child = chain.last().map_or(v, |m| m.version);
+            if p >= child {
+                return Err(CkptError::Chain {
+                    version: child,
+                    reason: format!("parent {p} is not older"),
+                });
+            }
+            chain.push(self.manifest(p)?);
+        }
+        chain.reverse();
+        match chain.first() {
+            Some(m) if m.kind == VersionKind::Full => Ok(chain),
+            Some(m) => Err(CkptError::Chain {
+                version: v,
+                reason: format!("its chain starts at version {}, a {:?}", m.version, m.kind),
+            }),
+            None => Err(CkptError::Chain {
+                version: v,
+                reason: "empty chain".into(),
+            }),
+        }
+    }
+
+    /// Checks every file of version `v` (not its chain) against its manifest.
+    pub fn verify(&self, v: u64) -> Result<u64, CkptError> {
+        let m = self.manifest(v)?;
+        let dir = self.version_dir(v);
+        let mut bytes = 0;
+        for name in m.files.keys() {
+            bytes += read_checked(&dir, name, &m)?.len() as u64;
+        }
+        Ok(bytes)
+    }
+
+    /// Restores version `v` into `shards` shards (`None`: as many as were written).
+    ///
+    /// Every file of the chain is checked against its checksum before it is decoded; a
+    /// missing or corrupt one is named in the error, and nothing is returned.
+    pub fn restore(&self, v: u64, shards: Option<u32>) -> Result<Restored, CkptError> {
+        let chain = self.chain(v)?;
+        let last = chain.last().cloned().ok_or(CkptError::Chain {
+            version: v,
+            reason: "empty chain".into(),
+        })?;
+        let count = last.shards as usize;
+        if let Some(m) = chain.iter().find(|m| m.shards as usize != count) {
+            return Err(CkptError::Chain {
+                version: v,
+                reason: format!("version {} has {} shards, not {count}", m.version, m.shards),
+            });
+        }
+        let (dense, dense_bytes): (DenseState, u64) =
+            read_decoded(&self.version_dir(v), DENSE, &last)?;
+        // Shards are independent: each is read and merged on its own thread.
+        let per_shard: Vec<Result<(ShardSnapshot, u64), CkptError>> = (0..count)
+            .into_par_iter()
+            .map(|i| {
+                let full = &chain[0];
+                let (base, mut bytes): (ShardSnapshot, u64) = read_decoded(
+                    &self.version_dir(full.version),
+                    &shard_file(VersionKind::Full, i),
+                    full,
+                )?;
+                let mut deltas = Vec::with_capacity(chain.len() - 1);
+                for m in &chain[1..] {
+                    let (d, b): (ShardDelta, u64) = read_decoded(
+                        &self.version_dir(m.version),
+                        &shard_file(VersionKind::Delta, i),
+                        m,
+                    )?;
+                    bytes += b;
+                    deltas.push(d);
+                }
+                let snap = apply_deltas(base, deltas).map_err(|reason| CkptError::Chain {
+                    version: v,
+                    reason: format!("shard {i}: {reason}"),
+                })?;
+                Ok((snap, bytes))
+            })
+            .collect();
+        let mut snaps = Vec::with_capacity(count);
+        let mut bytes_read = dense_bytes;
+        for r in per_shard {
+            let (s, b) = r?;
+            bytes_read += b;
+            snaps.push(s);
+        }
+        let snaps = match shards {
+            Some(n) => {
+                reshard(snaps, n).map_err(|reason| CkptError::Chain { version: v, reason })?
+            }
+            None => snaps,
+        };
+        Ok(Restored {
+            manifest: last,
+            dense,
+            shards: snaps,
+            bytes_read,
+        })
+    }
+
+    /// The newest version that restores, skipping (and reporting) ones that do not.
+    pub fn restore_newest(
+        &self,
+        shards: Option<u32>,
+    ) -> Result<(Restored, Vec<(u64, CkptError)>), CkptError> {
+        let mut skipped = Vec::new();
+        for v in self.versions()?.into_iter().rev() {
+            if self
+                .manifest(v)
+                .is_ok_and(|m| m.kind == VersionKind::Serving)
+            {
+                continue;
+            }
+            match self.restore(v, shards) {
+                Ok(r) => return Ok((r, skipped)),
+                Err(e) => skipped.push((v, e)),
+            }
+        }
+        Err(CkptError::NoGoodVersion {
+            store: self.root.clone(),
+            tried: skipped.len(),
+        })
+    }
+
+    /// Records that `holder` (a serving replica) uses version `v`; retention never deletes it.
+    pub fn pin(&self, holder: &str, v: u64) -> Result<(), CkptError> {
+        if holder.is_empty()
+            || !holder
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(CkptError::Invalid(format!(
+                "pin holder {holder:?} must be letters, digits, '-' or '_'"
+            )));
+        }
+        let dir = self.root.join(PINS);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let tmp = dir.join(format!(".{holder}.tmp"));
+        std::fs::write(&tmp, v.to_string()).map_err(|e| io(&tmp, e))?;
+        let path = dir.join(holder);
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))
+    }
+
+    pub fn unpin(&self, holder: &str) -> Result<(), CkptError> {
+        let path = self.root.join(PINS).join(holder);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pinned versions by holder. A pin file that does not hold a number is an error, not
+    /// an absent pin: deleting a version a replica uses is worse than keeping too much.
+    pub fn pins(&self) -> Result<BTreeMap<String, u64>, CkptError> {
+        let dir = self.root.join(PINS);
+        let mut out = BTreeMap::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&dir, e)),
+        };
+        for e in entries {
+            let e = e.map_err(|e| io(&dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = e.path();
+            let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let v = text.trim().parse().map_err(|_| CkptError::Corrupt {
+                path: path.clone(),
+                reason: format!("pin holds {:?}, not a version", text.trim()),
+            })?;
+            out.insert(name, v);
+        }
+        Ok(out)
+    }
+
+    /// Keeps the newest `keep_full` full versions with their delta chains, every pinned
+    /// version's chain, and every version newer than the oldest kept full one; deletes the
+    /// rest, oldest first. Returns the deleted versions.
+    pub fn retain(&self, keep_full: usize) -> Result<Vec<u64>, CkptError> {
+        let keep_full = keep_full.max(1);
+        let versions = self.versions()?;
+        let mut manifests = BTreeMap::new();
+        for &v in &versions {
+            manifests.insert(v, self.manifest(v)?);
+        }
+        let fulls: Vec<u64> = manifests
+            .values()
+            .filter(|m| m.kind == VersionKind::Full)
+            .map(|m| m.version)
+            .collect();
+        let Some(&oldest_kept) = fulls.iter().rev().take(keep_full).last() else {
+            return Ok(Vec::new());
+        };
+        let mut keep: std::collections::BTreeSet<u64> = versions
+            .iter()
+            .copied()
+            .filter(|&v| v >= oldest_kept)
+            .collect();
+        for (_, v) in self.pins()? {
+            // A pinned version needs its whole chain back to its full version.
+            let mut at = Some(v);
+            while let Some(x) = at {
+                keep.insert(x);
+                at = manifests.get(&x).and_then(|m| m.parent);
+            }
+        }
+        let mut deleted = Vec::new();
+        for v in versions {
+            if keep.contains(&v) {
+                continue;
+            }
+            let dir = self.version_dir(v);
+            // Rename first, so that a crash mid-delete never leaves a half version under a
+            // version name.
+            let doomed = self.root.join(format!(".tmp-del-{v}"));
+            std::fs::rename(&dir, &doomed).map_err(|e| io(&dir, e))?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))?;
+            deleted.push(v);
+        }
+        if !deleted.is_empty() {
+            sync_dir(&self.root)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Writes version `v` for serving to `out` (a new directory): weights only, without
+    /// optimizer state or admission counters.
+    pub fn export_serving(&self, v: u64, out: &Path) -> Result<Manifest, CkptError> {
+        let r = self.restore(v, None)?;
+        if out.exists() {
+            return Err(CkptError::Invalid(format!(
+                "{} exists; a serving export goes to a new directory",
+                out.display()
+            )));
+        }
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        let name = out
+            .file_name()
+            .ok_or_else(|| CkptError::Invalid(format!("{} has no name", out.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        let mut files = BTreeMap::new();
+        let mut dense = r.dense;
+        dense.optimizer.m = Vec::new();
+        dense.optimizer.v = Vec::new();
+        write_encoded(&tmp, DENSE, &dense, &mut files)?;
+        for (i, s) in r.shards.iter().enumerate() {
+            let tables = s
+                .tables
+                .iter()
+                .map(|t| {
+                    let (dim, rf) = (t.dim as usize, t.row_floats as usize);
+                    let mut weights = Vec::with_capacity(t.rows.len() * dim);
+                    for i in 0..t.rows.len() {
+                        weights.extend_from_slice(&t.rows.row(i, rf)[..dim]);
+                    }
+                    ServingTable {
+                        name: t.name.clone(),
+                        dim: t.dim,
+                        keys: t.rows.keys.clone(),
+                        weights,
+                    }
+                })
+                .collect();
+            let shard = ServingShard {
+                shard: s.shard,
+                shard_count: s.shard_count,
+                tables,
+            };
+            write_encoded(
+                &tmp,
+                &shard_file(VersionKind::Serving, i),
+                &shard,
+                &mut files,
+            )?;
+        }
+        let mut m = r.manifest;
+        m.kind = VersionKind::Serving;
+        m.parent = None;
+        m.files = files;
+        write_manifest(&tmp, &m)?;
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
+        sync_dir(parent)?;
+        Ok(m)
+    }
+}
+
+/// Reads a serving export written by [`ModelStore::export_serving`], verifying every file.
+pub fn load_serving(dir: &Path) -> Result<(Manifest, DenseState, Vec<ServingShard>), CkptError> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
+        path: path.clone(),
+        reason: format!("not a manifest: {e}"),
+    })?;
+    if m.kind != VersionKind::Serving {
+        return Err(CkptError::Invalid(format!(
+            "{} is a {:?} version, not a serving export",
+            dir.display(),
+            m.kind
+        )));
+    }
+    let (dense, _) = read_decoded(dir, DENSE, &m)?;
+    let mut shards = Vec::with_capacity(m.shards as usize);
+    for i in 0..m.shards as usize {
+        let (s, _) = read_decoded(dir, &shard_file(VersionKind::Serving, i), &m)?;
+        shards.push(s);
+    }
+    Ok((m, dense, shards))
+}
+
+fn write_bytes(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    files: &mut BTreeMap<String, FileSum>,
+) -> Result<(), CkptError> {
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+    f.write_all(bytes).map_err(|e| io(&path, e))?;
+    f.sync_all().map_err(|e| io(&path, e))?;
+    files.insert(
+        name.to_string(),
+        FileSum {
+            bytes: bytes.len() as u64,
+            crc32c: crc32c::crc32c(bytes),
+        },
+    );
+    Ok(())
+}
+
+fn write_encoded<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+    files: &mut BTreeMap<String, FileSum>,
+) -> Result<(), CkptError> {
+    let bytes = rmp_serde::to_vec(value)
+        .map_err(|e| CkptError::Invalid(format!("encoding {name}: {e}")))?;
+    write_bytes(dir, name, &bytes, files)
+}
+
+/// Replaces `dir`'s manifest atomically (write aside, fsync, rename, fsync the directory).
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CkptError> {
+    let bytes = serde_json::to_vec_pretty(m)
+        .map_err(|e| CkptError::Invalid(format!("encoding the manifest: {e}")))?;
+    let tmp = dir.join(".manifest.json.tmp");
+    let mut unused = BTreeMap::new();
+    write_bytes(dir, ".manifest.json.tmp", &bytes, &mut unused)?;
+    let path = dir.join(MANIFEST);
+    std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+    sync_dir(dir)
+}
+
+fn read_checked(dir: &Path, name: &str, m: &Manifest) -> Result<Vec<u8>, CkptError> {
+    let path = dir.join(name);
+    let want = m.files.get(name).ok_or_else(|| CkptError::Corrupt {
+        path: dir.join(MANIFEST),
+        reason: format!("does not list {name}"),
+    })?;
+    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    if bytes.len() as u64 != want.bytes {
+        return Err(CkptError::Corrupt {
+            path,
+            reason: format!(
+                "{} bytes, the manifest says {} (truncated or extended)",
+                bytes.len(),
+                want.bytes
+            ),
+        });
+    }
+    let crc = crc32c::crc32c(&bytes);
+    if crc != want.crc32c {
+        return Err(CkptError::Corrupt {
+            path,
+            reason: format!("CRC32C {crc:08x}, the manifest says {:08x}", want.crc32c),
+        });
+    }
+    Ok(bytes)
+}
+
+fn read_decoded<T: DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+    m: &Manifest,
+) -> Result<(T, u64), CkptError> {
+    let bytes = read_checked(dir, name, m)?;
+    let v = rmp_serde::from_slice(&bytes).map_err(|e| CkptError::Corrupt {
+        path: dir.join(name),
+        reason: format!("does not decode: {e}"),
+    })?;
+    Ok((v, bytes.len() as u64))
+}

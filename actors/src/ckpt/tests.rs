@@ -1,0 +1,468 @@
+use std::collections::BTreeMap;
+
+use super::writer::{CheckpointHandle, Schedule, StepBoundary, WriterArgs};
+use super::*;
+use crate::dense::{DenseNet, DenseState, InputShape, ModelConfig, ModelKind};
+use crate::embedding::{
+    AdmissionConfig, CapacityPolicy, EmbeddingShard, EvictionConfig, OptimizerConfig,
+    ShardSnapshot, TrainCtx,
+};
+use crate::rng::Xoshiro256;
+use crate::routing::shard_of;
+use crate::shard::ShardRouter;
+
+fn tables() -> Vec<(TableName, TableConfig)> {
+    let evicting = TableConfig {
+        eviction: EvictionConfig {
+            max_idle_steps: Some(6),
+            capacity: Some(150),
+            capacity_policy: CapacityPolicy::Lru,
+            sweep_rows_per_call: 32,
+            ..EvictionConfig::default()
+        },
+        admission: AdmissionConfig::Counter { min_count: 2 },
+        optimizer: OptimizerConfig::Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.1,
+            eps: 1e-10,
+        },
+        ..TableConfig::with_dim(4)
+    };
+    let bloom = TableConfig {
+        admission: AdmissionConfig::CountingBloom {
+            min_count: 2,
+            false_positive_rate: 0.01,
+            expected_keys: 1000,
+        },
+        ..TableConfig::with_dim(3)
+    };
+    vec![
+        (TableName::new("a"), evicting),
+        (TableName::new("b"), bloom),
+    ]
+}
+
+fn dense(seed: u64) -> DenseState {
+    let mut cfg = ModelConfig::new(ModelKind::Lr);
+    cfg.seed = seed;
+    DenseNet::new(
+        cfg,
+        InputShape {
+            fields: vec![0],
+            dense: 2,
+        },
+    )
+    .unwrap()
+    .state()
+}
+
+fn meta(step: u64) -> VersionMeta {
+    VersionMeta {
+        step,
+        rows_trained: step * 10,
+        sample_offsets: BTreeMap::from([(0, step * 10), (1, step * 7)]),
+        joiner_offsets: BTreeMap::from([("impressions".into(), BTreeMap::from([(0, step)]))]),
+        model: ModelConfig::new(ModelKind::Lr),
+        schema: crate::sample::Schema::criteo(4),
+        tables: tables()
+            .into_iter()
+            .map(|(n, c)| (n.to_string(), c))
+            .collect(),
+    }
+}
+
+fn shards(n: u32) -> Vec<EmbeddingShard> {
+    (0..n)
+        .map(|s| EmbeddingShard::new(s, n, &tables(), None).unwrap())
+        .collect()
+}
+
+/// One training step on every shard: Zipf-ish keys, lookups then gradients.
+fn train_step(shards: &mut [EmbeddingShard], rng: &mut Xoshiro256, step: u64) {
+    let n = shards.len() as u32;
+    for (name, cfg) in tables() {
+        let keys: Vec<u64> = (0..60)
+            .map(|_| {
+                let r = rng.next_f64();
+                (r * r * 400.0) as u64
+            })
+            .collect();
+        for s in 0..n {
+            let mine: Vec<u64> = keys
+                .iter()
+                .copied()
+                .filter(|&k| shard_of(k, n) == s)
+                .collect();
+            let t = shards[s as usize].table_mut(&name).unwrap();
+            let ctx = TrainCtx {
+                step,
+                now_ms: 1_000_000 + step * 1000,
+            };
+            let mut out = Vec::new();
+            t.lookup_for_training(&mine, &ctx, &mut out).unwrap();
+            let grads: Vec<f32> = (0..mine.len() * cfg.dim)
+                .map(|_| rng.next_f32() - 0.5)
+                .collect();
+            t.apply_gradients(&mine, &grads, &ctx).unwrap();
+        }
+    }
+}
+
+fn snap_all(shards: &mut [EmbeddingShard]) -> Vec<ShardSnapshot> {
+    shards.iter_mut().map(|s| s.snapshot().unwrap()).collect()
+}
+
+fn versions_of(snaps: &[ShardSnapshot]) -> Vec<Vec<(TableName, u64)>> {
+    snaps
+        .iter()
+        .map(|s| {
+            s.tables
+                .iter()
+                .map(|t| (t.name.clone(), t.version))
+                .collect()
+        })
+        .collect()
+}
+
+/// Trains 4 shards for 40 steps, writing a full version at step 10 and deltas every 5
+/// steps after it; returns the store and, per version, the exact in-memory state.
+fn write_chain(
+    root: &std::path::Path,
+    seed: u64,
+) -> (ModelStore, BTreeMap<u64, Vec<ShardSnapshot>>) {
+    let store = ModelStore::open(root).unwrap();
+    let mut rng = Xoshiro256::seed_from_u64(seed);
+    let mut sh = shards(4);
+    let mut truth = BTreeMap::new();
+    let mut since: Option<(u64, Vec<Vec<(TableName, u64)>>)> = None;
+    for step in 1..=40 {
+        train_step(&mut sh, &mut rng, step);
+        if step < 10 || step % 5 != 0 {
+            continue;
+        }
+        let now = snap_all(&mut sh);
+        let payload = match &since {
+            None => Payload::Full(now.clone()),
+            Some((parent, v)) => Payload::Delta {
+                parent: *parent,
+                shards: sh
+                    .iter_mut()
+                    .zip(v)
+                    .map(|(s, v)| s.delta_since(v).unwrap())
+                    .collect(),
+            },
+        };
+        let m = store.write(meta(step), &dense(step), &payload).unwrap();
+        since = Some((m.version, versions_of(&now)));
+        truth.insert(m.version, now);
+    }
+    (store, truth)
+}
+
+#[test]
+fn restore_of_every_version_is_bit_identical() {
+    let seed = crate::testkit::seed("restore_of_every_version_is_bit_identical");
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), seed);
+    assert_eq!(
+        store.versions().unwrap(),
+        truth.keys().copied().collect::<Vec<_>>()
+    );
+    let evicted: u64 = truth
+        .values()
+        .last()
+        .unwrap()
+        .iter()
+        .map(|s| s.tables[0].stats.evicted())
+        .sum();
+    assert!(evicted > 0, "the chain must cover evictions (tombstones)");
+    for (&v, want) in &truth {
+        let r = store.restore(v, None).unwrap();
+        assert_eq!(&r.shards, want, "version {v} (seed {seed})");
+        let m = &r.manifest;
+        assert_eq!(m.version, v);
+        assert_eq!(r.dense, dense(m.step));
+        assert_eq!(m.sample_offsets, meta(m.step).sample_offsets);
+        assert_eq!(m.joiner_offsets, meta(m.step).joiner_offsets);
+        // And the restored state is accepted by live shards.
+        for (s, snap) in shards(4).iter_mut().zip(r.shards) {
+            s.restore(snap).unwrap();
+        }
+    }
+    let last = store.manifest(*truth.keys().last().unwrap()).unwrap();
+    assert_eq!(last.kind, VersionKind::Delta);
+    assert_eq!(last.base, 1);
+}
+
+#[test]
+fn restore_reshards_into_1_3_and_8() {
+    let seed = crate::testkit::seed("restore_reshards_into_1_3_and_8");
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), seed);
+    let (&v, want) = truth.iter().last().unwrap();
+    let by_key = |snaps: &[ShardSnapshot], t: usize| {
+        let mut rows: Vec<(u64, Vec<f32>)> = snaps
+            .iter()
+            .flat_map(|s| {
+                s.tables[t]
+                    .rows_by_key()
+                    .into_iter()
+                    .map(|(k, r)| (k, r.to_vec()))
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        rows
+    };
+    for n in [1u32, 3, 8] {
+        let r = store.restore(v, Some(n)).unwrap();
+        assert_eq!(r.shards.len(), n as usize);
+        for t in 0..2 {
+            assert_eq!(
+                by_key(&r.shards, t),
+                by_key(want, t),
+                "{n} shards, table {t}"
+            );
+        }
+        // Pending admission counts move with their keys.
+        let pending = |snaps: &[ShardSnapshot]| {
+            let mut all: Vec<(u64, u32)> = snaps
+                .iter()
+                .flat_map(|s| match &s.tables[0].admission {
+                    crate::embedding::AdmissionSnapshot::Counter(v) => v.clone(),
+                    _ => panic!("counter admission expected"),
+                })
+                .collect();
+            all.sort_unstable();
+            all
+        };
+        assert_eq!(pending(&r.shards), pending(want));
+        let mut live = shards(n);
+        for (s, snap) in live.iter_mut().zip(r.shards) {
+            for t in &snap.tables {
+                for &k in &t.rows.keys {
+                    assert_eq!(shard_of(k, n), snap.shard, "key {k} in the wrong shard");
+                }
+            }
+            s.restore(snap).unwrap();
+        }
+    }
+}
+
+#[test]
+fn corrupt_truncated_or_missing_files_are_named_and_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 5);
+    let newest = *truth.keys().last().unwrap();
+    let dir = store.version_dir(newest);
+    let file = dir.join("shard-2.delta.msgpack");
+    let good = std::fs::read(&file).unwrap();
+
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x01;
+    std::fs::write(&file, &flipped).unwrap();
+    let e = store.restore(newest, None).unwrap_err().to_string();
+    assert!(
+        e.contains("shard-2.delta.msgpack is corrupt: CRC32C"),
+        "{e}"
+    );
+    assert!(store.verify(newest).is_err());
+
+    std::fs::write(&file, &good[..good.len() - 3]).unwrap();
+    let e = store.restore(newest, None).unwrap_err().to_string();
+    assert!(
+        e.contains("shard-2.delta.msgpack is corrupt") && e.contains("truncated"),
+        "{e}"
+    );
+
+    std::fs::remove_file(&file).unwrap();
+    let e = store.restore(newest, None).unwrap_err();
+    assert!(matches!(e, CkptError::Missing { .. }), "{e}");
+    assert!(
+        e.to_string().contains("shard-2.delta.msgpack is missing"),
+        "{e}"
+    );
+
+    // The caller can fall back to the newest good version.
+    let (r, skipped) = store.restore_newest(None).unwrap();
+    assert_eq!(r.manifest.version, newest - 1);
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(&r.shards, &truth[&(newest - 1)]);
+
+    // A corrupt base breaks every version built on it, and each says so.
+    let base = store.version_dir(1).join("dense.msgpack");
+    std::fs::write(&base, b"garbage").unwrap();
+    assert!(store
+        .restore(1, None)
+        .unwrap_err()
+        .to_string()
+        .contains("dense.msgpack"));
+    let m = store.version_dir(2).join("manifest.json");
+    std::fs::write(&m, b"{not json").unwrap();
+    let e = store.manifest(2).unwrap_err().to_string();
+    assert!(e.contains("manifest.json is corrupt"), "{e}");
+}
+
+#[test]
+fn retention_keeps_recent_fulls_their_deltas_and_pinned_chains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path()).unwrap();
+    let mut sh = shards(2);
+    let mut rng = Xoshiro256::seed_from_u64(3);
+    let mut last: Option<(u64, Vec<Vec<(TableName, u64)>>)> = None;
+    // full, delta, delta, full, delta, full, delta
+    for (step, full) in [true, false, false, true, false, true, false]
+        .into_iter()
+        .enumerate()
+    {
+        train_step(&mut sh, &mut rng, step as u64 + 1);
+        let now = snap_all(&mut sh);
+        let payload = match (&last, full) {
+            (Some((p, v)), false) => Payload::Delta {
+                parent: *p,
+                shards: sh
+                    .iter_mut()
+                    .zip(v)
+                    .map(|(s, v)| s.delta_since(v).unwrap())
+                    .collect(),
+            },
+            _ => Payload::Full(now.clone()),
+        };
+        let m = store.write(meta(step as u64), &dense(1), &payload).unwrap();
+        last = Some((m.version, versions_of(&now)));
+    }
+    store.pin("replica-0", 2).unwrap();
+    assert_eq!(
+        store.pins().unwrap(),
+        BTreeMap::from([("replica-0".into(), 2)])
+    );
+    let deleted = store.retain(1).unwrap();
+    // Keep full 6 and its delta 7; replica-0 uses 2, which needs 1. 3, 4, 5 go.
+    assert_eq!(deleted, vec![3, 4, 5]);
+    assert_eq!(store.versions().unwrap(), vec![1, 2, 6, 7]);
+    store.restore(2, None).unwrap();
+    store.restore(7, None).unwrap();
+    store.unpin("replica-0").unwrap();
+    assert_eq!(store.retain(1).unwrap(), vec![1, 2]);
+    assert!(store.pin("../evil", 1).is_err());
+    std::fs::write(tmp.path().join("pins").join("bad"), "x").unwrap();
+    assert!(
+        store.retain(1).is_err(),
+        "an unreadable pin must stop deletion"
+    );
+}
+
+#[test]
+fn serving_export_has_weights_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(&tmp.path().join("store"), 9);
+    let v = *truth.keys().last().unwrap();
+    let out = tmp.path().join("serving");
+    store.export_serving(v, &out).unwrap();
+    let (m, d, shards) = load_serving(&out).unwrap();
+    assert_eq!(m.kind, VersionKind::Serving);
+    assert!(d.optimizer.m.is_empty() && d.optimizer.v.is_empty());
+    for (s, want) in shards.iter().zip(&truth[&v]) {
+        for (t, w) in s.tables.iter().zip(&want.tables) {
+            assert_eq!(t.keys, w.rows.keys);
+            let dim = t.dim as usize;
+            for i in 0..t.keys.len() {
+                assert_eq!(
+                    &t.weights[i * dim..(i + 1) * dim],
+                    &w.rows.row(i, w.row_floats as usize)[..dim]
+                );
+            }
+        }
+    }
+    assert!(
+        store.export_serving(v, &out).is_err(),
+        "an export never overwrites"
+    );
+}
+
+#[tokio::test]
+async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path()).unwrap();
+    // A directory left by a writer that died mid-version.
+    std::fs::create_dir(tmp.path().join(".tmp-9-1")).unwrap();
+    let router = ShardRouter::spawn_local(3, tables(), None, vec![])
+        .await
+        .unwrap();
+    let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
+        store: store.clone(),
+        shards: router.clone(),
+        schedule: Schedule {
+            every_steps: Some(4),
+            every: None,
+            full_every: 2,
+            keep_full: 10,
+        },
+    })
+    .await
+    .unwrap();
+    let mut announced = ckpt.subscribe().unwrap();
+    let mut rng = Xoshiro256::seed_from_u64(17);
+    let mut expected = BTreeMap::new();
+    for step in 1..=15u64 {
+        let keys: Vec<u64> = (0..40).map(|_| rng.below(300)).collect();
+        let ctx = TrainCtx {
+            step,
+            now_ms: 100_000,
+        };
+        for (name, cfg) in tables() {
+            router
+                .lookup_for_training(&name, cfg.dim, &keys, ctx)
+                .await
+                .unwrap();
+            let grads: Vec<f32> = (0..keys.len() * cfg.dim)
+                .map(|_| rng.next_f32() - 0.5)
+                .collect();
+            router
+                .apply_gradients(&name, cfg.dim, &keys, &grads, ctx)
+                .await
+                .unwrap();
+        }
+        if step == 7 {
+            ckpt.demand();
+        }
+        if ckpt.due(step) {
+            let mut snaps = Vec::new();
+            for h in router.shards() {
+                snaps.push(h.snapshot().await.unwrap());
+            }
+            expected.insert(step, snaps);
+            ckpt.capture(StepBoundary {
+                meta: meta(step),
+                dense: dense(step),
+                full: false,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let stats = ckpt.flush().await.unwrap();
+    assert_eq!(stats.write_failures, 0, "{stats:?}");
+    // Step 4 (full), 7 (on demand; the step count restarts there), 11, then 15 (full again
+    // after 2 deltas).
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        vec![4, 7, 11, 15]
+    );
+    assert_eq!((stats.full_written, stats.deltas_written), (2, 2));
+    assert!(
+        !tmp.path().join(".tmp-9-1").exists(),
+        "stale temporaries are removed"
+    );
+    let mut kinds = Vec::new();
+    for (step, snaps) in &expected {
+        let m = announced.recv().await.unwrap();
+        assert_eq!(m.step, *step);
+        kinds.push(m.kind);
+        let r = store.restore(m.version, None).unwrap();
+        assert_eq!(&r.shards, snaps, "version {} (step {step})", m.version);
+    }
+    use VersionKind::{Delta, Full};
+    assert_eq!(kinds, vec![Full, Delta, Delta, Full]);
+    ckpt.stop();
+    router.stop();
+}

@@ -1,0 +1,427 @@
+//! The CheckpointWriter actor: takes versions of the model and writes them to the store.
+//!
+//! - **Takes in:** a capture request at a training-step boundary (the dense state, the step
+//!   and the offsets, from the trainer), subscriptions, flushes and stats requests.
+//! - **Asks:** every ShardOwner, through the [`ShardRouter`] it was built with, for its
+//!   snapshot (full version) or its changes since the last written version (delta).
+//! - **Sends out:** each new version's manifest to every subscriber.
+//! - **Keeps:** the last durable version and the table versions it holds, which is where the
+//!   next delta starts; counters.
+//!
+//! **Consistency.** The trainer asks for a capture between two steps and waits for the
+//! capture's reply before its next step. Only the trainer changes the shards, so the dense
+//! state it hands over and the rows the shards hand over belong to the same step. The reply
+//! comes as soon as the shards have answered; the write to disk follows, and the trainer goes
+//! on training meanwhile. A next capture waits in the mailbox until the write is done, which
+//! bounds the memory held by captures to one version.
+//!
+//! **Failure.** A write that fails is logged and counted here; the next version is then a
+//! delta from the last *durable* one (its change history is only dropped after a write
+//! succeeds), so no change is ever lost to a failed write.
+//!
+//! **Restart.** Built from [`WriterArgs`] alone; a restarted writer starts with a full version.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use super::{Manifest, ModelStore, Payload, VersionMeta};
+use crate::dense::DenseState;
+use crate::envelope::Envelope;
+use crate::ids::TableName;
+use crate::shard::{ShardError, ShardRouter};
+
+/// When versions are taken. Pure: the trainer asks it at every step boundary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// A version every this many steps (`None`: not by steps).
+    pub every_steps: Option<u64>,
+    /// A version at least this often (`None`: not by time). Down to 1 s.
+    pub every: Option<Duration>,
+    /// After this many deltas the next version is full, which bounds restore chains.
+    pub full_every: u32,
+    /// Full versions (with their deltas) retention keeps.
+    pub keep_full: usize,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            every_steps: None,
+            every: Some(Duration::from_secs(10)),
+            full_every: 60,
+            keep_full: 3,
+        }
+    }
+}
+
+/// Where the schedule stands: the last capture's step and time.
+#[derive(Debug)]
+struct Due {
+    schedule: Schedule,
+    last_step: u64,
+    last_at: Instant,
+}
+
+impl Due {
+    fn due(&self, step: u64, now: Instant) -> bool {
+        self.schedule
+            .every_steps
+            .is_some_and(|n| step >= self.last_step + n.max(1))
+            || self
+                .schedule
+                .every
+                .is_some_and(|d| now.duration_since(self.last_at) >= d)
+    }
+}
+
+/// What the trainer hands over at a step boundary.
+#[derive(Debug)]
+pub struct StepBoundary {
+    pub meta: VersionMeta,
+    pub dense: DenseState,
+    /// Take a full version whatever the schedule says.
+    pub full: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum WriterError {
+    #[error("capturing the shards: {0}")]
+    Shard(#[from] ShardError),
+    /// The writer could not capture this version (a shard refused or was unavailable).
+    #[error("checkpoint capture failed: {0}")]
+    Capture(String),
+    #[error("checkpoint writer unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counters: the writer's observable state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WriterStats {
+    pub captures: u64,
+    pub full_written: u64,
+    pub deltas_written: u64,
+    pub write_failures: u64,
+    pub bytes_written: u64,
+    pub versions_deleted: u64,
+    pub last_version: Option<u64>,
+    pub last_write_ms: f64,
+    pub last_error: Option<String>,
+}
+
+/// Construction inputs; a restart builds the state from these again.
+#[derive(Debug, Clone)]
+pub struct WriterArgs {
+    pub store: ModelStore,
+    pub shards: ShardRouter,
+    pub schedule: Schedule,
+}
+
+#[derive(Debug)]
+pub enum WriterRequest {
+    Capture {
+        at: Box<StepBoundary>,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    Subscribe {
+        tx: mpsc::UnboundedSender<Manifest>,
+    },
+    /// Replies once every capture before it is written (or failed).
+    Flush {
+        reply: RpcReplyPort<WriterStats>,
+    },
+}
+
+pub type WriterMsg = Envelope<WriterRequest>;
+
+#[derive(Debug, Default)]
+pub struct CheckpointWriter;
+
+/// The last durable version and every shard's table versions in it.
+#[derive(Debug, Clone)]
+struct Durable {
+    version: u64,
+    tables: Vec<Vec<(TableName, u64)>>,
+    deltas_since_full: u32,
+}
+
+#[derive(Debug)]
+pub struct WriterState {
+    args: WriterArgs,
+    last: Option<Durable>,
+    subscribers: Vec<mpsc::UnboundedSender<Manifest>>,
+    stats: WriterStats,
+}
+
+impl WriterState {
+    async fn capture(&mut self, at: &StepBoundary) -> Result<(Payload, bool), WriterError> {
+        let shards = self.args.shards.shards();
+        let full = at.full
+            || match &self.last {
+                None => true,
+                Some(d) => d.deltas_since_full >= self.args.schedule.full_every,
+            };
+        if full {
+            let mut snaps = Vec::with_capacity(shards.len());
+            for h in shards {
+                snaps.push(h.snapshot().await?);
+            }
+            return Ok((Payload::Full(snaps), true));
+        }
+        let last = self
+            .last
+            .as_ref()
+            .expect("a delta follows a durable version");
+        let mut deltas = Vec::with_capacity(shards.len());
+        for (h, since) in shards.iter().zip(&last.tables) {
+            deltas.push(h.delta_since(since.clone()).await?);
+        }
+        Ok((
+            Payload::Delta {
+                parent: last.version,
+                shards: deltas,
+            },
+            false,
+        ))
+    }
+
+    /// Writes a captured version; on success, moves the durable point and lets the shards
+    /// drop the history it covers.
+    async fn write(&mut self, at: StepBoundary, payload: Payload, full: bool) {
+        let tables: Vec<Vec<(TableName, u64)>> = match &payload {
+            Payload::Full(s) => s
+                .iter()
+                .map(|s| {
+                    s.tables
+                        .iter()
+                        .map(|t| (t.name.clone(), t.version))
+                        .collect()
+                })
+                .collect(),
+            Payload::Delta { shards, .. } => shards
+                .iter()
+                .map(|s| {
+                    s.tables
+                        .iter()
+                        .map(|t| (t.name.clone(), t.version))
+                        .collect()
+                })
+                .collect(),
+        };
+        let store = self.args.store.clone();
+        let started = Instant::now();
+        let written =
+            tokio::task::spawn_blocking(move || store.write(at.meta, &at.dense, &payload)).await;
+        let manifest = match written {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "checkpoint write failed; the next version is a delta from the last durable one");
+                self.stats.write_failures += 1;
+                self.stats.last_error = Some(e.to_string());
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint write task failed");
+                self.stats.write_failures += 1;
+                self.stats.last_error = Some(e.to_string());
+                return;
+            }
+        };
+        self.stats.last_write_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.stats.bytes_written += manifest.bytes();
+        self.stats.last_version = Some(manifest.version);
+        if full {
+            self.stats.full_written += 1;
+        } else {
+            self.stats.deltas_written += 1;
+        }
+        let deltas_since_full = if full {
+            0
+        } else {
+            self.last.as_ref().map_or(0, |d| d.deltas_since_full) + 1
+        };
+        for (h, through) in self.args.shards.shards().iter().zip(&tables) {
+            // Failing to forget only costs memory; the next delta is still correct.
+            if let Err(e) = h.forget_changes_through(through.clone()).await {
+                tracing::warn!(error = %e, "a shard could not drop checkpointed change history");
+            }
+        }
+        self.last = Some(Durable {
+            version: manifest.version,
+            tables,
+            deltas_since_full,
+        });
+        match self.args.store.retain(self.args.schedule.keep_full) {
+            Ok(deleted) => self.stats.versions_deleted += deleted.len() as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint retention failed; will retry after the next version")
+            }
+        }
+        self.subscribers
+            .retain(|tx| tx.send(manifest.clone()).is_ok());
+    }
+}
+
+impl Actor for CheckpointWriter {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = WriterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: WriterArgs,
+    ) -> Result<WriterState, ActorProcessingErr> {
+        // This writer is the store's only one: anything half-written was left by a crash.
+        let stale = args.store.remove_stale_temporaries()?;
+        if stale > 0 {
+            tracing::info!(
+                stale,
+                "removed checkpoint directories left by an interrupted write"
+            );
+        }
+        Ok(WriterState {
+            args,
+            last: None,
+            subscribers: Vec::new(),
+            stats: WriterStats::default(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: WriterMsg,
+        st: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg.body {
+            WriterRequest::Capture { at, reply } => {
+                st.stats.captures += 1;
+                match st.capture(&at).await {
+                    Ok((payload, full)) => {
+                        // The trainer may go on: the rows are captured.
+                        let _ = reply.send(Ok(()));
+                        st.write(*at, payload, full).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            WriterRequest::Subscribe { tx } => st.subscribers.push(tx),
+            WriterRequest::Flush { reply } => {
+                let _ = reply.send(st.stats.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A typed handle to the CheckpointWriter, with the schedule the trainer consults.
+#[derive(Debug, Clone)]
+pub struct CheckpointHandle {
+    actor: ActorRef<WriterMsg>,
+    due: Arc<Mutex<Due>>,
+    demanded: Arc<AtomicBool>,
+}
+
+impl CheckpointHandle {
+    pub async fn spawn(
+        args: WriterArgs,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        let due = Due {
+            schedule: args.schedule.clone(),
+            last_step: 0,
+            last_at: Instant::now(),
+        };
+        let (actor, join) = Actor::spawn(None, CheckpointWriter, args).await?;
+        Ok((
+            Self {
+                actor,
+                due: Arc::new(Mutex::new(due)),
+                demanded: Arc::new(AtomicBool::new(false)),
+            },
+            join,
+        ))
+    }
+
+    /// Whether a version should be taken at this step boundary (by schedule or on demand).
+    pub fn due(&self, step: u64) -> bool {
+        if self.demanded.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.due
+            .lock()
+            .map(|d| d.due(step, Instant::now()))
+            .unwrap_or(true)
+    }
+
+    /// Asks for a version at the next step boundary.
+    pub fn demand(&self) {
+        self.demanded.store(true, Ordering::Relaxed);
+    }
+
+    /// Captures a version at this step boundary. Returns once the shards have handed over
+    /// their rows; the write continues in the writer.
+    pub async fn capture(&self, at: StepBoundary) -> Result<(), WriterError> {
+        let step = at.meta.step;
+        let r = self
+            .actor
+            .call(
+                |reply| {
+                    Envelope::new(WriterRequest::Capture {
+                        at: Box::new(at),
+                        reply,
+                    })
+                },
+                None,
+            )
+            .await;
+        let r = match r {
+            Ok(CallResult::Success(Ok(()))) => Ok(()),
+            Ok(CallResult::Success(Err(e))) => Err(WriterError::Capture(e)),
+            Ok(_) => Err(WriterError::Unavailable("stopped before replying".into())),
+            Err(e) => Err(WriterError::Unavailable(e.to_string())),
+        };
+        if r.is_ok() {
+            self.demanded.store(false, Ordering::Relaxed);
+            if let Ok(mut d) = self.due.lock() {
+                d.last_step = step;
+                d.last_at = Instant::now();
+            }
+        }
+        r
+    }
+
+    /// New versions' manifests, as they are written.
+    pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<Manifest>, WriterError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.actor
+            .send_message(Envelope::new(WriterRequest::Subscribe { tx }))
+            .map_err(|e| WriterError::Unavailable(e.to_string()))?;
+        Ok(rx)
+    }
+
+    /// Waits until every capture sent so far is written, and returns the counters.
+    pub async fn flush(&self) -> Result<WriterStats, WriterError> {
+        match self
+            .actor
+            .call(|reply| Envelope::new(WriterRequest::Flush { reply }), None)
+            .await
+        {
+            Ok(CallResult::Success(s)) => Ok(s),
+            Ok(_) => Err(WriterError::Unavailable("stopped before replying".into())),
+            Err(e) => Err(WriterError::Unavailable(e.to_string())),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.actor.stop(None);
+    }
+}
