@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_join;
+mod ckpt;
 mod settings;
 mod stream;
 mod train;
@@ -45,6 +46,8 @@ enum Command {
     Ingest(stream::IngestArgs),
     /// Join events into labelled samples, exactly once, one joiner per event-log partition.
     Join(stream::JoinArgsCli),
+    /// The model store: list, inspect, verify and export checkpoint versions.
+    Ckpt(ckpt::CkptArgs),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
     Config,
 }
@@ -74,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => stream::simulate(args, &settings),
         Command::Ingest(args) => stream::ingest(args, &settings),
         Command::Join(args) => stream::join(args, &settings),
+        Command::Ckpt(args) => ckpt::run(args, &settings),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())

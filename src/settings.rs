@@ -29,6 +29,44 @@ pub(crate) struct Settings {
     /// The embedded stream log (events, samples, dead letters) under `<data_dir>/log`.
     pub(crate) log: LogConfig,
     pub(crate) joiner: JoinerSettings,
+    /// When the CheckpointWriter takes versions and how many it keeps.
+    pub(crate) checkpoint: CheckpointSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct CheckpointSettings {
+    /// A version every this many training steps (0: not by steps).
+    pub(crate) every_steps: u64,
+    /// A version at least this often, in seconds (0: not by time; otherwise at least 1).
+    pub(crate) every_secs: f64,
+    /// After this many deltas the next version is full.
+    pub(crate) full_every: u32,
+    /// Full versions (with their deltas) kept; older ones are deleted unless pinned.
+    pub(crate) keep_full: usize,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            every_secs: 0.0,
+            full_every: 60,
+            keep_full: 3,
+        }
+    }
+}
+
+impl CheckpointSettings {
+    pub(crate) fn schedule(&self) -> freshet_actors::ckpt::writer::Schedule {
+        freshet_actors::ckpt::writer::Schedule {
+            every_steps: (self.every_steps > 0).then_some(self.every_steps),
+            every: (self.every_secs > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(self.every_secs)),
+            full_every: self.full_every,
+            keep_full: self.keep_full,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -142,6 +180,21 @@ impl Settings {
                 "train.threads",
                 self.train.threads,
                 "an integer in 1..=256",
+            ));
+        }
+        let c = &self.checkpoint;
+        if !(c.every_secs == 0.0 || (c.every_secs >= 1.0 && c.every_secs <= 86_400.0)) {
+            return Err(InvalidValue::new(
+                "checkpoint.every_secs",
+                c.every_secs,
+                "0 (off) or a number of seconds in 1..=86400",
+            ));
+        }
+        if c.keep_full == 0 {
+            return Err(InvalidValue::new(
+                "checkpoint.keep_full",
+                c.keep_full,
+                "at least 1",
             ));
         }
         self.log.validate("log")?;

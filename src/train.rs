@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use freshet_actors::ckpt::writer::{CheckpointHandle, StepBoundary, WriterArgs};
+use freshet_actors::ckpt::{ModelStore, VersionMeta};
 use freshet_actors::dense::{DenseNet, ModelKind, Threads};
 use freshet_actors::embedding::TableConfig;
 use freshet_actors::metrics::{auc, evaluate, Evaluation};
-use freshet_actors::model_dir::{self, Manifest};
 use freshet_actors::sample::criteo::{self, CriteoParser};
 use freshet_actors::sample::json::{read_jsonl, read_msgpack, SampleDecoder};
 use freshet_actors::sample::{Format, RejectSink, RejectStats, SampleBlock, Schema};
@@ -42,12 +43,19 @@ pub(crate) struct TrainArgs {
     /// Test data. Without it the last 10% of --data rows are held out.
     #[arg(long, value_delimiter = ',', value_name = "FILE")]
     test: Vec<PathBuf>,
-    /// Write the trained model here (docs/model-format.md).
-    #[arg(long, value_name = "DIR")]
+    /// The model store to write versions to (docs/model-store.md): the final model, and
+    /// versions during training per `checkpoint.*` or --ckpt-every-steps.
+    #[arg(long, value_name = "STORE")]
     out: Option<PathBuf>,
-    /// Start from the model in DIR instead of a fresh one.
-    #[arg(long, value_name = "DIR")]
+    /// Start from the newest version in the model store STORE instead of a fresh model.
+    #[arg(long, value_name = "STORE")]
     init: Option<PathBuf>,
+    /// With --init: start from this version instead of the newest.
+    #[arg(long, value_name = "V", requires = "init")]
+    init_version: Option<u64>,
+    /// Write a version every N steps during training (default: checkpoint.every_steps).
+    #[arg(long, value_name = "N", requires = "out")]
+    ckpt_every_steps: Option<u64>,
     /// Threads for the dense math (default: train.threads).
     #[arg(long)]
     threads: Option<usize>,
@@ -89,6 +97,8 @@ struct TrainReport {
     oracle_auc: Option<f64>,
     per_epoch: Vec<EpochReport>,
     out: Option<PathBuf>,
+    /// The store version holding the final model (with --out).
+    version: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -221,13 +231,38 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     if batch == 0 {
         bail!("invalid value 0 for `--batch`: expected a positive batch size");
     }
-    // The model: fresh from config and flags, or loaded from --init.
+    // The model: fresh from config and flags, or restored from --init, re-routed into
+    // embedding.shards shards whatever count it was written with.
     let saved = match &args.init {
-        Some(dir) => Some(
-            model_dir::load(dir).with_context(|| format!("loading --init {}", dir.display()))?,
-        ),
+        Some(dir) => {
+            let store = ModelStore::open_existing(dir)
+                .with_context(|| format!("opening --init {}", dir.display()))?;
+            let v = match args.init_version {
+                Some(v) => v,
+                None => store
+                    .latest()?
+                    .with_context(|| format!("--init {} holds no model version", dir.display()))?,
+            };
+            let r = store
+                .restore(v, Some(settings.embedding.shards))
+                .with_context(|| {
+                    format!(
+                        "restoring version {v} of --init {} (`freshet ckpt verify --store {}` \
+                         shows which versions are good; --init-version picks one)",
+                        dir.display(),
+                        dir.display()
+                    )
+                })?;
+            eprintln!(
+                "restored version {v} of {} (step {})",
+                dir.display(),
+                r.manifest.step
+            );
+            Some(r)
+        }
         None => None,
     };
+    let mut rows_before = 0u64;
     let (schema, mut trainer, tables, restore) = match saved {
         Some(s) => {
             if let Some(k) = args.model {
@@ -239,19 +274,10 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                     );
                 }
             }
-            if s.manifest.shards != settings.embedding.shards {
-                bail!(
-                    "the model in --init was saved with {} shards and embedding.shards is {}; \
-                     set embedding.shards = {} (FRESHET__EMBEDDING__SHARDS={})",
-                    s.manifest.shards,
-                    settings.embedding.shards,
-                    s.manifest.shards,
-                    s.manifest.shards
-                );
-            }
+            rows_before = s.manifest.rows_trained;
             let net = DenseNet::from_state(s.dense)?;
             let mut t = Trainer::with_net(s.manifest.schema.clone(), net)?;
-            // model.json carries no checksum of its own: check that its tables give the rows
+            // manifest.json carries no checksum of its own: check that its tables give the rows
             // the model reads before any lookup slices them.
             for (name, dim) in Trainer::required_tables(&s.manifest.schema, &s.manifest.model) {
                 match s.manifest.tables.get(&name) {
@@ -370,6 +396,39 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     )
     .await
     .context("starting the shard owners")?;
+    let ckpt = match &args.out {
+        Some(out) => {
+            let mut schedule = settings.checkpoint.schedule();
+            if let Some(n) = args.ckpt_every_steps {
+                schedule.every_steps = (n > 0).then_some(n);
+            }
+            let store = ModelStore::open(out)
+                .with_context(|| format!("opening --out {}", out.display()))?;
+            let (h, _join) = CheckpointHandle::spawn(WriterArgs {
+                store,
+                shards: router.clone(),
+                schedule,
+            })
+            .await
+            .context("starting the checkpoint writer")?;
+            Some(h)
+        }
+        None => None,
+    };
+    let table_map: BTreeMap<String, TableConfig> = tables.iter().cloned().collect();
+    let boundary = |trainer: &Trainer, rows: u64| StepBoundary {
+        meta: VersionMeta {
+            step: trainer.step(),
+            rows_trained: rows_before + rows,
+            sample_offsets: BTreeMap::new(),
+            joiner_offsets: BTreeMap::new(),
+            model: trainer.net().config().clone(),
+            schema: schema.clone(),
+            tables: table_map.clone(),
+        },
+        dense: trainer.net().state(),
+        full: false,
+    };
 
     let n = train_block.len();
     eprintln!(
@@ -385,6 +444,7 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     let mut train_secs = 0.0;
     let mut last_loss = 0.0;
     let mut steps = 0u64;
+    let mut rows_done = 0u64;
     for epoch in 1..=args.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
@@ -395,6 +455,12 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
             steps += 1;
             loss_sum += rep.loss_sum;
             seen += rep.rows;
+            rows_done += rep.rows as u64;
+            if let Some(ck) = ckpt.as_ref().filter(|ck| ck.due(trainer.step())) {
+                ck.capture(boundary(&trainer, rows_done))
+                    .await
+                    .context("taking a checkpoint")?;
+            }
             progress.tick(|| {
                 let el = start.elapsed().as_secs_f64();
                 format!(
@@ -429,29 +495,31 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         .map(|e| e.test.clone())
         .unwrap_or_else(|| evaluate(&[], &[]));
 
-    if let Some(out) = &args.out {
-        let mut snaps = Vec::new();
-        for h in router.shards() {
-            snaps.push(h.snapshot().await.context("snapshotting a shard")?);
+    let mut version = None;
+    if let (Some(ck), Some(out)) = (&ckpt, &args.out) {
+        // The final model is one more version, at the last step boundary.
+        ck.capture(boundary(&trainer, rows_done))
+            .await
+            .context("capturing the final model")?;
+        let st = ck.flush().await.context("writing the final model")?;
+        ck.stop();
+        if st.write_failures > 0 {
+            bail!(
+                "{} of {} versions could not be written to {}: {}",
+                st.write_failures,
+                st.captures,
+                out.display(),
+                st.last_error.unwrap_or_default()
+            );
         }
-        let manifest = Manifest {
-            format: model_dir::FORMAT.into(),
-            format_version: model_dir::FORMAT_VERSION,
-            model: trainer.net().config().clone(),
-            schema: schema.clone(),
-            tables: tables.iter().cloned().collect::<BTreeMap<_, _>>(),
-            step: trainer.step(),
-            rows_trained: n as u64 * u64::from(args.epochs),
-            shards: snaps.len() as u32,
-            created_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            files: BTreeMap::new(),
-        };
-        model_dir::save(out, manifest, &trainer.net().state(), &snaps)
-            .with_context(|| format!("writing the model to {}", out.display()))?;
-        eprintln!("model written to {}", out.display());
+        version = st.last_version;
+        eprintln!(
+            "model written to {} as version {} ({} full, {} delta versions this run)",
+            out.display(),
+            version.unwrap_or(0),
+            st.full_written,
+            st.deltas_written
+        );
     }
     router.stop();
 
@@ -478,6 +546,7 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         oracle_auc,
         per_epoch,
         out: args.out.clone(),
+        version,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

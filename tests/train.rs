@@ -91,7 +91,13 @@ fn gen_train_save_resume() {
         .expect("oracle beside the test data");
     assert!(auc1 > 0.55 && auc1 < oracle, "auc {auc1}, oracle {oracle}");
     assert!(r["test_calibration"].as_f64().is_some());
-    assert!(d.join("m1/model.json").exists() && d.join("m1/shard-1.msgpack").exists());
+    assert_eq!(
+        r["version"].as_u64(),
+        Some(1),
+        "a new store's first version"
+    );
+    let v1 = d.join("m1/v000000000001");
+    assert!(v1.join("manifest.json").exists() && v1.join("shard-1.msgpack").exists());
 
     // Resuming continues the step count and improves on the same data.
     let r2 = ok_json(&freshet(
@@ -109,8 +115,10 @@ fn gen_train_save_resume() {
         ],
     ));
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(d.join("m2/model.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(d.join("m2/v000000000001/manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(manifest["step"].as_u64(), Some(94));
+    assert_eq!(manifest["rows_trained"].as_u64(), Some(12000));
     let auc2 = r2["test_auc"].as_f64().unwrap();
     assert!(auc2 > auc1, "a second pass should help: {auc1} -> {auc2}");
 
@@ -133,7 +141,7 @@ fn gen_train_save_resume() {
     );
 
     // A manifest whose table no longer fits the model is refused before any lookup.
-    let mpath = d.join("m2/model.json");
+    let mpath = d.join("m2/v000000000001/manifest.json");
     let text = std::fs::read_to_string(&mpath).unwrap();
     let mut m: Value = serde_json::from_str(&text).unwrap();
     m["tables"]["emb"]["dim"] = Value::from(5);
@@ -146,7 +154,7 @@ fn gen_train_save_resume() {
     );
 
     // A flipped byte in a shard file is named, and nothing trains.
-    let p = d.join("m1/shard-0.msgpack");
+    let p = d.join("m1/v000000000001/shard-0.msgpack");
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[10] ^= 1;
     std::fs::write(&p, bytes).unwrap();

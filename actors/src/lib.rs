@@ -16,7 +16,6 @@ pub mod gen;
 pub mod ids;
 pub mod joiner;
 pub mod metrics;
-pub mod model_dir;
 pub mod rng;
 pub mod routing;
 pub mod sample;
