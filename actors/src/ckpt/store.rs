@@ -479,7 +479,11 @@ impl ModelStore {
             .filter(|m| m.kind == VersionKind::Full)
             .map(|m| m.version)
             .collect();
-        let Some(&oldest_kept) = fulls.iter().rev().take(keep_full).last() else {
+        let Some(&oldest_kept) = fulls
+            .len()
+            .checked_sub(keep_full.min(fulls.len()))
+            .and_then(|i| fulls.get(i))
+        else {
             return Ok(Vec::new());
         };
         let mut keep: std::collections::BTreeSet<u64> = versions

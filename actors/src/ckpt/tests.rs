@@ -112,7 +112,10 @@ fn snap_all(shards: &mut [EmbeddingShard]) -> Vec<ShardSnapshot> {
     shards.iter_mut().map(|s| s.snapshot().unwrap()).collect()
 }
 
-fn versions_of(snaps: &[ShardSnapshot]) -> Vec<Vec<(TableName, u64)>> {
+/// Per shard, per table: the table version.
+type TableVersions = Vec<Vec<(TableName, u64)>>;
+
+fn versions_of(snaps: &[ShardSnapshot]) -> TableVersions {
     snaps
         .iter()
         .map(|s| {
@@ -134,7 +137,7 @@ fn write_chain(
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let mut sh = shards(4);
     let mut truth = BTreeMap::new();
-    let mut since: Option<(u64, Vec<Vec<(TableName, u64)>>)> = None;
+    let mut since: Option<(u64, TableVersions)> = None;
     for step in 1..=40 {
         train_step(&mut sh, &mut rng, step);
         if step < 10 || step % 5 != 0 {
@@ -308,7 +311,7 @@ fn retention_keeps_recent_fulls_their_deltas_and_pinned_chains() {
     let store = ModelStore::open(tmp.path()).unwrap();
     let mut sh = shards(2);
     let mut rng = Xoshiro256::seed_from_u64(3);
-    let mut last: Option<(u64, Vec<Vec<(TableName, u64)>>)> = None;
+    let mut last: Option<(u64, TableVersions)> = None;
     // full, delta, delta, full, delta, full, delta
     for (step, full) in [true, false, false, true, false, true, false]
         .into_iter()
