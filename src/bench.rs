@@ -24,6 +24,9 @@ pub(crate) enum BenchCommand {
     /// The SampleJoiner end to end through the embedded log: impressions/s and click-to-sample
     /// latency, against the raw log in the same run.
     Join(crate::bench_join::JoinBenchArgs),
+    /// The model store: delta size against the changed rows, delta write time, and full
+    /// restore against the disk's sequential read, in one run.
+    Checkpoint(crate::bench_ckpt::CheckpointBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +175,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Embedding(a) => embedding(a, settings),
         BenchCommand::Dense(a) => dense(a),
         BenchCommand::Join(a) => crate::bench_join::run(a, settings),
+        BenchCommand::Checkpoint(a) => crate::bench_ckpt::run(a, settings),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `freshet-actors`, the cluster in `freshet-cluster`.
 
 mod bench;
+mod bench_ckpt;
 mod bench_join;
 mod ckpt;
 mod settings;

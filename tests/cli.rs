@@ -98,6 +98,14 @@ fn invalid_values_are_refused_naming_key_value_and_expectation() {
             ("FRESHET__EMBEDDING__TABLES__DEFAULT__DIM", "0"),
             ["embedding.tables.default.dim", "0", "expected"],
         ),
+        (
+            ("FRESHET__CHECKPOINT__EVERY_SECS", "0.5"),
+            ["checkpoint.every_secs", "0.5", "1..=86400"],
+        ),
+        (
+            ("FRESHET__CHECKPOINT__KEEP_FULL", "0"),
+            ["checkpoint.keep_full", "0", "at least 1"],
+        ),
     ] {
         let o = freshet(&["config"], &[env]);
         assert!(!o.status.success(), "{env:?} accepted");
@@ -156,12 +164,52 @@ fn bench_embedding_reports_every_figure_with_its_baseline() {
 }
 
 #[test]
+fn bench_checkpoint_reports_every_figure_with_its_baseline() {
+    let o = freshet(
+        &[
+            "bench",
+            "checkpoint",
+            "--rows",
+            "20000",
+            "--changed",
+            "2000",
+            "--shards",
+            "2",
+            "--rounds",
+            "2",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for field in [
+        "delta_vs_rows",
+        "delta_write_ms",
+        "full_restore_mb_per_s",
+        "disk_seq_read_mb_per_s",
+        "restore_vs_seq_read",
+    ] {
+        let x = v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{field} = {x}");
+    }
+    // The delta holds the changed rows and the dense state, not the table.
+    assert_eq!(v["changed_rows"].as_u64(), Some(2000));
+    let rows_part = v["delta_row_part_vs_rows"].as_f64().unwrap();
+    assert!(rows_part > 0.9 && rows_part < 1.2, "{v}");
+}
+
+#[test]
 fn bad_bench_arguments_get_a_clear_error() {
     for args in [
         &["bench", "embedding", "--zipf", "-1"][..],
         &["bench", "embedding", "--keys", "0"],
         &["bench", "embedding", "--keys", "many"],
         &["bench", "embedding", "--tier-fraction", "1.5"],
+        &["bench", "checkpoint", "--rows", "10", "--changed", "20"],
+        &["bench", "checkpoint", "--rounds", "0"],
     ] {
         let o = freshet(args, &[]);
         assert!(!o.status.success(), "{args:?} accepted");

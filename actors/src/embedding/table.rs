@@ -1178,7 +1178,16 @@ impl Table {
         fresh.next_row = snap.next_row;
         fresh.meta.ensure(snap.next_row as usize);
         let rf = self.row_floats;
+        // Rows come in row-id order, so the arenas fill sequentially; the index is the one
+        // random access per row, so its buckets are fetched a few rows ahead.
+        const AHEAD: usize = 16;
+        for &k in snap.rows.keys.iter().take(AHEAD) {
+            fresh.index.prefetch(index_hash(k));
+        }
         for i in 0..snap.rows.len() {
+            if let Some(&k) = snap.rows.keys.get(i + AHEAD) {
+                fresh.index.prefetch(index_hash(k));
+            }
             let row = snap.rows.row_ids[i];
             let key = snap.rows.keys[i];
             if row >= snap.next_row {
