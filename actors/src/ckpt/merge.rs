@@ -50,6 +50,10 @@ impl TableMerge {
             .check(rf)
             .map_err(|e| format!("delta of table {}: {e}", d.name))?;
         if !self.changed {
+            // The base came from disk: its columns must agree before rows are indexed by them.
+            s.rows
+                .check(rf)
+                .map_err(|e| format!("table {} of the base: {e}", s.name))?;
             // Built on first use: a restore without deltas never pays for the map.
             self.pos.reserve(s.rows.len());
             for (i, &k) in s.rows.keys.iter().enumerate() {

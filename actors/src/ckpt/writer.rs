@@ -1,7 +1,7 @@
 //! The CheckpointWriter actor: takes versions of the model and writes them to the store.
 //!
 //! - **Takes in:** a capture request at a training-step boundary (the dense state, the step
-//!   and the offsets, from the trainer), subscriptions, flushes and stats requests.
+//!   and the offsets, from the trainer), subscriptions, and flushes (which return the counters).
 //! - **Asks:** every ShardOwner, through the [`ShardRouter`] it was built with, for its
 //!   snapshot (full version) or its changes since the last written version (delta).
 //! - **Sends out:** each new version's manifest to every subscriber.
