@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use freshet_actors::ckpt::{ModelStore, VersionKind};
+use freshet_actors::ckpt::ModelStore;
 
 use crate::settings::Settings;
 
@@ -119,20 +119,25 @@ pub(crate) fn run(args: CkptArgs, settings: &Settings) -> anyhow::Result<()> {
             if versions.is_empty() {
                 bail!("{} holds no versions", root.display());
             }
-            let mut bad = std::collections::BTreeSet::new();
+            // Each version's own files are read once; chains reuse the verdicts.
+            let mut good = std::collections::BTreeMap::new();
             for &v in &versions {
-                match store.verify(v) {
-                    Ok(bytes) => println!("version {v}: ok ({bytes} bytes)"),
+                let ok = match store.verify(v) {
+                    Ok(bytes) => {
+                        println!("version {v}: ok ({bytes} bytes)");
+                        true
+                    }
                     Err(e) => {
                         println!("version {v}: BAD: {e}");
-                        bad.insert(v);
+                        false
                     }
-                }
+                };
+                good.insert(v, ok);
             }
             // A version whose own files are fine still fails if its chain does.
             let mut broken = 0;
             for &v in &versions {
-                if bad.contains(&v) {
+                if !good[&v] {
                     broken += 1;
                     continue;
                 }
@@ -144,13 +149,11 @@ pub(crate) fn run(args: CkptArgs, settings: &Settings) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                if chain.iter().any(|m| m.kind == VersionKind::Serving) {
-                    continue;
-                }
-                for m in &chain {
-                    if m.version != v
-                        && (bad.contains(&m.version) || store.verify(m.version).is_err())
-                    {
+                for m in chain.iter().filter(|m| m.version != v) {
+                    let ok = *good
+                        .entry(m.version)
+                        .or_insert_with(|| store.verify(m.version).is_ok());
+                    if !ok {
                         println!(
                             "version {v}: BAD: it restores through bad version {}",
                             m.version

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::dense::DenseState;
 use crate::embedding::{ShardDelta, ShardSnapshot};
+use crate::ids::TableName;
 
 const MANIFEST: &str = "manifest.json";
 const DENSE: &str = "dense.msgpack";
@@ -77,6 +78,19 @@ pub enum Payload {
         parent: u64,
         shards: Vec<ShardDelta>,
     },
+}
+
+impl Payload {
+    /// Per shard, per table: the table version this payload brings the state to, which is
+    /// where the next delta starts.
+    pub fn table_versions(&self) -> Vec<Vec<(TableName, u64)>> {
+        match self {
+            Payload::Full(s) => s.iter().map(ShardSnapshot::table_versions).collect(),
+            Payload::Delta { shards, .. } => {
+                shards.iter().map(ShardDelta::table_versions).collect()
+            }
+        }
+    }
 }
 
 /// A version brought back: the manifest of the version asked for, its dense state, and every
@@ -142,24 +156,11 @@ impl ModelStore {
 
     /// The manifest of version `v`, checked for format.
     pub fn manifest(&self, v: u64) -> Result<Manifest, CkptError> {
-        let path = self.version_dir(v).join(MANIFEST);
-        let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
-            path: path.clone(),
-            reason: format!("not a manifest: {e}"),
-        })?;
-        if m.format != FORMAT || m.format_version != FORMAT_VERSION {
-            return Err(CkptError::Corrupt {
-                path,
-                reason: format!(
-                    "format {} v{}; this build reads {FORMAT} v{FORMAT_VERSION}",
-                    m.format, m.format_version
-                ),
-            });
-        }
+        let dir = self.version_dir(v);
+        let m = read_manifest(&dir)?;
         if m.version != v {
             return Err(CkptError::Corrupt {
-                path,
+                path: dir.join(MANIFEST),
                 reason: format!("manifest says version {}", m.version),
             });
         }
@@ -205,10 +206,7 @@ impl ModelStore {
         let tmp = self
             .root
             .join(format!(".tmp-{}-{}", version, std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        fresh_dir(&tmp)?;
         let stall = std::env::var(STALL_ENV)
             .ok()
             .and_then(|s| s.parse::<u64>().ok());
@@ -393,12 +391,6 @@ impl ModelStore {
     ) -> Result<(Restored, Vec<(u64, CkptError)>), CkptError> {
         let mut skipped = Vec::new();
         for v in self.versions()?.into_iter().rev() {
-            if self
-                .manifest(v)
-                .is_ok_and(|m| m.kind == VersionKind::Serving)
-            {
-                continue;
-            }
             match self.restore(v, shards) {
                 Ok(r) => return Ok((r, skipped)),
                 Err(e) => skipped.push((v, e)),
@@ -539,10 +531,7 @@ impl ModelStore {
             .to_string_lossy()
             .into_owned();
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        fresh_dir(&tmp)?;
         let mut files = BTreeMap::new();
         let mut dense = r.dense;
         dense.optimizer.m = Vec::new();
@@ -592,12 +581,7 @@ impl ModelStore {
 
 /// Reads a serving export written by [`ModelStore::export_serving`], verifying every file.
 pub fn load_serving(dir: &Path) -> Result<(Manifest, DenseState, Vec<ServingShard>), CkptError> {
-    let path = dir.join(MANIFEST);
-    let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
-        path: path.clone(),
-        reason: format!("not a manifest: {e}"),
-    })?;
+    let m = read_manifest(dir)?;
     if m.kind != VersionKind::Serving {
         return Err(CkptError::Invalid(format!(
             "{} is a {:?} version, not a serving export",
@@ -612,6 +596,34 @@ pub fn load_serving(dir: &Path) -> Result<(Manifest, DenseState, Vec<ServingShar
         shards.push(s);
     }
     Ok((m, dense, shards))
+}
+
+/// Reads `dir`'s manifest and checks its format.
+fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
+        path: path.clone(),
+        reason: format!("not a manifest: {e}"),
+    })?;
+    if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+        return Err(CkptError::Corrupt {
+            path,
+            reason: format!(
+                "format {} v{}; this build reads {FORMAT} v{FORMAT_VERSION}",
+                m.format, m.format_version
+            ),
+        });
+    }
+    Ok(m)
+}
+
+/// Creates `dir` empty, removing what a writer that died under the same name left there.
+fn fresh_dir(dir: &Path) -> Result<(), CkptError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    std::fs::create_dir(dir).map_err(|e| io(dir, e))
 }
 
 fn write_bytes(

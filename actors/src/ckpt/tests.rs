@@ -116,15 +116,7 @@ fn snap_all(shards: &mut [EmbeddingShard]) -> Vec<ShardSnapshot> {
 type TableVersions = Vec<Vec<(TableName, u64)>>;
 
 fn versions_of(snaps: &[ShardSnapshot]) -> TableVersions {
-    snaps
-        .iter()
-        .map(|s| {
-            s.tables
-                .iter()
-                .map(|t| (t.name.clone(), t.version))
-                .collect()
-        })
-        .collect()
+    snaps.iter().map(ShardSnapshot::table_versions).collect()
 }
 
 /// Trains 4 shards for 40 steps, writing a full version at step 10 and deltas every 5

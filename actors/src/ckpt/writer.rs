@@ -160,60 +160,35 @@ pub struct WriterState {
 }
 
 impl WriterState {
-    async fn capture(&mut self, at: &StepBoundary) -> Result<(Payload, bool), WriterError> {
+    async fn capture(&self, at: &StepBoundary) -> Result<Payload, WriterError> {
         let shards = self.args.shards.shards();
-        let full = at.full
-            || match &self.last {
-                None => true,
-                Some(d) => d.deltas_since_full >= self.args.schedule.full_every,
-            };
-        if full {
+        // A delta needs a durable parent; after `full_every` deltas the chain starts over.
+        let parent = self
+            .last
+            .as_ref()
+            .filter(|d| !at.full && d.deltas_since_full < self.args.schedule.full_every);
+        let Some(last) = parent else {
             let mut snaps = Vec::with_capacity(shards.len());
             for h in shards {
                 snaps.push(h.snapshot().await?);
             }
-            return Ok((Payload::Full(snaps), true));
-        }
-        let last = self
-            .last
-            .as_ref()
-            .expect("a delta follows a durable version");
+            return Ok(Payload::Full(snaps));
+        };
         let mut deltas = Vec::with_capacity(shards.len());
         for (h, since) in shards.iter().zip(&last.tables) {
             deltas.push(h.delta_since(since.clone()).await?);
         }
-        Ok((
-            Payload::Delta {
-                parent: last.version,
-                shards: deltas,
-            },
-            false,
-        ))
+        Ok(Payload::Delta {
+            parent: last.version,
+            shards: deltas,
+        })
     }
 
     /// Writes a captured version; on success, moves the durable point and lets the shards
     /// drop the history it covers.
-    async fn write(&mut self, at: StepBoundary, payload: Payload, full: bool) {
-        let tables: Vec<Vec<(TableName, u64)>> = match &payload {
-            Payload::Full(s) => s
-                .iter()
-                .map(|s| {
-                    s.tables
-                        .iter()
-                        .map(|t| (t.name.clone(), t.version))
-                        .collect()
-                })
-                .collect(),
-            Payload::Delta { shards, .. } => shards
-                .iter()
-                .map(|s| {
-                    s.tables
-                        .iter()
-                        .map(|t| (t.name.clone(), t.version))
-                        .collect()
-                })
-                .collect(),
-        };
+    async fn write(&mut self, at: StepBoundary, payload: Payload) {
+        let full = matches!(payload, Payload::Full(_));
+        let tables = payload.table_versions();
         let store = self.args.store.clone();
         let started = Instant::now();
         let written =
@@ -304,10 +279,10 @@ impl Actor for CheckpointWriter {
             WriterRequest::Capture { at, reply } => {
                 st.stats.captures += 1;
                 match st.capture(&at).await {
-                    Ok((payload, full)) => {
+                    Ok(payload) => {
                         // The trainer may go on: the rows are captured.
                         let _ = reply.send(Ok(()));
-                        st.write(*at, payload, full).await;
+                        st.write(*at, payload).await;
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.to_string()));

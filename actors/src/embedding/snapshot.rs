@@ -204,12 +204,32 @@ pub struct ShardDelta {
     pub tables: Vec<TableDelta>,
 }
 
+impl ShardDelta {
+    /// Each table's version after this delta.
+    pub fn table_versions(&self) -> Vec<(TableName, u64)> {
+        self.tables
+            .iter()
+            .map(|t| (t.name.clone(), t.version))
+            .collect()
+    }
+}
+
 /// Every table of one shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardSnapshot {
     pub shard: ShardId,
     pub shard_count: u32,
     pub tables: Vec<TableSnapshot>,
+}
+
+impl ShardSnapshot {
+    /// Each table's version in this snapshot.
+    pub fn table_versions(&self) -> Vec<(TableName, u64)> {
+        self.tables
+            .iter()
+            .map(|t| (t.name.clone(), t.version))
+            .collect()
+    }
 }
 
 /// Serde for `Vec<f32>` as one byte string of little-endian floats.
