@@ -2,7 +2,7 @@
 //! anything is decoded. The format is documented in `docs/model-store.md`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -322,48 +322,14 @@ impl ModelStore {
     /// Every file of the chain is checked against its checksum before it is decoded; a
     /// missing or corrupt one is named in the error, and nothing is returned.
     pub fn restore(&self, v: u64, shards: Option<u32>) -> Result<Restored, CkptError> {
-        let chain = self.chain(v)?;
-        let last = chain.last().cloned().ok_or(CkptError::Chain {
-            version: v,
-            reason: "empty chain".into(),
-        })?;
-        let count = last.shards as usize;
-        if let Some(m) = chain.iter().find(|m| m.shards as usize != count) {
-            return Err(CkptError::Chain {
-                version: v,
-                reason: format!("version {} has {} shards, not {count}", m.version, m.shards),
-            });
-        }
-        let (dense, dense_bytes): (DenseState, u64) =
-            read_decoded(&self.version_dir(v), DENSE, &last)?;
+        let (chain, last) = self.restore_chain(v)?;
+        let (dense, dense_bytes) = self.read_dense(&last)?;
         // Shards are independent: each is read and merged on its own thread.
-        let per_shard: Vec<Result<(ShardSnapshot, u64), CkptError>> = (0..count)
+        let per_shard: Vec<Result<(ShardSnapshot, u64), CkptError>> = (0..last.shards as usize)
             .into_par_iter()
-            .map(|i| {
-                let full = &chain[0];
-                let (base, mut bytes): (ShardSnapshot, u64) = read_decoded(
-                    &self.version_dir(full.version),
-                    &shard_file(VersionKind::Full, i),
-                    full,
-                )?;
-                let mut deltas = Vec::with_capacity(chain.len() - 1);
-                for m in &chain[1..] {
-                    let (d, b): (ShardDelta, u64) = read_decoded(
-                        &self.version_dir(m.version),
-                        &shard_file(VersionKind::Delta, i),
-                        m,
-                    )?;
-                    bytes += b;
-                    deltas.push(d);
-                }
-                let snap = apply_deltas(base, deltas).map_err(|reason| CkptError::Chain {
-                    version: v,
-                    reason: format!("shard {i}: {reason}"),
-                })?;
-                Ok((snap, bytes))
-            })
+            .map(|i| self.read_shard(v, &chain, i))
             .collect();
-        let mut snaps = Vec::with_capacity(count);
+        let mut snaps = Vec::with_capacity(per_shard.len());
         let mut bytes_read = dense_bytes;
         for r in per_shard {
             let (s, b) = r?;
@@ -382,6 +348,93 @@ impl ModelStore {
             shards: snaps,
             bytes_read,
         })
+    }
+
+    /// The manifest and dense state of version `v`, checked, without any shard.
+    ///
+    /// With [`ModelStore::restore_shard`], this lets each shard owner restore its own rows
+    /// while the others do theirs, so that one shard's reads overlap another's table build.
+    pub fn restore_dense(&self, v: u64) -> Result<(Manifest, DenseState), CkptError> {
+        let (_, last) = self.restore_chain(v)?;
+        let (dense, _) = self.read_dense(&last)?;
+        Ok((last, dense))
+    }
+
+    /// Shard `shard` of `count` at version `v`, with the bytes read for it.
+    ///
+    /// When `count` is the number of shards the version was written with, this reads only
+    /// that shard's files. Otherwise every shard's files are read and re-routed (the cost of
+    /// a whole [`ModelStore::restore`]), since any old shard may hold keys of the new one.
+    pub fn restore_shard(
+        &self,
+        v: u64,
+        shard: u32,
+        count: u32,
+    ) -> Result<(ShardSnapshot, u64), CkptError> {
+        if shard >= count {
+            return Err(CkptError::Invalid(format!(
+                "shard {shard} does not exist among {count}"
+            )));
+        }
+        let (chain, last) = self.restore_chain(v)?;
+        if last.shards == count {
+            return self.read_shard(v, &chain, shard as usize);
+        }
+        let mut r = self.restore(v, Some(count))?;
+        Ok((r.shards.swap_remove(shard as usize), r.bytes_read))
+    }
+
+    /// The chain of `v` and its last manifest, checked to have one shard count throughout.
+    fn restore_chain(&self, v: u64) -> Result<(Vec<Manifest>, Manifest), CkptError> {
+        let chain = self.chain(v)?;
+        let last = chain.last().cloned().ok_or(CkptError::Chain {
+            version: v,
+            reason: "empty chain".into(),
+        })?;
+        if let Some(m) = chain.iter().find(|m| m.shards != last.shards) {
+            return Err(CkptError::Chain {
+                version: v,
+                reason: format!(
+                    "version {} has {} shards, not {}",
+                    m.version, m.shards, last.shards
+                ),
+            });
+        }
+        Ok((chain, last))
+    }
+
+    fn read_dense(&self, last: &Manifest) -> Result<(DenseState, u64), CkptError> {
+        read_decoded(&self.version_dir(last.version), DENSE, last)
+    }
+
+    /// Shard `i` of the chain's full version brought forward through each delta.
+    fn read_shard(
+        &self,
+        v: u64,
+        chain: &[Manifest],
+        i: usize,
+    ) -> Result<(ShardSnapshot, u64), CkptError> {
+        let full = &chain[0];
+        let (base, mut bytes): (ShardSnapshot, u64) = read_decoded(
+            &self.version_dir(full.version),
+            &shard_file(VersionKind::Full, i),
+            full,
+        )?;
+        let mut deltas = Vec::with_capacity(chain.len() - 1);
+        for m in &chain[1..] {
+            let (d, b): (ShardDelta, u64) = read_decoded(
+                &self.version_dir(m.version),
+                &shard_file(VersionKind::Delta, i),
+                m,
+            )?;
+            bytes += b;
+            deltas.push(d);
+        }
+        let snap = apply_deltas(base, deltas).map_err(|reason| CkptError::Chain {
+            version: v,
+            reason: format!("shard {i}: {reason}"),
+        })?;
+        Ok((snap, bytes))
     }
 
     /// The newest version that restores, skipping (and reporting) ones that do not.
@@ -675,17 +728,20 @@ fn read_checked(dir: &Path, name: &str, m: &Manifest) -> Result<Vec<u8>, CkptErr
         path: dir.join(MANIFEST),
         reason: format!("does not list {name}"),
     })?;
-    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    if bytes.len() as u64 != want.bytes {
+    let mut file = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
+    let len = file.metadata().map_err(|e| io(&path, e))?.len();
+    if len != want.bytes {
         return Err(CkptError::Corrupt {
             path,
             reason: format!(
-                "{} bytes, the manifest says {} (truncated or extended)",
-                bytes.len(),
+                "{len} bytes, the manifest says {} (truncated or extended)",
                 want.bytes
             ),
         });
     }
+    // Into huge pages: a fresh buffer on 4 KiB pages costs more in page faults than the read.
+    let mut bytes = crate::embedding::huge_zeroed_vec::<u8>(len as usize);
+    file.read_exact(&mut bytes).map_err(|e| io(&path, e))?;
     let crc = crc32c::crc32c(&bytes);
     if crc != want.crc32c {
         return Err(CkptError::Corrupt {

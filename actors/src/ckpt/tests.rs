@@ -190,6 +190,37 @@ fn restore_of_every_version_is_bit_identical() {
 }
 
 #[test]
+fn each_shard_restores_on_its_own() {
+    let seed = crate::testkit::seed("each_shard_restores_on_its_own");
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), seed);
+    for (&v, want) in truth.iter().rev().take(2) {
+        let (m, d) = store.restore_dense(v).unwrap();
+        assert_eq!((m.version, &d), (v, &dense(m.step)));
+        for (i, w) in want.iter().enumerate() {
+            let (snap, bytes) = store.restore_shard(v, i as u32, 4).unwrap();
+            assert_eq!(&snap, w, "version {v} shard {i} (seed {seed})");
+            assert!(bytes > 0);
+        }
+        // Another count re-routes: the same as one whole restore into that count.
+        let three = store.restore(v, Some(3)).unwrap().shards;
+        for (i, w) in three.iter().enumerate() {
+            assert_eq!(&store.restore_shard(v, i as u32, 3).unwrap().0, w);
+        }
+        assert!(store.restore_shard(v, 4, 4).is_err());
+    }
+    // One shard's corrupt file refuses that shard, named.
+    let v = *truth.keys().last().unwrap();
+    let path = store.version_dir(v).join("shard-2.delta.msgpack");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let e = store.restore_shard(v, 2, 4).unwrap_err().to_string();
+    assert!(e.contains("shard-2.delta.msgpack"), "{e}");
+    assert!(store.restore_shard(v, 1, 4).is_ok());
+}
+
+#[test]
 fn restore_reshards_into_1_3_and_8() {
     let seed = crate::testkit::seed("restore_reshards_into_1_3_and_8");
     let tmp = tempfile::tempdir().unwrap();

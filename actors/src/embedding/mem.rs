@@ -133,6 +133,50 @@ impl<T> std::fmt::Debug for HugeBuf<T> {
     }
 }
 
+/// A zeroed `Vec` of `len` elements whose large interior is advised as huge pages before
+/// anything touches it.
+///
+/// Restore reads hundreds of megabytes into fresh buffers. A large zeroed `Vec` comes from
+/// `calloc`, which maps fresh zero pages without writing them, so the first write to each page
+/// is a fault; on 4 KiB pages that is one fault per 4 KiB, and on a VM each fault is a trip to
+/// the hypervisor (measured: reading a 64 MiB file into a fresh `Vec` ran at 1.4 GB/s from the
+/// page cache, against 6 GB/s into a reused buffer). Advising the 2 MiB-aligned interior as
+/// huge pages makes it one fault per 2 MiB.
+pub(crate) fn huge_zeroed_vec<T: ZeroIsCalloc>(len: usize) -> Vec<T> {
+    let mut v = vec![T::zero(); len];
+    let bytes = len * std::mem::size_of::<T>();
+    if bytes >= 2 * HUGE_PAGE {
+        let start = (v.as_mut_ptr() as usize).next_multiple_of(HUGE_PAGE);
+        let end = (v.as_mut_ptr() as usize + bytes) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside `v`'s allocation, which we own; madvise only
+            // advises the kernel and never changes the contents of touched or untouched pages.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}
+
+/// Element types whose all-zero `vec![zero; n]` the standard library turns into `calloc`
+/// (no write of the zeros), which is what keeps [`huge_zeroed_vec`]'s pages untouched.
+pub(crate) trait ZeroIsCalloc: Copy {
+    fn zero() -> Self;
+}
+
+impl ZeroIsCalloc for u8 {
+    fn zero() -> Self {
+        0
+    }
+}
+
+impl ZeroIsCalloc for f32 {
+    fn zero() -> Self {
+        0.0
+    }
+}
+
 /// Hints the CPU to pull the cache line at `p` into L1. Never faults, whatever `p` is.
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T) {
@@ -150,6 +194,19 @@ pub(crate) fn prefetch<T>(p: *const T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_vecs_are_zeroed_at_every_size() {
+        for len in [0usize, 1, 4097, (6 << 20) + 13] {
+            let mut v = huge_zeroed_vec::<f32>(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0));
+            v.iter_mut().for_each(|x| *x = 1.5);
+            assert!(v.iter().all(|&x| x == 1.5));
+            let b = huge_zeroed_vec::<u8>(len);
+            assert!(b.len() == len && b.iter().all(|&x| x == 0));
+        }
+    }
 
     #[test]
     fn buffers_start_zeroed_and_are_writable() {

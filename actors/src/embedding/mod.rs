@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use admission::AdmissionSnapshot;
+pub(crate) use mem::huge_zeroed_vec;
 pub use config::{
     AdmissionConfig, CapacityPolicy, EvictionConfig, Initializer, InvalidValue, OptimizerConfig,
     TableConfig,

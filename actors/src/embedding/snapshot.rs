@@ -259,9 +259,16 @@ pub mod f32_bytes {
                         b.len()
                     )));
                 }
-                Ok(b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
+                // Restore decodes hundreds of megabytes here: into huge pages, by memcpy.
+                let mut v = crate::embedding::huge_zeroed_vec::<f32>(b.len() / 4);
+                if cfg!(target_endian = "little") {
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(b);
+                } else {
+                    for (x, c) in v.iter_mut().zip(b.chunks_exact(4)) {
+                        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+                Ok(v)
             }
             fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Vec<f32>, E> {
                 self.visit_bytes(&b)
