@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod rng;
 pub mod routing;
 pub mod sample;
+pub mod serving;
 pub mod shard;
 pub mod simulate;
 pub mod stream;

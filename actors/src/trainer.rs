@@ -383,8 +383,7 @@ impl Trainer {
         router: &ShardRouter,
         threads: &Threads,
     ) -> anyhow::Result<Vec<f32>> {
-        let rows = range.len();
-        if rows == 0 {
+        if range.is_empty() {
             return Ok(Vec::new());
         }
         self.gather(block, &range);
@@ -394,10 +393,55 @@ impl Trainer {
                 .await
                 .with_context(|| format!("looking up table {}", t.name))?;
         }
-        self.fill_inputs(block, &range);
+        Ok(self.forward_gathered(block, &range, threads))
+    }
+
+    /// [`Trainer::predict_batch`] with rows from a local, synchronous source (a serving
+    /// replica's read-only tables): `lookup(table, row_dim, unique_keys, out)` fills `out`
+    /// with `row_dim` floats per key.
+    pub fn predict_with(
+        &mut self,
+        block: &SampleBlock,
+        range: Range<usize>,
+        threads: &Threads,
+        mut lookup: impl FnMut(&TableName, usize, &[u64], &mut Vec<f32>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<f32>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.gather(block, &range);
+        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+            tb.rows.clear();
+            lookup(&t.name, t.row_dim, &tb.keys, &mut tb.rows)
+                .with_context(|| format!("looking up table {}", t.name))?;
+            anyhow::ensure!(
+                tb.rows.len() == tb.keys.len() * t.row_dim,
+                "table {} gave {} floats for {} keys of {}",
+                t.name,
+                tb.rows.len(),
+                tb.keys.len(),
+                t.row_dim
+            );
+        }
+        Ok(self.forward_gathered(block, &range, threads))
+    }
+
+    /// The tables this trainer reads, with the row dim it reads from each.
+    pub fn table_dims(&self) -> impl Iterator<Item = (&TableName, usize)> + '_ {
+        self.tables.iter().map(|t| (&t.name, t.row_dim))
+    }
+
+    fn forward_gathered(
+        &mut self,
+        block: &SampleBlock,
+        range: &Range<usize>,
+        threads: &Threads,
+    ) -> Vec<f32> {
+        let rows = range.len();
+        self.fill_inputs(block, range);
         let net = &mut self.net;
         threads.install(|| net.forward(rows, threads));
-        Ok(self.net.predictions(rows).to_vec())
+        self.net.predictions(rows).to_vec()
     }
 }
 

@@ -350,6 +350,24 @@ impl ModelStore {
         })
     }
 
+    /// Delta version `v` as written: its manifest, dense state and every shard's changes,
+    /// each file checked against its checksum. What a serving replica applies.
+    pub fn read_delta(&self, v: u64) -> Result<(Manifest, DenseState, Vec<ShardDelta>), CkptError> {
+        let m = self.manifest(v)?;
+        if m.kind != VersionKind::Delta {
+            return Err(CkptError::Chain {
+                version: v,
+                reason: format!("it is a {:?} version, not a delta", m.kind),
+            });
+        }
+        let dir = self.version_dir(v);
+        let (dense, _) = read_decoded(&dir, DENSE, &m)?;
+        let shards = (0..m.shards as usize)
+            .map(|i| read_decoded(&dir, &shard_file(VersionKind::Delta, i), &m).map(|(d, _)| d))
+            .collect::<Result<_, _>>()?;
+        Ok((m, dense, shards))
+    }
+
     /// The manifest and dense state of version `v`, checked, without any shard.
     ///
     /// With [`ModelStore::restore_shard`], this lets each shard owner restore its own rows

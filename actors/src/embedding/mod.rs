@@ -27,11 +27,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use admission::AdmissionSnapshot;
-pub(crate) use mem::huge_zeroed_vec;
 pub use config::{
     AdmissionConfig, CapacityPolicy, EvictionConfig, Initializer, InvalidValue, OptimizerConfig,
     TableConfig,
 };
+pub(crate) use mem::huge_zeroed_vec;
 pub use snapshot::{RowBlock, ShardDelta, ShardSnapshot, TableDelta, TableSnapshot};
 pub use table::{ApplyReport, Changes, Table, TableStats};
 
