@@ -5,6 +5,7 @@ mod bench;
 mod bench_ckpt;
 mod bench_join;
 mod ckpt;
+mod serve;
 mod settings;
 mod stream;
 mod train;
@@ -49,6 +50,8 @@ enum Command {
     Join(stream::JoinArgsCli),
     /// The model store: list, inspect, verify and export checkpoint versions.
     Ckpt(ckpt::CkptArgs),
+    /// Serve predictions over HTTP from a model store, following its new versions.
+    Serve(serve::ServeArgs),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
     Config,
 }
@@ -79,6 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => stream::ingest(args, &settings),
         Command::Join(args) => stream::join(args, &settings),
         Command::Ckpt(args) => ckpt::run(args, &settings),
+        Command::Serve(args) => serve::run(args, &settings),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())
