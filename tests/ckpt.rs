@@ -8,36 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 
-use common::{freshet, ok};
-
-const CONFIG: &str = r#"
-[embedding]
-shards = 2
-[model]
-hidden = [16]
-[train]
-batch = 100
-"#;
-
-fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("freshet.toml"), CONFIG).expect("config");
-    ok(&freshet(dir.path())
-        .args([
-            "gen",
-            "--rows",
-            "3000",
-            "--seed",
-            "4",
-            "--vocab",
-            "500",
-            "--out",
-            "train.tsv",
-        ])
-        .output()
-        .expect("run"));
-    dir
-}
+use common::{freshet, ok, small_model_dir};
 
 fn run(d: &Path, args: &[&str]) -> std::process::Output {
     freshet(d).args(args).output().expect("run freshet")
@@ -53,7 +24,7 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn versions_during_training_list_verify_export_and_restore_resharded() {
-    let dir = setup();
+    let dir = small_model_dir();
     let d = dir.path();
     // 2700 training rows in batches of 100: 27 steps; versions at 10 and 20, then the final.
     let r = ok(&run(
@@ -200,7 +171,7 @@ fn versions_during_training_list_verify_export_and_restore_resharded() {
 
 #[test]
 fn a_writer_killed_mid_version_leaves_the_previous_versions_loadable() {
-    let dir = setup();
+    let dir = small_model_dir();
     let d = dir.path();
     // The writer of version 3 stops after its first file (fault injection), as a process
     // killed at that moment would; then the process is killed for real.

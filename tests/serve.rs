@@ -10,29 +10,13 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{freshet, ok};
+use common::{freshet, ok, small_model_dir};
 use serde_json::{json, Value};
-
-const CONFIG: &str = r#"
-[embedding]
-shards = 2
-[model]
-hidden = [16]
-[train]
-batch = 100
-"#;
 
 /// A store with versions 1 (full), 2 and 3 (deltas) of a trained W&D model.
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    std::fs::write(d.join("freshet.toml"), CONFIG).expect("config");
-    ok(&freshet(d)
-        .args(["gen", "--rows", "3000", "--seed", "4", "--vocab", "500"])
-        .args(["--out", "train.tsv"])
-        .output()
-        .expect("run"));
-    train(d);
+    let dir = small_model_dir();
+    train(dir.path());
     dir
 }
 

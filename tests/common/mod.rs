@@ -19,6 +19,29 @@ pub(crate) fn freshet(dir: &Path) -> Command {
     c
 }
 
+/// A small W&D model in 2 shards, trained in batches of 100: fast enough for process tests.
+pub(crate) const SMALL_MODEL_CONFIG: &str = r#"
+[embedding]
+shards = 2
+[model]
+hidden = [16]
+[train]
+batch = 100
+"#;
+
+/// A directory with [`SMALL_MODEL_CONFIG`] as its `freshet.toml` and 3000 generated rows in
+/// `train.tsv` (seed 4, 500 values per field).
+pub(crate) fn small_model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("freshet.toml"), SMALL_MODEL_CONFIG).expect("config");
+    ok(&freshet(dir.path())
+        .args(["gen", "--rows", "3000", "--seed", "4", "--vocab", "500"])
+        .args(["--out", "train.tsv"])
+        .output()
+        .expect("run"));
+    dir
+}
+
 /// Asserts the run succeeded (printing its output if not) and parses its last stdout line,
 /// the JSON report.
 pub(crate) fn ok(o: &Output) -> serde_json::Value {

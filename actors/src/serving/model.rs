@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ckpt::{Manifest, Restored};
 use crate::dense::{DenseNet, DenseState, Threads};
-use crate::embedding::{ShardDelta, TableConfig};
+use crate::embedding::{RowBlock, ShardDelta, TableConfig};
 use crate::ids::TableName;
 use crate::sample::json::{RawField, RawSample, SampleDecoder};
 use crate::sample::SampleBlock;
@@ -45,28 +45,38 @@ impl ServingTable {
     /// Sets `key`'s weights to the first `dim` floats of `row` (weights come before the
     /// optimizer state in a checkpoint row).
     fn upsert(&mut self, key: u64, row: &[f32]) {
-        let w = &row[..self.dim];
-        match self.index.get(&key) {
-            Some(&slot) => {
-                let at = slot as usize * self.dim;
-                self.data[at..at + self.dim].copy_from_slice(w);
-            }
+        let slot = match self.index.get(&key) {
+            Some(&slot) => slot,
             None => {
-                let slot = match self.free.pop() {
-                    Some(slot) => {
-                        let at = slot as usize * self.dim;
-                        self.data[at..at + self.dim].copy_from_slice(w);
-                        slot
-                    }
-                    None => {
-                        let slot = (self.data.len() / self.dim.max(1)) as u32;
-                        self.data.extend_from_slice(w);
-                        slot
-                    }
-                };
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    let slot = (self.data.len() / self.dim.max(1)) as u32;
+                    self.data.resize(self.data.len() + self.dim, 0.0);
+                    slot
+                });
                 self.index.insert(key, slot);
+                slot
             }
+        };
+        let at = slot as usize * self.dim;
+        self.data[at..at + self.dim].copy_from_slice(&row[..self.dim]);
+    }
+
+    /// Checks a block of checkpoint rows before any of it is applied: consistent columns,
+    /// finite values, and at least `dim` floats per row.
+    fn check_rows(
+        &self,
+        table: &TableName,
+        rows: &RowBlock,
+        rf: usize,
+    ) -> Result<(), ServingError> {
+        rows.check(rf).map_err(ServingError::Model)?;
+        if rf < self.dim {
+            return Err(ServingError::Model(format!(
+                "table {table} has rows of {rf} floats, fewer than its dim {}",
+                self.dim
+            )));
         }
+        Ok(())
     }
 
     fn remove(&mut self, key: u64) {
@@ -188,13 +198,7 @@ impl ServingModel {
                     .get_mut(&ts.name)
                     .ok_or_else(|| ServingError::Model(format!("unknown table {}", ts.name)))?;
                 let rf = ts.row_floats as usize;
-                ts.rows.check(rf).map_err(ServingError::Model)?;
-                if rf < t.dim {
-                    return Err(ServingError::Model(format!(
-                        "table {} has rows of {rf} floats, fewer than its dim {}",
-                        ts.name, t.dim
-                    )));
-                }
+                t.check_rows(&ts.name, &ts.rows, rf)?;
                 t.index.reserve(ts.rows.len());
                 t.data.reserve(ts.rows.len() * t.dim);
                 for i in 0..ts.rows.len() {
@@ -252,13 +256,7 @@ impl ServingModel {
                     .get_mut(&td.name)
                     .ok_or_else(|| ServingError::Model(format!("unknown table {}", td.name)))?;
                 let rf = td.row_floats as usize;
-                td.upserts.check(rf).map_err(ServingError::Model)?;
-                if rf < t.dim {
-                    return Err(ServingError::Model(format!(
-                        "delta of table {} has rows of {rf} floats, fewer than its dim {}",
-                        td.name, t.dim
-                    )));
-                }
+                t.check_rows(&td.name, &td.upserts, rf)?;
                 // As a restore merges: deletions first, then this delta's rows.
                 for &k in &td.tombstones {
                     t.remove(k);
@@ -294,18 +292,13 @@ impl ServingModel {
             )));
         }
         let block = self.samples(req)?;
-        let mut predictor = match self.predictors.lock() {
+        let pooled = match self.predictors.lock() {
             Ok(mut pool) => pool.pop(),
             Err(p) => p.into_inner().pop(),
         };
-        let mut p = match predictor.take() {
+        let mut p = match pooled {
             Some(p) => p,
-            None => Trainer::with_net(
-                self.manifest.schema.clone(),
-                DenseNet::from_state(self.dense.clone())
-                    .map_err(|e| ServingError::Model(e.to_string()))?,
-            )
-            .map_err(|e| ServingError::Model(e.to_string()))?,
+            None => predictor(&self.manifest, &self.dense)?,
         };
         let scores = p
             .predict_with(&block, 0..block.len(), threads, |name, dim, keys, out| {
@@ -361,4 +354,11 @@ impl ServingModel {
         }
         Ok(block)
     }
+}
+
+/// A trainer around `dense`, used for its forward pass only.
+fn predictor(manifest: &Manifest, dense: &DenseState) -> Result<Trainer, ServingError> {
+    let net =
+        DenseNet::from_state(dense.clone()).map_err(|e| ServingError::Model(e.to_string()))?;
+    Trainer::with_net(manifest.schema.clone(), net).map_err(|e| ServingError::Model(e.to_string()))
 }

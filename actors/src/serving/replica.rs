@@ -73,22 +73,22 @@ fn bring_to(
         return Ok(false);
     }
     let m = store.manifest(v)?;
-    let full = !(m.parent.is_some() && m.parent == served);
-    if full {
-        cell.install(ServingModel::from_restored(store.restore(v, None)?)?);
-    } else {
+    let is_delta_of_served = m.parent.is_some() && m.parent == served;
+    if is_delta_of_served {
         let (manifest, dense, shards) = store.read_delta(v)?;
         cell.apply(Arc::new(ModelDelta {
             manifest,
             dense,
             shards,
         }))?;
+    } else {
+        cell.install(ServingModel::from_restored(store.restore(v, None)?)?);
     }
     // Pin what is served, so retention keeps it; a failed pin is reported, not fatal.
     if let Err(e) = store.pin(name, v) {
         tracing::warn!(replica = %name, version = v, error = %e, "could not pin the served version");
     }
-    Ok(full)
+    Ok(!is_delta_of_served)
 }
 
 impl Actor for ServingReplica {
