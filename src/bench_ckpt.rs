@@ -177,6 +177,9 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
     let meta = |step: u64| VersionMeta {
         step,
         rows_trained: step * 512,
+        samples_rejected: 0,
+        replays: Vec::new(),
+        calibrated_from: None,
         sample_offsets: BTreeMap::from([(0, step * 512)]),
         joiner_offsets: BTreeMap::new(),
         model: ModelConfig::new(ModelKind::Wdl),

@@ -420,6 +420,9 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         meta: VersionMeta {
             step: trainer.step(),
             rows_trained: rows_before + rows,
+            samples_rejected: 0,
+            replays: Vec::new(),
+            calibrated_from: None,
             sample_offsets: BTreeMap::new(),
             joiner_offsets: BTreeMap::new(),
             model: trainer.net().config().clone(),

@@ -12,6 +12,7 @@ pub mod dense;
 pub mod embedding;
 pub mod envelope;
 pub mod event;
+pub mod fault;
 pub mod gen;
 pub mod ids;
 pub mod joiner;
@@ -23,6 +24,7 @@ pub mod serving;
 pub mod shard;
 pub mod simulate;
 pub mod stream;
+pub mod supervisor;
 pub mod testkit;
 pub mod trainer;
 

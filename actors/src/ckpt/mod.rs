@@ -102,6 +102,19 @@ pub struct Manifest {
     /// Event topic -> partition -> the joiner's next offset.
     pub joiner_offsets: BTreeMap<String, BTreeMap<u32, u64>>,
     pub validation: Option<Validation>,
+    /// Samples read from the sample log but refused (undecodable, or outside the schema) and
+    /// dead-lettered. With `rows_trained` they account for every consumed offset.
+    #[serde(default)]
+    pub samples_rejected: u64,
+    /// Replays the trainer ran since the previous version, with the ranges they skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replays: Vec<ReplayRecord>,
+    /// Set when a rollback to an older version made this one history: kept, never served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolledBack>,
+    /// Set on the version a calibration installed: the base model it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated_from: Option<CalibrationSource>,
     pub model: ModelConfig,
     pub schema: Schema,
     pub tables: BTreeMap<String, TableConfig>,
@@ -117,11 +130,41 @@ impl Manifest {
     }
 }
 
+/// A replay of sample-log offsets `[from, to)` of one partition, without `skip` when given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayRecord {
+    pub partition: u32,
+    pub from: u64,
+    pub to: u64,
+    /// The sub-range `[start, end)` left out.
+    pub skip: Option<(u64, u64)>,
+    /// Samples trained by the replay (refused ones excluded).
+    pub rows: u64,
+}
+
+/// Why a version is history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    /// The version the rollback went back to.
+    pub to: u64,
+    pub at_unix_ms: u64,
+}
+
+/// The base model a calibration installed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationSource {
+    pub store: PathBuf,
+    pub version: u64,
+}
+
 /// What the caller knows of a version besides its state: the step, the offsets, the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VersionMeta {
     pub step: u64,
     pub rows_trained: u64,
+    pub samples_rejected: u64,
+    pub replays: Vec<ReplayRecord>,
+    pub calibrated_from: Option<CalibrationSource>,
     pub sample_offsets: BTreeMap<u32, u64>,
     pub joiner_offsets: BTreeMap<String, BTreeMap<u32, u64>>,
     pub model: ModelConfig,

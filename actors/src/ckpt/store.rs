@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use super::merge::{apply_deltas, reshard};
 use super::{
-    CkptError, FileSum, Manifest, ServingShard, ServingTable, Validation, VersionKind, VersionMeta,
+    CkptError, FileSum, Manifest, ServingShard, ServingTable, RolledBack, Validation, VersionKind,
+    VersionMeta,
     FORMAT, FORMAT_VERSION,
 };
 use crate::dense::DenseState;
@@ -242,6 +243,10 @@ impl ModelStore {
             sample_offsets: meta.sample_offsets,
             joiner_offsets: meta.joiner_offsets,
             validation: None,
+            samples_rejected: meta.samples_rejected,
+            replays: meta.replays,
+            rolled_back: None,
+            calibrated_from: meta.calibrated_from,
             model: meta.model,
             schema: meta.schema,
             tables: meta.tables,
@@ -272,10 +277,33 @@ impl ModelStore {
 
     /// Records a validation result in version `v`'s manifest (atomically replaced).
     pub fn set_validation(&self, v: u64, validation: Validation) -> Result<Manifest, CkptError> {
+        self.annotate(v, |m| m.validation = Some(validation))
+    }
+
+    /// Marks version `v` as history after a rollback to an older version: it stays on disk
+    /// (and can be restored by name) but is never served or resumed from again.
+    pub fn set_rolled_back(&self, v: u64, mark: RolledBack) -> Result<Manifest, CkptError> {
+        self.annotate(v, |m| m.rolled_back = Some(mark))
+    }
+
+    /// The newest version no rollback has made history: where a restarted trainer resumes.
+    pub fn latest_live(&self) -> Result<Option<u64>, CkptError> {
+        for v in self.versions()?.into_iter().rev() {
+            if self.manifest(v)?.rolled_back.is_none() {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Read, change and atomically replace `v`'s manifest. The validator and the supervisor
+    /// both annotate manifests; the lock keeps one's change from overwriting the other's.
+    fn annotate(&self, v: u64, change: impl FnOnce(&mut Manifest)) -> Result<Manifest, CkptError> {
+        static ANNOTATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = ANNOTATE.lock().unwrap_or_else(|p| p.into_inner());
         let mut m = self.manifest(v)?;
-        m.validation = Some(validation);
-        let dir = self.version_dir(v);
-        write_manifest(&dir, &m)?;
+        change(&mut m);
+        write_manifest(&self.version_dir(v), &m)?;
         Ok(m)
     }
 

@@ -60,6 +60,9 @@ fn meta(step: u64) -> VersionMeta {
     VersionMeta {
         step,
         rows_trained: step * 10,
+        samples_rejected: 0,
+        replays: Vec::new(),
+        calibrated_from: None,
         sample_offsets: BTreeMap::from([(0, step * 10), (1, step * 7)]),
         joiner_offsets: BTreeMap::from([("impressions".into(), BTreeMap::from([(0, step)]))]),
         model: ModelConfig::new(ModelKind::Lr),

@@ -47,6 +47,9 @@ fn meta(step: u64) -> VersionMeta {
     VersionMeta {
         step,
         rows_trained: step * 100,
+        samples_rejected: 0,
+        replays: Vec::new(),
+        calibrated_from: None,
         sample_offsets: BTreeMap::from([(0, step * 100)]),
         joiner_offsets: BTreeMap::new(),
         model: model(),
