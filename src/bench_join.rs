@@ -148,6 +148,7 @@ fn join_args(topics: &crate::stream::Topics, dir: &std::path::Path, p: u32) -> J
         checkpoint_every: CheckpointEvery::default(),
         group: "bench".into(),
         batch: 4096,
+        faults: Default::default(),
     }
 }
 

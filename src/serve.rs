@@ -346,6 +346,7 @@ async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
         name: "serve".into(),
         store: store.clone(),
         cell: cell.clone(),
+        faults: Default::default(),
     })
     .await
     .context("starting the serving replica")?;

@@ -448,6 +448,7 @@ async fn join_async(args: JoinArgsCli, settings: &Settings) -> anyhow::Result<()
             checkpoint_every: settings.joiner.checkpoint,
             group: "joiner".into(),
             batch: settings.joiner_batch(),
+            faults: Default::default(),
         };
         let (h, j) = JoinerHandle::spawn(a)
             .await

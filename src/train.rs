@@ -408,6 +408,7 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                 store,
                 shards: router.clone(),
                 schedule,
+                faults: Default::default(),
             })
             .await
             .context("starting the checkpoint writer")?;

@@ -120,6 +120,7 @@ fn args(logs: &Logs, dir: &Path, p: u32, every: u64, batch: usize) -> JoinArgs {
         },
         group: "joiner".into(),
         batch,
+        faults: Default::default(),
     }
 }
 

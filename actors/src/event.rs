@@ -34,6 +34,9 @@ pub const DEAD_LETTERS_TOPIC: &str = "dead-letters";
 /// The topic of lines `freshet ingest` refused. Separate from [`DEAD_LETTERS_TOPIC`] because
 /// the joiners' exactly-once replay needs to be the only writer of theirs.
 pub const INGEST_REJECTS_TOPIC: &str = "ingest-rejects";
+/// The topic of samples the online trainer refused (undecodable, or not in the schema).
+/// Partition `p` has one writer, the trainer, which reads sample partition `p`.
+pub const SAMPLE_REJECTS_TOPIC: &str = "sample-rejects";
 
 /// Longest request, user or item id accepted.
 pub const MAX_ID_BYTES: usize = 256;

@@ -17,6 +17,7 @@ pub mod gen;
 pub mod ids;
 pub mod joiner;
 pub mod metrics;
+pub mod online;
 pub mod rng;
 pub mod routing;
 pub mod sample;

@@ -23,6 +23,7 @@ use crate::embedding::{
     TableStats, TrainCtx,
 };
 use crate::envelope::{Envelope, TraceContext};
+use crate::fault::Faults;
 use crate::ids::{FeatureId, ShardId, TableName};
 use crate::routing::shard_of;
 
@@ -51,6 +52,8 @@ pub struct ShardArgs {
     pub spill_dir: Option<PathBuf>,
     /// State to start from (a checkpoint); `None` starts empty.
     pub restore: Option<ShardSnapshot>,
+    /// Fault points for supervision tests: `shard.apply` (before gradients are applied).
+    pub faults: Faults,
 }
 
 /// Counters: the actor's observable state.
@@ -116,6 +119,10 @@ pub enum ShardRequest {
         snapshot: Box<ShardSnapshot>,
         reply: Reply<()>,
     },
+    /// Drop every row: back to the state of a fresh start from the same args.
+    Reset {
+        reply: Reply<()>,
+    },
     Stats {
         reply: RpcReplyPort<ShardStats>,
     },
@@ -131,6 +138,7 @@ pub struct ShardOwner;
 pub struct ShardState {
     shard: EmbeddingShard,
     counters: ShardCounters,
+    args: ShardArgs,
 }
 
 impl Actor for ShardOwner {
@@ -145,7 +153,8 @@ impl Actor for ShardOwner {
     ) -> Result<ShardState, ActorProcessingErr> {
         let dir = args.spill_dir.as_deref();
         let mut shard = EmbeddingShard::new(args.shard, args.shard_count, &args.tables, dir)?;
-        if let Some(snap) = args.restore {
+        let mut args = args;
+        if let Some(snap) = args.restore.take() {
             shard.restore(snap)?;
         }
         tracing::debug!(
@@ -156,6 +165,7 @@ impl Actor for ShardOwner {
         Ok(ShardState {
             shard,
             counters: ShardCounters::default(),
+            args,
         })
     }
 
@@ -201,6 +211,7 @@ impl Actor for ShardOwner {
                 ctx,
                 reply,
             } => {
+                st.args.faults.check("shard.apply");
                 c.gradient_batches += 1;
                 let r = st
                     .shard
@@ -236,6 +247,12 @@ impl Actor for ShardOwner {
             ShardRequest::Restore { snapshot, reply } => {
                 let _ = reply.send(st.shard.restore(*snapshot));
             }
+            ShardRequest::Reset { reply } => {
+                let a = &st.args;
+                let fresh =
+                    EmbeddingShard::new(a.shard, a.shard_count, &a.tables, a.spill_dir.as_deref());
+                let _ = reply.send(fresh.map(|f| st.shard = f));
+            }
             ShardRequest::Stats { reply } => {
                 let _ = reply.send(ShardStats {
                     shard: st.shard.id(),
@@ -263,6 +280,16 @@ impl ShardHandle {
         let shard = args.shard;
         let (actor, join) = Actor::spawn(None, ShardOwner, args).await?;
         Ok((Self { shard, actor }, join))
+    }
+
+    /// Spawns a ShardOwner linked to a supervisor.
+    pub async fn spawn_linked(
+        args: ShardArgs,
+        supervisor: ractor::ActorCell,
+    ) -> Result<Self, ractor::SpawnErr> {
+        let shard = args.shard;
+        let (actor, _join) = Actor::spawn_linked(None, ShardOwner, args, supervisor).await?;
+        Ok(Self { shard, actor })
     }
 
     pub fn new(shard: ShardId, actor: ActorRef<ShardMsg>) -> Self {
@@ -395,6 +422,12 @@ impl ShardHandle {
         .await
     }
 
+    /// Drops every row (a trainer starting a model from scratch).
+    pub async fn reset(&self) -> Result<(), ShardError> {
+        self.ask(TraceContext::none(), |reply| ShardRequest::Reset { reply })
+            .await
+    }
+
     pub async fn restore(&self, snapshot: ShardSnapshot) -> Result<(), ShardError> {
         self.ask(TraceContext::none(), |reply| ShardRequest::Restore {
             snapshot: Box::new(snapshot),
@@ -461,6 +494,7 @@ impl ShardRouter {
                 tables: tables.clone(),
                 spill_dir: spill_dir.map(|d| d.join(format!("shard-{s}"))),
                 restore: snap,
+                faults: Faults::default(),
             })
             .await?;
             shards.push(h);
@@ -632,6 +666,7 @@ mod tests {
                 tables: tables(),
                 spill_dir: None,
                 restore: None,
+                faults: Faults::default(),
             })
             .await
             .unwrap();
@@ -769,6 +804,7 @@ mod tests {
             tables: tables(),
             spill_dir: None,
             restore: Some(snap.clone()),
+            faults: Faults::default(),
         })
         .await
         .unwrap();

@@ -205,7 +205,10 @@ impl SupervisorState {
         }
         let mine = &mut self.recent_by_child[i];
         mine.push_back(now);
-        while mine.front().is_some_and(|t| now.duration_since(*t) > within) {
+        while mine
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > within)
+        {
             mine.pop_front();
         }
         let n = mine.len() as u32;
@@ -340,7 +343,10 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(cell, e) => (cell, format!("failed: {e}")),
             SupervisionEvent::ActorTerminated(cell, _, why) => (
                 cell,
-                format!("stopped unasked ({})", why.unwrap_or_else(|| "no reason".into())),
+                format!(
+                    "stopped unasked ({})",
+                    why.unwrap_or_else(|| "no reason".into())
+                ),
             ),
             _ => return Ok(()),
         };

@@ -11,9 +11,8 @@ use serde::Serialize;
 
 use super::merge::{apply_deltas, reshard};
 use super::{
-    CkptError, FileSum, Manifest, ServingShard, ServingTable, RolledBack, Validation, VersionKind,
-    VersionMeta,
-    FORMAT, FORMAT_VERSION,
+    CkptError, FileSum, Manifest, RolledBack, ServingShard, ServingTable, Validation, VersionKind,
+    VersionMeta, FORMAT, FORMAT_VERSION,
 };
 use crate::dense::DenseState;
 use crate::embedding::{ShardDelta, ShardSnapshot};

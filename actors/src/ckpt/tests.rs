@@ -426,6 +426,7 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
             full_every: 2,
             keep_full: 10,
         },
+        faults: Default::default(),
     })
     .await
     .unwrap();

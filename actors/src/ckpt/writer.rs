@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use super::{Manifest, ModelStore, Payload, VersionMeta};
 use crate::dense::DenseState;
 use crate::envelope::Envelope;
+use crate::fault::Faults;
 use crate::ids::TableName;
 use crate::shard::{ShardError, ShardRouter};
 
@@ -121,6 +122,8 @@ pub struct WriterArgs {
     pub store: ModelStore,
     pub shards: ShardRouter,
     pub schedule: Schedule,
+    /// Fault points for supervision tests: `writer.write` (before a version is written).
+    pub faults: Faults,
 }
 
 #[derive(Debug)]
@@ -135,6 +138,10 @@ pub enum WriterRequest {
     /// Replies once every capture before it is written (or failed).
     Flush {
         reply: RpcReplyPort<WriterStats>,
+    },
+    /// The shards were restored to another state: the next version must be full.
+    Reset {
+        reply: RpcReplyPort<()>,
     },
 }
 
@@ -293,6 +300,10 @@ impl Actor for CheckpointWriter {
             WriterRequest::Flush { reply } => {
                 let _ = reply.send(st.stats.clone());
             }
+            WriterRequest::Reset { reply } => {
+                st.last = None;
+                let _ = reply.send(());
+            }
         }
         Ok(())
     }
@@ -310,12 +321,30 @@ impl CheckpointHandle {
     pub async fn spawn(
         args: WriterArgs,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        Self::start(args, None).await
+    }
+
+    /// Starts the writer linked to a supervisor.
+    pub async fn spawn_linked(
+        args: WriterArgs,
+        supervisor: ractor::ActorCell,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        Self::start(args, Some(supervisor)).await
+    }
+
+    async fn start(
+        args: WriterArgs,
+        supervisor: Option<ractor::ActorCell>,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         let due = Due {
             schedule: args.schedule.clone(),
             last_step: 0,
             last_at: Instant::now(),
         };
-        let (actor, join) = Actor::spawn(None, CheckpointWriter, args).await?;
+        let (actor, join) = match supervisor {
+            Some(s) => Actor::spawn_linked(None, CheckpointWriter, args, s).await?,
+            None => Actor::spawn(None, CheckpointWriter, args).await?,
+        };
         Ok((
             Self {
                 actor,
@@ -326,7 +355,10 @@ impl CheckpointHandle {
         ))
     }
 
-    /// Whether a version should be taken at this step boundary (by schedule or on demand).
+    pub fn cell(&self) -> ractor::ActorCell {
+        self.actor.get_cell()
+    }
+
     pub fn due(&self, step: u64) -> bool {
         if self.demanded.load(Ordering::Relaxed) {
             return true;
@@ -391,6 +423,20 @@ impl CheckpointHandle {
             .await
         {
             Ok(CallResult::Success(s)) => Ok(s),
+            Ok(_) => Err(WriterError::Unavailable("stopped before replying".into())),
+            Err(e) => Err(WriterError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Makes the next version full: the shards were restored to a state the last version's
+    /// table versions do not describe.
+    pub async fn reset(&self) -> Result<(), WriterError> {
+        match self
+            .actor
+            .call(|reply| Envelope::new(WriterRequest::Reset { reply }), None)
+            .await
+        {
+            Ok(CallResult::Success(())) => Ok(()),
             Ok(_) => Err(WriterError::Unavailable("stopped before replying".into())),
             Err(e) => Err(WriterError::Unavailable(e.to_string())),
         }

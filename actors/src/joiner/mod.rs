@@ -70,6 +70,8 @@ pub struct JoinArgs {
     pub group: String,
     /// Input records per step.
     pub batch: usize,
+    /// Fault points for supervision tests: `joiner.step` (before a step).
+    pub faults: crate::fault::Faults,
 }
 
 /// Where a step can be interrupted; fault-injection tests crash the task at each.
@@ -730,6 +732,7 @@ impl Actor for SampleJoiner {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             JoinerMsg::Poll | JoinerMsg::Woken => {
+                st.args.faults.check("joiner.step");
                 if matches!(msg, JoinerMsg::Woken) {
                     st.waiting = false;
                 } else if st.waiting {
@@ -795,6 +798,21 @@ impl JoinerHandle {
             .await
             .map_err(|e| anyhow::anyhow!("starting the joiner: {e}"))?;
         Ok((Self { actor }, join))
+    }
+
+    /// Starts a joiner linked to a supervisor.
+    pub async fn spawn_linked(
+        args: JoinArgs,
+        supervisor: ractor::ActorCell,
+    ) -> anyhow::Result<Self> {
+        let (actor, _join) = Actor::spawn_linked(None, SampleJoiner, args, supervisor)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the joiner: {e}"))?;
+        Ok(Self { actor })
+    }
+
+    pub fn cell(&self) -> ractor::ActorCell {
+        self.actor.get_cell()
     }
 
     pub async fn stats(&self) -> anyhow::Result<JoinerStats> {

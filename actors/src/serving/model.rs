@@ -292,6 +292,19 @@ impl ServingModel {
             )));
         }
         let block = self.samples(req)?;
+        let scores = self.score_block(&block, threads)?;
+        Ok(PredictResponse {
+            version: self.version(),
+            scores,
+        })
+    }
+
+    /// Scores every row of `block` (built for this version's schema) with this version.
+    pub fn score_block(
+        &self,
+        block: &SampleBlock,
+        threads: &Threads,
+    ) -> Result<Vec<f32>, ServingError> {
         let pooled = match self.predictors.lock() {
             Ok(mut pool) => pool.pop(),
             Err(p) => p.into_inner().pop(),
@@ -301,7 +314,7 @@ impl ServingModel {
             None => predictor(&self.manifest, &self.dense)?,
         };
         let scores = p
-            .predict_with(&block, 0..block.len(), threads, |name, dim, keys, out| {
+            .predict_with(block, 0..block.len(), threads, |name, dim, keys, out| {
                 let t = self
                     .tables
                     .get(name)
@@ -315,10 +328,7 @@ impl ServingModel {
             Ok(mut pool) => pool.push(p),
             Err(pool) => pool.into_inner().push(p),
         }
-        Ok(PredictResponse {
-            version: self.version(),
-            scores,
-        })
+        Ok(scores)
     }
 
     /// One sample per candidate: the shared features plus the candidate's own.

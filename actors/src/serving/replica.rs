@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::{CellStats, ModelCell, ModelDelta, ServingError, ServingModel};
 use crate::ckpt::ModelStore;
 use crate::envelope::Envelope;
+use crate::fault::Faults;
 
 #[derive(Debug, Clone)]
 pub struct ReplicaArgs {
@@ -29,6 +30,8 @@ pub struct ReplicaArgs {
     pub name: String,
     pub store: ModelStore,
     pub cell: Arc<ModelCell>,
+    /// Fault points for supervision tests: `replica.publish`.
+    pub faults: Faults,
 }
 
 #[derive(Debug)]
@@ -116,6 +119,7 @@ impl Actor for ServingReplica {
     ) -> Result<(), ActorProcessingErr> {
         match msg.body {
             ReplicaRequest::Publish(v) => {
+                st.args.faults.check("replica.publish");
                 st.status.publishes += 1;
                 // Reading and applying a version is blocking file and memory work.
                 let (store, cell, name) = (
@@ -163,6 +167,20 @@ impl ReplicaHandle {
         let cell = args.cell.clone();
         let (actor, join) = Actor::spawn(None, ServingReplica, args).await?;
         Ok((Self { actor, cell }, join))
+    }
+
+    /// Starts a replica linked to a supervisor.
+    pub async fn spawn_linked(
+        args: ReplicaArgs,
+        supervisor: ractor::ActorCell,
+    ) -> Result<Self, ractor::SpawnErr> {
+        let cell = args.cell.clone();
+        let (actor, _join) = Actor::spawn_linked(None, ServingReplica, args, supervisor).await?;
+        Ok(Self { actor, cell })
+    }
+
+    pub fn actor_cell(&self) -> ractor::ActorCell {
+        self.actor.get_cell()
     }
 
     /// The model cell request handlers read from.

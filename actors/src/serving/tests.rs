@@ -353,6 +353,7 @@ async fn the_replica_follows_publishes_rolls_back_and_survives_a_bad_one() {
         name: "replica-0".into(),
         store: store.clone(),
         cell: cell.clone(),
+        faults: Default::default(),
     })
     .await
     .unwrap();

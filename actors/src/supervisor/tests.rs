@@ -83,7 +83,10 @@ impl Kids {
     }
 
     fn starts(&self) -> Vec<u64> {
-        self.starts.iter().map(|s| s.load(Ordering::SeqCst)).collect()
+        self.starts
+            .iter()
+            .map(|s| s.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Waits until the start counts reach `want`, through the supervisor's own status.
@@ -114,7 +117,11 @@ async fn one_for_one_restarts_only_the_failed_child() {
     k.wait_for(&sup, &[1, 2, 1]).await;
     let st = sup.status().await.unwrap();
     assert_eq!(st[1].restarts, 1);
-    assert!(st[1].last_failure.as_deref().unwrap().contains("worker told to fail"));
+    assert!(st[1]
+        .last_failure
+        .as_deref()
+        .unwrap()
+        .contains("worker told to fail"));
     sup.shutdown().await;
 }
 

@@ -1,0 +1,260 @@
+//! The trainer's side of the sample log: which offsets it has consumed, and a replay to run
+//! before live consumption. Synchronous; the trainer actor calls it between steps.
+//!
+//! Every record read is either a training row or a refusal (undecodable, not in the schema),
+//! never neither: that is what lets a manifest account for every consumed offset
+//! (`rows_trained + samples_rejected` grows by exactly the offsets consumed).
+
+use std::collections::BTreeMap;
+
+use crate::ckpt::ReplayRecord;
+use crate::event::{DeadLetter, JoinedSample, SAMPLES_TOPIC};
+use crate::sample::json::SampleDecoder;
+use crate::sample::{SampleBlock, Schema};
+use crate::stream::{LogError, Offset, Record, StreamLog};
+
+/// Re-consume `[from, to)` of one sample-log partition, without `[skip.0, skip.1)`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayPlan {
+    pub partition: u32,
+    pub from: Offset,
+    pub to: Offset,
+    pub skip: Option<(Offset, Offset)>,
+}
+
+impl ReplayPlan {
+    /// Checks the ranges against the log: the partition exists and the whole range is
+    /// retained and already written.
+    pub fn check(&self, log: &dyn StreamLog) -> Result<(), String> {
+        if self.partition >= log.partitions() {
+            return Err(format!(
+                "partition {} does not exist ({} partitions)",
+                self.partition,
+                log.partitions()
+            ));
+        }
+        if self.from >= self.to {
+            return Err(format!("empty range [{}, {})", self.from, self.to));
+        }
+        if let Some((a, b)) = self.skip {
+            if a >= b || a < self.from || b > self.to {
+                return Err(format!(
+                    "skip [{a}, {b}) is not a non-empty part of [{}, {})",
+                    self.from, self.to
+                ));
+            }
+        }
+        let low = log
+            .low_watermark(self.partition)
+            .map_err(|e| e.to_string())?;
+        let high = log
+            .high_watermark(self.partition)
+            .map_err(|e| e.to_string())?;
+        if self.from < low || self.to > high {
+            return Err(format!(
+                "[{}, {}) is outside the retained samples [{low}, {high}) of partition {}",
+                self.from, self.to, self.partition
+            ));
+        }
+        Ok(())
+    }
+
+    /// Samples the replay reads.
+    pub fn len(&self) -> u64 {
+        (self.to - self.from) - self.skip.map_or(0, |(a, b)| b - a)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+struct Replay {
+    plan: ReplayPlan,
+    next: Offset,
+    rows: u64,
+}
+
+impl Replay {
+    /// Moves past the skipped range when the cursor is inside it.
+    fn skip_ahead(&mut self) {
+        if let Some((a, b)) = self.plan.skip {
+            if self.next >= a && self.next < b {
+                self.next = b;
+            }
+        }
+    }
+}
+
+/// What one pull produced.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// Rows appended to the block.
+    pub rows: usize,
+    /// Records refused, to be dead-lettered.
+    pub rejected: Vec<DeadLetter>,
+    /// The replay that finished with this pull.
+    pub replay_done: Option<ReplayRecord>,
+    /// The rows came from a replay, not from live consumption.
+    pub from_replay: bool,
+}
+
+#[derive(Debug)]
+pub struct SampleFeed {
+    decoder: SampleDecoder,
+    partitions: u32,
+    offsets: BTreeMap<u32, Offset>,
+    replay: Option<Replay>,
+    /// Where the next live pull starts, so that no partition starves.
+    next_partition: u32,
+}
+
+impl SampleFeed {
+    /// A feed at `offsets` (a partition missing from it starts at 0).
+    pub fn new(
+        schema: &Schema,
+        partitions: u32,
+        mut offsets: BTreeMap<u32, Offset>,
+        replay: Option<ReplayPlan>,
+    ) -> Self {
+        for p in 0..partitions {
+            offsets.entry(p).or_insert(0);
+        }
+        Self {
+            decoder: SampleDecoder::new(schema),
+            partitions,
+            offsets,
+            replay: replay.map(|plan| Replay {
+                next: plan.from,
+                plan,
+                rows: 0,
+            }),
+            next_partition: 0,
+        }
+    }
+
+    /// Per partition, the next live offset: everything before it has been consumed.
+    pub fn offsets(&self) -> &BTreeMap<u32, Offset> {
+        &self.offsets
+    }
+
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Live samples not yet consumed.
+    pub fn lag(&self, log: &dyn StreamLog) -> Result<u64, LogError> {
+        let mut lag = 0;
+        for (&p, &o) in &self.offsets {
+            lag += log.high_watermark(p)?.saturating_sub(o);
+        }
+        Ok(lag)
+    }
+
+    /// Reads up to `max` records into `block` (cleared first): from the replay while one
+    /// runs, else from the live offsets, round-robin over partitions.
+    pub fn pull(
+        &mut self,
+        log: &dyn StreamLog,
+        max: usize,
+        block: &mut SampleBlock,
+    ) -> Result<Pulled, LogError> {
+        block.clear();
+        let mut out = Pulled::default();
+        if let Some(r) = &mut self.replay {
+            out.from_replay = true;
+            let p = r.plan.partition;
+            r.skip_ahead();
+            let end = match r.plan.skip {
+                Some((a, _)) if r.next < a => a,
+                _ => r.plan.to,
+            };
+            let want = ((end.saturating_sub(r.next)) as usize).min(max);
+            let recs = if want > 0 {
+                log.read(p, r.next, want)?
+            } else {
+                Vec::new()
+            };
+            for rec in &recs {
+                r.next = rec.offset + 1;
+                match decode(&self.decoder, rec, p, block) {
+                    Ok(()) => {
+                        out.rows += 1;
+                        r.rows += 1;
+                    }
+                    Err(dl) => out.rejected.push(dl),
+                }
+            }
+            r.skip_ahead();
+            if r.next >= r.plan.to {
+                out.replay_done = Some(ReplayRecord {
+                    partition: p,
+                    from: r.plan.from,
+                    to: r.plan.to,
+                    skip: r.plan.skip,
+                    rows: r.rows,
+                });
+                self.replay = None;
+            } else if recs.is_empty() {
+                // The plan was checked against the log; records vanishing under it means
+                // retention removed them.
+                return Err(LogError::OffsetOutOfRange {
+                    topic: log.topic().to_owned(),
+                    partition: p,
+                    requested: r.next,
+                    low: log.low_watermark(p)?,
+                    high: log.high_watermark(p)?,
+                });
+            }
+            return Ok(out);
+        }
+        for i in 0..self.partitions {
+            let left = max.saturating_sub(out.rows + out.rejected.len());
+            if left == 0 {
+                break;
+            }
+            let p = (self.next_partition + i) % self.partitions;
+            let from = self.offsets[&p];
+            let recs = log.read(p, from, left)?;
+            for rec in &recs {
+                match decode(&self.decoder, rec, p, block) {
+                    Ok(()) => out.rows += 1,
+                    Err(dl) => out.rejected.push(dl),
+                }
+            }
+            if let Some(last) = recs.last() {
+                self.offsets.insert(p, last.offset + 1);
+            }
+        }
+        self.next_partition = (self.next_partition + 1) % self.partitions.max(1);
+        Ok(out)
+    }
+}
+
+fn decode(
+    decoder: &SampleDecoder,
+    rec: &Record,
+    partition: u32,
+    block: &mut SampleBlock,
+) -> Result<(), DeadLetter> {
+    let refuse = |reason: &str, detail: String| DeadLetter {
+        topic: SAMPLES_TOPIC.to_owned(),
+        partition,
+        offset: rec.offset,
+        reason: reason.to_owned(),
+        detail,
+        payload: rec.payload.clone(),
+    };
+    let s =
+        JoinedSample::from_msgpack(&rec.payload).map_err(|e| refuse(e.kind(), e.to_string()))?;
+    let raw = s
+        .to_raw_sample()
+        .map_err(|e| refuse(e.kind(), e.to_string()))?;
+    decoder
+        .push(&raw, block)
+        .map_err(|e| refuse(e.kind(), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

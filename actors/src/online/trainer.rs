@@ -1,0 +1,487 @@
+//! The online Trainer actor: pulls batches of samples from the sample log, trains through the
+//! ShardOwners, and captures versions that record exactly which samples they hold.
+//!
+//! - **Takes in:** nothing from other actors' traffic. It *pulls* from the sample log, one
+//!   batch per step, and sends itself the next `Pull` only after a step is done. A producer
+//!   ten times faster than training grows the log's backlog on disk, never a mailbox; the
+//!   shards see one batch of requests in flight at a time.
+//! - **Sends out:** lookups and gradients to the shards (awaited), captures to the
+//!   CheckpointWriter when it is due, refused samples to `sample-rejects`.
+//! - **Keeps:** the dense net, the feed's offsets, the rows trained and refused.
+//! - **Restart.** `pre_start` builds everything from [`TrainerArgs`]: it restores *every*
+//!   shard and the dense net to `start.version` (or empties the shards for a fresh model),
+//!   tells the writer its next version is full, and resumes from that version's offsets.
+//!   So samples after those offsets are applied exactly once, whatever state the shards were
+//!   in when the old trainer died.
+//!
+//! Fault points: `trainer.batch` (before a step).
+//!
+//! Architecture invariant: for every version the trainer captures,
+//! `rows_trained + samples_rejected` minus the replays' rows equals the sum of its
+//! `sample_offsets` minus the offsets it started the lineage from. No version is captured
+//! while a replay runs, so a version never holds half a replay.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+
+use super::feed::{ReplayPlan, SampleFeed};
+use crate::ckpt::writer::{CheckpointHandle, StepBoundary};
+use crate::ckpt::{ModelStore, ReplayRecord, VersionMeta};
+use crate::dense::{DenseNet, ModelConfig, Threads};
+use crate::embedding::TableConfig;
+use crate::envelope::Envelope;
+use crate::event::DeadLetter;
+use crate::fault::Faults;
+use crate::sample::{SampleBlock, Schema};
+use crate::shard::ShardRouter;
+use crate::stream::{Offset, StreamLog};
+use crate::trainer::Trainer;
+
+/// The model a trainer starts when the store has no version to resume from.
+#[derive(Clone, Debug)]
+pub struct FreshModel {
+    pub schema: Schema,
+    pub model: ModelConfig,
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// Where a (re)started trainer begins.
+#[derive(Clone, Debug, Default)]
+pub struct TrainStart {
+    /// The version to restore; `None` starts the fresh model with every offset at 0.
+    pub version: Option<u64>,
+    /// Replayed before live consumption resumes.
+    pub replay: Option<ReplayPlan>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainerArgs {
+    pub store: ModelStore,
+    pub samples: Arc<dyn StreamLog>,
+    /// Where refused samples go, one partition per sample partition.
+    pub rejects: Arc<dyn StreamLog>,
+    pub shards: ShardRouter,
+    pub writer: CheckpointHandle,
+    pub start: TrainStart,
+    pub fresh: FreshModel,
+    /// Samples per step.
+    pub batch: usize,
+    pub threads: Arc<Threads>,
+    pub faults: Faults,
+}
+
+/// The trainer's observable state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TrainerStatus {
+    /// The version this trainer started from.
+    pub started_from: Option<u64>,
+    pub step: u64,
+    pub rows_trained: u64,
+    pub samples_rejected: u64,
+    /// Per sample partition, the next offset to consume.
+    pub offsets: BTreeMap<u32, Offset>,
+    /// Samples in the log not yet consumed.
+    pub lag: u64,
+    pub replaying: bool,
+    /// Steps this incarnation took, and the largest.
+    pub steps: u64,
+    pub max_step_rows: usize,
+    /// Training loss, exponentially averaged over recent steps.
+    pub loss: f64,
+    pub samples_per_sec: f64,
+    pub captures: u64,
+    pub capture_failures: u64,
+}
+
+#[derive(Debug)]
+pub enum TrainerRequest {
+    /// Take the next step (sent to itself).
+    Pull,
+    Status(RpcReplyPort<TrainerStatus>),
+    /// Capture a last version of everything trained, wait until it is written, and reply
+    /// with the newest version.
+    Finish(RpcReplyPort<Result<Option<u64>, String>>),
+}
+
+pub type TrainerMsg = Envelope<TrainerRequest>;
+
+#[derive(Debug, Default)]
+pub struct OnlineTrainer;
+
+#[derive(Debug)]
+pub struct TrainerState {
+    args: TrainerArgs,
+    trainer: Trainer,
+    feed: SampleFeed,
+    block: SampleBlock,
+    tables: BTreeMap<String, TableConfig>,
+    rows_trained: u64,
+    samples_rejected: u64,
+    replays: Vec<ReplayRecord>,
+    /// Per partition, the highest sample offset already dead-lettered (after a restart the
+    /// same refusals come round again and must not be written twice).
+    rejected_through: BTreeMap<u32, Offset>,
+    /// Trained since the last capture.
+    dirty: bool,
+    status: TrainerStatus,
+    rate_since: Instant,
+    rate_rows: u64,
+}
+
+/// Idle wait before looking at the log again when it had nothing.
+const IDLE: Duration = Duration::from_millis(5);
+
+impl TrainerState {
+    fn boundary(&mut self) -> StepBoundary {
+        StepBoundary {
+            meta: VersionMeta {
+                step: self.trainer.step(),
+                rows_trained: self.rows_trained,
+                samples_rejected: self.samples_rejected,
+                replays: std::mem::take(&mut self.replays),
+                calibrated_from: None,
+                sample_offsets: self.feed.offsets().clone(),
+                joiner_offsets: BTreeMap::new(),
+                model: self.trainer.net().config().clone(),
+                schema: self.trainer.schema().clone(),
+                tables: self.tables.clone(),
+            },
+            dense: self.trainer.net().state(),
+            full: false,
+        }
+    }
+
+    async fn capture(&mut self) {
+        let at = self.boundary();
+        let replays = at.meta.replays.clone();
+        match self.args.writer.capture(at).await {
+            Ok(()) => {
+                self.dirty = false;
+                self.status.captures += 1;
+            }
+            Err(e) => {
+                // The rows stay trained; the next due capture includes them.
+                tracing::warn!(error = %e, "capture failed; retrying at the next boundary");
+                self.replays = replays;
+                self.status.capture_failures += 1;
+            }
+        }
+    }
+
+    /// Writes refusals not already dead-lettered by an earlier incarnation.
+    fn dead_letter(&mut self, rejected: Vec<DeadLetter>) -> anyhow::Result<()> {
+        let mut by_partition: BTreeMap<u32, Vec<Vec<u8>>> = BTreeMap::new();
+        for d in rejected {
+            let through = self.rejected_through.get(&d.partition).copied();
+            if through.is_some_and(|t| d.offset <= t) {
+                continue;
+            }
+            self.rejected_through.insert(d.partition, d.offset);
+            by_partition
+                .entry(d.partition)
+                .or_default()
+                .push(d.to_msgpack());
+        }
+        for (p, recs) in by_partition {
+            let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+            self.args
+                .rejects
+                .append(p % self.args.rejects.partitions(), &refs)
+                .with_context(|| format!("dead-lettering refused samples of partition {p}"))?;
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self, myself: &ActorRef<TrainerMsg>) -> anyhow::Result<()> {
+        self.args.faults.check("trainer.batch");
+        let pulled = self
+            .feed
+            .pull(&*self.args.samples, self.args.batch, &mut self.block)
+            .context("reading the sample log")?;
+        let consumed = pulled.rows + pulled.rejected.len();
+        self.samples_rejected += pulled.rejected.len() as u64;
+        // A replay's refusals were dead-lettered when first consumed.
+        if !pulled.from_replay {
+            self.dead_letter(pulled.rejected)?;
+        }
+        if pulled.rows > 0 {
+            let rep = self
+                .trainer
+                .train_batch(
+                    &self.block,
+                    0..pulled.rows,
+                    &self.args.shards,
+                    &self.args.threads,
+                )
+                .await
+                .context("training step")?;
+            self.rows_trained += rep.rows as u64;
+            let s = &mut self.status;
+            s.steps += 1;
+            s.max_step_rows = s.max_step_rows.max(rep.rows);
+            let loss = rep.loss_sum / rep.rows.max(1) as f64;
+            s.loss = if s.steps == 1 {
+                loss
+            } else {
+                0.95 * s.loss + 0.05 * loss
+            };
+            self.rate_rows += rep.rows as u64;
+        }
+        if consumed > 0 {
+            self.dirty = true;
+        }
+        if let Some(done) = pulled.replay_done {
+            tracing::info!(partition = done.partition, from = done.from, to = done.to, skip = ?done.skip, rows = done.rows, "replay finished");
+            self.replays.push(done);
+            self.args.writer.demand();
+        }
+        let el = self.rate_since.elapsed().as_secs_f64();
+        if el >= 1.0 {
+            self.status.samples_per_sec = self.rate_rows as f64 / el;
+            self.rate_rows = 0;
+            self.rate_since = Instant::now();
+        }
+        if self.dirty && !self.feed.replaying() && self.args.writer.due(self.trainer.step()) {
+            self.capture().await;
+        }
+        if consumed == 0 {
+            myself.send_after(IDLE, || Envelope::new(TrainerRequest::Pull));
+        } else {
+            myself.cast(Envelope::new(TrainerRequest::Pull))?;
+        }
+        Ok(())
+    }
+}
+
+/// Restores every shard and the dense net to version `v`; returns the trainer and the
+/// manifest's counters.
+async fn restore(args: &TrainerArgs, v: u64) -> anyhow::Result<(Trainer, crate::ckpt::Manifest)> {
+    let store = args.store.clone();
+    let (manifest, dense) = tokio::task::spawn_blocking(move || store.restore_dense(v))
+        .await
+        .context("restore task")?
+        .with_context(|| format!("restoring the dense state of version {v}"))?;
+    for (name, dim) in Trainer::required_tables(&manifest.schema, &manifest.model) {
+        match manifest.tables.get(&name) {
+            Some(c) if c.dim == dim => {}
+            Some(c) => anyhow::bail!(
+                "version {v} has table {name} with dim {}, but its model reads rows of {dim}",
+                c.dim
+            ),
+            None => anyhow::bail!("version {v} lacks table {name}"),
+        }
+    }
+    let count = args.shards.shards().len() as u32;
+    for h in args.shards.shards() {
+        let (store, i) = (args.store.clone(), h.shard());
+        let (snap, _) = tokio::task::spawn_blocking(move || store.restore_shard(v, i, count))
+            .await
+            .context("restore task")?
+            .with_context(|| format!("restoring shard {i} of version {v}"))?;
+        h.restore(snap)
+            .await
+            .with_context(|| format!("loading version {v} into shard {i}"))?;
+    }
+    let net = DenseNet::from_state(dense)?;
+    let mut t = Trainer::with_net(manifest.schema.clone(), net)?;
+    t.set_step(manifest.step);
+    Ok((t, manifest))
+}
+
+/// The last sample offset each partition of the rejects topic holds a dead letter for.
+fn rejected_through(rejects: &dyn StreamLog) -> anyhow::Result<BTreeMap<u32, Offset>> {
+    let mut out = BTreeMap::new();
+    for p in 0..rejects.partitions() {
+        let high = rejects.high_watermark(p)?;
+        if high == 0 || rejects.low_watermark(p)? >= high {
+            continue;
+        }
+        for rec in rejects.read(p, high - 1, 1)? {
+            // Written by this actor; one it cannot read is left for the operator.
+            match DeadLetter::from_msgpack(&rec.payload) {
+                Ok(d) => {
+                    out.insert(d.partition, d.offset);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "unreadable dead letter at the end of sample-rejects")
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Actor for OnlineTrainer {
+    type Msg = TrainerMsg;
+    type State = TrainerState;
+    type Arguments = TrainerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TrainerMsg>,
+        args: TrainerArgs,
+    ) -> Result<TrainerState, ActorProcessingErr> {
+        if args.batch == 0 {
+            return Err("the batch size must be positive".into());
+        }
+        // Whatever the writer last wrote, the shards are about to hold another state.
+        args.writer.reset().await?;
+        let (trainer, tables, rows, rejected, offsets) = match args.start.version {
+            Some(v) => {
+                let (t, m) = restore(&args, v).await?;
+                tracing::info!(
+                    version = v,
+                    step = m.step,
+                    rows = m.rows_trained,
+                    "trainer resumes"
+                );
+                (
+                    t,
+                    m.tables,
+                    m.rows_trained,
+                    m.samples_rejected,
+                    m.sample_offsets,
+                )
+            }
+            None => {
+                for h in args.shards.shards() {
+                    h.reset().await?;
+                }
+                let f = &args.fresh;
+                let t = Trainer::new(f.schema.clone(), f.model.clone())?;
+                tracing::info!("trainer starts a fresh model");
+                (t, f.tables.clone(), 0, 0, BTreeMap::new())
+            }
+        };
+        let schema = trainer.schema().clone();
+        let feed = SampleFeed::new(
+            &schema,
+            args.samples.partitions(),
+            offsets,
+            args.start.replay.clone(),
+        );
+        let rejected_through = rejected_through(&*args.rejects)?;
+        let mut st = TrainerState {
+            block: SampleBlock::for_schema(&schema),
+            trainer,
+            feed,
+            tables,
+            rows_trained: rows,
+            samples_rejected: rejected,
+            replays: Vec::new(),
+            rejected_through,
+            dirty: false,
+            status: TrainerStatus {
+                started_from: args.start.version,
+                ..TrainerStatus::default()
+            },
+            rate_since: Instant::now(),
+            rate_rows: 0,
+            args,
+        };
+        if st.args.start.version.is_none() {
+            // The fresh model is a version too: a trainer restarted before its first capture
+            // resumes from it instead of from shards that already learned something.
+            st.capture().await;
+            if st.status.captures != 1 {
+                return Err("could not capture the fresh model".into());
+            }
+        }
+        myself.cast(Envelope::new(TrainerRequest::Pull))?;
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TrainerMsg>,
+        msg: TrainerMsg,
+        st: &mut TrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg.body {
+            TrainerRequest::Pull => st.step(&myself).await?,
+            TrainerRequest::Status(reply) => {
+                let mut s = st.status.clone();
+                s.step = st.trainer.step();
+                s.rows_trained = st.rows_trained;
+                s.samples_rejected = st.samples_rejected;
+                s.offsets = st.feed.offsets().clone();
+                s.lag = st.feed.lag(&*st.args.samples).unwrap_or(0);
+                s.replaying = st.feed.replaying();
+                let _ = reply.send(s);
+            }
+            TrainerRequest::Finish(reply) => {
+                let r = async {
+                    if st.dirty && !st.feed.replaying() {
+                        st.capture().await;
+                    }
+                    let w = st.args.writer.flush().await.map_err(|e| e.to_string())?;
+                    Ok(w.last_version.or(st.args.store.latest().ok().flatten()))
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A typed handle to the running trainer.
+#[derive(Clone, Debug)]
+pub struct TrainerHandle {
+    actor: ActorRef<TrainerMsg>,
+}
+
+impl TrainerHandle {
+    pub async fn spawn_linked(args: TrainerArgs, supervisor: ActorCell) -> anyhow::Result<Self> {
+        let (actor, _join) = Actor::spawn_linked(None, OnlineTrainer, args, supervisor)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
+        Ok(Self { actor })
+    }
+
+    pub async fn spawn(args: TrainerArgs) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let (actor, join) = Actor::spawn(None, OnlineTrainer, args)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
+        Ok((Self { actor }, join))
+    }
+
+    pub fn cell(&self) -> ActorCell {
+        self.actor.get_cell()
+    }
+
+    pub async fn status(&self) -> anyhow::Result<TrainerStatus> {
+        match self
+            .actor
+            .call(|r| Envelope::new(TrainerRequest::Status(r)), None)
+            .await
+        {
+            Ok(CallResult::Success(s)) => Ok(s),
+            Ok(_) => anyhow::bail!("the trainer stopped before replying"),
+            Err(e) => anyhow::bail!("the trainer is not running: {e}"),
+        }
+    }
+
+    /// Writes a last version of everything trained and returns the newest version.
+    pub async fn finish(&self) -> anyhow::Result<Option<u64>> {
+        match self
+            .actor
+            .call(|r| Envelope::new(TrainerRequest::Finish(r)), None)
+            .await
+        {
+            Ok(CallResult::Success(r)) => r.map_err(|e| anyhow::anyhow!(e)),
+            Ok(_) => anyhow::bail!("the trainer stopped before replying"),
+            Err(e) => anyhow::bail!("the trainer is not running: {e}"),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.actor.stop(None);
+    }
+}

@@ -1,0 +1,479 @@
+//! The Validator actor: test-then-train evaluation of every new version, and the publication
+//! of those that pass the gate.
+//!
+//! - **Takes in:** each version's manifest as the CheckpointWriter writes it.
+//! - **Reads:** the sample log from the candidate's `sample_offsets` on: samples the candidate
+//!   has not trained on, so it never scores a sample it learned from. The version being
+//!   served scores the same samples, so the two are compared on equal terms.
+//! - **Sends out:** the verdict into the version's manifest (`validation`), `Publish(v)` to
+//!   the replicas when it passes, and, with `auto_rollback`, a rollback request once failures
+//!   raise the alert.
+//! - **Keeps:** its own weights-only copy of the candidate (each delta applied as it comes),
+//!   the evaluation in progress and its counters. A version that arrives while the previous
+//!   one is still collecting samples supersedes it: the newer one holds everything the older
+//!   one trained on.
+//! - **Restart.** From [`ValidatorArgs`]: the copy is restored from the newest version and
+//!   the consecutive-failure count is recounted from the manifests.
+//!
+//! Fault points: `validator.candidate` (when a version arrives).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::feed::SampleFeed;
+use super::gate::{judge, GateConfig};
+use super::ReplicaSet;
+use crate::ckpt::writer::CheckpointHandle;
+use crate::ckpt::{Manifest, ModelStore, Validation};
+use crate::dense::Threads;
+use crate::envelope::Envelope;
+use crate::fault::Faults;
+use crate::metrics::{evaluate, Evaluation, WindowedAuc};
+use crate::sample::SampleBlock;
+use crate::serving::{ModelDelta, ServingModel};
+use crate::stream::StreamLog;
+
+/// Called with the version to roll back to when the alert rises and `auto_rollback` is on.
+/// It must not wait for the rollback: the rollback restarts the validator.
+pub type RollbackFn = Arc<dyn Fn(u64) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ValidatorArgs {
+    pub store: ModelStore,
+    pub samples: Arc<dyn StreamLog>,
+    pub writer: CheckpointHandle,
+    pub replicas: ReplicaSet,
+    pub gate: GateConfig,
+    pub threads: Arc<Threads>,
+    pub rollback: Option<RollbackFn>,
+    pub faults: Faults,
+}
+
+impl std::fmt::Debug for ValidatorArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidatorArgs")
+            .field("store", &self.store)
+            .field("gate", &self.gate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The validator's observable state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ValidatorStatus {
+    pub evaluated: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub superseded: u64,
+    /// Failed versions since the last one that passed.
+    pub consecutive_failures: u32,
+    /// Raised when `consecutive_failures` reaches `gate.alert_after`.
+    pub alert: bool,
+    pub auto_rollbacks: u64,
+    /// The version being scored, and its samples so far.
+    pub evaluating: Option<u64>,
+    pub evaluating_samples: u64,
+    pub last_passed: Option<u64>,
+    pub last_verdict: Option<(u64, Validation)>,
+    /// Over the most recent samples: the serving version's metrics and the candidates'.
+    pub serving_window: Option<Evaluation>,
+    pub candidate_window: Option<Evaluation>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ValidatorRequest {
+    Candidate(Box<Manifest>),
+    /// Read more samples for the evaluation in progress (sent to itself).
+    Poll,
+    Status(RpcReplyPort<ValidatorStatus>),
+}
+
+pub type ValidatorMsg = Envelope<ValidatorRequest>;
+
+#[derive(Debug, Default)]
+pub struct Validator;
+
+struct Eval {
+    version: u64,
+    feed: SampleFeed,
+    /// The version serving when the evaluation began, scored on the same samples.
+    serving: Option<Arc<ServingModel>>,
+    candidate_preds: Vec<f32>,
+    serving_preds: Vec<f32>,
+    labels: Vec<f32>,
+}
+
+pub struct ValidatorState {
+    args: ValidatorArgs,
+    candidate: Option<ServingModel>,
+    eval: Option<Eval>,
+    block: SampleBlock,
+    status: ValidatorStatus,
+    serving_window: WindowedAuc,
+    candidate_window: WindowedAuc,
+    polling: bool,
+}
+
+impl std::fmt::Debug for ValidatorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidatorState")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Samples read per poll.
+const POLL_RECORDS: usize = 4096;
+/// Wait before reading again when no new sample had arrived.
+const IDLE: Duration = Duration::from_millis(5);
+/// Samples behind the status line's windowed metrics.
+const WINDOW: usize = 20_000;
+
+impl ValidatorState {
+    /// Brings the candidate copy to `m`: a delta on the copy when it is the parent, else the
+    /// whole version.
+    async fn follow(&mut self, m: &Manifest) -> anyhow::Result<()> {
+        let store = self.args.store.clone();
+        let v = m.version;
+        let is_delta =
+            m.parent.is_some() && m.parent == self.candidate.as_ref().map(ServingModel::version);
+        if is_delta {
+            let (manifest, dense, shards) =
+                tokio::task::spawn_blocking(move || store.read_delta(v)).await??;
+            let delta = ModelDelta {
+                manifest,
+                dense,
+                shards,
+            };
+            if let Some(c) = self.candidate.as_mut() {
+                if let Err(e) = c.apply(&delta) {
+                    self.candidate = None;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            let restored = tokio::task::spawn_blocking(move || store.restore(v, None)).await??;
+            self.candidate = Some(ServingModel::from_restored(restored)?);
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, m: &Manifest) {
+        if let Some(old) = self.eval.take() {
+            tracing::debug!(
+                version = old.version,
+                samples = old.labels.len(),
+                by = m.version,
+                "evaluation superseded by a newer version"
+            );
+            self.status.superseded += 1;
+        }
+        let schema = &m.schema;
+        self.eval = Some(Eval {
+            version: m.version,
+            feed: SampleFeed::new(
+                schema,
+                self.args.samples.partitions(),
+                m.sample_offsets.clone(),
+                None,
+            ),
+            serving: self.args.replicas.serving(),
+            candidate_preds: Vec::new(),
+            serving_preds: Vec::new(),
+            labels: Vec::new(),
+        });
+        self.status.evaluating = Some(m.version);
+        self.status.evaluating_samples = 0;
+    }
+
+    /// Scores the next samples; returns whether any arrived.
+    fn score_more(&mut self) -> anyhow::Result<bool> {
+        let (Some(e), Some(c)) = (self.eval.as_mut(), self.candidate.as_ref()) else {
+            return Ok(false);
+        };
+        let want = (self.args.gate.min_samples as usize)
+            .saturating_sub(e.labels.len())
+            .clamp(1, POLL_RECORDS);
+        let pulled = e.feed.pull(&*self.args.samples, want, &mut self.block)?;
+        if pulled.rows == 0 {
+            return Ok(pulled.rejected.len() > 0);
+        }
+        let cp = c.score_block(&self.block, &self.args.threads)?;
+        let labels: Vec<f32> = self.block.ctr_labels().collect();
+        for (&p, &y) in cp.iter().zip(&labels) {
+            self.candidate_window.push(p, y);
+        }
+        if let Some(s) = &e.serving {
+            // A serving model of another schema cannot score these rows; it is compared on
+            // none of them.
+            if s.manifest().schema == c.manifest().schema {
+                let sp = s.score_block(&self.block, &self.args.threads)?;
+                for (&p, &y) in sp.iter().zip(&labels) {
+                    self.serving_window.push(p, y);
+                }
+                e.serving_preds.extend(sp);
+            } else {
+                e.serving = None;
+            }
+        }
+        e.candidate_preds.extend(cp);
+        e.labels.extend(labels);
+        self.status.evaluating_samples = e.labels.len() as u64;
+        Ok(true)
+    }
+
+    /// Judges the evaluation once it has its samples.
+    fn decide(&mut self) -> anyhow::Result<()> {
+        let ready = self
+            .eval
+            .as_ref()
+            .is_some_and(|e| e.labels.len() as u64 >= self.args.gate.min_samples);
+        if !ready {
+            return Ok(());
+        }
+        let Some(e) = self.eval.take() else {
+            return Ok(());
+        };
+        let cand = evaluate(&e.candidate_preds, &e.labels);
+        let serving = e
+            .serving
+            .as_ref()
+            .filter(|_| e.serving_preds.len() == e.labels.len())
+            .map(|s| (s.version(), evaluate(&e.serving_preds, &e.labels)));
+        let verdict = judge(&self.args.gate, &cand, serving.as_ref().map(|(_, ev)| ev));
+        let mut metrics = std::collections::BTreeMap::new();
+        metrics.insert("logloss".into(), cand.logloss);
+        if let Some(a) = cand.auc {
+            metrics.insert("auc".into(), a);
+        }
+        if let Some(c) = cand.calibration {
+            metrics.insert("calibration".into(), c);
+        }
+        if let Some((sv, s)) = &serving {
+            metrics.insert("serving_version".into(), *sv as f64);
+            metrics.insert("serving_logloss".into(), s.logloss);
+            if let Some(a) = s.auc {
+                metrics.insert("serving_auc".into(), a);
+            }
+            if let Some(c) = s.calibration {
+                metrics.insert("serving_calibration".into(), c);
+            }
+        }
+        let validation = Validation {
+            passed: verdict.is_ok(),
+            samples: cand.samples,
+            metrics,
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            reason: verdict.clone().err(),
+        };
+        self.status.evaluated += 1;
+        self.status.evaluating = None;
+        self.status.evaluating_samples = 0;
+        // A version rolled back while it was scored keeps its mark and is not published.
+        let m = self
+            .args
+            .store
+            .set_validation(e.version, validation.clone())?;
+        self.status.last_verdict = Some((e.version, validation));
+        match verdict {
+            Ok(()) => {
+                self.status.passed += 1;
+                self.status.consecutive_failures = 0;
+                self.status.alert = false;
+                if m.rolled_back.is_none() {
+                    self.status.last_passed = Some(e.version);
+                    for err in self.args.replicas.publish(e.version) {
+                        tracing::warn!(version = e.version, error = %err, "a replica missed a publication");
+                    }
+                }
+            }
+            Err(reason) => {
+                self.status.failed += 1;
+                self.status.consecutive_failures += 1;
+                tracing::warn!(version = e.version, %reason, consecutive = self.status.consecutive_failures, "version failed validation; not published");
+                if self.status.consecutive_failures >= self.args.gate.alert_after {
+                    if !self.status.alert {
+                        tracing::error!(
+                            failures = self.status.consecutive_failures,
+                            "validation alert: consecutive versions failed the gate"
+                        );
+                    }
+                    self.status.alert = true;
+                    if let (true, Some(rollback), Some(to)) = (
+                        self.args.gate.auto_rollback,
+                        &self.args.rollback,
+                        self.status.last_passed,
+                    ) {
+                        self.status.auto_rollbacks += 1;
+                        tracing::error!(
+                            to,
+                            "auto_rollback: rolling back to the last version that passed"
+                        );
+                        rollback(to);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// From the manifests: the failures since the newest passing version, and that version.
+fn history(store: &ModelStore) -> anyhow::Result<(u32, Option<u64>)> {
+    let mut failures = 0;
+    for v in store.versions()?.into_iter().rev() {
+        let m = store.manifest(v)?;
+        if m.rolled_back.is_some() {
+            continue;
+        }
+        match m.validation {
+            Some(val) if val.passed => return Ok((failures, Some(v))),
+            Some(_) => failures += 1,
+            None => {}
+        }
+    }
+    Ok((failures, None))
+}
+
+impl Actor for Validator {
+    type Msg = ValidatorMsg;
+    type State = ValidatorState;
+    type Arguments = ValidatorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ValidatorMsg>,
+        args: ValidatorArgs,
+    ) -> Result<ValidatorState, ActorProcessingErr> {
+        let mut rx: mpsc::UnboundedReceiver<Manifest> = args.writer.subscribe()?;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if me
+                    .cast(Envelope::new(ValidatorRequest::Candidate(Box::new(m))))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let (failures, last_passed) = history(&args.store)?;
+        let status = ValidatorStatus {
+            consecutive_failures: failures,
+            alert: failures >= args.gate.alert_after,
+            last_passed,
+            ..ValidatorStatus::default()
+        };
+        Ok(ValidatorState {
+            block: SampleBlock::new(0, 0, 0),
+            candidate: None,
+            eval: None,
+            status,
+            serving_window: WindowedAuc::new(WINDOW, 10_000),
+            candidate_window: WindowedAuc::new(WINDOW, 10_000),
+            polling: false,
+            args,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ValidatorMsg>,
+        msg: ValidatorMsg,
+        st: &mut ValidatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg.body {
+            ValidatorRequest::Candidate(m) => {
+                st.args.faults.check("validator.candidate");
+                if m.rolled_back.is_some() {
+                    return Ok(());
+                }
+                if let Err(e) = st.follow(&m).await {
+                    tracing::error!(version = m.version, error = %format!("{e:#}"), "could not load the candidate; waiting for the next version");
+                    st.status.last_error = Some(format!("version {}: {e:#}", m.version));
+                    return Ok(());
+                }
+                st.block = SampleBlock::for_schema(&m.schema);
+                st.begin(&m);
+                if !st.polling {
+                    st.polling = true;
+                    myself.cast(Envelope::new(ValidatorRequest::Poll))?;
+                }
+            }
+            ValidatorRequest::Poll => {
+                let started = Instant::now();
+                let mut progressed = false;
+                // Score until the verdict or until the log has nothing new, within a bound so
+                // status requests are not kept waiting.
+                while st.eval.is_some() && started.elapsed() < Duration::from_millis(50) {
+                    match st.score_more() {
+                        Ok(true) => progressed = true,
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "validation failed to score; dropping this candidate");
+                            st.status.last_error = Some(format!("{e:#}"));
+                            st.eval = None;
+                            st.status.evaluating = None;
+                        }
+                    }
+                    st.decide()?;
+                }
+                if st.eval.is_none() {
+                    st.polling = false;
+                } else if progressed {
+                    myself.cast(Envelope::new(ValidatorRequest::Poll))?;
+                } else {
+                    myself.send_after(IDLE, || Envelope::new(ValidatorRequest::Poll));
+                }
+            }
+            ValidatorRequest::Status(reply) => {
+                let mut s = st.status.clone();
+                s.serving_window =
+                    (!st.serving_window.is_empty()).then(|| st.serving_window.evaluation());
+                s.candidate_window =
+                    (!st.candidate_window.is_empty()).then(|| st.candidate_window.evaluation());
+                let _ = reply.send(s);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A typed handle to the running validator.
+#[derive(Clone, Debug)]
+pub struct ValidatorHandle {
+    actor: ActorRef<ValidatorMsg>,
+}
+
+impl ValidatorHandle {
+    pub async fn spawn_linked(args: ValidatorArgs, supervisor: ActorCell) -> anyhow::Result<Self> {
+        let (actor, _join) = Actor::spawn_linked(None, Validator, args, supervisor)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the validator: {e}"))?;
+        Ok(Self { actor })
+    }
+
+    pub fn cell(&self) -> ActorCell {
+        self.actor.get_cell()
+    }
+
+    pub async fn status(&self) -> anyhow::Result<ValidatorStatus> {
+        match self
+            .actor
+            .call(|r| Envelope::new(ValidatorRequest::Status(r)), None)
+            .await
+        {
+            Ok(CallResult::Success(s)) => Ok(s),
+            Ok(_) => anyhow::bail!("the validator stopped before replying"),
+            Err(e) => anyhow::bail!("the validator is not running: {e}"),
+        }
+    }
+}
