@@ -2,7 +2,7 @@
 //! learning, the validation gate, rollback, replay, calibration, and a panic in each actor
 //! kind.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,8 +12,7 @@ use freshet_actors::ckpt::writer::Schedule;
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::ModelConfig;
 use freshet_actors::event::{
-    JoinedSample, SampleKind, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, SAMPLES_TOPIC,
-    SAMPLE_REJECTS_TOPIC,
+    JoinedSample, SampleKind, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, SAMPLES_TOPIC, SAMPLE_REJECTS_TOPIC,
 };
 use freshet_actors::fault::Faults;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
@@ -184,28 +183,415 @@ async fn the_pipeline_learns_and_serving_follows_validated_versions() {
         let cell = pipe.cells()[0].clone();
         async move {
             let v = cell.version()?;
-            let auc = store.manifest(v).ok()?.validation?.metrics.get("auc").copied()?;
+            let auc = store
+                .manifest(v)
+                .ok()?
+                .validation?
+                .metrics
+                .get("auc")
+                .copied()?;
             Some((v, auc))
         }
     })
     .await;
     // Serving AUC (the served version scored on samples it never trained on) rises clearly.
     let p = pipe.clone();
-    let later = until(60, "serving AUC to rise 0.03 above the first version's", move || {
-        let p = p.clone();
-        async move {
-            let s = p.validator_status().await.ok()?;
-            let (v, val) = s.last_verdict?;
-            let auc = *val.metrics.get("serving_auc")?;
-            let served = *val.metrics.get("serving_version")? as u64;
-            (served > first && auc >= first_auc + 0.03).then_some((v, served, auc))
-        }
-    })
+    let later = until(
+        60,
+        "serving AUC to rise 0.03 above the first version's",
+        move || {
+            let p = p.clone();
+            async move {
+                let s = p.validator_status().await.ok()?;
+                let (v, val) = s.last_verdict?;
+                let auc = *val.metrics.get("serving_auc")?;
+                let served = *val.metrics.get("serving_version")? as u64;
+                (served > first && auc >= first_auc + 0.03).then_some((v, served, auc))
+            }
+        },
+    )
     .await;
     eprintln!("first served version {first} auc {first_auc:.4}; later {later:?}");
     let vals = validated(&store);
-    assert!(vals.iter().all(|(_, v)| v.passed), "the loose gate passes all");
+    assert!(
+        vals.iter().all(|(_, v)| v.passed),
+        "the loose gate passes all"
+    );
     feed.stop();
     let last = pipe.shutdown().await.unwrap();
     assert!(last.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gate_blocks_publication_and_raises_the_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    // No model is ever perfectly calibrated: every version fails.
+    let gate = GateConfig {
+        max_calibration_error: 0.0,
+        alert_after: 2,
+        ..loose_gate()
+    };
+    let cfg = config(dir.path(), gate, Faults::new());
+    let _feed = Feed::start(cfg.logs.events.clone(), 8);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let p = pipe.clone();
+    let status = until(30, "three failed verdicts", move || {
+        let p = p.clone();
+        async move { p.validator_status().await.ok().filter(|s| s.failed >= 3) }
+    })
+    .await;
+    assert!(status.alert);
+    assert_eq!(status.passed, 0);
+    assert!(status.consecutive_failures >= 3);
+    let vals = validated(pipe.store());
+    assert!(vals.len() >= 3);
+    for (v, val) in &vals {
+        assert!(!val.passed, "version {v} passed");
+        assert!(val.reason.as_deref().unwrap().contains("calibration"));
+    }
+    assert_eq!(pipe.cells()[0].version(), None, "nothing was published");
+    let st = pipe.status().await.unwrap();
+    assert_eq!(st.replicas[0].publishes, 0);
+    pipe.shutdown().await.unwrap();
+}
+
+/// Sum of a version's offsets, and its samples accounted for.
+fn accounted(store: &ModelStore, v: u64) -> (u64, u64) {
+    let m = store.manifest(v).unwrap();
+    // Replays are on top of live consumption (this accounting holds for the version that
+    // records them; the test calls it only there or where there was none).
+    let replayed: u64 = m
+        .replays
+        .iter()
+        .map(|r| (r.to - r.from) - r.skip.map_or(0, |(a, b)| b - a))
+        .sum();
+    (
+        m.sample_offsets.values().sum::<u64>(),
+        m.rows_trained + m.samples_rejected - replayed,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_switches_serving_and_rewinds_the_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), loose_gate(), Faults::new());
+    let _feed = Feed::start(cfg.logs.events.clone(), 9);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let cell = pipe.cells()[0].clone();
+    let target = until(30, "a published version", || {
+        let cell = cell.clone();
+        async move { cell.version() }
+    })
+    .await;
+    let c = cell.clone();
+    until(30, "two more published versions", move || {
+        let c = c.clone();
+        async move { c.version().filter(|&v| v >= target + 2) }
+    })
+    .await;
+    let before = pipe.trainer_status().await.unwrap();
+    let newest = store.latest().unwrap().unwrap();
+    let target_offsets = store.manifest(target).unwrap().sample_offsets;
+    pipe.rollback(target).await.unwrap();
+    // Serving switched at once; the trainer restarted from the target's state and offsets.
+    assert_eq!(cell.version(), Some(target));
+    let after = pipe.trainer_status().await.unwrap();
+    assert_eq!(after.started_from, Some(target));
+    assert!(after.offsets.values().sum::<u64>() < before.offsets.values().sum::<u64>());
+    for (p, o) in &after.offsets {
+        assert!(*o >= target_offsets[p]);
+    }
+    // Later versions are kept, marked; the newest live one is the target.
+    for v in (target + 1)..=newest {
+        if let Ok(m) = store.manifest(v) {
+            assert_eq!(
+                m.rolled_back.as_ref().map(|r| r.to),
+                Some(target),
+                "version {v}"
+            );
+        }
+    }
+    // The next version descends from the target and accounts for every offset it consumed.
+    let next = until(30, "a version after the rollback", || {
+        let store = store.clone();
+        async move { store.latest_live().ok()?.filter(|&v| v > newest) }
+    })
+    .await;
+    let m = store.manifest(next).unwrap();
+    assert!(m.rolled_back.is_none());
+    assert!(m.step > store.manifest(target).unwrap().step);
+    let (offsets, rows) = accounted(&store, next);
+    let (t_off, t_rows) = accounted(&store, target);
+    assert_eq!(offsets - t_off, rows - t_rows);
+    // Rolling back to history, or to nothing, is refused with the reason.
+    let e = pipe.rollback(newest).await.unwrap_err().to_string();
+    assert!(e.contains("history"), "{e}");
+    let e = pipe.rollback(10_000).await.unwrap_err().to_string();
+    assert!(e.contains("10000"), "{e}");
+    pipe.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_re_consumes_exactly_the_requested_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), loose_gate(), Faults::new());
+    let samples = cfg.logs.samples.clone();
+    let _feed = Feed::start(cfg.logs.events.clone(), 10);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let s = samples.clone();
+    until(30, "600 samples in partition 0", move || {
+        let s = s.clone();
+        async move { (s.high_watermark(0).ok()? >= 600).then_some(()) }
+    })
+    .await;
+    let before = store.latest().unwrap().unwrap();
+    let plan = ReplayPlan {
+        partition: 0,
+        from: 100,
+        to: 500,
+        skip: Some((200, 250)),
+    };
+    pipe.replay(plan.clone()).await.unwrap();
+    let version = until(30, "a version recording the replay", || {
+        let store = store.clone();
+        async move {
+            let v = store.latest().ok()??;
+            (v > before && !store.manifest(v).ok()?.replays.is_empty()).then_some(v)
+        }
+    })
+    .await;
+    let m = store.manifest(version).unwrap();
+    assert_eq!(m.replays.len(), 1);
+    let r = &m.replays[0];
+    assert_eq!(
+        (r.partition, r.from, r.to, r.skip),
+        (0, 100, 500, Some((200, 250)))
+    );
+    // Exactly the range minus the skip, less what the trainer refused in it.
+    let rejected_in_range = {
+        let recs = samples.read(0, 100, 400).unwrap();
+        recs.iter()
+            .filter(|r| !(200..250).contains(&r.offset))
+            .filter(|r| JoinedSample::from_msgpack(&r.payload).is_err())
+            .count() as u64
+    };
+    assert_eq!(r.rows + rejected_in_range, 350);
+    // And the live accounting is unchanged by it: replayed rows are on top.
+    let (offsets, rows) = accounted(&store, version);
+    assert_eq!(offsets, rows);
+    let e = pipe
+        .replay(ReplayPlan {
+            partition: 0,
+            from: 0,
+            to: 1 << 40,
+            skip: None,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the retained"), "{e}");
+    pipe.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_installs_the_base_model_and_its_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), loose_gate(), Faults::new());
+    let _feed = Feed::start(cfg.logs.events.clone(), 11);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let s = store.clone();
+    let v = until(30, "three versions", move || {
+        let s = s.clone();
+        async move { s.latest().ok()?.filter(|&v| v >= 3) }
+    })
+    .await;
+    // A base model with recorded sample-log offsets (as `freshet train --from-log` writes):
+    // here version v, copied into a store of its own.
+    let base_dir = dir.path().join("base");
+    let base = ModelStore::open(&base_dir).unwrap();
+    let r = store.restore(v, None).unwrap();
+    let m = r.manifest.clone();
+    base.write(
+        freshet_actors::ckpt::VersionMeta {
+            step: m.step,
+            rows_trained: m.rows_trained,
+            samples_rejected: m.samples_rejected,
+            replays: Vec::new(),
+            calibrated_from: None,
+            sample_offsets: m.sample_offsets.clone(),
+            joiner_offsets: m.joiner_offsets.clone(),
+            model: m.model.clone(),
+            schema: m.schema.clone(),
+            tables: m.tables.clone(),
+        },
+        &r.dense,
+        &freshet_actors::ckpt::Payload::Full(r.shards),
+    )
+    .unwrap();
+    let installed = pipe.calibrate(base_dir.clone(), None).await.unwrap();
+    let im = store.manifest(installed).unwrap();
+    let src = im.calibrated_from.as_ref().unwrap();
+    assert_eq!((src.store.as_path(), src.version), (base_dir.as_path(), 1));
+    assert_eq!(im.sample_offsets, m.sample_offsets);
+    assert_eq!(im.step, m.step);
+    let t = pipe.trainer_status().await.unwrap();
+    assert_eq!(t.started_from, Some(installed));
+    for (p, o) in &t.offsets {
+        assert!(*o >= m.sample_offsets[p]);
+    }
+    // Training goes on from the base: the next version descends from it.
+    let next = until(30, "a version after the calibration", || {
+        let store = store.clone();
+        async move { store.latest().ok()?.filter(|&x| x > installed) }
+    })
+    .await;
+    let (offsets, rows) = accounted(&store, next);
+    assert_eq!(offsets, rows);
+    // A base without offsets has nowhere to resume from.
+    let bare_dir = dir.path().join("bare");
+    let bare = ModelStore::open(&bare_dir).unwrap();
+    let r = store.restore(v, None).unwrap();
+    let mut meta = freshet_actors::ckpt::VersionMeta {
+        step: 0,
+        rows_trained: 0,
+        samples_rejected: 0,
+        replays: Vec::new(),
+        calibrated_from: None,
+        sample_offsets: Default::default(),
+        joiner_offsets: Default::default(),
+        model: m.model.clone(),
+        schema: m.schema.clone(),
+        tables: m.tables.clone(),
+    };
+    bare.write(
+        meta.clone(),
+        &r.dense,
+        &freshet_actors::ckpt::Payload::Full(r.shards),
+    )
+    .unwrap();
+    let e = pipe
+        .calibrate(bare_dir, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--from-log"), "{e}");
+    // Nor does one from another log.
+    meta.sample_offsets.insert(0, 1 << 40);
+    let far_dir = dir.path().join("far");
+    let r = store.restore(v, None).unwrap();
+    ModelStore::open(&far_dir)
+        .unwrap()
+        .write(
+            meta,
+            &r.dense,
+            &freshet_actors::ckpt::Payload::Full(r.shards),
+        )
+        .unwrap();
+    let e = pipe.calibrate(far_dir, None).await.unwrap_err().to_string();
+    assert!(e.contains("another log"), "{e}");
+    pipe.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_each_actor_kind_is_recovered_with_no_sample_lost_or_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let cfg = config(dir.path(), loose_gate(), faults.clone());
+    let logs = cfg.logs.clone();
+    let mut feed = Feed::start(cfg.logs.events.clone(), 12);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let cell = pipe.cells()[0].clone();
+    until(30, "a published version", || {
+        let cell = cell.clone();
+        async move { cell.version() }
+    })
+    .await;
+    for (point, child) in [
+        ("joiner.step", "joiner-"),
+        ("shard.apply", "shard-"),
+        ("writer.write", "writer"),
+        ("trainer.batch", "trainer"),
+        ("validator.candidate", "validator"),
+        ("replica.publish", "replica-"),
+    ] {
+        let restarts = |st: &[freshet_actors::supervisor::ChildStatus]| -> u64 {
+            st.iter()
+                .filter(|c| c.name.starts_with(child))
+                .map(|c| c.restarts)
+                .sum()
+        };
+        let before = restarts(&pipe.status().await.unwrap().children);
+        faults.arm(point, 0, 1);
+        let (p, f) = (pipe.clone(), faults.clone());
+        until(
+            30,
+            &format!("recovery from a panic at {point}"),
+            move || {
+                let (p, f) = (p.clone(), f.clone());
+                async move {
+                    let st = p.status().await.ok()?;
+                    let all_up = st.children.iter().all(|c| c.running);
+                    (f.fired(point) == 1 && all_up && restarts(&st.children) > before).then_some(())
+                }
+            },
+        )
+        .await;
+        eprintln!("recovered from a panic at {point}");
+    }
+    // Training still moves forward after all of that.
+    let v = pipe.store().latest().unwrap().unwrap();
+    let s = pipe.store().clone();
+    until(30, "a new version after the faults", move || {
+        let s = s.clone();
+        async move { s.latest().ok()?.filter(|&x| x > v) }
+    })
+    .await;
+    feed.stop();
+    // Drain: the joiners read every event, the trainer every sample.
+    let (p, l) = (pipe.clone(), logs.clone());
+    until(30, "the pipeline to drain", move || {
+        let (p, l) = (p.clone(), l.clone());
+        async move {
+            let st = p.status().await.ok()?;
+            let joined = st.joiners.len() == 2
+                && st.joiners.iter().all(|j| {
+                    l.events
+                        .high_watermark(j.partition)
+                        .is_ok_and(|h| j.input_next >= h)
+                });
+            (joined && st.trainer?.lag == 0).then_some(())
+        }
+    })
+    .await;
+    let last = pipe.shutdown().await.unwrap().unwrap();
+    let store = pipe.store();
+    let (offsets, rows) = accounted(store, last);
+    let in_log: u64 = (0..2)
+        .map(|p| logs.samples.high_watermark(p).unwrap())
+        .sum();
+    assert_eq!(offsets, in_log, "every sample consumed");
+    assert_eq!(
+        rows, offsets,
+        "each applied once: rows trained + refused = offsets"
+    );
+    // The joiners wrote each impression's first sample once.
+    let mut seen = BTreeSet::new();
+    for p in 0..2 {
+        let n = logs.samples.high_watermark(p).unwrap();
+        let mut at = 0;
+        while at < n {
+            let recs = logs.samples.read(p, at, 4096).unwrap();
+            at = recs.last().unwrap().offset + 1;
+            for r in recs {
+                let s = JoinedSample::from_msgpack(&r.payload).unwrap();
+                if s.kind != SampleKind::Correction {
+                    assert!(seen.insert((s.request_id, s.item)), "a doubled sample");
+                }
+            }
+        }
+    }
+    assert!(!seen.is_empty());
 }

@@ -289,6 +289,7 @@ impl Actor for CheckpointWriter {
                     Ok(payload) => {
                         // The trainer may go on: the rows are captured.
                         let _ = reply.send(Ok(()));
+                        st.args.faults.check("writer.write");
                         st.write(*at, payload).await;
                     }
                     Err(e) => {

@@ -172,7 +172,11 @@ where
     })
 }
 
-async fn start_replica(ctx: Arc<Ctx>, sup: ractor::ActorCell, i: usize) -> anyhow::Result<ractor::ActorCell> {
+async fn start_replica(
+    ctx: Arc<Ctx>,
+    sup: ractor::ActorCell,
+    i: usize,
+) -> anyhow::Result<ractor::ActorCell> {
     let h = ReplicaHandle::spawn_linked(
         ReplicaArgs {
             name: format!("replica-{i}"),
@@ -193,7 +197,11 @@ async fn start_replica(ctx: Arc<Ctx>, sup: ractor::ActorCell, i: usize) -> anyho
     Ok(h.actor_cell())
 }
 
-async fn start_joiner(ctx: Arc<Ctx>, sup: ractor::ActorCell, p: u32) -> anyhow::Result<ractor::ActorCell> {
+async fn start_joiner(
+    ctx: Arc<Ctx>,
+    sup: ractor::ActorCell,
+    p: u32,
+) -> anyhow::Result<ractor::ActorCell> {
     let c = &ctx.cfg;
     let h = JoinerHandle::spawn_linked(
         JoinArgs {
@@ -216,7 +224,11 @@ async fn start_joiner(ctx: Arc<Ctx>, sup: ractor::ActorCell, p: u32) -> anyhow::
     Ok(cell)
 }
 
-async fn start_shard(ctx: Arc<Ctx>, sup: ractor::ActorCell, i: u32) -> anyhow::Result<ractor::ActorCell> {
+async fn start_shard(
+    ctx: Arc<Ctx>,
+    sup: ractor::ActorCell,
+    i: u32,
+) -> anyhow::Result<ractor::ActorCell> {
     let c = &ctx.cfg;
     let tables: Vec<(TableName, _)> = c
         .fresh
@@ -244,9 +256,7 @@ async fn start_shard(ctx: Arc<Ctx>, sup: ractor::ActorCell, i: u32) -> anyhow::R
 fn router(ctx: &Ctx) -> anyhow::Result<ShardRouter> {
     let reg = ctx.reg();
     let shards: Option<Vec<ShardHandle>> = reg.shards.iter().cloned().collect();
-    Ok(ShardRouter::new(
-        shards.context("a shard is not running")?,
-    ))
+    Ok(ShardRouter::new(shards.context("a shard is not running")?))
 }
 
 async fn start_writer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<ractor::ActorCell> {
@@ -352,7 +362,11 @@ fn install_base(ctx: &Ctx, src: &CalibrationSource) -> anyhow::Result<u64> {
 async fn start_trainer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<ractor::ActorCell> {
     let c2 = ctx.clone();
     let start = tokio::task::spawn_blocking(move || prepare_start(&c2)).await??;
-    let writer = ctx.reg().writer.clone().context("the writer is not running")?;
+    let writer = ctx
+        .reg()
+        .writer
+        .clone()
+        .context("the writer is not running")?;
     let c = &ctx.cfg;
     let h = TrainerHandle::spawn_linked(
         TrainerArgs {
@@ -375,8 +389,15 @@ async fn start_trainer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<
     Ok(cell)
 }
 
-async fn start_validator(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<ractor::ActorCell> {
-    let writer = ctx.reg().writer.clone().context("the writer is not running")?;
+async fn start_validator(
+    ctx: Arc<Ctx>,
+    sup: ractor::ActorCell,
+) -> anyhow::Result<ractor::ActorCell> {
+    let writer = ctx
+        .reg()
+        .writer
+        .clone()
+        .context("the writer is not running")?;
     let weak = Arc::downgrade(&ctx);
     let rollback: RollbackFn = Arc::new(move |v| {
         if let Some(ctx) = weak.upgrade() {
@@ -460,7 +481,10 @@ impl PipelineHandle {
     /// Starts every child in order; fails if one cannot start.
     pub async fn start(cfg: PipelineConfig) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         anyhow::ensure!(cfg.shards > 0, "a pipeline needs at least one shard");
-        anyhow::ensure!(cfg.replicas > 0, "a pipeline needs at least one serving replica");
+        anyhow::ensure!(
+            cfg.replicas > 0,
+            "a pipeline needs at least one serving replica"
+        );
         let partitions = cfg.logs.events.partitions();
         anyhow::ensure!(
             cfg.logs.samples.partitions() == partitions
@@ -469,7 +493,9 @@ impl PipelineHandle {
         );
         let ctx = Arc::new(Ctx {
             threads: Arc::new(Threads::new(cfg.threads)?),
-            cells: (0..cfg.replicas).map(|_| Arc::new(ModelCell::new())).collect(),
+            cells: (0..cfg.replicas)
+                .map(|_| Arc::new(ModelCell::new()))
+                .collect(),
             replicas: ReplicaSet::with_len(cfg.replicas),
             reg: Mutex::new(Registry {
                 joiners: vec![None; partitions as usize],
@@ -651,9 +677,15 @@ impl PipelineHandle {
                 .map_err(|e| CommandError::NotFound(format!("base store {}: {e}", b.display())))?;
             let v = match version {
                 Some(v) => v,
-                None => store.latest().map_err(anyhow::Error::from)?.ok_or_else(|| {
-                    CommandError::NotFound(format!("base store {} holds no version", b.display()))
-                })?,
+                None => store
+                    .latest()
+                    .map_err(anyhow::Error::from)?
+                    .ok_or_else(|| {
+                        CommandError::NotFound(format!(
+                            "base store {} holds no version",
+                            b.display()
+                        ))
+                    })?,
             };
             let m = store
                 .manifest(v)
@@ -701,7 +733,9 @@ impl PipelineHandle {
         })
         .await
         .map_err(anyhow::Error::from)??;
-        installed.ok_or_else(|| CommandError::Failed(anyhow::anyhow!("the base model was not installed")))
+        installed.ok_or_else(|| {
+            CommandError::Failed(anyhow::anyhow!("the base model was not installed"))
+        })
     }
 
     /// Finishes the batch in progress, writes a last version, stops every actor and flushes
@@ -714,7 +748,12 @@ impl PipelineHandle {
         };
         self.sup.shutdown().await;
         let logs = &self.ctx.cfg.logs;
-        for l in [&logs.events, &logs.samples, &logs.dead_letters, &logs.sample_rejects] {
+        for l in [
+            &logs.events,
+            &logs.samples,
+            &logs.dead_letters,
+            &logs.sample_rejects,
+        ] {
             l.flush()
                 .with_context(|| format!("flushing topic {}", l.topic()))?;
         }
