@@ -7,10 +7,11 @@ use crate::metrics::Evaluation;
 
 /// Configured under `[validation]`.
 ///
-/// The defaults are chosen against noise: both models are scored on the same samples (a paired
-/// comparison), but at 4,000 samples and a 3% CTR the AUC of one model still moves by about
-/// 0.005 between two windows and the calibration by about 9%. Tighter gates fail good versions
-/// by chance; see `docs/pipeline.md`.
+/// The defaults are loose on purpose. Both models are scored on the same samples, but a window
+/// of a few thousand samples still moves by chance: a calibration measured on `n` samples at a
+/// click rate `p` has a relative standard error near `1 / sqrt(n p)` (about 16% at n = 2000,
+/// p = 0.02). Gates tighter than the noise fail good versions at random; tighten them together
+/// with `min_samples`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GateConfig {
@@ -31,10 +32,10 @@ pub struct GateConfig {
 impl Default for GateConfig {
     fn default() -> Self {
         Self {
-            min_samples: 4000,
-            max_auc_drop: 0.005,
-            max_logloss_ratio: 1.01,
-            max_calibration_error: 0.25,
+            min_samples: 2000,
+            max_auc_drop: 0.01,
+            max_logloss_ratio: 1.02,
+            max_calibration_error: 0.3,
             alert_after: 3,
             auto_rollback: false,
         }

@@ -8,10 +8,10 @@
 //! - **Sends out:** the verdict into the version's manifest (`validation`), `Publish(v)` to
 //!   the replicas when it passes, and, with `auto_rollback`, a rollback request once failures
 //!   raise the alert.
-//! - **Keeps:** its own weights-only copy of the candidate (each delta applied as it comes),
-//!   the evaluation in progress and its counters. A version that arrives while the previous
-//!   one is still collecting samples supersedes it: the newer one holds everything the older
-//!   one trained on.
+//! - **Keeps:** its own weights-only copy of the candidate, the evaluation in progress and its
+//!   counters. Versions that arrive while one is being scored wait; when the verdict is in,
+//!   the copy is brought through each of them (deltas) and only the newest is scored: it holds
+//!   everything the skipped ones trained on, and serving never waits behind a backlog.
 //! - **Restart.** From [`ValidatorArgs`]: the copy is restored from the newest version and
 //!   the consecutive-failure count is recounted from the manifests.
 //!
@@ -69,7 +69,8 @@ pub struct ValidatorStatus {
     pub evaluated: u64,
     pub passed: u64,
     pub failed: u64,
-    pub superseded: u64,
+    /// Versions never scored because a newer one arrived before their turn.
+    pub skipped: u64,
     /// Failed versions since the last one that passed.
     pub consecutive_failures: u32,
     /// Raised when `consecutive_failures` reaches `gate.alert_after`.
@@ -113,6 +114,8 @@ pub struct ValidatorState {
     args: ValidatorArgs,
     candidate: Option<ServingModel>,
     eval: Option<Eval>,
+    /// Versions written since the evaluation in progress began, oldest first.
+    waiting: std::collections::VecDeque<Manifest>,
     block: SampleBlock,
     status: ValidatorStatus,
     serving_window: WindowedAuc,
@@ -164,16 +167,25 @@ impl ValidatorState {
         Ok(())
     }
 
-    fn begin(&mut self, m: &Manifest) {
-        if let Some(old) = self.eval.take() {
-            tracing::debug!(
-                version = old.version,
-                samples = old.labels.len(),
-                by = m.version,
-                "evaluation superseded by a newer version"
-            );
-            self.status.superseded += 1;
+    /// Brings the copy through every waiting version and starts scoring the newest.
+    async fn next(&mut self) {
+        while let Some(m) = self.waiting.pop_front() {
+            if let Err(e) = self.follow(&m).await {
+                tracing::error!(version = m.version, error = %format!("{e:#}"), "could not load the candidate; waiting for the next version");
+                self.status.last_error = Some(format!("version {}: {e:#}", m.version));
+                self.candidate = None;
+                continue;
+            }
+            if self.waiting.is_empty() {
+                self.block = SampleBlock::for_schema(&m.schema);
+                self.begin(&m);
+            } else {
+                self.status.skipped += 1;
+            }
         }
+    }
+
+    fn begin(&mut self, m: &Manifest) {
         let schema = &m.schema;
         self.eval = Some(Eval {
             version: m.version,
@@ -376,6 +388,7 @@ impl Actor for Validator {
             block: SampleBlock::new(0, 0, 0),
             candidate: None,
             eval: None,
+            waiting: std::collections::VecDeque::new(),
             status,
             serving_window: WindowedAuc::new(WINDOW, 10_000),
             candidate_window: WindowedAuc::new(WINDOW, 10_000),
@@ -396,14 +409,11 @@ impl Actor for Validator {
                 if m.rolled_back.is_some() {
                     return Ok(());
                 }
-                if let Err(e) = st.follow(&m).await {
-                    tracing::error!(version = m.version, error = %format!("{e:#}"), "could not load the candidate; waiting for the next version");
-                    st.status.last_error = Some(format!("version {}: {e:#}", m.version));
-                    return Ok(());
+                st.waiting.push_back(*m);
+                if st.eval.is_none() {
+                    st.next().await;
                 }
-                st.block = SampleBlock::for_schema(&m.schema);
-                st.begin(&m);
-                if !st.polling {
+                if st.eval.is_some() && !st.polling {
                     st.polling = true;
                     myself.cast(Envelope::new(ValidatorRequest::Poll))?;
                 }
@@ -425,6 +435,9 @@ impl Actor for Validator {
                         }
                     }
                     st.decide()?;
+                    if st.eval.is_none() {
+                        st.next().await;
+                    }
                 }
                 if st.eval.is_none() {
                     st.polling = false;
