@@ -5,6 +5,8 @@ mod bench;
 mod bench_ckpt;
 mod bench_join;
 mod ckpt;
+mod ctl;
+mod dev;
 mod serve;
 mod settings;
 mod stream;
@@ -50,6 +52,11 @@ enum Command {
     Join(stream::JoinArgsCli),
     /// The model store: list, inspect, verify and export checkpoint versions.
     Ckpt(ckpt::CkptArgs),
+    /// Run the whole pipeline on one node: simulator (by default), joiners, shards, trainer,
+    /// validator, checkpoints and serving, behind the HTTP API.
+    Dev(dev::DevArgs),
+    /// Talk to a running node's admin API: status, versions, rollback, replay, calibrate.
+    Ctl(ctl::CtlArgs),
     /// Serve predictions over HTTP from a model store, following its new versions.
     Serve(serve::ServeArgs),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
@@ -83,6 +90,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join(args) => stream::join(args, &settings),
         Command::Ckpt(args) => ckpt::run(args, &settings),
         Command::Serve(args) => serve::run(args, &settings),
+        Command::Dev(args) => dev::run(args, &settings),
+        Command::Ctl(args) => ctl::run(args),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())

@@ -27,6 +27,7 @@ use anyhow::Context;
 use clap::Args;
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::Threads;
+use freshet_actors::online::ReplicaSet;
 use freshet_actors::serving::replica::{ReplicaArgs, ReplicaHandle};
 use freshet_actors::serving::{ModelCell, PredictRequest, ServingError};
 use serde::Serialize;
@@ -62,7 +63,7 @@ pub(crate) struct ServeArgs {
 
 /// Counters exported on /metrics.
 #[derive(Debug, Default)]
-struct Counters {
+pub(crate) struct Counters {
     requests_ok: AtomicU64,
     requests_bad: AtomicU64,
     requests_shed: AtomicU64,
@@ -71,14 +72,26 @@ struct Counters {
     in_flight: AtomicUsize,
 }
 
+/// What the HTTP API serves from: `freshet serve`'s store follower, or a whole node.
 #[derive(Debug)]
-struct Serve {
-    store: ModelStore,
-    cell: Arc<ModelCell>,
-    replica: ReplicaHandle,
-    max_candidates: usize,
-    max_in_flight: usize,
-    counters: Counters,
+pub(crate) struct Serve {
+    pub(crate) store: ModelStore,
+    /// The cell predictions read (the first replica's).
+    pub(crate) cell: Arc<ModelCell>,
+    pub(crate) replicas: ReplicaSet,
+    pub(crate) max_candidates: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) counters: Counters,
+    /// Set by `freshet dev`: events, admin and the node's metrics.
+    pub(crate) node: Option<crate::dev::Node>,
+}
+
+/// The serving routes, shared by `freshet serve` and `freshet dev`.
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/predict", web::post().to(predict))
+        .route("/v1/models", web::get().to(models))
+        .route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics));
 }
 
 #[derive(Serialize)]
@@ -86,7 +99,7 @@ struct ErrorBody<'a> {
     error: &'a str,
 }
 
-fn error(status: StatusCode, why: &str) -> HttpResponse {
+pub(crate) fn error(status: StatusCode, why: &str) -> HttpResponse {
     HttpResponse::build(status).json(ErrorBody { error: why })
 }
 
@@ -175,8 +188,13 @@ struct ModelRow {
     parent: Option<u64>,
     step: u64,
     rows_trained: u64,
+    samples_rejected: u64,
+    sample_offsets: std::collections::BTreeMap<u32, u64>,
     created_unix_ms: u64,
     validation: Option<freshet_actors::ckpt::Validation>,
+    rolled_back: Option<freshet_actors::ckpt::RolledBack>,
+    replays: Vec<freshet_actors::ckpt::ReplayRecord>,
+    calibrated_from: Option<freshet_actors::ckpt::CalibrationSource>,
     serving: bool,
 }
 
@@ -194,8 +212,13 @@ async fn models(s: web::Data<Serve>) -> HttpResponse {
                 parent: m.parent,
                 step: m.step,
                 rows_trained: m.rows_trained,
+                samples_rejected: m.samples_rejected,
+                sample_offsets: m.sample_offsets,
                 created_unix_ms: m.created_unix_ms,
                 validation: m.validation,
+                rolled_back: m.rolled_back,
+                replays: m.replays,
+                calibrated_from: m.calibrated_from,
                 serving: served == Some(v),
             });
         }
@@ -226,7 +249,10 @@ async fn metrics(s: web::Data<Serve>) -> HttpResponse {
     use std::fmt::Write;
     let c = &s.counters;
     let cell = s.cell.stats();
-    let status = s.replica.status().await.ok();
+    let mut failures = 0;
+    for r in s.replicas.handles() {
+        failures += r.status().await.map_or(0, |st| st.failures);
+    }
     let mut out = String::new();
     let mut put = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -280,7 +306,7 @@ async fn metrics(s: web::Data<Serve>) -> HttpResponse {
         "freshet_serving_publish_failures_total",
         "counter",
         "Published versions the replica could not serve.",
-        &[("", status.as_ref().map_or(0.0, |s| s.failures as f64))],
+        &[("", failures as f64)],
     );
     put(
         "freshet_serving_last_apply_ms",
@@ -288,6 +314,9 @@ async fn metrics(s: web::Data<Serve>) -> HttpResponse {
         "Time the last delta took to apply, in milliseconds.",
         &[("", cell.last_apply_ms)],
     );
+    if let Some(node) = &s.node {
+        crate::dev::write_metrics(node, &mut out).await;
+    }
     HttpResponse::Ok()
         .content_type(ContentType::plaintext())
         .body(out)
@@ -364,23 +393,23 @@ async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
             }
         })
     };
+    let replicas = ReplicaSet::with_len(1);
+    replicas.set(0, replica.clone());
     let state = web::Data::new(Serve {
         store,
         cell,
-        replica: replica.clone(),
+        replicas,
         max_candidates: args.max_candidates,
         max_in_flight: args.max_in_flight,
         counters: Counters::default(),
+        node: None,
     });
     let max_body = args.max_body_bytes;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(max_body))
-            .route("/v1/predict", web::post().to(predict))
-            .route("/v1/models", web::get().to(models))
-            .route("/healthz", web::get().to(healthz))
-            .route("/metrics", web::get().to(metrics))
+            .configure(routes)
     })
     .workers(args.workers)
     .disable_signals()

@@ -11,6 +11,7 @@ use anyhow::Context;
 use freshet_actors::dense::ModelConfig;
 use freshet_actors::embedding::{InvalidValue, TableConfig};
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
+use freshet_actors::online::gate::GateConfig;
 use freshet_actors::sample::Schema;
 use freshet_actors::stream::LogConfig;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,8 @@ pub(crate) struct Settings {
     pub(crate) joiner: JoinerSettings,
     /// When the CheckpointWriter takes versions and how many it keeps.
     pub(crate) checkpoint: CheckpointSettings,
+    /// The gate a new version must pass before it is served (`freshet dev`).
+    pub(crate) validation: GateConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -199,6 +202,7 @@ impl Settings {
         }
         self.log.validate("log")?;
         self.joiner.window.validate("joiner.window")?;
+        self.validation.validate("validation")?;
         if self.joiner.batch > 1 << 20 {
             return Err(InvalidValue::new(
                 "joiner.batch",

@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{freshet, ok, small_model_dir};
+use common::{freshet, get, http, ok, small_model_dir, spawn_listening, Server};
 use serde_json::{json, Value};
 
 /// A store with versions 1 (full), 2 and 3 (deltas) of a trained W&D model.
@@ -36,77 +33,12 @@ fn train(d: &Path) {
         .expect("run"));
 }
 
-/// A running `freshet serve`, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(d: &Path, extra: &[&str]) -> Server {
-    let mut child = freshet(d)
-        .args(["serve", "--store", "store", "--listen", "127.0.0.1:0"])
+    let mut cmd = freshet(d);
+    cmd.args(["serve", "--store", "store", "--listen", "127.0.0.1:0"])
         .args(["--poll-ms", "50"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn freshet serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("freshet serve exited before listening")
-            .expect("stderr");
-        if let Some(a) = line.strip_prefix("listening on http://") {
-            break a.trim().to_string();
-        }
-    };
-    // Keep draining its log so that a full pipe never blocks the server.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
-}
-
-/// One HTTP/1.1 request; returns the status and the body.
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    // A server may answer (413) before it reads a large body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text_end = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8_lossy(&out[..text_end]).to_string();
-    assert!(
-        !head.to_lowercase().contains("transfer-encoding: chunked"),
-        "{head}"
-    );
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, out[text_end + 4..].to_vec())
-}
-
-fn get(addr: &str, path: &str) -> (u16, Value) {
-    let (code, body) = http(addr, "GET", path, "text/plain", b"");
-    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        .args(extra);
+    spawn_listening(cmd)
 }
 
 fn post_json(addr: &str, body: &Value) -> (u16, Value) {

@@ -349,6 +349,44 @@ impl Simulator {
     }
 }
 
+/// Plays `sim` into the event log at wall-clock pace (its clock must start near now) until
+/// `stop` is set, appending what is due every few milliseconds. Returns the records appended.
+///
+/// `sim.clock_ms()` runs ahead of the wall clock by at most one request, so event times are
+/// never in the future beyond that, and the joiner's watermark moves as it would live.
+pub fn play_live(
+    sim: &mut Simulator,
+    log: &dyn crate::stream::StreamLog,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<u64, crate::stream::LogError> {
+    use std::sync::atomic::Ordering;
+    let parts = log.partitions();
+    let mut pending: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
+    let (mut recs, mut truth) = (Vec::new(), Vec::new());
+    let mut appended = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let now = crate::stream::now_ms();
+        while sim.clock_ms() <= now {
+            sim.next_request(&mut recs, &mut truth);
+            truth.clear();
+            for r in recs.drain(..) {
+                pending[crate::stream::partition_of(&r.key, parts) as usize].push(r.payload);
+            }
+        }
+        for (p, batch) in pending.iter_mut().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            log.append(p as u32, &refs)?;
+            appended += batch.len() as u64;
+            batch.clear();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(appended)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,42 +520,4 @@ mod tests {
             assert!(Simulator::new(bad).is_err());
         }
     }
-}
-
-/// Plays `sim` into the event log at wall-clock pace (its clock must start near now) until
-/// `stop` is set, appending what is due every few milliseconds. Returns the records appended.
-///
-/// `sim.clock_ms()` runs ahead of the wall clock by at most one request, so event times are
-/// never in the future beyond that, and the joiner's watermark moves as it would live.
-pub fn play_live(
-    sim: &mut Simulator,
-    log: &dyn crate::stream::StreamLog,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<u64, crate::stream::LogError> {
-    use std::sync::atomic::Ordering;
-    let parts = log.partitions();
-    let mut pending: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
-    let (mut recs, mut truth) = (Vec::new(), Vec::new());
-    let mut appended = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let now = crate::stream::now_ms();
-        while sim.clock_ms() <= now {
-            sim.next_request(&mut recs, &mut truth);
-            truth.clear();
-            for r in recs.drain(..) {
-                pending[crate::stream::partition_of(&r.key, parts) as usize].push(r.payload);
-            }
-        }
-        for (p, batch) in pending.iter_mut().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-            log.append(p as u32, &refs)?;
-            appended += batch.len() as u64;
-            batch.clear();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    Ok(appended)
 }

@@ -74,3 +74,111 @@ pub(crate) fn read_all(log: &dyn StreamLog) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// A running server process, killed when dropped.
+pub(crate) struct Server {
+    pub(crate) child: std::process::Child,
+    pub(crate) addr: String,
+    /// Its stderr lines, as they come.
+    pub(crate) log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` (a server) and waits for its "listening on http://ADDR" line on stderr.
+pub(crate) fn spawn_listening(mut cmd: Command) -> Server {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the server");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (tx, log) = std::sync::mpsc::channel();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before listening")
+            .expect("stderr");
+        if let Some(a) = line.strip_prefix("listening on http://") {
+            break a.trim().to_string();
+        }
+        let _ = tx.send(line);
+    };
+    // Keep draining its log so that a full pipe never blocks the server.
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    Server { child, addr, log }
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+pub(crate) fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    http_with(addr, method, path, content_type, &[], body)
+}
+
+/// [`http`] with extra header lines (`Name: value`).
+pub(crate) fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write");
+    // A server may answer (413) before it reads a large body; a failed write is fine then.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&out[..text_end]).to_string();
+    assert!(
+        !head.to_lowercase().contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, out[text_end + 4..].to_vec())
+}
+
+pub(crate) fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http(addr, "GET", path, "text/plain", b"");
+    (
+        code,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -24,7 +24,6 @@
 //! - calibration from a base store: the trainer's start installs the base model as a new
 //!   version (with the base's sample-log offsets), then resumes from it.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -570,6 +569,14 @@ impl PipelineHandle {
         &self.ctx.cells
     }
 
+    pub fn replicas(&self) -> &ReplicaSet {
+        &self.ctx.replicas
+    }
+
+    pub async fn supervisor_status(&self) -> anyhow::Result<Vec<ChildStatus>> {
+        self.sup.status().await
+    }
+
     pub fn threads(&self) -> &Arc<Threads> {
         &self.ctx.threads
     }
@@ -758,31 +765,5 @@ impl PipelineHandle {
                 .with_context(|| format!("flushing topic {}", l.topic()))?;
         }
         Ok(last)
-    }
-
-    /// Per version: its manifest summary, for `GET /v1/models`.
-    pub fn versions(&self) -> anyhow::Result<Vec<BTreeMap<&'static str, serde_json::Value>>> {
-        let store = &self.ctx.cfg.store;
-        let serving: Vec<Option<u64>> = self.ctx.cells.iter().map(|c| c.version()).collect();
-        let mut out = Vec::new();
-        for v in store.versions()? {
-            let m = store.manifest(v)?;
-            let mut row = BTreeMap::new();
-            row.insert("version", serde_json::json!(v));
-            row.insert("kind", serde_json::json!(m.kind));
-            row.insert("parent", serde_json::json!(m.parent));
-            row.insert("created_unix_ms", serde_json::json!(m.created_unix_ms));
-            row.insert("step", serde_json::json!(m.step));
-            row.insert("rows_trained", serde_json::json!(m.rows_trained));
-            row.insert("samples_rejected", serde_json::json!(m.samples_rejected));
-            row.insert("sample_offsets", serde_json::json!(m.sample_offsets));
-            row.insert("validation", serde_json::json!(m.validation));
-            row.insert("rolled_back", serde_json::json!(m.rolled_back));
-            row.insert("replays", serde_json::json!(m.replays));
-            row.insert("calibrated_from", serde_json::json!(m.calibrated_from));
-            row.insert("serving", serde_json::json!(serving.contains(&Some(v))));
-            out.push(row);
-        }
-        Ok(out)
     }
 }

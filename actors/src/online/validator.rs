@@ -214,7 +214,7 @@ impl ValidatorState {
             .clamp(1, POLL_RECORDS);
         let pulled = e.feed.pull(&*self.args.samples, want, &mut self.block)?;
         if pulled.rows == 0 {
-            return Ok(pulled.rejected.len() > 0);
+            return Ok(!pulled.rejected.is_empty());
         }
         let cp = c.score_block(&self.block, &self.args.threads)?;
         let labels: Vec<f32> = self.block.ctr_labels().collect();

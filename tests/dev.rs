@@ -1,0 +1,245 @@
+//! `freshet dev` and `freshet ctl` as real processes over real HTTP on 127.0.0.1: events in
+//! (good and malformed), predictions out, the admin commands, the token, Ctrl-C and resume.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{freshet, get, http, http_with, spawn_listening, Server, SMALL_MODEL_CONFIG};
+use serde_json::{json, Value};
+
+/// The small model, a quick and loose gate, and two log partitions.
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{SMALL_MODEL_CONFIG}\n[log]\npartitions = 2\n[validation]\nmin_samples = 300\n\
+         max_auc_drop = 0.5\nmax_logloss_ratio = 10.0\nmax_calibration_error = 10.0\n"
+    );
+    std::fs::write(dir.path().join("freshet.toml"), config).unwrap();
+    dir
+}
+
+fn dev(d: &Path, extra: &[&str]) -> Server {
+    let mut cmd = freshet(d);
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--status-every", "1"])
+        .args(["--window-ms", "1000", "--delta-ms", "400"])
+        .args(extra);
+    spawn_listening(cmd)
+}
+
+fn ctl(d: &Path, addr: &str, args: &[&str]) -> std::process::Output {
+    freshet(d)
+        .args(["ctl", "--url", &format!("http://{addr}")])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn post(addr: &str, path: &str, body: &str) -> (u16, Value) {
+    let (code, b) = http(addr, "POST", path, "application/json", body.as_bytes());
+    (code, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
+    let d = setup();
+    let mut node = dev(d.path(), &["--sim-rate", "1500", "--sim-seed", "5"]);
+    let addr = node.addr.clone();
+
+    // Events: good lines are appended, malformed ones answered and dead-lettered.
+    let body = concat!(
+        r#"{"type":"impression","request_id":"t1","time_ms":1700000000000,"user":"u","item":"a","features":{"dense":{"I1":1.5},"sparse":{"C1":"x"}}}"#,
+        "\nnot json\n",
+        r#"{"type":"action","request_id":"","item":"a","time_ms":1,"kind":"click"}"#,
+        "\n"
+    );
+    let (code, r) = post(&addr, "/v1/events", body);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        (r["accepted"].as_u64(), r["rejected"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(r["refused"][0]["line"], 2);
+    let (code, r) = post(&addr, "/v1/events", "{\"type\":\"nope\"}\n[1,2]\n");
+    assert_eq!(code, 400, "{r}");
+    assert_eq!(r["accepted"], 0);
+    assert_eq!(post(&addr, "/v1/events", "\n\n").0, 200);
+
+    // A model is served within seconds, and predictions name their version.
+    wait(60, "a served version", || {
+        (get(&addr, "/healthz").0 == 200).then_some(())
+    });
+    let req = json!({
+        "sparse": {"C1": "u1"}, "dense": {"I1": 0.5},
+        "candidates": [{"sparse": {"C2": "i1"}}, {"sparse": {"C2": "i2"}}],
+    });
+    let (code, p) = post(&addr, "/v1/predict", &req.to_string());
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["scores"].as_array().unwrap().len(), 2);
+    let (code, p) = post(&addr, "/v1/predict", "{\"candidates\": 3}");
+    assert_eq!(code, 400, "{p}");
+
+    // Versions with their validation; one is serving.
+    let versions = wait(60, "three validated versions", || {
+        let (_, m) = get(&addr, "/v1/models");
+        let passed: Vec<u64> = m["versions"]
+            .as_array()?
+            .iter()
+            .filter(|v| v["validation"]["passed"] == true)
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect();
+        (passed.len() >= 3).then_some(passed)
+    });
+    let o = ctl(d.path(), &addr, &["versions"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(listed["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["serving"] == true));
+
+    let o = ctl(d.path(), &addr, &["status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let children = st["children"].as_array().unwrap();
+    assert!(children.iter().all(|c| c["running"] == true), "{st}");
+    for kind in [
+        "replica-0",
+        "joiner-1",
+        "shard-1",
+        "writer",
+        "trainer",
+        "validator",
+    ] {
+        assert!(children.iter().any(|c| c["name"] == kind), "{kind} missing");
+    }
+
+    // Rollback: serving switches, later versions are marked.
+    let target = versions[0];
+    let o = ctl(d.path(), &addr, &["rollback", &target.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(get(&addr, "/healthz").1["serving"], target);
+    let (_, m) = get(&addr, "/v1/models");
+    let marked = m["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["rolled_back"]["to"] == target)
+        .count();
+    assert!(marked >= 2, "{m}");
+
+    // Replay, and refusals with the reason and a failing exit.
+    let o = ctl(
+        d.path(),
+        &addr,
+        &["replay", "--from", "0", "--to", "40", "--skip", "10..20"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (args, want) in [
+        (vec!["replay", "--from", "5", "--to", "5"], "empty range"),
+        (vec!["rollback", "999999"], "404"),
+        (
+            vec!["replay", "--from", "1", "--to", "9", "--skip", "x"],
+            "not a range",
+        ),
+    ] {
+        let o = ctl(d.path(), &addr, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+    for (path, body) in [
+        ("/v1/admin/rollback", "{"),
+        ("/v1/admin/rollback", "{\"version\": \"x\"}"),
+        ("/v1/admin/replay", "{\"from\": 1}"),
+        ("/v1/admin/calibrate", "{\"base\": 3}"),
+    ] {
+        let (code, r) = post(&addr, path, body);
+        assert_eq!(code, 400, "{path} {body}: {r}");
+        assert!(r["error"].as_str().unwrap().contains("bad request body"));
+    }
+    let (code, r) = post(&addr, "/v1/admin/calibrate", "{\"base\": \"/nonexistent\"}");
+    assert_eq!(code, 404, "{r}");
+    let (_, metrics) = http(&addr, "GET", "/metrics", "text/plain", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    for name in [
+        "freshet_validation_alert",
+        "freshet_events_rejected_total 4",
+        "freshet_trainer_lag_samples",
+    ] {
+        assert!(metrics.contains(name), "{name} not in /metrics");
+    }
+    // The status line.
+    wait(30, "a status line", || {
+        node.log
+            .try_iter()
+            .find(|l| l.starts_with("events ") && l.contains("serving v"))
+    });
+
+    // Ctrl-C: a last version, a clean exit.
+    // SAFETY: the child is ours and alive; SIGINT is what Ctrl-C sends.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let status = node.child.wait().unwrap();
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(node.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    let last = summary["last_version"].as_u64().unwrap();
+
+    // The same data directory resumes from there.
+    let again = dev(d.path(), &["--no-simulate"]);
+    let resumed = wait(30, "the resume line", || {
+        again
+            .log
+            .try_iter()
+            .find(|l| l.starts_with("resuming from version"))
+    });
+    assert_eq!(resumed, format!("resuming from version {last}"));
+}
+
+#[test]
+fn admin_endpoints_need_the_token_when_one_is_set() {
+    let d = setup();
+    let node = dev(d.path(), &["--no-simulate", "--admin-token", "s3cret"]);
+    let addr = node.addr.clone();
+    let (code, _) = get(&addr, "/v1/admin/status");
+    assert_eq!(code, 401);
+    let (code, _) = http_with(
+        &addr,
+        "GET",
+        "/v1/admin/status",
+        "text/plain",
+        &["Authorization: Bearer wrong"],
+        b"",
+    );
+    assert_eq!(code, 401);
+    let (code, _) = http_with(
+        &addr,
+        "GET",
+        "/v1/admin/status",
+        "text/plain",
+        &["Authorization: Bearer s3cret"],
+        b"",
+    );
+    assert_eq!(code, 200);
+    // Serving endpoints stay open.
+    assert_eq!(get(&addr, "/v1/models").0, 200);
+    let o = ctl(d.path(), &addr, &["status"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("401"));
+    let o = ctl(d.path(), &addr, &["--token", "s3cret", "status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
