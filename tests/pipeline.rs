@@ -595,3 +595,102 @@ async fn a_panic_in_each_actor_kind_is_recovered_with_no_sample_lost_or_doubled(
     }
     assert!(!seen.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_ten_times_faster_than_training_grows_the_log_not_a_mailbox() {
+    use freshet_actors::event::{Features, Snapshot};
+    use freshet_actors::sample::json::{RawField, RawValue};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), loose_gate(), Faults::new());
+    // A wide dense net makes each step cost, so a paced producer is far ahead with a small log.
+    cfg.fresh.model.hidden = Some(vec![512, 512]);
+    let samples = cfg.logs.samples.clone();
+    let batch = cfg.batch;
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    // Samples straight into the sample log, as fast as one thread appends them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, log) = (stop.clone(), samples.clone());
+    // Encoded once and appended again and again: appending costs next to nothing, training
+    // each of these rows (26 fields, 13 dense features) costs real work.
+    let recs: Vec<Vec<u8>> = (0..512u64)
+        .map(|i| {
+            let mut f = Features::default();
+            for d in 1..=13 {
+                f.dense.insert(format!("I{d}"), (i % (d + 3)) as f64);
+            }
+            for c in 1..=26 {
+                f.sparse.insert(
+                    format!("C{c}"),
+                    RawField::One(RawValue::Str(format!("v{}", (i * c) % 211))),
+                );
+            }
+            JoinedSample {
+                request_id: format!("r{i}"),
+                item: "a".into(),
+                user: "u".into(),
+                impression_time_ms: 0,
+                kind: SampleKind::Negative,
+                labels: [("click".to_owned(), f64::from(u8::from(i % 7 == 0)))].into(),
+                weight: 1.0,
+                features: Snapshot::encode(&f),
+            }
+            .to_msgpack()
+        })
+        .collect();
+    let producer = std::thread::spawn(move || {
+        let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+        let mut n = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            log.append(((n / 512) % 2) as u32, &refs).unwrap();
+            n += 512;
+            // About 200k samples/s at most.
+            std::thread::sleep(Duration::from_micros(2500));
+        }
+        n
+    });
+    let started = Instant::now();
+    let mut slowest_status = Duration::ZERO;
+    let mut last;
+    // Until the producer is 12x ahead (and at least a second), so the log stays small.
+    loop {
+        let t = Instant::now();
+        let st = pipe.trainer_status().await.unwrap();
+        slowest_status = slowest_status.max(t.elapsed());
+        let ahead = st.lag >= 11 * st.rows_trained.max(1);
+        last = Some(st);
+        if (ahead && started.elapsed() >= Duration::from_secs(1))
+            || started.elapsed() >= Duration::from_secs(20)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let produced = producer.join().unwrap();
+    let st = last.unwrap();
+    eprintln!(
+        "produced {produced}, trained {}, lag {}, slowest status reply {slowest_status:?}",
+        st.rows_trained, st.lag
+    );
+    // The producer ran at least 10x ahead; the backlog is in the log (on disk), and the
+    // trainer still takes one batch at a time and answers at once.
+    assert!(produced >= 10 * st.rows_trained, "producer not 10x faster");
+    assert!(st.lag >= 9 * st.rows_trained);
+    let bytes: u64 = std::fs::read_dir(dir.path().join("log").join(SAMPLES_TOPIC))
+        .map(|d| d.flatten().map(|e| walk(&e.path())).sum())
+        .unwrap_or(0);
+    eprintln!("sample log: {} MB", bytes >> 20);
+    assert!(st.max_step_rows <= batch);
+    assert!(
+        slowest_status < Duration::from_secs(1),
+        "{slowest_status:?}"
+    );
+    pipe.shutdown().await.unwrap();
+}
+
+fn walk(p: &Path) -> u64 {
+    match std::fs::read_dir(p) {
+        Ok(d) => d.flatten().map(|e| walk(&e.path())).sum(),
+        Err(_) => std::fs::metadata(p).map_or(0, |m| m.len()),
+    }
+}
