@@ -27,6 +27,9 @@ pub(crate) enum BenchCommand {
     /// The model store: delta size against the changed rows, delta write time, and full
     /// restore against the disk's sequential read, in one run.
     Checkpoint(crate::bench_ckpt::CheckpointBenchArgs),
+    /// Time from a click being appended to serving answering with a version that learned
+    /// from it, with the whole pipeline running live.
+    Freshness(crate::bench_fresh::FreshnessArgs),
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +179,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Dense(a) => dense(a),
         BenchCommand::Join(a) => crate::bench_join::run(a, settings),
         BenchCommand::Checkpoint(a) => crate::bench_ckpt::run(a, settings),
+        BenchCommand::Freshness(a) => crate::bench_fresh::run(a, settings),
     }
 }
 

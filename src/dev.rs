@@ -109,7 +109,14 @@ pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     rt.block_on(dev(args, settings))
 }
 
-fn pipeline_config(args: &DevArgs, settings: &Settings) -> anyhow::Result<PipelineConfig> {
+/// The node's pipeline from the settings, with `dev`'s join window, version interval and
+/// replica count.
+pub(crate) fn pipeline_config(
+    settings: &Settings,
+    window_ms: u64,
+    delta_ms: u64,
+    replicas: usize,
+) -> anyhow::Result<PipelineConfig> {
     let root = settings.log_dir();
     let topics = crate::stream::open_topics(&root, &settings.log)?;
     let sample_rejects = open_topic(&root, SAMPLE_REJECTS_TOPIC, &settings.log)
@@ -139,10 +146,10 @@ fn pipeline_config(args: &DevArgs, settings: &Settings) -> anyhow::Result<Pipeli
         .then(|| settings.spill_dir());
     let mut schedule = settings.checkpoint.schedule();
     if schedule.every.is_none() && schedule.every_steps.is_none() {
-        schedule.every = Some(Duration::from_millis(args.delta_ms.max(1)));
+        schedule.every = Some(Duration::from_millis(delta_ms.max(1)));
     }
     let mut join = settings.joiner.window.clone();
-    join.window_ms = args.window_ms;
+    join.window_ms = window_ms;
     Ok(PipelineConfig {
         logs: Logs {
             events: topics.events,
@@ -166,14 +173,14 @@ fn pipeline_config(args: &DevArgs, settings: &Settings) -> anyhow::Result<Pipeli
         batch: settings.train.batch,
         threads: settings.train.threads,
         gate: settings.validation.clone(),
-        replicas: args.replicas,
+        replicas,
         intensity: Intensity::default(),
         faults: Default::default(),
     })
 }
 
 async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
-    let cfg = pipeline_config(&args, settings)?;
+    let cfg = pipeline_config(settings, args.window_ms, args.delta_ms, args.replicas)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let resumed = cfg.store.latest_live()?;

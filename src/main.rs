@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_ckpt;
+mod bench_fresh;
 mod bench_join;
 mod ckpt;
 mod ctl;
