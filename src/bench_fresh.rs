@@ -24,6 +24,9 @@ use serde::Serialize;
 
 use crate::settings::Settings;
 
+/// (request id, item) of each click -> when its event was appended (Unix ms).
+type ClickTimes = HashMap<(String, String), i64>;
+
 #[derive(Debug, Args)]
 pub(crate) struct FreshnessArgs {
     /// Events (impressions and clicks) appended per second.
@@ -109,51 +112,49 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
         // Impressions set the simulator's pace; at its default click rates about one event
         // in six is a click (the report gives the measured rate).
         let rate = args.events_per_sec / 1.2;
-        std::thread::spawn(
-            move || -> anyhow::Result<(u64, HashMap<(String, String), i64>)> {
-                let mut sim = Simulator::new(SimConfig {
-                    seed: 99,
-                    rate,
-                    start_ms: now_ms(),
-                    click_delay_median_ms: 500.0,
-                    click_delay_sigma: 0.7,
-                    ..SimConfig::default()
-                })?;
-                let parts = log.partitions();
-                let (mut recs, mut truth) = (Vec::new(), Vec::new());
-                let mut clicks = HashMap::new();
-                let mut appended = 0u64;
-                let mut pending: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
-                let mut pending_clicks = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let now = now_ms();
-                    while sim.clock_ms() <= now {
-                        sim.next_request(&mut recs, &mut truth);
-                        truth.clear();
-                        for r in recs.drain(..) {
-                            if let Ok(Event::Action(a)) = Event::from_msgpack(&r.payload) {
-                                pending_clicks.push((a.request_id, a.item));
-                            }
-                            pending[partition_of(&r.key, parts) as usize].push(r.payload);
+        std::thread::spawn(move || -> anyhow::Result<(u64, ClickTimes)> {
+            let mut sim = Simulator::new(SimConfig {
+                seed: 99,
+                rate,
+                start_ms: now_ms(),
+                click_delay_median_ms: 500.0,
+                click_delay_sigma: 0.7,
+                ..SimConfig::default()
+            })?;
+            let parts = log.partitions();
+            let (mut recs, mut truth) = (Vec::new(), Vec::new());
+            let mut clicks = HashMap::new();
+            let mut appended = 0u64;
+            let mut pending: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
+            let mut pending_clicks = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let now = now_ms();
+                while sim.clock_ms() <= now {
+                    sim.next_request(&mut recs, &mut truth);
+                    truth.clear();
+                    for r in recs.drain(..) {
+                        if let Ok(Event::Action(a)) = Event::from_msgpack(&r.payload) {
+                            pending_clicks.push((a.request_id, a.item));
                         }
+                        pending[partition_of(&r.key, parts) as usize].push(r.payload);
                     }
-                    for (p, batch) in pending.iter_mut().enumerate() {
-                        if !batch.is_empty() {
-                            let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-                            log.append(p as u32, &refs)?;
-                            appended += batch.len() as u64;
-                            batch.clear();
-                        }
-                    }
-                    let at = now_ms();
-                    for c in pending_clicks.drain(..) {
-                        clicks.entry(c).or_insert(at);
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
                 }
-                Ok((appended, clicks))
-            },
-        )
+                for (p, batch) in pending.iter_mut().enumerate() {
+                    if !batch.is_empty() {
+                        let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+                        log.append(p as u32, &refs)?;
+                        appended += batch.len() as u64;
+                        batch.clear();
+                    }
+                }
+                let at = now_ms();
+                for c in pending_clicks.drain(..) {
+                    clicks.entry(c).or_insert(at);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok((appended, clicks))
+        })
     };
     let started = now_ms();
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
