@@ -710,8 +710,15 @@ impl PipelineHandle {
         }
         let samples = &self.ctx.cfg.logs.samples;
         for (&p, &o) in &m.sample_offsets {
+            if p >= samples.partitions() {
+                return Err(CommandError::Invalid(format!(
+                    "the base model has offsets for sample partition {p}, but this node's \
+                     sample log has {} partitions: it was trained on another log",
+                    samples.partitions()
+                )));
+            }
             let high = samples.high_watermark(p).map_err(anyhow::Error::from)?;
-            if p >= samples.partitions() || o > high {
+            if o > high {
                 return Err(CommandError::Invalid(format!(
                     "the base model's offset {o} for sample partition {p} is beyond this node's \
                      sample log (high watermark {high}): it was trained on another log"
