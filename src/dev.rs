@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::header;
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use anyhow::Context;
 use clap::Args;
 use freshet_actors::ckpt::ModelStore;
@@ -33,7 +33,6 @@ use freshet_actors::online::trainer::FreshModel;
 use freshet_actors::simulate::{play_live, SimConfig, Simulator};
 use freshet_actors::stream::{open_topic, partition_of, StreamLog};
 use freshet_actors::supervisor::Intensity;
-use freshet_actors::trainer::{default_table_config, Trainer};
 use serde::{Deserialize, Serialize};
 
 use crate::serve::{error, Counters, Serve};
@@ -41,9 +40,8 @@ use crate::settings::Settings;
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
-    /// Address of the HTTP API; port 0 picks a free one (the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: String,
+    #[command(flatten)]
+    http: crate::serve::HttpArgs,
     /// Do not run the simulator: events come only through POST /v1/events.
     #[arg(long)]
     no_simulate: bool,
@@ -69,18 +67,6 @@ pub(crate) struct DevArgs {
     /// Seconds between status lines.
     #[arg(long, default_value_t = 5)]
     status_every: u64,
-    /// Candidates per predict request, at most.
-    #[arg(long, default_value_t = 1000)]
-    max_candidates: usize,
-    /// Request body size, at most, in bytes.
-    #[arg(long, default_value_t = 4 << 20)]
-    max_body_bytes: usize,
-    /// Predict requests scored at once; more get 503.
-    #[arg(long, default_value_t = 64)]
-    max_in_flight: usize,
-    /// HTTP worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
 }
 
 /// The node behind the HTTP API.
@@ -94,7 +80,7 @@ pub(crate) struct Node {
 }
 
 pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
-    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    args.http.check()?;
     anyhow::ensure!(args.replicas >= 1, "--replicas must be at least 1");
     anyhow::ensure!(args.window_ms >= 1, "--window-ms must be at least 1");
     anyhow::ensure!(
@@ -126,20 +112,7 @@ pub(crate) fn pipeline_config(
         .with_context(|| format!("opening the model store {}", store_dir.display()))?;
     let schema = settings.schema.clone();
     let model = settings.model.clone();
-    let mut tables = std::collections::BTreeMap::new();
-    for (name, dim) in Trainer::required_tables(&schema, &model) {
-        let cfg = match settings.embedding.tables.get(&name) {
-            Some(c) if c.dim != dim => anyhow::bail!(
-                "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} (the {} \
-                 model's row for this table)",
-                c.dim,
-                model.kind.name()
-            ),
-            Some(c) => c.clone(),
-            None => default_table_config(dim),
-        };
-        tables.insert(name, cfg);
-    }
+    let tables = settings.model_tables(&schema, &model)?;
     let spill = tables
         .values()
         .any(|c| c.dram_budget_bytes.is_some())
@@ -223,8 +196,8 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         store: pipe.store().clone(),
         cell,
         replicas,
-        max_candidates: args.max_candidates,
-        max_in_flight: args.max_in_flight,
+        max_candidates: args.http.max_candidates,
+        max_in_flight: args.http.max_in_flight,
         counters: Counters::default(),
         node: Some(Node {
             pipe: pipe.clone(),
@@ -234,26 +207,13 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
             events_rejected: AtomicU64::new(0),
         }),
     });
-    let max_body = args.max_body_bytes;
-    let st = state.clone();
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(st.clone())
-            .app_data(web::PayloadConfig::new(max_body))
-            .configure(crate::serve::routes)
-            .configure(routes)
-    })
-    .workers(args.workers)
-    .disable_signals()
-    .bind(&args.listen)
-    .with_context(|| format!("listening on {}", args.listen))?;
-    for a in server.addrs() {
+    let (server, addrs) = crate::serve::bind(state.clone(), &args.http, routes)?;
+    for a in addrs {
         eprintln!("listening on http://{a}");
         eprintln!("  predict: POST http://{a}/v1/predict   models: GET http://{a}/v1/models");
         eprintln!("  events:  POST http://{a}/v1/events    metrics: GET http://{a}/metrics");
         eprintln!("  admin:   freshet ctl --url http://{a} status");
     }
-    let server = server.run();
     let http = server.handle();
     let server = tokio::spawn(server);
 

@@ -41,21 +41,8 @@ pub(crate) struct ServeArgs {
     /// The model store to serve from (default: <data_dir>/models).
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
-    /// Address to listen on; port 0 picks a free one (the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Candidates per predict request, at most.
-    #[arg(long, default_value_t = 1000)]
-    max_candidates: usize,
-    /// Request body size, at most, in bytes.
-    #[arg(long, default_value_t = 4 << 20)]
-    max_body_bytes: usize,
-    /// Predict requests scored at once; more get 503.
-    #[arg(long, default_value_t = 64)]
-    max_in_flight: usize,
-    /// HTTP worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    #[command(flatten)]
+    http: HttpArgs,
     /// How often the store is checked for new versions, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -70,6 +57,60 @@ pub(crate) struct Counters {
     requests_failed: AtomicU64,
     items_scored: AtomicU64,
     in_flight: AtomicUsize,
+}
+
+/// The HTTP server's address and limits, shared by `freshet serve` and `freshet dev`.
+#[derive(Debug, Args)]
+pub(crate) struct HttpArgs {
+    /// Address to listen on; port 0 picks a free one (the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: String,
+    /// Candidates per predict request, at most.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) max_candidates: usize,
+    /// Request body size, at most, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub(crate) max_body_bytes: usize,
+    /// Predict requests scored at once; more get 503.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_in_flight: usize,
+    /// HTTP worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) workers: usize,
+}
+
+/// Binds the HTTP server over `state` with the serving routes and `extra` ones; returns it
+/// (not yet running) and the addresses it listens on.
+pub(crate) fn bind(
+    state: web::Data<Serve>,
+    http: &HttpArgs,
+    extra: fn(&mut web::ServiceConfig),
+) -> anyhow::Result<(actix_web::dev::Server, Vec<std::net::SocketAddr>)> {
+    let max_body = http.max_body_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(max_body))
+            .configure(routes)
+            .configure(extra)
+    })
+    .workers(http.workers)
+    .disable_signals()
+    .bind(&http.listen)
+    .with_context(|| format!("listening on {}", http.listen))?;
+    let addrs = server.addrs();
+    Ok((server.run(), addrs))
+}
+
+impl HttpArgs {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(
+            self.max_candidates >= 1,
+            "--max-candidates must be at least 1"
+        );
+        Ok(())
+    }
 }
 
 /// What the HTTP API serves from: `freshet serve`'s store follower, or a whole node.
@@ -357,11 +398,7 @@ pub(crate) fn run(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
         .unwrap_or_else(|| settings.node.data_dir.join("models"));
     let store = ModelStore::open_existing(&root)
         .with_context(|| format!("opening the model store {}", root.display()))?;
-    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
-    anyhow::ensure!(
-        args.max_candidates >= 1,
-        "--max-candidates must be at least 1"
-    );
+    args.http.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -399,26 +436,15 @@ async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
         store,
         cell,
         replicas,
-        max_candidates: args.max_candidates,
-        max_in_flight: args.max_in_flight,
+        max_candidates: args.http.max_candidates,
+        max_in_flight: args.http.max_in_flight,
         counters: Counters::default(),
         node: None,
     });
-    let max_body = args.max_body_bytes;
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .app_data(web::PayloadConfig::new(max_body))
-            .configure(routes)
-    })
-    .workers(args.workers)
-    .disable_signals()
-    .bind(&args.listen)
-    .with_context(|| format!("listening on {}", args.listen))?;
-    for a in server.addrs() {
+    let (server, addrs) = bind(state, &args.http, |_| {})?;
+    for a in addrs {
         eprintln!("listening on http://{a}");
     }
-    let server = server.run();
     let handle = server.handle();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {

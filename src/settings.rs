@@ -217,6 +217,31 @@ impl Settings {
         self.node.data_dir.join("log")
     }
 
+    /// Each table the schema and model read, with its `[embedding.tables]` configuration (or
+    /// the default for its row dim). A configured dim that differs from the model's row is
+    /// refused with the key.
+    pub(crate) fn model_tables(
+        &self,
+        schema: &Schema,
+        model: &ModelConfig,
+    ) -> anyhow::Result<BTreeMap<String, TableConfig>> {
+        let mut tables = BTreeMap::new();
+        for (name, dim) in freshet_actors::trainer::Trainer::required_tables(schema, model) {
+            let cfg = match self.embedding.tables.get(&name) {
+                Some(c) if c.dim != dim => anyhow::bail!(
+                    "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} (the {} \
+                     model's row for this table)",
+                    c.dim,
+                    model.kind.name()
+                ),
+                Some(c) => c.clone(),
+                None => freshet_actors::trainer::default_table_config(dim),
+            };
+            tables.insert(name, cfg);
+        }
+        Ok(tables)
+    }
+
     pub(crate) fn joiner_batch(&self) -> usize {
         if self.joiner.batch == 0 {
             4096

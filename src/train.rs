@@ -17,7 +17,7 @@ use freshet_actors::sample::criteo::{self, CriteoParser};
 use freshet_actors::sample::json::{read_jsonl, read_msgpack, SampleDecoder};
 use freshet_actors::sample::{Format, RejectSink, RejectStats, SampleBlock, Schema};
 use freshet_actors::shard::ShardRouter;
-use freshet_actors::trainer::{default_table_config, Trainer};
+use freshet_actors::trainer::Trainer;
 use freshet_actors::TableName;
 use serde::Serialize;
 
@@ -279,18 +279,8 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
             let mut t = Trainer::with_net(s.manifest.schema.clone(), net)?;
             // manifest.json carries no checksum of its own: check that its tables give the rows
             // the model reads before any lookup slices them.
-            for (name, dim) in Trainer::required_tables(&s.manifest.schema, &s.manifest.model) {
-                match s.manifest.tables.get(&name) {
-                    Some(c) if c.dim == dim => {}
-                    Some(c) => bail!(
-                        "the model in --init has table {name} with dim {}, but its {} model \
-                         reads rows of {dim}",
-                        c.dim,
-                        s.manifest.model.kind.name()
-                    ),
-                    None => bail!("the model in --init lacks table {name}"),
-                }
-            }
+            Trainer::check_tables(&s.manifest.schema, &s.manifest.model, &s.manifest.tables)
+                .context("the model in --init does not fit its own tables")?;
             t.set_step(s.manifest.step);
             let tables: Vec<(String, TableConfig)> =
                 s.manifest.tables.clone().into_iter().collect();
@@ -310,20 +300,10 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                 model.seed = seed;
             }
             let schema = settings.schema.clone();
-            let mut tables = Vec::new();
-            for (name, dim) in Trainer::required_tables(&schema, &model) {
-                let cfg = match settings.embedding.tables.get(&name) {
-                    Some(c) if c.dim != dim => bail!(
-                        "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} \
-                         (the {} model's row for this table)",
-                        c.dim,
-                        model.kind.name()
-                    ),
-                    Some(c) => c.clone(),
-                    None => default_table_config(dim),
-                };
-                tables.push((name, cfg));
-            }
+            let tables = settings
+                .model_tables(&schema, &model)?
+                .into_iter()
+                .collect();
             let t = Trainer::new(schema.clone(), model)?;
             (schema, t, tables, Vec::new())
         }

@@ -104,6 +104,27 @@ impl Trainer {
             .collect()
     }
 
+    /// Checks that `tables` (a manifest's, say) give every row this schema and model read,
+    /// at the right dim, before any lookup slices them.
+    pub fn check_tables(
+        schema: &Schema,
+        model: &ModelConfig,
+        tables: &std::collections::BTreeMap<String, crate::embedding::TableConfig>,
+    ) -> anyhow::Result<()> {
+        for (name, dim) in Self::required_tables(schema, model) {
+            match tables.get(&name) {
+                Some(c) if c.dim == dim => {}
+                Some(c) => anyhow::bail!(
+                    "table {name} has dim {}, but the {} model reads rows of {dim}",
+                    c.dim,
+                    model.kind.name()
+                ),
+                None => anyhow::bail!("table {name} is missing"),
+            }
+        }
+        Ok(())
+    }
+
     fn row_dim(model: &ModelConfig, emb_dim: usize) -> usize {
         let emb = if model.kind.has_embeddings() {
             emb_dim

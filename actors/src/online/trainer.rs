@@ -267,16 +267,8 @@ async fn restore(args: &TrainerArgs, v: u64) -> anyhow::Result<(Trainer, crate::
         .await
         .context("restore task")?
         .with_context(|| format!("restoring the dense state of version {v}"))?;
-    for (name, dim) in Trainer::required_tables(&manifest.schema, &manifest.model) {
-        match manifest.tables.get(&name) {
-            Some(c) if c.dim == dim => {}
-            Some(c) => anyhow::bail!(
-                "version {v} has table {name} with dim {}, but its model reads rows of {dim}",
-                c.dim
-            ),
-            None => anyhow::bail!("version {v} lacks table {name}"),
-        }
-    }
+    Trainer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)
+        .with_context(|| format!("version {v} does not fit its own tables"))?;
     let count = args.shards.shards().len() as u32;
     for h in args.shards.shards() {
         let (store, i) = (args.store.clone(), h.shard());
