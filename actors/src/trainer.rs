@@ -115,11 +115,11 @@ impl Trainer {
             match tables.get(&name) {
                 Some(c) if c.dim == dim => {}
                 Some(c) => anyhow::bail!(
-                    "table {name} has dim {}, but the {} model reads rows of {dim}",
+                    "it has table {name} with dim {}, but the {} model reads rows of {dim}",
                     c.dim,
                     model.kind.name()
                 ),
-                None => anyhow::bail!("table {name} is missing"),
+                None => anyhow::bail!("it lacks table {name}"),
             }
         }
         Ok(())
