@@ -28,10 +28,10 @@ use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which siblings restart with a failed child.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     OneForOne,
@@ -95,7 +95,7 @@ pub struct SupervisorArgs {
 }
 
 /// One child as the supervisor sees it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChildStatus {
     pub name: String,
     pub strategy: Strategy,

@@ -158,7 +158,7 @@ pub struct CalibrationSource {
 }
 
 /// What the caller knows of a version besides its state: the step, the offsets, the model.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionMeta {
     pub step: u64,
     pub rows_trained: u64,

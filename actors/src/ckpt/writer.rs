@@ -83,7 +83,7 @@ impl Due {
 }
 
 /// What the trainer hands over at a step boundary.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StepBoundary {
     pub meta: VersionMeta,
     pub dense: DenseState,

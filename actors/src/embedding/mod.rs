@@ -95,6 +95,10 @@ pub enum EmbeddingError {
         #[source]
         source: std::io::Error,
     },
+    /// A shard on another node failed with an error that has no typed form on the wire (a
+    /// configuration or disk error there); the text is the remote error's message.
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// The tables one shard owns: one [`Table`] per configured name.

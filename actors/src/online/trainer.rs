@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::feed::{ReplayPlan, SampleFeed};
 use crate::ckpt::writer::{CheckpointHandle, StepBoundary};
@@ -77,7 +77,7 @@ pub struct TrainerArgs {
 }
 
 /// The trainer's observable state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainerStatus {
     /// The version this trainer started from.
     pub started_from: Option<u64>,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::feed::SampleFeed;
@@ -64,7 +64,7 @@ impl std::fmt::Debug for ValidatorArgs {
 }
 
 /// The validator's observable state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ValidatorStatus {
     pub evaluated: u64,
     pub passed: u64,

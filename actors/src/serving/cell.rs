@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ModelDelta, ServingError, ServingModel};
 
@@ -35,7 +35,7 @@ struct Writer {
 }
 
 /// What the cell has done, for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CellStats {
     pub installs: u64,
     pub deltas_applied: u64,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{CellStats, ModelCell, ModelDelta, ServingError, ServingModel};
 use crate::ckpt::ModelStore;
@@ -42,7 +42,7 @@ pub enum ReplicaRequest {
 
 pub type ReplicaMsg = Envelope<ReplicaRequest>;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub name: String,
     pub version: Option<u64>,
