@@ -30,6 +30,9 @@ pub(crate) enum BenchCommand {
     /// Time from a click being appended to serving answering with a version that learned
     /// from it, with the whole pipeline running live.
     Freshness(crate::bench_fresh::FreshnessArgs),
+    /// Closed-loop load on POST /v1/predict: latency and items scored/s, against the dense
+    /// forward pass's FLOP limit on the same cores.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +183,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Join(a) => crate::bench_join::run(a, settings),
         BenchCommand::Checkpoint(a) => crate::bench_ckpt::run(a, settings),
         BenchCommand::Freshness(a) => crate::bench_fresh::run(a, settings),
+        BenchCommand::Serve(a) => crate::bench_serve::run(a, settings),
     }
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_ckpt;
 mod bench_fresh;
 mod bench_join;
+mod bench_serve;
 mod ckpt;
 mod ctl;
 mod dev;

@@ -230,6 +230,11 @@ impl ServingModel {
         &self.manifest
     }
 
+    /// The dense network's state (its shape and config size the scoring work).
+    pub fn dense(&self) -> &DenseState {
+        &self.dense
+    }
+
     pub fn table(&self, name: &TableName) -> Option<&ServingTable> {
         self.tables.get(name)
     }
