@@ -120,7 +120,9 @@ async fn train_a_model(
     let events = cfg.logs.events.clone();
     let (pipe, _join) = PipelineHandle::start(cfg).await?;
     let cell = pipe.cells()[0].clone();
-    progress(&format!("training the dev pipeline on simulated traffic for {secs} s"));
+    progress(&format!(
+        "training the dev pipeline on simulated traffic for {secs} s"
+    ));
     let until = Instant::now() + Duration::from_secs(secs);
     let producer = std::thread::spawn(move || -> anyhow::Result<u64> {
         let mut sim = Simulator::new(SimConfig {
@@ -219,12 +221,17 @@ fn requests(n: usize, candidates: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// What bounds scoring on these cores.
+struct Limit {
+    model: String,
+    forward_flops_per_item: f64,
+    peak_gflops: f64,
+    /// (m, n, k, GFLOP/s) of each sgemm shape measured.
+    shapes: Vec<(usize, usize, usize, f64)>,
+}
+
 /// The dense forward pass's FLOPs per item and the sgemm peak on `threads` cores.
-fn forward_limit(
-    cell: &ModelCell,
-    candidates: usize,
-    threads: usize,
-) -> anyhow::Result<(String, f64, f64, Vec<(usize, usize, usize, f64)>)> {
+fn forward_limit(cell: &ModelCell, candidates: usize, threads: usize) -> anyhow::Result<Limit> {
     let model = cell.current().context("no model is served")?;
     let net = DenseNet::from_state(model.dense().clone())?;
     // `flops_per_sample` counts a training step, forward 2 and backward 4 per multiply-add.
@@ -239,7 +246,12 @@ fn forward_limit(
         .map(|(m, n, k)| (m, n, k, sgemm_peak(&th, m, n, k, 1.0) / 1e9))
         .collect();
     let peak = measured.iter().map(|s| s.3).fold(0.0, f64::max);
-    Ok((net.config().kind.name().to_string(), forward, peak, measured))
+    Ok(Limit {
+        model: net.config().kind.name().to_string(),
+        forward_flops_per_item: forward,
+        peak_gflops: peak,
+        shapes: measured,
+    })
 }
 
 /// One keep-alive HTTP/1.1 connection that posts msgpack predict requests.
@@ -351,13 +363,13 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
     progress(&format!(
         "serving version {version} with {rows} rows; measuring the sgemm peak"
     ));
-    let (kind, forward, peak, shapes) = {
+    let limit = {
         let (cell, c, t) = (cell.clone(), args.candidates, args.threads);
         tokio::task::spawn_blocking(move || forward_limit(&cell, c, t)).await??
     };
     let bodies = Arc::new(requests(64, args.candidates)?);
 
-    let store = freshet_actors::ckpt::ModelStore::open_existing(&dir.path().join("models"))?;
+    let store = freshet_actors::ckpt::ModelStore::open_existing(dir.path().join("models"))?;
     let http = HttpArgs {
         listen: "127.0.0.1:0".into(),
         max_candidates: args.candidates.max(1000),
@@ -413,9 +425,9 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
     let q = |f: f64| lat[((lat.len() - 1) as f64 * f).round() as usize] as f64 / 1000.0;
     let secs = args.secs as f64;
     let items_per_sec = lat.len() as f64 * args.candidates as f64 / secs;
-    let limit = peak * 1e9 / forward;
+    let max_items = limit.peak_gflops * 1e9 / limit.forward_flops_per_item;
     let report = ServeReport {
-        model: kind,
+        model: limit.model,
         version,
         rows,
         candidates: args.candidates,
@@ -427,11 +439,11 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         latency_mean_ms: lat.iter().map(|&l| l as f64).sum::<f64>() / lat.len() as f64 / 1000.0,
         requests_per_sec: lat.len() as f64 / secs,
         items_per_sec,
-        forward_flops_per_item: forward,
-        sgemm_peak_gflops: peak,
-        sgemm_shapes: shapes,
-        forward_limit_items_per_sec: limit,
-        vs_forward_limit: items_per_sec / limit,
+        forward_flops_per_item: limit.forward_flops_per_item,
+        sgemm_peak_gflops: limit.peak_gflops,
+        sgemm_shapes: limit.shapes,
+        forward_limit_items_per_sec: max_items,
+        vs_forward_limit: items_per_sec / max_items,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -153,6 +153,7 @@ pub(crate) fn pipeline_config(
 }
 
 async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
+    let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet dev")?;
     let cfg = pipeline_config(settings, args.window_ms, args.delta_ms, args.replicas)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();

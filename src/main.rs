@@ -9,6 +9,7 @@ mod bench_serve;
 mod ckpt;
 mod ctl;
 mod dev;
+mod lock;
 mod serve;
 mod settings;
 mod stream;

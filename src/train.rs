@@ -13,10 +13,13 @@ use freshet_actors::ckpt::{ModelStore, VersionMeta};
 use freshet_actors::dense::{DenseNet, ModelKind, Threads};
 use freshet_actors::embedding::TableConfig;
 use freshet_actors::metrics::{auc, evaluate, Evaluation};
+use freshet_actors::online::feed;
 use freshet_actors::sample::criteo::{self, CriteoParser};
 use freshet_actors::sample::json::{read_jsonl, read_msgpack, SampleDecoder};
+use freshet_actors::sample::RejectReason;
 use freshet_actors::sample::{Format, RejectSink, RejectStats, SampleBlock, Schema};
 use freshet_actors::shard::ShardRouter;
+use freshet_actors::stream::{LogBackend, StreamLog};
 use freshet_actors::trainer::Trainer;
 use freshet_actors::TableName;
 use serde::Serialize;
@@ -26,8 +29,21 @@ use crate::settings::Settings;
 #[derive(Debug, Args)]
 pub(crate) struct TrainArgs {
     /// Training data, one or more files (comma-separated), read in the given order.
-    #[arg(long, value_delimiter = ',', required = true, value_name = "FILE")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "from_log",
+        value_name = "FILE"
+    )]
     data: Vec<PathBuf>,
+    /// Train on the node's sample log (the joined samples `freshet dev` writes) instead of
+    /// files: from the start of the log (with --init, from the offsets the --init version
+    /// records) to its end. The version written records where in the log it ends, so
+    /// `freshet ctl calibrate --base STORE` can install it and resume online training there.
+    /// Without --test, the last 10% of each partition is held out for the test metrics (and
+    /// left to online training). With the embedded log, the node must be stopped.
+    #[arg(long, conflicts_with = "data")]
+    from_log: bool,
     /// criteo, jsonl or msgpack.
     #[arg(long, default_value = "criteo")]
     format: Format,
@@ -158,6 +174,176 @@ fn read_files(
     Ok(Loaded { block, files })
 }
 
+/// Where each training row read from the sample log came from, so that a version captured
+/// after any number of rows records exactly the offsets those rows (and the refusals among
+/// them) consumed: the same accounting as the online trainer's versions.
+#[derive(Debug, Default)]
+struct LogPositions {
+    parts: BTreeMap<u32, PartPositions>,
+}
+
+#[derive(Debug, Default)]
+struct PartPositions {
+    /// Every record read below the cut, in offset order.
+    offsets: Vec<u64>,
+    /// Rows trained before the record counts as consumed: its row's index + 1, or for a
+    /// refusal, its predecessor's (it is consumed with the row before it).
+    needs: Vec<usize>,
+    /// `refused_before[i]`: refusals among the first `i` records.
+    refused_before: Vec<u64>,
+    /// The offset after everything read below the cut.
+    end: u64,
+}
+
+impl PartPositions {
+    fn push(&mut self, offset: u64, row: Option<usize>) {
+        let needs = match row {
+            Some(i) => i + 1,
+            None => self.needs.last().copied().unwrap_or(0),
+        };
+        if self.refused_before.is_empty() {
+            self.refused_before.push(0);
+        }
+        let refused = self.refused_before.last().copied().unwrap_or(0) + u64::from(row.is_none());
+        self.offsets.push(offset);
+        self.needs.push(needs);
+        self.refused_before.push(refused);
+    }
+}
+
+impl LogPositions {
+    /// Per partition the next offset to consume, and the refusals consumed, once the first
+    /// `rows` training rows are trained.
+    fn at(&self, rows: usize) -> (BTreeMap<u32, u64>, u64) {
+        let mut offsets = BTreeMap::new();
+        let mut refused = 0;
+        for (&p, pp) in &self.parts {
+            let k = pp.needs.partition_point(|&n| n <= rows);
+            offsets.insert(p, pp.offsets.get(k).copied().unwrap_or(pp.end));
+            refused += pp.refused_before.get(k).copied().unwrap_or(0);
+        }
+        (offsets, refused)
+    }
+}
+
+/// Samples read from the sample log.
+struct LogRead {
+    train: SampleBlock,
+    test: SampleBlock,
+    positions: LogPositions,
+}
+
+/// Reads every partition of the sample log from `start` (or its low watermark) to its high
+/// watermark now, round-robin in chunks so that training sees the partitions interleaved as
+/// the online trainer does. With `hold_out`, the last 10% of each partition's range is the
+/// test set and is not recorded as consumed. `max_rows` caps the records read, split evenly
+/// over the partitions. Refused records go to `rejects`, as they would go to the online
+/// trainer's dead-letter topic.
+fn read_log(
+    log: &dyn StreamLog,
+    schema: &Schema,
+    start: &BTreeMap<u32, u64>,
+    max_rows: Option<usize>,
+    hold_out: bool,
+    rejects: &mut RejectSink,
+) -> anyhow::Result<LogRead> {
+    let decoder = SampleDecoder::new(schema);
+    let parts = log.partitions();
+    let quota = max_rows.map(|m| m.div_ceil(parts.max(1) as usize) as u64);
+    // (partition, next offset to read, cut, end)
+    let mut plan = Vec::new();
+    for p in 0..parts {
+        let low = log.low_watermark(p)?;
+        let high = log.high_watermark(p)?;
+        let want = start.get(&p).copied().unwrap_or(0);
+        if want > high {
+            bail!(
+                "--init records offset {want} for sample partition {p}, beyond the end of this \
+                 node's sample log ({high}): it was trained on another log"
+            );
+        }
+        if want < low {
+            eprintln!(
+                "sample partition {p}: offsets {want}..{low} were deleted by retention before \
+                 this run; reading from {low}"
+            );
+        }
+        let from = want.max(low);
+        let end = quota.map_or(high, |q| high.min(from + q));
+        let cut = if hold_out {
+            end - (end - from) / 10
+        } else {
+            end
+        };
+        plan.push((p, from, cut, end));
+    }
+    let total: u64 = plan.iter().map(|&(_, from, _, end)| end - from).sum();
+    if total == 0 {
+        bail!(
+            "the sample log holds no samples to train on{} (run `freshet dev` to collect some)",
+            if start.is_empty() {
+                String::new()
+            } else {
+                " after the --init version's offsets".to_string()
+            }
+        );
+    }
+    let mut train = SampleBlock::for_schema(schema);
+    let mut test = SampleBlock::for_schema(schema);
+    let mut positions = LogPositions::default();
+    let mut progress = Progress::new();
+    let mut read = 0u64;
+    loop {
+        let mut any = false;
+        for (p, at, cut, end) in plan.iter_mut() {
+            let (p, cut, end) = (*p, *cut, *end);
+            let pp = positions.parts.entry(p).or_default();
+            pp.end = cut;
+            if *at >= end {
+                continue;
+            }
+            let recs = log.read(p, *at, ((end - *at) as usize).min(4096))?;
+            let Some(last) = recs.last() else {
+                bail!("sample partition {p}: nothing readable at offset {at} below its end {end}");
+            };
+            *at = last.offset + 1;
+            any = true;
+            for rec in recs.iter().take_while(|r| r.offset < end) {
+                let held_out = rec.offset >= cut;
+                let block = if held_out { &mut test } else { &mut train };
+                match feed::decode(&decoder, rec, p, block) {
+                    Ok(()) if held_out => {}
+                    Ok(()) => pp.push(rec.offset, Some(train.len() - 1)),
+                    Err(dl) => {
+                        rejects.set_source(format!("sample log partition {p}"));
+                        let why = RejectReason::Malformed(format!("{}: {}", dl.reason, dl.detail));
+                        rejects.reject(rec.offset, &why, &rec.payload)?;
+                        if !held_out {
+                            pp.push(rec.offset, None);
+                        }
+                    }
+                }
+                read += 1;
+            }
+            progress.tick(|| format!("reading the sample log: {read} of {total} records"));
+        }
+        if !any {
+            break;
+        }
+    }
+    progress.done(&format!(
+        "read {read} records of the sample log: {} to train, {} to test, {} refused",
+        train.len(),
+        test.len(),
+        rejects.stats().total
+    ));
+    Ok(LogRead {
+        train,
+        test,
+        positions,
+    })
+}
+
 /// The generator's true probabilities for the rows of `loaded`, when every file has a
 /// `<file>.prob` beside it and no row was refused (otherwise rows and probabilities would not
 /// line up).
@@ -263,6 +449,8 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         None => None,
     };
     let mut rows_before = 0u64;
+    let mut rejected_before = 0u64;
+    let mut log_start = BTreeMap::new();
     let (schema, mut trainer, tables, restore) = match saved {
         Some(s) => {
             if let Some(k) = args.model {
@@ -275,6 +463,8 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                 }
             }
             rows_before = s.manifest.rows_trained;
+            rejected_before = s.manifest.samples_rejected;
+            log_start = s.manifest.sample_offsets.clone();
             let net = DenseNet::from_state(s.dense)?;
             let mut t = Trainer::with_net(s.manifest.schema.clone(), net)?;
             // manifest.json carries no checksum of its own: check that its tables give the rows
@@ -319,31 +509,66 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     }
     let mut rejects = RejectSink::to_file(&reject_path)?;
     let t0 = Instant::now();
-    let data = read_files(
-        &args.data,
-        args.format,
-        &schema,
-        &mut rejects,
-        args.max_rows,
-    )?;
-    let (train_block, test_block, oracle) = if args.test.is_empty() {
-        let n = data.block.len();
-        let split = n - n / 10;
-        let mut tr = SampleBlock::for_schema(&schema);
-        let mut te = SampleBlock::for_schema(&schema);
-        for (i, r) in data.block.rows().enumerate() {
-            if i < split {
-                tr.push_row(r)
-            } else {
-                te.push_row(r)
-            }
+    let mut log_positions = None;
+    let (train_block, test_block, oracle) = if args.from_log {
+        if args.epochs != 1 {
+            bail!(
+                "--from-log trains each sample of the log once (the version records which \
+                 samples it holds, and online training resumes after them): use --epochs 1"
+            );
         }
-        let oracle = oracle_probabilities(&data).map(|p| p[split..].to_vec());
-        (tr, te, oracle)
+        // Opening the embedded log recovers it: never while a node appends to it.
+        let _lock = match settings.log.backend {
+            LogBackend::Embedded => Some(crate::lock::DataDirLock::acquire(
+                &settings.node.data_dir,
+                "training from its sample log",
+            )?),
+            LogBackend::Kafka => None,
+        };
+        let topics = crate::stream::open_topics(&settings.log_dir(), &settings.log)?;
+        let read = read_log(
+            topics.samples.as_ref(),
+            &schema,
+            &log_start,
+            args.max_rows,
+            args.test.is_empty(),
+            &mut rejects,
+        )?;
+        log_positions = Some(read.positions);
+        if args.test.is_empty() {
+            (read.train, read.test, None)
+        } else {
+            let test = read_files(&args.test, args.format, &schema, &mut rejects, None)?;
+            let oracle = oracle_probabilities(&test);
+            (read.train, test.block, oracle)
+        }
     } else {
-        let test = read_files(&args.test, args.format, &schema, &mut rejects, None)?;
-        let oracle = oracle_probabilities(&test);
-        (data.block, test.block, oracle)
+        let data = read_files(
+            &args.data,
+            args.format,
+            &schema,
+            &mut rejects,
+            args.max_rows,
+        )?;
+        if args.test.is_empty() {
+            let n = data.block.len();
+            let split = n - n / 10;
+            let mut tr = SampleBlock::for_schema(&schema);
+            let mut te = SampleBlock::for_schema(&schema);
+            for (i, r) in data.block.rows().enumerate() {
+                if i < split {
+                    tr.push_row(r)
+                } else {
+                    te.push_row(r)
+                }
+            }
+            let oracle = oracle_probabilities(&data).map(|p| p[split..].to_vec());
+            (tr, te, oracle)
+        } else {
+            let test = read_files(&args.test, args.format, &schema, &mut rejects, None)?;
+            let oracle = oracle_probabilities(&test);
+            (data.block, test.block, oracle)
+        }
     };
     let parse_seconds = t0.elapsed().as_secs_f64();
     let stats = rejects.stats().clone();
@@ -397,14 +622,20 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         None => None,
     };
     let table_map: BTreeMap<String, TableConfig> = tables.iter().cloned().collect();
+    // With --from-log, a version records the log offsets of exactly the rows trained so far
+    // and the refusals among them, as the online trainer's versions do.
+    let at_rows = |rows: u64| match &log_positions {
+        Some(p) => p.at(rows as usize),
+        None => (BTreeMap::new(), 0),
+    };
     let boundary = |trainer: &Trainer, rows: u64| StepBoundary {
         meta: VersionMeta {
             step: trainer.step(),
             rows_trained: rows_before + rows,
-            samples_rejected: 0,
+            samples_rejected: rejected_before + at_rows(rows).1,
             replays: Vec::new(),
             calibrated_from: None,
-            sample_offsets: BTreeMap::new(),
+            sample_offsets: at_rows(rows).0,
             joiner_offsets: BTreeMap::new(),
             model: trainer.net().config().clone(),
             schema: schema.clone(),
@@ -648,4 +879,122 @@ pub(crate) fn gen(args: GenArgs) -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use freshet_actors::event::{Features, JoinedSample, SampleKind, Snapshot, SAMPLES_TOPIC};
+    use freshet_actors::sample::json::{RawField, RawValue};
+    use freshet_actors::stream::{EmbeddedLog, LogConfig};
+
+    use super::*;
+
+    fn sample(i: u64) -> Vec<u8> {
+        let mut f = Features::default();
+        f.dense.insert("I1".into(), i as f64);
+        f.sparse.insert(
+            "C1".into(),
+            RawField::One(RawValue::Str(format!("v{}", i % 7))),
+        );
+        JoinedSample {
+            request_id: format!("r{i}"),
+            item: "a".into(),
+            user: "u".into(),
+            impression_time_ms: 1_700_000_000_000,
+            kind: SampleKind::Negative,
+            labels: BTreeMap::from([(
+                "click".to_owned(),
+                f64::from(u8::from(i.is_multiple_of(3))),
+            )]),
+            weight: 1.0,
+            features: Snapshot::encode(&f),
+        }
+        .to_msgpack()
+    }
+
+    /// Two partitions of 20 and 10 records; offsets 0 and 7 of partition 0 are garbage.
+    fn log(dir: &Path) -> EmbeddedLog {
+        let cfg = LogConfig {
+            partitions: 2,
+            ..LogConfig::default()
+        };
+        let log = EmbeddedLog::open(dir, SAMPLES_TOPIC, cfg).unwrap();
+        for (p, n) in [(0u32, 20u64), (1, 10)] {
+            let recs: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    if p == 0 && (i == 0 || i == 7) {
+                        b"not a sample".to_vec()
+                    } else {
+                        sample(i)
+                    }
+                })
+                .collect();
+            let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+            log.append(p, &refs).unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn a_log_read_accounts_every_offset_at_every_row_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(dir.path());
+        let schema = Schema::default();
+        let mut rejects = RejectSink::counting();
+        let r = read_log(&log, &schema, &BTreeMap::new(), None, true, &mut rejects).unwrap();
+        // Cuts at 18 and 9: 16 + 9 rows to train, 2 + 1 held out; both refusals below the cut.
+        assert_eq!((r.train.len(), r.test.len()), (25, 3));
+        assert_eq!(rejects.stats().total, 2);
+        // Nothing trained: only the refusal at offset 0 is consumed.
+        assert_eq!(r.positions.at(0), (BTreeMap::from([(0, 1), (1, 0)]), 1));
+        // Whatever the rows trained, offsets consumed = rows + refusals.
+        for rows in 0..=r.train.len() {
+            let (offsets, refused) = r.positions.at(rows);
+            assert_eq!(
+                offsets.values().sum::<u64>(),
+                rows as u64 + refused,
+                "at {rows} rows"
+            );
+        }
+        assert_eq!(
+            r.positions.at(r.train.len()),
+            (BTreeMap::from([(0, 18), (1, 9)]), 2)
+        );
+
+        // From an --init version's offsets, with a row cap and no hold-out.
+        let start = BTreeMap::from([(0, 10), (1, 4)]);
+        let mut rejects = RejectSink::counting();
+        let r = read_log(&log, &schema, &start, Some(6), false, &mut rejects).unwrap();
+        assert_eq!((r.train.len(), r.test.len()), (6, 0));
+        assert_eq!(r.positions.at(6), (BTreeMap::from([(0, 13), (1, 7)]), 0));
+        assert_eq!(r.positions.at(0).0, start);
+
+        // Offsets beyond the log, and nothing left to read, are refused.
+        let e = read_log(
+            &log,
+            &schema,
+            &BTreeMap::from([(1, 11)]),
+            None,
+            true,
+            &mut rejects,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("beyond the end"), "{e}");
+        let e = read_log(
+            &log,
+            &schema,
+            &BTreeMap::from([(0, 20), (1, 10)]),
+            None,
+            true,
+            &mut rejects,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("no samples to train on"), "{e}");
+    }
 }

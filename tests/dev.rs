@@ -188,6 +188,17 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
             .find(|l| l.starts_with("events ") && l.contains("serving v"))
     });
 
+    // Training from the log needs the node stopped: it would open the logs the node writes.
+    let o = freshet(d.path())
+        .args(["train", "--from-log"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("in use by another Freshet process"),
+        "{err}"
+    );
+
     // Ctrl-C: a last version, a clean exit.
     // SAFETY: the child is ours and alive; SIGINT is what Ctrl-C sends.
     #[allow(unsafe_code)]
@@ -200,6 +211,36 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
     let summary: Value = serde_json::from_str(out.trim()).unwrap();
     let last = summary["last_version"].as_u64().unwrap();
 
+    // A base model trained offline on the node's sample log records where it ends: the
+    // first 90% of each partition, the rest held out for its test metrics.
+    let o = freshet(d.path())
+        .args(["train", "--from-log", "--out", "base", "--batch", "100"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // (The tail of a log a node just wrote is mostly positives: the negatives of its newest
+    // impressions wait in the join window. So only the logloss is sure to exist here.)
+    assert!(report["test_logloss"].as_f64().is_some(), "{report}");
+    let base: Value = serde_json::from_slice(
+        &std::fs::read(d.path().join("base/v000000000001/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let offsets = base["sample_offsets"].as_object().unwrap();
+    assert_eq!(offsets.len(), 2, "{base}");
+    let consumed: u64 = offsets.values().map(|o| o.as_u64().unwrap()).sum();
+    // Every offset below the recorded ones is a trained row or a refusal, once.
+    assert_eq!(
+        base["rows_trained"].as_u64().unwrap() + base["samples_rejected"].as_u64().unwrap(),
+        consumed,
+        "{base}"
+    );
+    assert_eq!(
+        report["train_rows"].as_u64().unwrap(),
+        base["rows_trained"].as_u64().unwrap()
+    );
+    assert!(report["test_rows"].as_u64().unwrap() > 0);
+
     // The same data directory resumes from there.
     let again = dev(d.path(), &["--no-simulate"]);
     let resumed = wait(30, "the resume line", || {
@@ -209,6 +250,57 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
             .find(|l| l.starts_with("resuming from version"))
     });
     assert_eq!(resumed, format!("resuming from version {last}"));
+
+    // Calibration installs the base and online training resumes at its offsets: the held-out
+    // tail is trained online, and the accounting still covers every offset exactly once.
+    let addr = again.addr.clone();
+    let base_dir = d.path().join("base");
+    let o = ctl(
+        d.path(),
+        &addr,
+        &["calibrate", "--base", base_dir.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let installed = serde_json::from_slice::<Value>(&o.stdout).unwrap()["installed_version"]
+        .as_u64()
+        .unwrap();
+    let (_, m) = get(&addr, "/v1/models");
+    let row = m["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == installed)
+        .cloned()
+        .unwrap();
+    assert_eq!(row["calibrated_from"]["version"], 1, "{row}");
+    assert_eq!(row["sample_offsets"], base["sample_offsets"]);
+    let manifest = |v: u64| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(d.path().join(format!("data/models/v{v:012}/manifest.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let after = wait(60, "a version that trained the held-out tail", || {
+        let (_, m) = get(&addr, "/v1/models");
+        m["versions"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v["version"].as_u64())
+            .filter(|&v| v > installed)
+            .map(manifest)
+            .find(|m| m["rows_trained"].as_u64() > base["rows_trained"].as_u64())
+    });
+    let consumed: u64 = after["sample_offsets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|o| o.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        after["rows_trained"].as_u64().unwrap() + after["samples_rejected"].as_u64().unwrap(),
+        consumed,
+        "{after}"
+    );
 }
 
 #[test]

@@ -180,7 +180,7 @@ fn crashes_at_random_points_neither_lose_nor_duplicate_samples() {
             // Crash at the n-th pass through a phase: any phase, or one of the checkpoint phases
             // (rarer, so targeted half the time). After 25 crashes a partition runs clean.
             if crashes_here < 25 {
-                let target = if rng.next_u64() % 2 == 0 {
+                let target = if rng.next_u64().is_multiple_of(2) {
                     None
                 } else {
                     Some(phases[3 + (rng.next_u64() % 2) as usize])

@@ -218,6 +218,23 @@ fn bad_train_arguments_get_a_clear_error() {
     );
     let o = freshet(dir.path(), &["train", "--data", "x", "--format", "parquet"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected criteo, jsonl or msgpack"));
+    // --from-log: one epoch only, not with files, and an empty log says so.
+    for (args, want) in [
+        (
+            vec!["train", "--from-log", "--epochs", "2"],
+            "use --epochs 1",
+        ),
+        (
+            vec!["train", "--from-log", "--data", "x.tsv"],
+            "cannot be used with",
+        ),
+        (vec!["train", "--from-log"], "no samples to train on"),
+        (vec!["train"], "--data <FILE>"),
+    ] {
+        let o = freshet(dir.path(), &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
     let o = freshet(
         dir.path(),
         &["gen", "--rows", "10", "--out", "g.tsv", "--zipf=-1"],

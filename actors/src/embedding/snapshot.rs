@@ -253,7 +253,7 @@ pub mod f32_bytes {
                 f.write_str("a byte string of little-endian f32")
             }
             fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Vec<f32>, E> {
-                if b.len() % 4 != 0 {
+                if !b.len().is_multiple_of(4) {
                     return Err(E::custom(format!(
                         "f32 block of {} bytes is not a multiple of 4",
                         b.len()

@@ -232,7 +232,10 @@ impl SampleFeed {
     }
 }
 
-fn decode(
+/// Decodes one sample-log record into `block`, or says why it is refused (as the dead letter
+/// the online trainer writes). `freshet train --from-log` reads the log through this too, so
+/// offline and online training accept and refuse exactly the same records.
+pub fn decode(
     decoder: &SampleDecoder,
     rec: &Record,
     partition: u32,

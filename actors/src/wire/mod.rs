@@ -437,7 +437,7 @@ pub mod u64_bytes {
                 f.write_str("a byte string of little-endian u64")
             }
             fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Vec<u64>, E> {
-                if b.len() % 8 != 0 {
+                if !b.len().is_multiple_of(8) {
                     return Err(E::custom(format!(
                         "u64 block of {} bytes is not a multiple of 8",
                         b.len()
