@@ -142,7 +142,13 @@ impl<M: Remote> Actor for Loopback<M> {
         };
         st.stats.calls.fetch_add(1, Ordering::Relaxed);
         let (local, pending) = M::from_call(call);
-        st.target.send_message(Envelope::with_trace(trace, local))?;
+        if let Err(e) = st.target.send_message(Envelope::with_trace(trace, local)) {
+            // The far actor is gone: as over a connection, the caller sees no answer (its
+            // reply port drops) and the hop keeps serving.
+            st.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "loopback: the target actor is gone");
+            return Ok(());
+        }
         if let (Some(pending), Some(responder)) = (pending, responder) {
             let stats = st.stats.clone();
             // The answer comes back without holding up the next call, as on a connection.

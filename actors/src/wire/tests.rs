@@ -925,4 +925,12 @@ async fn a_shard_behind_a_wire_hop_trains_exactly_as_one_called_directly() {
         LoopbackStats::get(&stats.answers)
     );
     assert_eq!(LoopbackStats::get(&stats.refused), 0);
+
+    // The far shard gone: callers see it unavailable, and the hop keeps running.
+    far.actor().stop_and_wait(None, None).await.unwrap();
+    for _ in 0..2 {
+        let err = remote.lookup(&user, vec![1]).await.unwrap_err();
+        assert!(matches!(err, ShardError::Unavailable { .. }), "{err}");
+    }
+    assert_eq!(LoopbackStats::get(&stats.refused), 2);
 }
