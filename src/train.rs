@@ -885,34 +885,11 @@ pub(crate) fn gen(args: GenArgs) -> anyhow::Result<()> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use freshet_actors::event::{Features, JoinedSample, SampleKind, Snapshot, SAMPLES_TOPIC};
-    use freshet_actors::sample::json::{RawField, RawValue};
+    use freshet_actors::event::SAMPLES_TOPIC;
     use freshet_actors::stream::{EmbeddedLog, LogConfig};
+    use freshet_actors::testkit::fixtures::joined_sample;
 
     use super::*;
-
-    fn sample(i: u64) -> Vec<u8> {
-        let mut f = Features::default();
-        f.dense.insert("I1".into(), i as f64);
-        f.sparse.insert(
-            "C1".into(),
-            RawField::One(RawValue::Str(format!("v{}", i % 7))),
-        );
-        JoinedSample {
-            request_id: format!("r{i}"),
-            item: "a".into(),
-            user: "u".into(),
-            impression_time_ms: 1_700_000_000_000,
-            kind: SampleKind::Negative,
-            labels: BTreeMap::from([(
-                "click".to_owned(),
-                f64::from(u8::from(i.is_multiple_of(3))),
-            )]),
-            weight: 1.0,
-            features: Snapshot::encode(&f),
-        }
-        .to_msgpack()
-    }
 
     /// Two partitions of 20 and 10 records; offsets 0 and 7 of partition 0 are garbage.
     fn log(dir: &Path) -> EmbeddedLog {
@@ -927,7 +904,7 @@ mod tests {
                     if p == 0 && (i == 0 || i == 7) {
                         b"not a sample".to_vec()
                     } else {
-                        sample(i)
+                        joined_sample(i, i % 3 == 0)
                     }
                 })
                 .collect();

@@ -633,29 +633,7 @@ impl ShardRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedding::{AdmissionConfig, Initializer};
-
-    fn tables() -> Vec<(TableName, TableConfig)> {
-        vec![
-            (
-                TableName::new("user"),
-                TableConfig {
-                    init: Initializer::Normal {
-                        mean: 0.0,
-                        std: 0.1,
-                    },
-                    ..TableConfig::with_dim(8)
-                },
-            ),
-            (
-                TableName::new("item"),
-                TableConfig {
-                    admission: AdmissionConfig::Counter { min_count: 2 },
-                    ..TableConfig::with_dim(4)
-                },
-            ),
-        ]
-    }
+    use crate::testkit::fixtures::user_item_tables as tables;
 
     async fn cluster(n: u32) -> ShardRouter {
         let mut hs = Vec::new();

@@ -21,3 +21,57 @@ pub fn seed(name: &str) -> u64 {
     eprintln!("{name}: seed {seed} (replay with FRESHET_SEED={seed})");
     seed
 }
+
+/// Fixtures shared by tests of several modules and crates.
+pub mod fixtures {
+    use std::collections::BTreeMap;
+
+    use crate::embedding::{AdmissionConfig, Initializer, TableConfig};
+    use crate::event::{Features, JoinedSample, SampleKind, Snapshot};
+    use crate::ids::TableName;
+    use crate::sample::json::{RawField, RawValue};
+
+    /// A sample-log record: sample `i` with dense `I1 = i`, `C1 = v{i % 7}` and the click label.
+    pub fn joined_sample(i: u64, click: bool) -> Vec<u8> {
+        let mut f = Features::default();
+        f.dense.insert("I1".into(), i as f64);
+        f.sparse.insert(
+            "C1".into(),
+            RawField::One(RawValue::Str(format!("v{}", i % 7))),
+        );
+        JoinedSample {
+            request_id: format!("r{i}"),
+            item: "a".into(),
+            user: "u".into(),
+            impression_time_ms: 1_700_000_000_000,
+            kind: SampleKind::Negative,
+            labels: BTreeMap::from([("click".to_owned(), f64::from(u8::from(click)))]),
+            weight: 1.0,
+            features: Snapshot::encode(&f),
+        }
+        .to_msgpack()
+    }
+
+    /// Two tables: `user` (dim 8, normal init) and `item` (dim 4, admitted after 2 sightings).
+    pub fn user_item_tables() -> Vec<(TableName, TableConfig)> {
+        vec![
+            (
+                TableName::new("user"),
+                TableConfig {
+                    init: Initializer::Normal {
+                        mean: 0.0,
+                        std: 0.1,
+                    },
+                    ..TableConfig::with_dim(8)
+                },
+            ),
+            (
+                TableName::new("item"),
+                TableConfig {
+                    admission: AdmissionConfig::Counter { min_count: 2 },
+                    ..TableConfig::with_dim(4)
+                },
+            ),
+        ]
+    }
+}

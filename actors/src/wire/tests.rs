@@ -7,9 +7,7 @@ use super::*;
 use crate::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
 use crate::ckpt::{ModelStore, Payload, VersionMeta};
 use crate::dense::{DenseNet, InputShape, ModelConfig, ModelKind};
-use crate::embedding::{
-    AdmissionConfig, EmbeddingError, Initializer, ShardSnapshot, TableConfig, TrainCtx,
-};
+use crate::embedding::{EmbeddingError, ShardSnapshot, TableConfig, TrainCtx};
 use crate::envelope::TraceContext;
 use crate::fault::Faults;
 use crate::ids::TableName;
@@ -20,6 +18,7 @@ use crate::rng::Xoshiro256;
 use crate::serving::replica::{ReplicaRequest, ReplicaStatus};
 use crate::shard::{ShardArgs, ShardError, ShardHandle, ShardRequest};
 use crate::supervisor::{ChildStatus, Strategy, SupervisorMsg};
+use crate::testkit::fixtures::user_item_tables;
 
 /// Frames concatenated into one byte stream, as a socket carries them.
 fn stream_of(framed: &[Vec<u8>]) -> Vec<u8> {
@@ -332,7 +331,7 @@ async fn round_trip<M, T>(
 
 /// A shard that trained `keys` of `user` once.
 fn trained_shard(keys: &[u64]) -> crate::embedding::EmbeddingShard {
-    let mut shard = crate::embedding::EmbeddingShard::new(0, 1, &test_tables(), None).unwrap();
+    let mut shard = crate::embedding::EmbeddingShard::new(0, 1, &user_item_tables(), None).unwrap();
     let user = shard.table_mut(&TableName::new("user")).unwrap();
     let ctx = TrainCtx::at_step(1);
     let mut rows = Vec::new();
@@ -348,28 +347,6 @@ fn snapshot_for_tests() -> ShardSnapshot {
         .unwrap()
 }
 
-fn test_tables() -> Vec<(TableName, TableConfig)> {
-    vec![
-        (
-            TableName::new("user"),
-            TableConfig {
-                init: Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.1,
-                },
-                ..TableConfig::with_dim(8)
-            },
-        ),
-        (
-            TableName::new("item"),
-            TableConfig {
-                admission: AdmissionConfig::Counter { min_count: 2 },
-                ..TableConfig::with_dim(4)
-            },
-        ),
-    ]
-}
-
 fn version_meta() -> VersionMeta {
     VersionMeta {
         step: 12,
@@ -381,7 +358,7 @@ fn version_meta() -> VersionMeta {
         joiner_offsets: BTreeMap::from([("impressions".into(), BTreeMap::from([(0, 99)]))]),
         model: ModelConfig::new(ModelKind::Lr),
         schema: crate::sample::Schema::criteo(4),
-        tables: test_tables()
+        tables: user_item_tables()
             .into_iter()
             .map(|(n, c)| (n.to_string(), c))
             .collect(),
@@ -847,8 +824,8 @@ async fn shard(args_tables: Vec<(TableName, TableConfig)>) -> ShardHandle {
 async fn a_shard_behind_a_wire_hop_trains_exactly_as_one_called_directly() {
     let seed = crate::testkit::seed("shard_behind_wire_hop");
     let mut rng = Xoshiro256::seed_from_u64(seed);
-    let direct = shard(test_tables()).await;
-    let far = shard(test_tables()).await;
+    let direct = shard(user_item_tables()).await;
+    let far = shard(user_item_tables()).await;
     let (hop, stats) = Loopback::spawn(far.actor().clone()).await.unwrap();
     let remote = ShardHandle::new(0, hop);
     for step in 0..20u64 {
@@ -894,7 +871,7 @@ async fn a_shard_behind_a_wire_hop_trains_exactly_as_one_called_directly() {
     assert_eq!(direct.snapshot().await.unwrap(), snap);
 
     // Restore through the hop into an empty shard: the same rows.
-    let empty = shard(test_tables()).await;
+    let empty = shard(user_item_tables()).await;
     let (hop2, _) = Loopback::spawn(empty.actor().clone()).await.unwrap();
     let remote2 = ShardHandle::new(0, hop2);
     remote2.restore(snap.clone()).await.unwrap();

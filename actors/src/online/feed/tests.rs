@@ -2,30 +2,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
-use crate::event::{Features, JoinedSample, SampleKind, Snapshot};
-use crate::sample::json::{RawField, RawValue};
 use crate::stream::EmbeddedLog;
 use crate::stream::LogConfig;
-
-fn sample(i: u64, click: bool) -> Vec<u8> {
-    let mut f = Features::default();
-    f.dense.insert("I1".into(), i as f64);
-    f.sparse.insert(
-        "C1".into(),
-        RawField::One(RawValue::Str(format!("v{}", i % 7))),
-    );
-    JoinedSample {
-        request_id: format!("r{i}"),
-        item: "a".into(),
-        user: "u".into(),
-        impression_time_ms: 1_700_000_000_000,
-        kind: SampleKind::Negative,
-        labels: BTreeMap::from([("click".to_owned(), f64::from(u8::from(click)))]),
-        weight: 1.0,
-        features: Snapshot::encode(&f),
-    }
-    .to_msgpack()
-}
+use crate::testkit::fixtures::joined_sample as sample;
 
 fn log(dir: &std::path::Path, per_partition: &[u64]) -> Arc<dyn StreamLog> {
     let cfg = LogConfig {
