@@ -468,13 +468,23 @@ impl Table {
         let rf = self.row_floats;
         sc.row.resize(rf, 0.0);
         let mut changed = false;
+        let row_lines = (rf * 4).div_ceil(64).min(4);
         for (i, (&key, &slot)) in keys_ref.iter().zip(&sc.slots).enumerate() {
+            // The training lookup's lines are gone from the cache by now (the dense step ran in
+            // between, and a 4,096-key batch's rows alone fill L2), so each row and metadata
+            // line is a memory access: start them a few keys ahead so they overlap.
+            if let Some(&ahead) = sc.slots.get(i + APPLY_AHEAD) {
+                if ahead != NO_SLOT {
+                    self.rows.prefetch(ahead, row_lines);
+                    self.meta.prefetch(sc.rows[i + APPLY_AHEAD], 1);
+                }
+            }
             if slot == NO_SLOT {
                 report.without_row += 1;
                 continue;
             }
             let g = &grads_ref[i * dim..(i + 1) * dim];
-            if !g.iter().all(|x| x.is_finite()) {
+            if !all_finite(g) {
                 report.rejected_non_finite += 1;
                 continue;
             }
@@ -483,7 +493,7 @@ impl Table {
             let row = &mut self.rows.get_mut(slot)[..rf];
             sc.row.copy_from_slice(row);
             optimizer::apply(&mut sc.row, dim, g, &self.cfg.optimizer);
-            if !sc.row.iter().all(|x| x.is_finite()) {
+            if !all_finite(&sc.row) {
                 report.rejected_non_finite += 1;
                 continue;
             }
@@ -1261,6 +1271,20 @@ impl Table {
 #[cfg(test)]
 #[path = "table_tests.rs"]
 mod tests;
+
+/// Keys the gradient loop prefetches ahead of the one it updates: enough to keep a dozen
+/// lines in flight; 8 to 64 measured the same (`freshet bench embedding`).
+const APPLY_AHEAD: usize = 8;
+
+/// Whether every value is finite: a branch-free fold over the exponent bits, which the
+/// compiler vectorises (the short-circuiting `all(is_finite)` does not).
+#[inline]
+fn all_finite(xs: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    xs.iter()
+        .fold(0u32, |bad, x| bad | u32::from(x.to_bits() & EXP == EXP))
+        == 0
+}
 
 /// Folds duplicate keys: returns false when there are none (the common case, nothing copied),
 /// else fills `sc.keys`/`sc.grads` with unique keys and summed gradients in first-seen order.

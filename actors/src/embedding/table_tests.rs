@@ -785,3 +785,34 @@ fn idle_sweep_spares_rows_of_the_current_step() {
         .unwrap();
     assert_eq!(rep.applied, 1, "key 1 was in use and kept");
 }
+
+#[test]
+fn all_finite_agrees_with_is_finite_on_every_class_of_value() {
+    let specials = [
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        f32::MIN_POSITIVE / 2.0, // subnormal
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ];
+    // Every length around the vector widths, with the special value at every position.
+    for len in 1..=19 {
+        for pos in 0..len {
+            for &x in &specials {
+                let mut v = vec![1.5f32; len];
+                v[pos] = x;
+                assert_eq!(
+                    super::all_finite(&v),
+                    v.iter().all(|x| x.is_finite()),
+                    "len {len} pos {pos} value {x}"
+                );
+            }
+        }
+    }
+    assert!(super::all_finite(&[]));
+}
