@@ -470,9 +470,10 @@ impl Table {
         let mut changed = false;
         let row_lines = (rf * 4).div_ceil(64).min(4);
         for (i, (&key, &slot)) in keys_ref.iter().zip(&sc.slots).enumerate() {
-            // The training lookup's lines are gone from the cache by now (the dense step ran in
-            // between, and a 4,096-key batch's rows alone fill L2), so each row and metadata
-            // line is a memory access: start them a few keys ahead so they overlap.
+            // The training lookup's lines have mostly left the cache by now (in training the
+            // dense step ran in between, and a 4,096-key batch's buckets, rows, metadata and
+            // outputs come to about as much as L2 holds), so each row and metadata line is a
+            // memory access: start them a few keys ahead so that they overlap.
             if let Some(&ahead) = sc.slots.get(i + APPLY_AHEAD) {
                 if ahead != NO_SLOT {
                     self.rows.prefetch(ahead, row_lines);
