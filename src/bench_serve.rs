@@ -16,6 +16,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,8 @@ use freshet_actors::event::Event;
 use freshet_actors::online::pipeline::PipelineHandle;
 use freshet_actors::online::ReplicaSet;
 use freshet_actors::serving::{Candidate, ModelCell, PredictRequest};
-use freshet_actors::simulate::{SimConfig, Simulator};
-use freshet_actors::stream::{now_ms, partition_of};
+use freshet_actors::simulate::{play_live, SimConfig, Simulator};
+use freshet_actors::stream::now_ms;
 use serde::Serialize;
 
 use crate::serve::{Counters, HttpArgs, Serve};
@@ -123,39 +124,23 @@ async fn train_a_model(
     progress(&format!(
         "training the dev pipeline on simulated traffic for {secs} s"
     ));
-    let until = Instant::now() + Duration::from_secs(secs);
-    let producer = std::thread::spawn(move || -> anyhow::Result<u64> {
-        let mut sim = Simulator::new(SimConfig {
-            seed: 7,
-            rate: 5_000.0,
-            start_ms: now_ms(),
-            click_delay_median_ms: 300.0,
-            ..SimConfig::default()
-        })?;
-        let parts = events.partitions();
-        let (mut recs, mut truth) = (Vec::new(), Vec::new());
-        let mut appended = 0;
-        while Instant::now() < until {
-            let now = now_ms();
-            let mut batches: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
-            while sim.clock_ms() <= now {
-                sim.next_request(&mut recs, &mut truth);
-                truth.clear();
-                for r in recs.drain(..) {
-                    batches[partition_of(&r.key, parts) as usize].push(r.payload);
-                }
-            }
-            for (p, b) in batches.iter().enumerate() {
-                if !b.is_empty() {
-                    let refs: Vec<&[u8]> = b.iter().map(Vec::as_slice).collect();
-                    events.append(p as u32, &refs)?;
-                    appended += b.len() as u64;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(appended)
-    });
+    // The simulator plays into the event log as `freshet dev` does, for `secs`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let mut sim = Simulator::new(SimConfig {
+                seed: 7,
+                rate: 5_000.0,
+                start_ms: now_ms(),
+                click_delay_median_ms: 300.0,
+                ..SimConfig::default()
+            })?;
+            Ok(play_live(&mut sim, events.as_ref(), &stop)?)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
     let appended = tokio::task::spawn_blocking(move || producer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the event producer panicked"))??;
