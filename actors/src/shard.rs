@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::ckpt::{CkptError, ModelStore};
 use crate::embedding::{
     ApplyReport, Changes, EmbeddingError, EmbeddingShard, ShardDelta, ShardSnapshot, TableConfig,
     TableStats, TrainCtx,
@@ -40,6 +41,14 @@ pub enum ShardError {
     /// The shard did not answer: it is stopped, restarting or gone. Retry after recovery.
     #[error("shard {shard} unavailable: {reason}")]
     Unavailable { shard: ShardId, reason: String },
+    /// Restoring from the model store failed (a missing or corrupt file, or rows that do not
+    /// fit); the shard kept its state.
+    #[error("shard {shard}: {source}")]
+    Restore {
+        shard: ShardId,
+        #[source]
+        source: CkptError,
+    },
 }
 
 /// Construction inputs; a restart builds the state from these again.
@@ -118,6 +127,14 @@ pub enum ShardRequest {
     Restore {
         snapshot: Box<ShardSnapshot>,
         reply: Reply<()>,
+    },
+    /// Restore a version from the model store, the owner reading its own files: a full
+    /// version streams from disk straight into the tables. Local-only: the store is this
+    /// node's.
+    RestoreFrom {
+        store: ModelStore,
+        version: u64,
+        reply: RpcReplyPort<Result<u64, CkptError>>,
     },
     /// Drop every row: back to the state of a fresh start from the same args.
     Reset {
@@ -247,6 +264,31 @@ impl Actor for ShardOwner {
             ShardRequest::Restore { snapshot, reply } => {
                 let _ = reply.send(st.shard.restore(*snapshot));
             }
+            ShardRequest::RestoreFrom {
+                store,
+                version,
+                reply,
+            } => {
+                // Seconds of disk and memory work, so off the async workers: into a shard
+                // built from the args, as a restart would build it, swapped in on success.
+                // The owner answers nothing else meanwhile; it has nothing to serve until
+                // restored.
+                let a = &st.args;
+                let (id, count) = (a.shard, a.shard_count);
+                let (tables, spill) = (a.tables.clone(), a.spill_dir.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut fresh = EmbeddingShard::new(id, count, &tables, spill.as_deref())
+                        .map_err(|e| CkptError::Invalid(format!("shard {id}: {e}")))?;
+                    let bytes = store.restore_shard_into(version, &mut fresh)?;
+                    Ok((fresh, bytes))
+                })
+                .await
+                .unwrap_or_else(|e| Err(CkptError::Invalid(format!("restore task: {e}"))));
+                let _ = reply.send(r.map(|(fresh, bytes)| {
+                    st.shard = fresh;
+                    bytes
+                }));
+            }
             ShardRequest::Reset { reply } => {
                 let a = &st.args;
                 let fresh =
@@ -270,6 +312,9 @@ impl Actor for ShardOwner {
 pub struct ShardHandle {
     shard: ShardId,
     actor: ActorRef<ShardMsg>,
+    /// Whether the owner runs in this process (spawned here), so that it can read this
+    /// node's model store itself.
+    local: bool,
 }
 
 impl ShardHandle {
@@ -279,7 +324,15 @@ impl ShardHandle {
     ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         let shard = args.shard;
         let (actor, join) = Actor::spawn(None, ShardOwner, args).await?;
-        Ok((Self { shard, actor }, join))
+        let local = true;
+        Ok((
+            Self {
+                shard,
+                actor,
+                local,
+            },
+            join,
+        ))
     }
 
     /// Spawns a ShardOwner linked to a supervisor.
@@ -289,11 +342,28 @@ impl ShardHandle {
     ) -> Result<Self, ractor::SpawnErr> {
         let shard = args.shard;
         let (actor, _join) = Actor::spawn_linked(None, ShardOwner, args, supervisor).await?;
-        Ok(Self { shard, actor })
+        let local = true;
+        Ok(Self {
+            shard,
+            actor,
+            local,
+        })
     }
 
+    /// A handle to an owner this process did not spawn: one on another node, behind a wire
+    /// hop.
     pub fn new(shard: ShardId, actor: ActorRef<ShardMsg>) -> Self {
-        Self { shard, actor }
+        let local = false;
+        Self {
+            shard,
+            actor,
+            local,
+        }
+    }
+
+    /// Whether the owner runs in this process and can read this node's model store.
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     pub fn shard(&self) -> ShardId {
@@ -434,6 +504,35 @@ impl ShardHandle {
             reply,
         })
         .await
+    }
+
+    /// Restores version `v` of `store` with the owner reading its own files (see
+    /// [`ModelStore::restore_shard_into`]); returns the bytes read. Only for a local owner
+    /// ([`ShardHandle::is_local`]); one on another node gets a snapshot through
+    /// [`ShardHandle::restore`].
+    pub async fn restore_from(&self, store: &ModelStore, v: u64) -> Result<u64, ShardError> {
+        let store = store.clone();
+        let unavailable = |reason: String| ShardError::Unavailable {
+            shard: self.shard,
+            reason,
+        };
+        let make = |reply| {
+            Envelope::new(ShardRequest::RestoreFrom {
+                store,
+                version: v,
+                reply,
+            })
+        };
+        match self.actor.call(make, None).await {
+            Ok(CallResult::Success(Ok(bytes))) => Ok(bytes),
+            Ok(CallResult::Success(Err(source))) => Err(ShardError::Restore {
+                shard: self.shard,
+                source,
+            }),
+            Ok(CallResult::Timeout) => Err(unavailable("timed out".into())),
+            Ok(CallResult::SenderError) => Err(unavailable("stopped before replying".into())),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
     }
 
     pub async fn stats(&self) -> Result<ShardStats, ShardError> {

@@ -14,6 +14,7 @@
 //! The format is documented in `docs/model-store.md`.
 
 pub mod merge;
+mod shard_file;
 pub mod store;
 pub mod writer;
 
@@ -31,7 +32,11 @@ use crate::sample::Schema;
 pub use store::{load_serving, ModelStore, Payload, Restored};
 
 pub const FORMAT: &str = "freshet-model-store";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 writes full shard files with their float blocks outside the msgpack header
+/// ([`shard_file`]); version 1 wrote each as one msgpack value. Both are read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// What the store can fail with. Callers act on `Corrupt`/`Missing` (pick an older version)
 /// differently from `Io` (the disk).

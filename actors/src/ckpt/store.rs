@@ -10,12 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::merge::{apply_deltas, reshard};
+use super::shard_file::{self, ShardFileReader};
 use super::{
     CkptError, FileSum, Manifest, RolledBack, ServingShard, ServingTable, Validation, VersionKind,
-    VersionMeta, FORMAT, FORMAT_VERSION,
+    VersionMeta, FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
 };
 use crate::dense::DenseState;
-use crate::embedding::{ShardDelta, ShardSnapshot};
+use crate::embedding::{EmbeddingShard, ShardDelta, ShardSnapshot};
 use crate::ids::TableName;
 
 const MANIFEST: &str = "manifest.json";
@@ -27,9 +28,15 @@ const STALL_ENV: &str = "FRESHET_FAULT_CKPT_STALL";
 
 fn shard_file(kind: VersionKind, i: usize) -> String {
     match kind {
-        VersionKind::Full | VersionKind::Serving => format!("shard-{i}.msgpack"),
+        VersionKind::Full => format!("shard-{i}.snapshot"),
+        VersionKind::Serving => format!("shard-{i}.msgpack"),
         VersionKind::Delta => format!("shard-{i}.delta.msgpack"),
     }
+}
+
+/// A full version's shard file as format version 1 wrote it: one msgpack `ShardSnapshot`.
+fn v1_full_shard_file(i: usize) -> String {
+    format!("shard-{i}.msgpack")
 }
 
 fn version_dir_name(v: u64) -> String {
@@ -44,7 +51,7 @@ fn parse_version_dir(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn io(path: &Path, e: std::io::Error) -> CkptError {
+pub(super) fn io(path: &Path, e: std::io::Error) -> CkptError {
     if e.kind() == std::io::ErrorKind::NotFound {
         CkptError::Missing {
             path: path.to_path_buf(),
@@ -220,7 +227,9 @@ impl ModelStore {
         match payload {
             Payload::Full(s) => {
                 for (i, snap) in s.iter().enumerate() {
-                    write_encoded(&tmp, &shard_file(kind, i), snap, &mut files)?;
+                    let name = shard_file(kind, i);
+                    let sum = shard_file::write(&tmp.join(&name), snap)?;
+                    files.insert(name, sum);
                 }
             }
             Payload::Delta { shards: d, .. } => {
@@ -460,11 +469,7 @@ impl ModelStore {
         i: usize,
     ) -> Result<(ShardSnapshot, u64), CkptError> {
         let full = &chain[0];
-        let (base, mut bytes): (ShardSnapshot, u64) = read_decoded(
-            &self.version_dir(full.version),
-            &shard_file(VersionKind::Full, i),
-            full,
-        )?;
+        let (base, mut bytes) = self.read_full_shard(full, i)?;
         let mut deltas = Vec::with_capacity(chain.len() - 1);
         for m in &chain[1..] {
             let (d, b): (ShardDelta, u64) = read_decoded(
@@ -480,6 +485,56 @@ impl ModelStore {
             reason: format!("shard {i}: {reason}"),
         })?;
         Ok((snap, bytes))
+    }
+
+    /// Shard `i` of full version `full`, whole in memory, with its size.
+    fn read_full_shard(
+        &self,
+        full: &Manifest,
+        i: usize,
+    ) -> Result<(ShardSnapshot, u64), CkptError> {
+        let dir = self.version_dir(full.version);
+        if full.format_version == 1 {
+            return read_decoded(&dir, &v1_full_shard_file(i), full);
+        }
+        let (reader, header, sum) = open_full_shard(&dir, full, i)?;
+        Ok((reader.into_snapshot(header)?, sum.bytes))
+    }
+
+    /// Restores `shard` to version `v` as [`ModelStore::restore_shard`] would, building its
+    /// tables straight from the files; returns the bytes read.
+    ///
+    /// When `v` is a full version written with the shard's shard count (format version 2),
+    /// the rows stream from the shard's file through one small buffer into the new tables,
+    /// which are swapped in only once the file's CRC has matched: the tables are the only
+    /// large memory the restore touches. Otherwise (deltas to merge, another shard count, an
+    /// older format) this is `restore_shard` then [`EmbeddingShard::restore`]. Either way a
+    /// refused restore leaves `shard` as it was.
+    pub fn restore_shard_into(&self, v: u64, shard: &mut EmbeddingShard) -> Result<u64, CkptError> {
+        let (chain, last) = self.restore_chain(v)?;
+        let (id, count) = (shard.id(), shard.shard_count());
+        let full = &chain[0];
+        let load_err = |e: crate::embedding::EmbeddingError| CkptError::Chain {
+            version: v,
+            reason: format!("shard {id}: {e}"),
+        };
+        if chain.len() > 1 || last.shards != count || full.format_version == 1 {
+            let (snap, bytes) = self.restore_shard(v, id, count)?;
+            shard.restore(snap).map_err(load_err)?;
+            return Ok(bytes);
+        }
+        if id >= count {
+            return Err(CkptError::Invalid(format!(
+                "shard {id} does not exist among {count}"
+            )));
+        }
+        let (mut reader, header, sum) =
+            open_full_shard(&self.version_dir(full.version), full, id as usize)?;
+        match shard.restore_from(header, &mut reader) {
+            Ok(()) => Ok(sum.bytes),
+            // The file's own failure (I/O, checksum) comes first: it explains the rest.
+            Err(e) => Err(reader.corruption().unwrap_or_else(|| load_err(e))),
+        }
     }
 
     /// The newest version that restores, skipping (and reporting) ones that do not.
@@ -666,6 +721,8 @@ impl ModelStore {
             )?;
         }
         let mut m = r.manifest;
+        // Serving files are alike in every format version; the export is in this one's.
+        m.format_version = FORMAT_VERSION;
         m.kind = VersionKind::Serving;
         m.parent = None;
         m.files = files;
@@ -696,6 +753,26 @@ pub fn load_serving(dir: &Path) -> Result<(Manifest, DenseState, Vec<ServingShar
     Ok((m, dense, shards))
 }
 
+/// Opens full version `m`'s shard file `i` (format version 2): the reader, the header and
+/// the file's expected size and CRC.
+fn open_full_shard(
+    dir: &Path,
+    m: &Manifest,
+    i: usize,
+) -> Result<(ShardFileReader, ShardSnapshot, FileSum), CkptError> {
+    let name = shard_file(VersionKind::Full, i);
+    let sum = m
+        .files
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| CkptError::Corrupt {
+            path: dir.join(MANIFEST),
+            reason: format!("does not list {name}"),
+        })?;
+    let (reader, header) = ShardFileReader::open(&dir.join(&name), &sum)?;
+    Ok((reader, header, sum))
+}
+
 /// Reads `dir`'s manifest and checks its format.
 fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
     let path = dir.join(MANIFEST);
@@ -704,11 +781,11 @@ fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
         path: path.clone(),
         reason: format!("not a manifest: {e}"),
     })?;
-    if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+    if m.format != FORMAT || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
         return Err(CkptError::Corrupt {
             path,
             reason: format!(
-                "format {} v{}; this build reads {FORMAT} v{FORMAT_VERSION}",
+                "format {} v{}; this build reads {FORMAT} v{OLDEST_FORMAT_VERSION} to v{FORMAT_VERSION}",
                 m.format, m.format_version
             ),
         });

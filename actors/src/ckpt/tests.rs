@@ -7,9 +7,10 @@ use crate::embedding::{
     AdmissionConfig, CapacityPolicy, EmbeddingShard, EvictionConfig, OptimizerConfig,
     ShardSnapshot, TrainCtx,
 };
+use crate::fault::Faults;
 use crate::rng::Xoshiro256;
 use crate::routing::shard_of;
-use crate::shard::ShardRouter;
+use crate::shard::{ShardArgs, ShardError, ShardHandle, ShardRouter};
 
 fn tables() -> Vec<(TableName, TableConfig)> {
     let evicting = TableConfig {
@@ -221,6 +222,172 @@ fn each_shard_restores_on_its_own() {
     let e = store.restore_shard(v, 2, 4).unwrap_err().to_string();
     assert!(e.contains("shard-2.delta.msgpack"), "{e}");
     assert!(store.restore_shard(v, 1, 4).is_ok());
+}
+
+#[test]
+fn shards_restored_straight_from_the_files_are_bit_identical() {
+    let seed = crate::testkit::seed("shards_restored_straight_from_the_files_are_bit_identical");
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), seed);
+    // The full version streams from its files; a delta takes the merge path; both must give
+    // exactly the state that was written, and equal what `restore` gives.
+    let full = *truth.keys().next().unwrap();
+    let delta = *truth.keys().last().unwrap();
+    assert_eq!(store.manifest(full).unwrap().kind, VersionKind::Full);
+    for v in [full, delta] {
+        let whole = store.restore(v, None).unwrap();
+        for (i, mut live) in shards(4).into_iter().enumerate() {
+            let bytes = store.restore_shard_into(v, &mut live).unwrap();
+            assert!(bytes > 0);
+            let got = live.snapshot().unwrap();
+            assert_eq!(&got, &truth[&v][i], "version {v} shard {i} (seed {seed})");
+            assert_eq!(&got, &whole.shards[i]);
+        }
+    }
+    // Into another shard count the rows are re-routed, as `restore` does.
+    let three = store.restore(full, Some(3)).unwrap().shards;
+    for (i, mut live) in shards(3).into_iter().enumerate() {
+        store.restore_shard_into(full, &mut live).unwrap();
+        assert_eq!(live.snapshot().unwrap(), three[i]);
+    }
+}
+
+#[test]
+fn a_corrupt_full_shard_file_is_named_and_leaves_the_shard_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 11);
+    let full = *truth.keys().next().unwrap();
+    let file = store.version_dir(full).join("shard-1.snapshot");
+    let good = std::fs::read(&file).unwrap();
+    // Shard 1 holds version 2's state; every refused restore must leave it there.
+    let mut live = shards(4).swap_remove(1);
+    let v2 = *truth.keys().nth(1).unwrap();
+    store.restore_shard_into(v2, &mut live).unwrap();
+    let before = live.snapshot().unwrap();
+    let header_len = u64::from_le_bytes(good[8..16].try_into().unwrap()) as usize;
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut float = good.clone();
+    *float.last_mut().unwrap() ^= 0x40; // the last float: found only by the file's CRC
+    cases.push(("a float", float, "CRC32C"));
+    let mut nan = good.clone();
+    nan[24 + header_len..24 + header_len + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    cases.push(("a float made NaN", nan, "CRC32C"));
+    let mut header = good.clone();
+    header[24 + header_len / 2] ^= 0x01;
+    cases.push(("the header", header, "header CRC32C"));
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    cases.push(("the magic", magic, "bad magic"));
+    let mut long = good.clone();
+    long[8..16].copy_from_slice(&(good.len() as u64).to_le_bytes());
+    cases.push(("the header length", long, "a header of"));
+    cases.push(("a truncation", good[..good.len() - 4].to_vec(), "truncated"));
+    for (what, bytes, says) in cases {
+        std::fs::write(&file, &bytes).unwrap();
+        let e = store.restore_shard_into(full, &mut live).unwrap_err();
+        assert!(matches!(e, CkptError::Corrupt { .. }), "{what}: {e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("shard-1.snapshot is corrupt") && e.contains(says),
+            "{what}: {e}"
+        );
+        assert_eq!(live.snapshot().unwrap(), before, "{what} changed the shard");
+        // The in-memory path refuses it alike.
+        assert!(store.restore(full, None).is_err(), "{what}");
+        assert!(store.verify(full).is_err(), "{what}");
+    }
+    std::fs::remove_file(&file).unwrap();
+    let e = store.restore_shard_into(full, &mut live).unwrap_err();
+    assert!(matches!(e, CkptError::Missing { .. }), "{e}");
+    std::fs::write(&file, &good).unwrap();
+    store.restore_shard_into(full, &mut live).unwrap();
+    assert_eq!(live.snapshot().unwrap(), truth[&full][1]);
+}
+
+#[test]
+fn a_store_written_in_format_1_still_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 13);
+    // Rewrite the full version as format version 1 wrote it: each shard one msgpack
+    // snapshot, `shard-<i>.msgpack`, and the manifest saying version 1.
+    let full = *truth.keys().next().unwrap();
+    let dir = store.version_dir(full);
+    let mut m = store.manifest(full).unwrap();
+    for (i, snap) in truth[&full].iter().enumerate() {
+        let bytes = rmp_serde::to_vec(snap).unwrap();
+        std::fs::remove_file(dir.join(format!("shard-{i}.snapshot"))).unwrap();
+        m.files.remove(&format!("shard-{i}.snapshot"));
+        std::fs::write(dir.join(format!("shard-{i}.msgpack")), &bytes).unwrap();
+        let sum = FileSum {
+            bytes: bytes.len() as u64,
+            crc32c: crc32c::crc32c(&bytes),
+        };
+        m.files.insert(format!("shard-{i}.msgpack"), sum);
+    }
+    m.format_version = 1;
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    store.verify(full).unwrap();
+    for v in [full, *truth.keys().last().unwrap()] {
+        assert_eq!(
+            store.restore(v, None).unwrap().shards,
+            truth[&v],
+            "version {v}"
+        );
+        let mut live = shards(4).swap_remove(2);
+        store.restore_shard_into(v, &mut live).unwrap();
+        assert_eq!(live.snapshot().unwrap(), truth[&v][2], "version {v}");
+    }
+    // A format this build does not know is refused, by name.
+    m.format_version = FORMAT_VERSION + 1;
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let e = store.restore(full, None).unwrap_err().to_string();
+    assert!(
+        e.contains("manifest.json is corrupt") && e.contains("v1 to v2"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_local_shard_owner_restores_from_the_store_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 17);
+    let full = *truth.keys().next().unwrap();
+    let newest = *truth.keys().last().unwrap();
+    let (h, _) = ShardHandle::spawn(ShardArgs {
+        shard: 3,
+        shard_count: 4,
+        tables: tables(),
+        spill_dir: None,
+        restore: None,
+        faults: Faults::default(),
+    })
+    .await
+    .unwrap();
+    assert!(h.is_local());
+    for v in [full, newest] {
+        assert!(h.restore_from(&store, v).await.unwrap() > 0);
+        assert_eq!(h.snapshot().await.unwrap(), truth[&v][3], "version {v}");
+    }
+    // A corrupt file is refused, typed and named, and the owner keeps the state it had.
+    let file = store.version_dir(full).join("shard-3.snapshot");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0x01;
+    std::fs::write(&file, bytes).unwrap();
+    let e = h.restore_from(&store, full).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ShardError::Restore {
+                shard: 3,
+                source: CkptError::Corrupt { .. }
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("shard-3.snapshot"), "{e}");
+    assert_eq!(h.snapshot().await.unwrap(), truth[&newest][3]);
+    assert!(h.stats().await.is_ok(), "the owner keeps serving");
 }
 
 #[test]

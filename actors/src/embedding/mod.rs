@@ -32,7 +32,9 @@ pub use config::{
     TableConfig,
 };
 pub(crate) use mem::huge_zeroed_vec;
-pub use snapshot::{RowBlock, ShardDelta, ShardSnapshot, TableDelta, TableSnapshot};
+pub use snapshot::{
+    RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, TableDelta, TableSnapshot,
+};
 pub use table::{ApplyReport, Changes, Table, TableStats};
 
 use crate::ids::{ShardId, TableName};
@@ -95,6 +97,10 @@ pub enum EmbeddingError {
         #[source]
         source: std::io::Error,
     },
+    /// The source a shard was restoring from failed after its rows were read (a checksum
+    /// mismatch at the end of a file); the shard was left as it was.
+    #[error("shard {shard}: restore refused: {reason}")]
+    Restore { shard: ShardId, reason: String },
     /// A shard on another node failed with an error that has no typed form on the wire (a
     /// configuration or disk error there); the text is the remote error's message.
     #[error("{0}")]
@@ -132,6 +138,11 @@ impl EmbeddingShard {
 
     pub fn id(&self) -> ShardId {
         self.id
+    }
+
+    /// Shards the key space is split into (this one among them).
+    pub fn shard_count(&self) -> u32 {
+        self.shard_count
     }
 
     pub fn spill_dir(&self) -> Option<&Path> {
@@ -209,6 +220,58 @@ impl EmbeddingShard {
     /// Restores every table from a snapshot of this same shard. All tables are checked before
     /// any is replaced, so a refused snapshot leaves the shard as it was.
     pub fn restore(&mut self, snap: ShardSnapshot) -> Result<(), EmbeddingError> {
+        self.rebuild(
+            snap,
+            |t, mut ts| {
+                let data = std::mem::take(&mut ts.rows.data);
+                let need = ts.rows.len() * ts.row_floats as usize;
+                if data.len() != need {
+                    return Err(EmbeddingError::SnapshotMismatch {
+                        table: ts.name,
+                        reason: format!(
+                            "row block has {} floats, its rows need {need}",
+                            data.len()
+                        ),
+                    });
+                }
+                t.restore_from(ts, &mut SliceRows::new(&data))
+            },
+            || Ok(()),
+        )
+    }
+
+    /// Restores every table from `header` (a snapshot of this shard whose float blocks are
+    /// empty), taking the rows' floats from `rows` in the header's table order. `rows.finish()`
+    /// is asked before any table is replaced: a source that fails it (a checksum mismatch at
+    /// the end of a file) leaves the shard as it was.
+    pub fn restore_from(
+        &mut self,
+        header: ShardSnapshot,
+        rows: &mut dyn RowSource,
+    ) -> Result<(), EmbeddingError> {
+        let shard = self.id;
+        // Two closures need the source in turn, never at once.
+        let rows = std::cell::RefCell::new(rows);
+        self.rebuild(
+            header,
+            |t, ts| t.restore_from(ts, &mut **rows.borrow_mut()),
+            || {
+                rows.borrow_mut()
+                    .finish()
+                    .map_err(|reason| EmbeddingError::Restore { shard, reason })
+            },
+        )
+    }
+
+    /// Builds a fresh table per snapshot table with `build`, asks `finish`, and swaps the
+    /// fresh tables in only if all of that succeeded: a refused snapshot leaves the shard as
+    /// it was.
+    fn rebuild(
+        &mut self,
+        snap: ShardSnapshot,
+        mut build: impl FnMut(&mut Table, TableSnapshot) -> Result<(), EmbeddingError>,
+        finish: impl FnOnce() -> Result<(), EmbeddingError>,
+    ) -> Result<(), EmbeddingError> {
         if snap.shard != self.id || snap.shard_count != self.shard_count {
             return Err(EmbeddingError::WrongShard {
                 got: snap.shard,
@@ -228,7 +291,6 @@ impl EmbeddingShard {
                 });
             }
         }
-        // Restore into fresh tables first; swap in only if all succeed.
         let mut fresh = Vec::with_capacity(self.tables.len());
         for ts in snap.tables {
             let old = self.table(&ts.name)?;
@@ -237,9 +299,10 @@ impl EmbeddingShard {
                 old.config().clone(),
                 self.spill_dir.as_deref(),
             )?;
-            t.restore(ts)?;
+            build(&mut t, ts)?;
             fresh.push(t);
         }
+        finish()?;
         self.tables = fresh;
         Ok(())
     }

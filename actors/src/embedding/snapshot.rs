@@ -115,9 +115,26 @@ impl RowBlock {
         &self.data[i * row_floats..(i + 1) * row_floats]
     }
 
-    /// Checks that every column has one entry per row: a block from disk or network is
-    /// checked before any of it is used.
+    /// Checks that every column has one entry per row and every float is finite: a block from
+    /// disk or network is checked before any of it is used.
     pub fn check(&self, row_floats: usize) -> Result<(), String> {
+        self.check_columns()?;
+        let n = self.keys.len();
+        if self.data.len() != n * row_floats {
+            return Err(format!(
+                "row block has {} floats for {n} rows of {row_floats}",
+                self.data.len()
+            ));
+        }
+        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
+            return Err(format!("row block holds a non-finite value at float {i}"));
+        }
+        Ok(())
+    }
+
+    /// The metadata columns without the floats: what a restore that streams the floats
+    /// from a [`RowSource`] can check up front.
+    pub fn check_columns(&self) -> Result<(), String> {
         let n = self.keys.len();
         let cols = [
             ("row_ids", self.row_ids.len()),
@@ -132,16 +149,65 @@ impl RowBlock {
                 return Err(format!("row block has {n} keys but {len} {name}"));
             }
         }
-        if self.data.len() != n * row_floats {
+        Ok(())
+    }
+
+    /// The metadata columns only, `data` left empty (a header whose floats travel apart).
+    pub fn without_floats(&self) -> Self {
+        Self {
+            row_ids: self.row_ids.clone(),
+            keys: self.keys.clone(),
+            versions: self.versions.clone(),
+            update_steps: self.update_steps.clone(),
+            access_steps: self.access_steps.clone(),
+            update_secs: self.update_secs.clone(),
+            freqs: self.freqs.clone(),
+            data: Vec::new(),
+        }
+    }
+}
+
+/// Where a restore takes its rows' floats from, in the snapshot's row order and table order.
+///
+/// A snapshot in memory is its own source ([`SliceRows`]). The model store's full shard files
+/// are another: their floats stream from disk through one small reused buffer straight into
+/// the live tables, so a restore never holds a table twice in memory (on a VM, first-touching
+/// fresh memory costs more than reading the disk; see docs/performance.md).
+pub trait RowSource {
+    /// The next `floats` floats: whole rows, `row_floats` each, of the table being restored.
+    fn next_floats(&mut self, floats: usize) -> Result<&[f32], String>;
+
+    /// Called once every table has taken its rows, before any restored table replaces a live
+    /// one: a source that checks a checksum over everything it gave says here whether the
+    /// rows were good.
+    fn finish(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A float block in memory as a [`RowSource`].
+#[derive(Debug)]
+pub struct SliceRows<'a> {
+    data: &'a [f32],
+}
+
+impl<'a> SliceRows<'a> {
+    pub fn new(data: &'a [f32]) -> Self {
+        Self { data }
+    }
+}
+
+impl RowSource for SliceRows<'_> {
+    fn next_floats(&mut self, floats: usize) -> Result<&[f32], String> {
+        if floats > self.data.len() {
             return Err(format!(
-                "row block has {} floats for {n} rows of {row_floats}",
-                self.data.len()
+                "the row block ends {} floats short",
+                floats - self.data.len()
             ));
         }
-        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
-            return Err(format!("row block holds a non-finite value at float {i}"));
-        }
-        Ok(())
+        let (head, rest) = self.data.split_at(floats);
+        self.data = rest;
+        Ok(head)
     }
 }
 
@@ -163,6 +229,24 @@ pub struct TableSnapshot {
 }
 
 impl TableSnapshot {
+    /// Everything but the float block (`rows.data` left empty).
+    pub fn without_floats(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            dim: self.dim,
+            optimizer: self.optimizer.clone(),
+            row_floats: self.row_floats,
+            version: self.version,
+            next_row: self.next_row,
+            free_rows: self.free_rows.clone(),
+            rows: self.rows.without_floats(),
+            admission: self.admission.clone(),
+            sampler: self.sampler.clone(),
+            sweep_cursor: self.sweep_cursor,
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Rows as (key, data) sorted by key: the comparable form, independent of row ids.
     pub fn rows_by_key(&self) -> Vec<(u64, &[f32])> {
         let rf = self.row_floats as usize;

@@ -24,7 +24,7 @@ use super::arena::Arena;
 use super::config::{CapacityPolicy, TableConfig};
 use super::index::{index_hash, Index, COLD};
 use super::optimizer;
-use super::snapshot::{RowBlock, TableDelta, TableSnapshot};
+use super::snapshot::{RowBlock, RowSource, SliceRows, TableDelta, TableSnapshot};
 use super::tier::SpillStore;
 use super::{EmbeddingError, TrainCtx};
 use crate::ids::TableName;
@@ -1159,7 +1159,26 @@ impl Table {
 
     /// Replaces this table's contents with a snapshot. Row ids are kept, so sampling and
     /// sweeping continue exactly as they would have without the restart.
-    pub fn restore(&mut self, snap: TableSnapshot) -> Result<(), EmbeddingError> {
+    pub fn restore(&mut self, mut snap: TableSnapshot) -> Result<(), EmbeddingError> {
+        let data = std::mem::take(&mut snap.rows.data);
+        let need = snap.rows.len() * snap.row_floats as usize;
+        if data.len() != need {
+            return Err(EmbeddingError::SnapshotMismatch {
+                table: self.name.clone(),
+                reason: format!("row block has {} floats, its rows need {need}", data.len()),
+            });
+        }
+        self.restore_from(snap, &mut SliceRows::new(&data))
+    }
+
+    /// [`Table::restore`] from `header` (a snapshot whose float block is empty), the rows'
+    /// floats taken from `src` in the header's row order. Does not call `src.finish()`: a
+    /// source may hold more tables, and its caller asks once all have been read.
+    pub(crate) fn restore_from(
+        &mut self,
+        snap: TableSnapshot,
+        src: &mut dyn RowSource,
+    ) -> Result<(), EmbeddingError> {
         let mismatch = |reason: String| EmbeddingError::SnapshotMismatch {
             table: self.name.clone(),
             reason,
@@ -1178,7 +1197,7 @@ impl Table {
                 self.row_floats
             )));
         }
-        snap.rows.check(self.row_floats).map_err(&mismatch)?;
+        snap.rows.check_columns().map_err(&mismatch)?;
         let mut fresh = Table::new(
             self.name.clone(),
             self.cfg.clone(),
@@ -1195,39 +1214,55 @@ impl Table {
         for &k in snap.rows.keys.iter().take(AHEAD) {
             fresh.index.prefetch(index_hash(k));
         }
-        for i in 0..snap.rows.len() {
-            if let Some(&k) = snap.rows.keys.get(i + AHEAD) {
-                fresh.index.prefetch(index_hash(k));
-            }
-            let row = snap.rows.row_ids[i];
-            let key = snap.rows.keys[i];
-            if row >= snap.next_row {
+        let n = snap.rows.len();
+        let mut i = 0;
+        while i < n {
+            // The source hands rows over a block at a time: from a file, one read into a
+            // buffer small enough to stay in cache while its rows are copied out.
+            let take = RESTORE_BLOCK_ROWS.min(n - i);
+            let block = src.next_floats(take * rf).map_err(&mismatch)?;
+            if block.len() != take * rf || !all_finite(block) {
                 return Err(mismatch(format!(
-                    "row id {row} beyond next_row {}",
-                    snap.next_row
+                    "rows {i}..{} hold a non-finite value or are short",
+                    i + take
                 )));
             }
-            if fresh.index.find(key, index_hash(key)).is_some() {
-                return Err(mismatch(format!("key {key:#x} appears twice")));
+            for (j, floats) in block.chunks_exact(rf).enumerate() {
+                let i = i + j;
+                if let Some(&k) = snap.rows.keys.get(i + AHEAD) {
+                    fresh.index.prefetch(index_hash(k));
+                }
+                let row = snap.rows.row_ids[i];
+                let key = snap.rows.keys[i];
+                if row >= snap.next_row {
+                    return Err(mismatch(format!(
+                        "row id {row} beyond next_row {}",
+                        snap.next_row
+                    )));
+                }
+                if fresh.index.find(key, index_hash(key)).is_some() {
+                    return Err(mismatch(format!("key {key:#x} appears twice")));
+                }
+                if fresh.meta.get(row)[0].version != 0 {
+                    return Err(mismatch(format!("row id {row} appears twice")));
+                }
+                fresh.meta.get_mut(row)[0] = RowMeta {
+                    key,
+                    version: snap.rows.versions[i],
+                    update_step: snap.rows.update_steps[i],
+                    access_step: snap.rows.access_steps[i],
+                    update_secs: snap.rows.update_secs[i],
+                    freq: snap.rows.freqs[i],
+                };
+                let slot = fresh.alloc_hot(row)?;
+                fresh.rows.get_mut(slot)[..rf].copy_from_slice(floats);
+                fresh.index.insert_new(key, index_hash(key), row, slot);
+                // Without a batch in progress, restored rows must be fair game for demotion.
+                if let Some(t) = &mut fresh.tier {
+                    t.hot_mark[slot as usize] = 0;
+                }
             }
-            if fresh.meta.get(row)[0].version != 0 {
-                return Err(mismatch(format!("row id {row} appears twice")));
-            }
-            fresh.meta.get_mut(row)[0] = RowMeta {
-                key,
-                version: snap.rows.versions[i],
-                update_step: snap.rows.update_steps[i],
-                access_step: snap.rows.access_steps[i],
-                update_secs: snap.rows.update_secs[i],
-                freq: snap.rows.freqs[i],
-            };
-            let slot = fresh.alloc_hot(row)?;
-            fresh.rows.get_mut(slot)[..rf].copy_from_slice(&snap.rows.data[i * rf..(i + 1) * rf]);
-            fresh.index.insert_new(key, index_hash(key), row, slot);
-            // Without a batch in progress, restored rows must be fair game for demotion.
-            if let Some(t) = &mut fresh.tier {
-                t.hot_mark[slot as usize] = 0;
-            }
+            i += take;
         }
         // Free row ids must be exactly the ids below next_row that hold no row: one listed
         // twice, or a live one listed as free, would later give two keys the same row id.
@@ -1272,6 +1307,10 @@ impl Table {
 #[cfg(test)]
 #[path = "table_tests.rs"]
 mod tests;
+
+/// Rows a restore takes from its source at once: 256 KiB of floats at dim 16 with Adagrad,
+/// small enough to stay in L2 between the read that fills it and the copies out of it.
+const RESTORE_BLOCK_ROWS: usize = 2048;
 
 /// Keys the gradient loop prefetches ahead of the one it updates: enough to keep a dozen
 /// lines in flight; 8 to 64 measured the same (`freshet bench embedding`).

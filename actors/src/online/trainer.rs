@@ -271,7 +271,16 @@ async fn restore(args: &TrainerArgs, v: u64) -> anyhow::Result<(Trainer, crate::
         .with_context(|| format!("version {v} does not fit its own tables"))?;
     let count = args.shards.shards().len() as u32;
     for h in args.shards.shards() {
-        let (store, i) = (args.store.clone(), h.shard());
+        let i = h.shard();
+        if h.is_local() {
+            // The owner reads its own files: a full version streams from disk into its
+            // tables without a snapshot in between.
+            h.restore_from(&args.store, v)
+                .await
+                .with_context(|| format!("restoring shard {i} of version {v}"))?;
+            continue;
+        }
+        let store = args.store.clone();
         let (snap, _) = tokio::task::spawn_blocking(move || store.restore_shard(v, i, count))
             .await
             .context("restore task")?

@@ -147,6 +147,7 @@ impl From<EmbeddingError> for RemoteEmbeddingError {
             },
             other @ (EmbeddingError::Config(_)
             | EmbeddingError::Tier { .. }
+            | EmbeddingError::Restore { .. }
             | EmbeddingError::Remote(_)) => Self::Other(other.to_string()),
         }
     }
@@ -266,6 +267,10 @@ impl Remote for ShardRequest {
             ),
             ShardRequest::Reset { reply } => {
                 (ShardCall::Reset, reply!(reply, "reset", A::Done => ()))
+            }
+            // The store is the caller's node's; a remote owner is sent a snapshot instead.
+            ShardRequest::RestoreFrom { .. } => {
+                return Err(WireError::LocalOnly("ShardRequest::RestoreFrom"))
             }
             ShardRequest::Stats { reply } => (
                 ShardCall::Stats,

@@ -776,7 +776,15 @@ fn joiner_stats() -> JoinerStats {
 #[test]
 fn local_only_messages_are_refused() {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let tmp = tempfile::tempdir().unwrap();
+    let (reply, _answer) = oneshot();
+    let restore_from = ShardRequest::RestoreFrom {
+        store: ModelStore::open(tmp.path()).unwrap(),
+        version: 1,
+        reply: reply.into(),
+    };
     for e in [
+        restore_from.into_call().err(),
         WriterRequest::Subscribe { tx }.into_call().err(),
         ValidatorRequest::Poll.into_call().err(),
         TrainerRequest::Pull.into_call().err(),
