@@ -97,7 +97,7 @@ fn gen_train_save_resume() {
         "a new store's first version"
     );
     let v1 = d.join("m1/v000000000001");
-    assert!(v1.join("manifest.json").exists() && v1.join("shard-1.msgpack").exists());
+    assert!(v1.join("manifest.json").exists() && v1.join("shard-1.snapshot").exists());
 
     // Resuming continues the step count and improves on the same data.
     let r2 = ok_json(&freshet(
@@ -154,14 +154,14 @@ fn gen_train_save_resume() {
     );
 
     // A flipped byte in a shard file is named, and nothing trains.
-    let p = d.join("m1/v000000000001/shard-0.msgpack");
+    let p = d.join("m1/v000000000001/shard-0.snapshot");
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[10] ^= 1;
     std::fs::write(&p, bytes).unwrap();
     let o = freshet(d, &["train", "--data", "train.tsv", "--init", "m1"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("shard-0.msgpack is corrupt"),
+        !o.status.success() && err.contains("shard-0.snapshot is corrupt"),
         "{err}"
     );
 }

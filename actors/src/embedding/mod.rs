@@ -220,24 +220,8 @@ impl EmbeddingShard {
     /// Restores every table from a snapshot of this same shard. All tables are checked before
     /// any is replaced, so a refused snapshot leaves the shard as it was.
     pub fn restore(&mut self, snap: ShardSnapshot) -> Result<(), EmbeddingError> {
-        self.rebuild(
-            snap,
-            |t, mut ts| {
-                let data = std::mem::take(&mut ts.rows.data);
-                let need = ts.rows.len() * ts.row_floats as usize;
-                if data.len() != need {
-                    return Err(EmbeddingError::SnapshotMismatch {
-                        table: ts.name,
-                        reason: format!(
-                            "row block has {} floats, its rows need {need}",
-                            data.len()
-                        ),
-                    });
-                }
-                t.restore_from(ts, &mut SliceRows::new(&data))
-            },
-            || Ok(()),
-        )
+        self.tables = self.rebuild(snap, |t, ts| t.restore(ts))?;
+        Ok(())
     }
 
     /// Restores every table from `header` (a snapshot of this shard whose float blocks are
@@ -249,29 +233,22 @@ impl EmbeddingShard {
         header: ShardSnapshot,
         rows: &mut dyn RowSource,
     ) -> Result<(), EmbeddingError> {
-        let shard = self.id;
-        // Two closures need the source in turn, never at once.
-        let rows = std::cell::RefCell::new(rows);
-        self.rebuild(
-            header,
-            |t, ts| t.restore_from(ts, &mut **rows.borrow_mut()),
-            || {
-                rows.borrow_mut()
-                    .finish()
-                    .map_err(|reason| EmbeddingError::Restore { shard, reason })
-            },
-        )
+        let fresh = self.rebuild(header, |t, ts| t.restore_from(ts, rows))?;
+        rows.finish().map_err(|reason| EmbeddingError::Restore {
+            shard: self.id,
+            reason,
+        })?;
+        self.tables = fresh;
+        Ok(())
     }
 
-    /// Builds a fresh table per snapshot table with `build`, asks `finish`, and swaps the
-    /// fresh tables in only if all of that succeeded: a refused snapshot leaves the shard as
-    /// it was.
+    /// A fresh table per snapshot table, each built by `build`, for the caller to swap in:
+    /// nothing live changes here, so a refused snapshot leaves the shard as it was.
     fn rebuild(
-        &mut self,
+        &self,
         snap: ShardSnapshot,
         mut build: impl FnMut(&mut Table, TableSnapshot) -> Result<(), EmbeddingError>,
-        finish: impl FnOnce() -> Result<(), EmbeddingError>,
-    ) -> Result<(), EmbeddingError> {
+    ) -> Result<Vec<Table>, EmbeddingError> {
         if snap.shard != self.id || snap.shard_count != self.shard_count {
             return Err(EmbeddingError::WrongShard {
                 got: snap.shard,
@@ -302,8 +279,6 @@ impl EmbeddingShard {
             build(&mut t, ts)?;
             fresh.push(t);
         }
-        finish()?;
-        self.tables = fresh;
-        Ok(())
+        Ok(fresh)
     }
 }
