@@ -195,7 +195,7 @@ impl ShardFileReader {
             t.rows
                 .check_columns()
                 .map_err(|e| corrupt(path, format!("table `{}`: {e}", t.name)))?;
-            floats += t.rows.len() as u64 * u64::from(t.row_floats);
+            floats = floats.saturating_add(t.rows.len() as u64 * u64::from(t.row_floats));
         }
         let left = len - PREAMBLE as u64 - header_len;
         if floats.checked_mul(4) != Some(left) {
