@@ -379,6 +379,22 @@ impl ShardHandle {
         trace: TraceContext,
         make: impl FnOnce(Reply<T>) -> ShardRequest,
     ) -> Result<T, ShardError> {
+        let shard = self.shard;
+        self.call(trace, make, |source| ShardError::Embedding {
+            shard,
+            source,
+        })
+        .await
+    }
+
+    /// One request and its answer: the owner's refusal `E` becomes `refused(E)`, no answer
+    /// at all becomes `Unavailable`.
+    async fn call<T: Send + 'static, E: Send + 'static>(
+        &self,
+        trace: TraceContext,
+        make: impl FnOnce(RpcReplyPort<Result<T, E>>) -> ShardRequest,
+        refused: impl FnOnce(E) -> ShardError,
+    ) -> Result<T, ShardError> {
         let unavailable = |reason: String| ShardError::Unavailable {
             shard: self.shard,
             reason,
@@ -389,10 +405,7 @@ impl ShardHandle {
             .await
         {
             Ok(CallResult::Success(Ok(v))) => Ok(v),
-            Ok(CallResult::Success(Err(source))) => Err(ShardError::Embedding {
-                shard: self.shard,
-                source,
-            }),
+            Ok(CallResult::Success(Err(e))) => Err(refused(e)),
             Ok(CallResult::Timeout) => Err(unavailable("timed out".into())),
             Ok(CallResult::SenderError) => Err(unavailable("stopped before replying".into())),
             Err(e) => Err(unavailable(e.to_string())),
@@ -511,28 +524,17 @@ impl ShardHandle {
     /// ([`ShardHandle::is_local`]); one on another node gets a snapshot through
     /// [`ShardHandle::restore`].
     pub async fn restore_from(&self, store: &ModelStore, v: u64) -> Result<u64, ShardError> {
-        let store = store.clone();
-        let unavailable = |reason: String| ShardError::Unavailable {
-            shard: self.shard,
-            reason,
+        let (store, shard) = (store.clone(), self.shard);
+        let make = |reply| ShardRequest::RestoreFrom {
+            store,
+            version: v,
+            reply,
         };
-        let make = |reply| {
-            Envelope::new(ShardRequest::RestoreFrom {
-                store,
-                version: v,
-                reply,
-            })
-        };
-        match self.actor.call(make, None).await {
-            Ok(CallResult::Success(Ok(bytes))) => Ok(bytes),
-            Ok(CallResult::Success(Err(source))) => Err(ShardError::Restore {
-                shard: self.shard,
-                source,
-            }),
-            Ok(CallResult::Timeout) => Err(unavailable("timed out".into())),
-            Ok(CallResult::SenderError) => Err(unavailable("stopped before replying".into())),
-            Err(e) => Err(unavailable(e.to_string())),
-        }
+        self.call(TraceContext::none(), make, |source| ShardError::Restore {
+            shard,
+            source,
+        })
+        .await
     }
 
     pub async fn stats(&self) -> Result<ShardStats, ShardError> {
