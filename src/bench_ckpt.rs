@@ -8,6 +8,9 @@
 //! - Full restore throughput is compared with a plain sequential read of a file of the same
 //!   size on the same disk. Both read cold: the page cache is dropped for the files first
 //!   (`posix_fadvise(DONTNEED)` on fsynced files), so the baseline is the disk's, not memory's.
+//!   A restore also builds its tables in fresh memory, which the sequential read does not need;
+//!   the report measures that memory's first-touch cost and restores once more into memory the
+//!   process already had, so the two costs can be told apart.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -81,6 +84,16 @@ struct CheckpointReport {
     /// Both again with the files in the page cache, for context.
     warm_restore_mb_per_s: f64,
     warm_seq_read_mb_per_s: f64,
+    /// Bytes of table memory (rows, metadata, index) the restore built.
+    restored_table_bytes: u64,
+    /// First-touch throughput of fresh huge-page memory in this process: the price of every
+    /// byte of `restored_table_bytes` in the cold restore above.
+    fresh_memory_mb_per_s: f64,
+    /// The cold restore again, right after the warm one freed its tables, so the tables get
+    /// memory the process already had. Cold file cache as above; the gap to
+    /// `full_restore_mb_per_s` is the fresh memory's cost.
+    recycled_memory_restore_mb_per_s: f64,
+    recycled_memory_restore_vs_seq_read: f64,
 }
 
 /// Drops `path`'s pages from the page cache (it must be fsynced: dirty pages stay).
@@ -265,9 +278,12 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
     let vdir = store.version_dir(full.version);
     // As the shard owners restore: each shard streams its own file into its tables on its own
     // thread, so one shard's reads overlap another's build.
-    let restore_once = |shards_n: u32| -> anyhow::Result<f64> {
+    // Returns the restore's time, the bytes of table memory it built and, when asked, the
+    // first-touch rate of as much fresh memory, taken while the restored tables still hold
+    // theirs (so that it cannot be handed memory they just freed).
+    let restore_once = |shards_n: u32, measure_fresh: bool| -> anyhow::Result<(f64, u64, f64)> {
         let t = Instant::now();
-        std::thread::scope(|sc| {
+        let live = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..shards_n)
                 .map(|i| {
                     let (store, tables) = (&store, &tables);
@@ -280,19 +296,35 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
                 .collect();
             let (_, dense) = store.restore_dense(full.version)?;
             drop(dense);
-            for h in hs {
-                let live = h
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a restore thread panicked"))??;
-                drop(live);
-            }
-            anyhow::Ok(())
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a restore thread panicked"))?
+                })
+                .collect::<anyhow::Result<Vec<EmbeddingShard>>>()
         })?;
-        Ok(t.elapsed().as_secs_f64())
+        let secs = t.elapsed().as_secs_f64();
+        let table_bytes: u64 = live
+            .iter()
+            .flat_map(|s| s.stats())
+            .map(|(_, s)| s.hot_bytes + s.index_bytes)
+            .sum();
+        let fresh = if measure_fresh {
+            freshet_actors::embedding::bench::fresh_memory_mb_per_s(table_bytes as usize)
+        } else {
+            0.0
+        };
+        drop(live);
+        Ok((secs, table_bytes, fresh))
     };
     drop_cache_dir(&vdir)?;
-    let cold_s = restore_once(a.shards)?;
-    let warm_s = restore_once(a.shards)?;
+    let (cold_s, table_bytes, fresh_mem) = restore_once(a.shards, true)?;
+    let (warm_s, _, _) = restore_once(a.shards, false)?;
+    // The cold restore once more, at once: its tables get the memory the warm one just freed
+    // (before the kernel can report it free to a hypervisor), so the gap to the first cold
+    // restore is what fresh memory cost.
+    drop_cache_dir(&vdir)?;
+    let (recycled_s, _, _) = restore_once(a.shards, false)?;
     let mb = full.bytes() as f64 / 1e6;
     // A plain file of the same size, written and fsynced, read back cold and warm.
     let plain = tmp.path().join("seq-read");
@@ -332,6 +364,10 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
         restore_vs_seq_read: (mb / cold_s) / disk,
         warm_restore_mb_per_s: mb / warm_s,
         warm_seq_read_mb_per_s: warm_disk,
+        restored_table_bytes: table_bytes,
+        fresh_memory_mb_per_s: fresh_mem,
+        recycled_memory_restore_mb_per_s: mb / recycled_s,
+        recycled_memory_restore_vs_seq_read: (mb / recycled_s) / disk,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

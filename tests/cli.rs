@@ -189,12 +189,18 @@ fn bench_checkpoint_reports_every_figure_with_its_baseline() {
         "full_restore_mb_per_s",
         "disk_seq_read_mb_per_s",
         "restore_vs_seq_read",
+        "fresh_memory_mb_per_s",
+        "recycled_memory_restore_mb_per_s",
+        "recycled_memory_restore_vs_seq_read",
     ] {
         let x = v[field]
             .as_f64()
             .unwrap_or_else(|| panic!("{field} missing: {v}"));
         assert!(x.is_finite() && x > 0.0, "{field} = {x}");
     }
+    // 20k rows of 128 bytes of weights and slots need at least that much table memory.
+    let table_bytes = v["restored_table_bytes"].as_u64().unwrap_or(0);
+    assert!(table_bytes >= 20_000 * 128, "{v}");
     // The delta holds the changed rows and the dense state, not the table.
     assert_eq!(v["changed_rows"].as_u64(), Some(2000));
     let rows_part = v["delta_row_part_vs_rows"].as_f64().unwrap();
