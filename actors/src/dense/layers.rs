@@ -83,10 +83,11 @@ impl Linear {
             dy.par_chunks_mut(out * ROWS_PER_TASK)
                 .zip(y[..rows * out].par_chunks(out * ROWS_PER_TASK))
                 .for_each(|(d, y)| {
+                    // A select, not a conditional store: the compiler will not invent stores a
+                    // branch skips, so `if v <= 0.0 { *d = 0.0 }` stayed a scalar loop with a
+                    // branch per element (7% of a W&D training run's CPU in `perf`).
                     for (d, &v) in d.iter_mut().zip(y) {
-                        if v <= 0.0 {
-                            *d = 0.0;
-                        }
+                        *d = if v > 0.0 { *d } else { 0.0 };
                     }
                 });
         }
