@@ -131,14 +131,15 @@ impl MemoryProbe {
     }
 }
 
-/// First-touch throughput of memory the process has never had, in MB/s: maps `bytes` as a
-/// table's arena is mapped (huge pages advised), writes one byte per 4 KiB page, and gives it
-/// back. Whatever a table is built from pays this once per byte of fresh memory, so a restore
-/// can go no faster than this allows, however fast the disk is.
+/// First-touch throughput of newly mapped memory, in MB/s: maps `bytes` as a table's arena is
+/// mapped (huge pages advised), writes one byte per 4 KiB page, and gives it back. A table
+/// built in new memory pays this once per byte, so a restore can go no faster than this
+/// allows, however fast the disk is.
 ///
-/// On a virtual machine whose free memory is reported back to the host (virtio free page
-/// reporting), memory the guest gave back must be faulted in again through the host, and this
-/// figure falls far below memory bandwidth.
+/// If the kernel hands out pages this process freed moments ago, the figure is about memory
+/// bandwidth. If they come from memory a virtual machine gave back to its host (virtio free
+/// page reporting), every page is faulted in again through the host and the figure falls far
+/// below it.
 pub fn fresh_memory_mb_per_s(bytes: usize) -> f64 {
     let t = std::time::Instant::now();
     let mut buf: HugeBuf<u8> = HugeBuf::zeroed(bytes);
