@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     });
+    anyhow::ensure!(!ms.is_empty(), "no step finished in {secs} s");
     let tenth = (ms.len() / 10).max(1);
     for (i, c) in ms.chunks(tenth).enumerate() {
         let mean = c.iter().sum::<f64>() / c.len() as f64;
