@@ -245,13 +245,20 @@ fn adagrad_table(
     budget: Option<u64>,
     dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Table> {
-    let cfg = TableConfig {
+    Ok(Table::new(
+        TableName::new("bench"),
+        adagrad_config(dim, budget),
+        dir,
+    )?)
+}
+
+fn adagrad_config(dim: usize, budget: Option<u64>) -> TableConfig {
+    TableConfig {
         init: Initializer::Uniform { scale: 0.01 },
         optimizer: OptimizerConfig::default(),
         dram_budget_bytes: budget,
         ..TableConfig::with_dim(dim)
-    };
-    Ok(Table::new(TableName::new("bench"), cfg, dir)?)
+    }
 }
 
 /// Inserts every key in random order, so that a key's rank says nothing about where its row is.
@@ -389,8 +396,8 @@ fn embedding(a: EmbeddingArgs, settings: &Settings) -> anyhow::Result<()> {
             "table with a DRAM budget of {:.0}% of rows:",
             a.tier_fraction * 100.0
         ));
-        let row_slot_bytes = (2 * d * 4).next_multiple_of(64).max(64) as f64 + 8.0;
-        let budget = (a.keys as f64 * a.tier_fraction * row_slot_bytes) as u64;
+        let slot_bytes = Table::hot_slot_bytes(&adagrad_config(d, None)) as f64;
+        let budget = (a.keys as f64 * a.tier_fraction * slot_bytes) as u64;
         let dir = tempfile_dir(&settings.spill_dir())?;
         let mut tiered = adagrad_table(d, Some(budget.max(1)), Some(&dir))?;
         populate(&mut tiered, a.keys, a.seed)?;

@@ -65,18 +65,23 @@ impl<T: Pod> Arena<T> {
         &mut chunk.as_mut_slice()[off..off + width]
     }
 
-    /// Prefetches the first `lines` cache lines of a slot.
+    /// Prefetches the cache lines holding the slot's first `bytes` bytes, at most four lines.
+    /// They are counted from the slot's address, so a slot that starts part-way into a line
+    /// gets the extra line it spans.
     #[inline]
-    pub(crate) fn prefetch(&self, slot: u32, lines: usize) {
+    pub(crate) fn prefetch(&self, slot: u32, bytes: usize) {
         let slot = slot as usize;
         if let Some(chunk) = self.chunks.get(slot >> self.shift) {
-            let base = chunk
+            let start = chunk
                 .as_slice()
                 .as_ptr()
                 .wrapping_add((slot & ((1 << self.shift) - 1)) * self.width)
                 as *const u8;
+            let first = start.wrapping_sub(start as usize % 64);
+            let end = start.wrapping_add(bytes.max(1));
+            let lines = (end as usize - first as usize).div_ceil(64).min(4);
             for l in 0..lines {
-                prefetch(base.wrapping_add(l * 64));
+                prefetch(first.wrapping_add(l * 64));
             }
         }
     }

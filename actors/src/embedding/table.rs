@@ -45,6 +45,8 @@ pub(crate) struct RowMeta {
     freq: u32,
 }
 
+const META_BYTES: usize = std::mem::size_of::<RowMeta>();
+
 /// Counters, exported as the table's observable state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableStats {
@@ -206,13 +208,30 @@ pub struct Table {
     scratch: Scratch,
 }
 
+/// Floats per hot slot: the fewest at which no slot straddles more cache lines than the row
+/// needs when it starts a line. Arena chunks start 2 MiB-aligned, so slot `i` starts at byte
+/// `i * stride` of a line-aligned run, and the starts within a line are the multiples of
+/// gcd(stride, 64). Padding every row to whole lines cost W&D's and DeepFM's rows (17 floats
+/// and their Adagrad accumulators, 136 bytes) 192 bytes each; 136 bytes touch 3 lines wherever
+/// they start on an 8-byte boundary, so they need no padding at all.
 fn padded_stride(floats: usize) -> usize {
     let bytes = floats * 4;
-    if bytes <= 64 {
-        bytes.next_power_of_two().max(4) / 4
-    } else {
-        bytes.next_multiple_of(64) / 4
+    let lines = bytes.div_ceil(64);
+    let mut stride = bytes.max(4);
+    loop {
+        let worst_start = 64 - gcd(stride, 64);
+        if (worst_start + bytes).div_ceil(64) <= lines {
+            return stride / 4;
+        }
+        stride += 4;
     }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 impl Table {
@@ -239,8 +258,7 @@ impl Table {
                 )))
             }
             (Some(budget), Some(dir)) => {
-                // Per hot slot: the row, its owner id and its clock mark.
-                let per_slot = (stride * 4 + 8) as u64;
+                let per_slot = Self::hot_slot_bytes(&cfg) as u64;
                 let hot_capacity = (budget / per_slot).clamp(1, u64::from(u32::MAX - 1)) as u32;
                 let store =
                     SpillStore::open(&dir.join(name.as_str()), row_floats).map_err(|source| {
@@ -290,6 +308,12 @@ impl Table {
             scratch: Scratch::default(),
             cfg,
         })
+    }
+
+    /// DRAM bytes per hot row, as a DRAM budget counts them: the padded row, and with a tier
+    /// its owner id and clock mark.
+    pub fn hot_slot_bytes(cfg: &TableConfig) -> usize {
+        padded_stride(cfg.dim + cfg.optimizer.state_floats(cfg.dim)) * 4 + 8
     }
 
     pub fn name(&self) -> &TableName {
@@ -468,7 +492,6 @@ impl Table {
         let rf = self.row_floats;
         sc.row.resize(rf, 0.0);
         let mut changed = false;
-        let row_lines = (rf * 4).div_ceil(64).min(4);
         for (i, (&key, &slot)) in keys_ref.iter().zip(&sc.slots).enumerate() {
             // The training lookup's lines have mostly left the cache by now (in training the
             // dense step ran in between, and a 4,096-key batch's buckets, rows, metadata and
@@ -476,8 +499,8 @@ impl Table {
             // memory access: start them a few keys ahead so that they overlap.
             if let Some(&ahead) = sc.slots.get(i + APPLY_AHEAD) {
                 if ahead != NO_SLOT {
-                    self.rows.prefetch(ahead, row_lines);
-                    self.meta.prefetch(sc.rows[i + APPLY_AHEAD], 1);
+                    self.rows.prefetch(ahead, rf * 4);
+                    self.meta.prefetch(sc.rows[i + APPLY_AHEAD], META_BYTES);
                 }
             }
             if slot == NO_SLOT {
@@ -672,12 +695,11 @@ impl Table {
         sc.slots.clear();
         sc.rows.clear();
         sc.cold.clear();
-        let weight_lines = (self.dim * 4).div_ceil(64).min(4);
-        let row_lines = (self.row_floats * 4).div_ceil(64).min(4);
-        let lines = if mode == Mode::Read {
-            weight_lines
+        // A read needs only the weights; training will also update the optimizer state.
+        let bytes = if mode == Mode::Read {
+            self.dim * 4
         } else {
-            row_lines
+            self.row_floats * 4
         };
         let v = self.version + 1;
         let mut created = false;
@@ -687,14 +709,14 @@ impl Table {
                     let b = *self.index.get(pos);
                     let row = b.row();
                     if mode != Mode::Read {
-                        self.meta.prefetch(row, 1);
+                        self.meta.prefetch(row, META_BYTES);
                     }
                     if b.hot == COLD {
                         let at = self.tier.as_ref().map_or(0, |t| t.disk_loc.get(row)[0]);
                         sc.cold.push((at, key, i));
                         self.stats.tier_misses += 1;
                     } else {
-                        self.rows.prefetch(b.hot, lines);
+                        self.rows.prefetch(b.hot, bytes);
                         if let Some(t) = &mut self.tier {
                             t.hot_mark[b.hot as usize] = t.epoch;
                         }

@@ -816,3 +816,34 @@ fn all_finite_agrees_with_is_finite_on_every_class_of_value() {
     }
     assert!(super::all_finite(&[]));
 }
+
+#[test]
+fn hot_slots_are_as_small_as_their_lines_allow() {
+    // Lines a slot of `bytes` touches at each start a stride of `stride` floats produces.
+    let worst_lines = |stride: usize, bytes: usize| {
+        (0..64)
+            .map(|i| {
+                let start = (i * stride * 4) % 64;
+                (start + bytes).div_ceil(64)
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    for floats in 1..=300 {
+        let bytes = floats * 4;
+        let s = padded_stride(floats);
+        assert!(s >= floats, "{floats} floats in a slot of {s}");
+        assert_eq!(
+            worst_lines(s, bytes),
+            bytes.div_ceil(64),
+            "{floats} floats at stride {s} straddle an extra line"
+        );
+        assert!(
+            (floats..s).all(|t| worst_lines(t, bytes) > bytes.div_ceil(64)),
+            "{floats} floats: a stride below {s} would do"
+        );
+    }
+    // Wide & Deep's and DeepFM's rows: 16 + 1 weights with their Adagrad accumulators.
+    assert_eq!(padded_stride(34), 34);
+    assert_eq!(padded_stride(32), 32);
+}
