@@ -209,9 +209,9 @@ pub struct Table {
 }
 
 /// Floats per hot slot: the fewest at which no slot straddles more cache lines than the row
-/// needs when it starts a line. Arena chunks start 2 MiB-aligned, so slot `i` starts at byte
-/// `i * stride` of a line-aligned run, and the starts within a line are the multiples of
-/// gcd(stride, 64). Padding every row to whole lines cost W&D's and DeepFM's rows (17 floats
+/// needs when it starts a line. Arena chunks start on a line (2 MiB-aligned when mapped), so slot
+/// `i` starts at byte `i * stride` of a line-aligned run, and the starts within a line are the
+/// multiples of gcd(stride, 64). Padding every row to whole lines cost W&D's and DeepFM's rows (17 floats
 /// and their Adagrad accumulators, 136 bytes) 192 bytes each; 136 bytes touch 3 lines wherever
 /// they start on an 8-byte boundary, so they need no padding at all.
 fn padded_stride(floats: usize) -> usize {
