@@ -52,12 +52,48 @@ impl Threads {
         }
     }
 
-    pub(crate) fn parallelism(&self) -> gemm::Parallelism {
-        if self.n > 1 {
-            gemm::Parallelism::Rayon(self.n)
+    /// All of this pool's threads, as a [`Share`] to hand to a GEMM.
+    pub fn share(&self) -> Share {
+        Share(self.n)
+    }
+}
+
+/// How many of a [`Threads`] pool's threads one piece of dense work may use.
+///
+/// Why halves: the dense step's GEMMs are medium-sized (512 x 1024 x 429 and below), and one
+/// GEMM split over two threads loses time to the split and the join. Work that comes in two
+/// independent halves of equal size (the two row blocks of a layer's forward pass, or a layer's
+/// weight gradient `xᵀ dy` and input gradient `dy Wᵀ`, which take the same FLOPs) runs faster as
+/// the two halves side by side, each GEMM on half the threads. Measured on the W&D tower's
+/// GEMMs at batch 512 on 2 threads, interleaved in one run (see `docs/performance.md`): the
+/// backward GEMMs 9-10% faster, the forward 3-8%.
+///
+/// Only meaningful inside [`Threads::install`], where the halves run on the pool's threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share(usize);
+
+impl Share {
+    /// Two shares that together use this one's threads, or `None` for a single thread.
+    pub fn halves(self) -> Option<(Share, Share)> {
+        (self.0 >= 2).then(|| (Share(self.0 / 2), Share(self.0 - self.0 / 2)))
+    }
+
+    pub fn threads(self) -> usize {
+        self.0
+    }
+
+    fn parallelism(self) -> gemm::Parallelism {
+        if self.0 > 1 {
+            gemm::Parallelism::Rayon(self.0)
         } else {
             gemm::Parallelism::None
         }
+    }
+}
+
+impl From<&Threads> for Share {
+    fn from(t: &Threads) -> Self {
+        t.share()
     }
 }
 
@@ -194,8 +230,9 @@ pub fn matmul(
     a: Op<'_>,
     b: Op<'_>,
     accumulate: bool,
-    threads: &Threads,
+    share: impl Into<Share>,
 ) {
+    let share = share.into();
     assert!(c.len() >= m * n, "c holds {} < {m}x{n}", c.len());
     assert!(a.data.len() >= m * k, "a holds {} < {m}x{k}", a.data.len());
     assert!(b.data.len() >= k * n, "b holds {} < {k}x{n}", b.data.len());
@@ -233,7 +270,7 @@ pub fn matmul(
             false,
             false,
             false,
-            threads.parallelism(),
+            share.parallelism(),
         );
     }
 }

@@ -6,11 +6,17 @@
 //! Gradients of parameters are *written*, not accumulated, because every parameter is used once
 //! per step; input gradients say in their docs whether they overwrite or add.
 
-use super::gemm::{matmul, Op, Threads};
+use super::gemm::{matmul, Op, Share, Threads};
 
 /// Rows per parallel task in elementwise passes: large enough that a task outweighs its
 /// scheduling, small enough to split a 512-row batch over the threads.
 const ROWS_PER_TASK: usize = 64;
+
+/// Where to split a batch into two row blocks: half, rounded up to a multiple of 16 rows (the
+/// GEMM kernel's row tile), so neither block ends in a partial tile it need not have.
+fn split_rows(rows: usize) -> usize {
+    (rows / 2).next_multiple_of(16).min(rows)
+}
 
 /// A fully connected layer `y = act(x W + b)`, `W` stored `inp x out` row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +43,14 @@ impl Linear {
     }
 
     /// `y = act(x W + b)`; bias and activation are fused into one pass over `y`.
-    pub fn forward(&self, p: &[f32], x: &[f32], rows: usize, y: &mut [f32], th: &Threads) {
+    pub fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        share: impl Into<Share>,
+    ) {
         let (inp, out) = (self.inp, self.out);
         if out == 1 {
             // A tower's last layer: a dot per row. As a one-column GEMM it went through gemm's
@@ -50,27 +63,38 @@ impl Linear {
             }
             return;
         }
-        matmul(y, rows, out, inp, Op::n(x), Op::n(self.w(p)), false, th);
+        let share = share.into();
+        match share.halves() {
+            // Rows are independent: two row blocks side by side (see `Share`), each with its
+            // own bias pass, so the halves never wait for each other within the layer.
+            Some((s0, s1)) if rows >= 2 * ROWS_PER_TASK => {
+                let h = split_rows(rows);
+                let (y0, y1) = y[..rows * out].split_at_mut(h * out);
+                let (x0, x1) = x[..rows * inp].split_at(h * inp);
+                rayon::join(
+                    || self.forward_rows(p, x0, h, y0, s0),
+                    || self.forward_rows(p, x1, rows - h, y1, s1),
+                );
+            }
+            _ => self.forward_rows(p, x, rows, y, share),
+        }
+    }
+
+    fn forward_rows(&self, p: &[f32], x: &[f32], rows: usize, y: &mut [f32], share: Share) {
+        let (inp, out) = (self.inp, self.out);
+        matmul(y, rows, out, inp, Op::n(x), Op::n(self.w(p)), false, share);
         let b = self.b(p);
-        let relu = self.relu;
-        // Bias and activation in one pass, split by rows over the pool (elementwise, so the
-        // thread count does not change the result).
-        use rayon::prelude::*;
-        y[..rows * out]
-            .par_chunks_mut(out * ROWS_PER_TASK)
-            .for_each(|block| {
-                for yr in block.chunks_exact_mut(out) {
-                    if relu {
-                        for (v, &bj) in yr.iter_mut().zip(b) {
-                            *v = (*v + bj).max(0.0);
-                        }
-                    } else {
-                        for (v, &bj) in yr.iter_mut().zip(b) {
-                            *v += bj;
-                        }
-                    }
+        for yr in y[..rows * out].chunks_exact_mut(out) {
+            if self.relu {
+                for (v, &bj) in yr.iter_mut().zip(b) {
+                    *v = (*v + bj).max(0.0);
                 }
-            });
+            } else {
+                for (v, &bj) in yr.iter_mut().zip(b) {
+                    *v += bj;
+                }
+            }
+        }
     }
 
     /// Given `dy` (masked in place by the ReLU), writes `dW`, `db` into `g` and, when asked,
@@ -85,7 +109,7 @@ impl Linear {
         dy: &mut [f32],
         dx: Option<&mut [f32]>,
         rows: usize,
-        th: &Threads,
+        share: impl Into<Share>,
     ) {
         let (inp, out) = (self.inp, self.out);
         let dy = &mut dy[..rows * out];
@@ -127,9 +151,24 @@ impl Linear {
             }
             return;
         }
-        matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, th);
-        if let Some(dx) = dx {
-            matmul(dx, rows, inp, out, Op::n(dy), Op::t(self.w(p)), false, th);
+        let share = share.into();
+        let w = self.w(p);
+        let dy: &[f32] = dy;
+        match (dx, share.halves()) {
+            // dW = xᵀ dy and dx = dy Wᵀ take the same FLOPs and only read dy: side by side,
+            // each on half the threads (see `Share`).
+            (Some(dx), Some((s0, s1))) => {
+                rayon::join(
+                    || matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, s0),
+                    || matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, s1),
+                );
+            }
+            (dx, _) => {
+                matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, share);
+                if let Some(dx) = dx {
+                    matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, share);
+                }
+            }
         }
     }
 }

@@ -836,6 +836,73 @@ mod tests {
         println!("seed {seed}");
     }
 
+    /// On two threads a layer runs its row blocks, and its weight and input gradients, side
+    /// by side (`Share::halves`). That must compute the step one thread computes (up to the
+    /// GEMMs' summation order) and the same bits every time. 300 rows split unevenly (160 +
+    /// 140), and hidden sizes off the kernel's tile catch a block written to the wrong rows.
+    #[test]
+    fn two_threads_compute_the_one_thread_step() {
+        let seed = crate::testkit::seed("split_threads");
+        let mut rng = Xoshiro256::seed_from_u64(seed);
+        let (one, two) = (Threads::new(1).unwrap(), Threads::new(2).unwrap());
+        let rows = 300;
+        for kind in [
+            ModelKind::Wdl,
+            ModelKind::Deepfm,
+            ModelKind::Dcn,
+            ModelKind::Dlrm,
+        ] {
+            let mut cfg = ModelConfig::new(kind);
+            cfg.hidden = Some(vec![37, 20]);
+            cfg.bottom = vec![3];
+            cfg.seed = seed;
+            let sh = shape();
+            let d = sh.input_dim();
+            let x: Vec<f32> = (0..rows * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let wide: Vec<f32> = (0..rows).map(|_| rng.next_f32() - 0.5).collect();
+            let y: Vec<f32> = (0..rows).map(|i| f32::from(u8::from(i % 3 == 0))).collect();
+            let w = vec![1.0f32; rows];
+            let step = |th: &Threads| {
+                let mut net = DenseNet::new(cfg.clone(), sh.clone()).unwrap();
+                let (xi, wi) = net.inputs_mut(rows);
+                xi.copy_from_slice(&x);
+                wi.copy_from_slice(&wide);
+                let loss = th.install(|| net.train_step(rows, &y, &w, th)).loss_sum;
+                let (dx, _) = net.input_grads(rows);
+                (
+                    loss,
+                    net.grads().to_vec(),
+                    dx.to_vec(),
+                    net.params().to_vec(),
+                )
+            };
+            let (l1, g1, dx1, p1) = step(&one);
+            let (l2, g2, dx2, p2) = step(&two);
+            assert_eq!(
+                step(&two),
+                (l2, g2.clone(), dx2.clone(), p2.clone()),
+                "{kind:?}: two threads, same bits twice (seed {seed})"
+            );
+            assert!(
+                (l1 - l2).abs() <= 1e-9 * l1.abs().max(1.0),
+                "{kind:?}: {l1} vs {l2}"
+            );
+            for (what, a, b) in [
+                ("grads", &g1, &g2),
+                ("dx", &dx1, &dx2),
+                ("params", &p1, &p2),
+            ] {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                for (i, (u, v)) in a.iter().zip(b.iter()).enumerate() {
+                    assert!(
+                        (u - v).abs() <= 1e-4 * scale,
+                        "{kind:?} {what}[{i}]: one thread {u}, two threads {v} (seed {seed})"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn state_round_trips() {
         let mut net = DenseNet::new(ModelConfig::new(ModelKind::Deepfm), shape()).unwrap();
