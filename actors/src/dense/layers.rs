@@ -18,6 +18,24 @@ fn split_rows(rows: usize) -> usize {
     (rows / 2).next_multiple_of(16).min(rows)
 }
 
+/// Runs `f(first_row, rows, out_rows)` on two row blocks side by side when `share` has two
+/// halves and the batch is worth splitting, else once on all rows. `out` holds `out_stride`
+/// floats per row; each call gets its block's rows of it.
+pub(crate) fn by_row_halves<F>(share: Share, rows: usize, out: &mut [f32], out_stride: usize, f: F)
+where
+    F: Fn(usize, usize, &mut [f32]) + Sync,
+{
+    let out = &mut out[..rows * out_stride];
+    match share.halves() {
+        Some(_) if rows >= 2 * ROWS_PER_TASK => {
+            let h = split_rows(rows);
+            let (a, b) = out.split_at_mut(h * out_stride);
+            rayon::join(|| f(0, h, a), || f(h, rows - h, b));
+        }
+        _ => f(0, rows, out),
+    }
+}
+
 /// A fully connected layer `y = act(x W + b)`, `W` stored `inp x out` row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Linear {
@@ -52,18 +70,23 @@ impl Linear {
         share: impl Into<Share>,
     ) {
         let (inp, out) = (self.inp, self.out);
+        let share = share.into();
         if out == 1 {
             // A tower's last layer: a dot per row. As a one-column GEMM it went through gemm's
             // packing for 0.03% of the step's FLOPs; this is 1-2% faster on the DeepFM step
             // (`examples/dense_step`, p10 of three interleaved runs each).
             let (w, b) = (self.w(p), self.b(p)[0]);
-            for (yr, xr) in y[..rows].iter_mut().zip(x.chunks_exact(inp)) {
-                let v = dot_lanes(xr, w) + b;
-                *yr = if self.relu { v.max(0.0) } else { v };
-            }
+            by_row_halves(share, rows, y, 1, |r0, n, y| {
+                for (yr, xr) in y
+                    .iter_mut()
+                    .zip(x[r0 * inp..(r0 + n) * inp].chunks_exact(inp))
+                {
+                    let v = dot_lanes(xr, w) + b;
+                    *yr = if self.relu { v.max(0.0) } else { v };
+                }
+            });
             return;
         }
-        let share = share.into();
         match share.halves() {
             // Rows are independent: two row blocks side by side (see `Share`), each with its
             // own bias pass, so the halves never wait for each other within the layer.
@@ -127,46 +150,51 @@ impl Linear {
                 });
         }
         let (gw, gb) = g[self.at..self.at + inp * out + out].split_at_mut(inp * out);
-        gb.fill(0.0);
-        for dr in dy.chunks_exact(out) {
-            for (s, &d) in gb.iter_mut().zip(dr) {
-                *s += d;
-            }
-        }
-        if out == 1 {
-            // See `forward`: dW = xᵀ dy is a sum of scaled rows, dx = dy wᵀ an outer product.
-            gw.fill(0.0);
-            for (xr, &d) in x.chunks_exact(inp).zip(dy.iter()) {
-                for (s, &xv) in gw.iter_mut().zip(xr) {
-                    *s += xv * d;
+        let share = share.into();
+        let w = self.w(p);
+        let dy: &[f32] = dy;
+        // The weight side: db, the column sums of dy, and dW = xᵀ dy.
+        let mut weights = move |s: Share| {
+            gb.fill(0.0);
+            for dr in dy.chunks_exact(out) {
+                for (acc, &d) in gb.iter_mut().zip(dr) {
+                    *acc += d;
                 }
             }
-            if let Some(dx) = dx {
-                let w = self.w(p);
-                for (dxr, &d) in dx.chunks_exact_mut(inp).zip(dy.iter()) {
+            if out == 1 {
+                // See `forward`: with one output, dW is a sum of scaled rows of x.
+                gw.fill(0.0);
+                for (xr, &d) in x.chunks_exact(inp).zip(dy) {
+                    for (acc, &xv) in gw.iter_mut().zip(xr) {
+                        *acc += xv * d;
+                    }
+                }
+            } else {
+                matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, s);
+            }
+        };
+        // The input side: dx = dy Wᵀ (an outer product with one output).
+        let inputs = |dx: &mut [f32], s: Share| {
+            if out == 1 {
+                for (dxr, &d) in dx.chunks_exact_mut(inp).zip(dy) {
                     for (o, &wv) in dxr.iter_mut().zip(w) {
                         *o = d * wv;
                     }
                 }
+            } else {
+                matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, s);
             }
-            return;
-        }
-        let share = share.into();
-        let w = self.w(p);
-        let dy: &[f32] = dy;
+        };
         match (dx, share.halves()) {
-            // dW = xᵀ dy and dx = dy Wᵀ take the same FLOPs and only read dy: side by side,
-            // each on half the threads (see `Share`).
+            // The two sides only read dy, and for a hidden layer take the same FLOPs: side by
+            // side, each on half the threads (see `Share`).
             (Some(dx), Some((s0, s1))) => {
-                rayon::join(
-                    || matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, s0),
-                    || matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, s1),
-                );
+                rayon::join(|| weights(s0), || inputs(dx, s1));
             }
             (dx, _) => {
-                matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, share);
+                weights(share);
                 if let Some(dx) = dx {
-                    matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, share);
+                    inputs(dx, share);
                 }
             }
         }

@@ -540,7 +540,11 @@ impl DenseNet {
         }
         if self.config.kind == ModelKind::Deepfm {
             let (nf, e) = (self.shape.fields.len(), self.shape.fields[0]);
-            layers::fm_forward(&ws.x, d, rows, nf, e, &mut ws.tmp);
+            let x = &ws.x;
+            // Per row, so the two row blocks run side by side.
+            layers::by_row_halves(th.share(), rows, &mut ws.tmp, 1, |r0, n, out| {
+                layers::fm_forward(&x[r0 * d..], d, n, nf, e, out);
+            });
             for (l, t) in logit.iter_mut().zip(&ws.tmp) {
                 *l += t;
             }
@@ -622,7 +626,10 @@ impl DenseNet {
             ModelKind::Deepfm => {
                 ws.dx[..rows * d].copy_from_slice(&ws.grads_a[..rows * d]);
                 let (nf, e) = (self.shape.fields.len(), self.shape.fields[0]);
-                layers::fm_backward(&ws.x, d, rows, nf, e, &ws.dlogit, &mut ws.dx);
+                let (x, dlogit) = (&ws.x, &ws.dlogit);
+                layers::by_row_halves(th.share(), rows, &mut ws.dx, d, |r0, n, dx| {
+                    layers::fm_backward(&x[r0 * d..], d, n, nf, e, &dlogit[r0..], dx);
+                });
             }
             ModelKind::Dcn => {
                 // dx accumulates d/dx0 from every layer; the chain through x_l ends at x0 too.
