@@ -15,6 +15,11 @@ models=${3:-"wdl deepfm"}
 peer_dir=${PEER_DIR:-../shared/peers/pytorch}
 threads=${THREADS:-2}
 batch=${BATCH:-512}
+# The peer allocates and initialises its whole embedding table (26 x 2^20 rows) before its
+# clock starts. Freshet's tables grow as ids arrive; --reserve-rows gives them room up front
+# likewise: 6 rows per training row, above the ~4.5 distinct ids per row that `freshet gen`'s
+# defaults give at 300k rows (fewer per row as the data grows). RESERVE_ROWS=0 turns it off.
+reserve=${RESERVE_ROWS:-$((rows * 6))}
 
 py=$("$peer_dir/setup.sh")
 cargo build --release --quiet
@@ -29,7 +34,7 @@ $bin gen --rows "$test_rows" --seed 2 --out "$work/test.tsv" >/dev/null
 for model in $models; do
   echo "== $model: freshet" >&2
   f=$($bin --data-dir "$work/fd" train --data "$work/train.tsv" --test "$work/test.tsv" \
-        --model "$model" --batch "$batch" --threads "$threads")
+        --model "$model" --batch "$batch" --threads "$threads" --reserve-rows "$reserve")
   echo "== $model: pytorch peer" >&2
   p=$("$py" "$peer_dir/peer.py" --model "$model" --format criteo --data "$work/train.tsv" \
         --test "$work/test.tsv" --batch "$batch" --threads "$threads" | tail -1)

@@ -84,6 +84,19 @@ pub(crate) struct TrainArgs {
     /// Seed of the dense initialisation (default: model.seed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Make room for about N rows in each table the model reads, spread over the shards,
+    /// before training starts: index, row metadata and rows are allocated and faulted in up
+    /// front (see `embedding.tables.<t>.reserve_rows`, which this overrides), so the steps do
+    /// not pay for fresh memory as the tables fill. Tables still grow past N.
+    #[arg(long, value_name = "N")]
+    reserve_rows: Option<u64>,
+}
+
+/// Rows one of `shards` shards reserves so that `total` keys, spread by the shard hash, fit
+/// in every shard: the even share plus four standard deviations of a shard's binomial count.
+fn reserve_per_shard(total: u64, shards: u32) -> u64 {
+    let even = total.div_ceil(u64::from(shards.max(1)));
+    even + (4.0 * (even as f64).sqrt()).ceil() as u64
 }
 
 #[derive(Debug, Serialize)]
@@ -499,6 +512,17 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         }
     };
 
+    // Checked before the data is read, so a bad value fails at once.
+    let mut tables = tables;
+    if let Some(n) = args.reserve_rows {
+        let per_shard = reserve_per_shard(n, settings.embedding.shards);
+        for (name, c) in &mut tables {
+            c.reserve_rows = per_shard;
+            c.validate(&format!("embedding.tables.{name}"))
+                .map_err(|e| anyhow::anyhow!("--reserve-rows {n}: {e}"))?;
+        }
+    }
+
     // Data.
     let reject_path = args
         .rejects
@@ -589,6 +613,8 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         .iter()
         .map(|(n, c)| (TableName::new(n), c.clone()))
         .collect();
+    let reserving = table_list.iter().any(|(_, c)| c.reserve_rows > 0);
+    let shards_start = Instant::now();
     let spill = table_list
         .iter()
         .any(|(_, c)| c.dram_budget_bytes.is_some())
@@ -601,6 +627,12 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     )
     .await
     .context("starting the shard owners")?;
+    if reserving {
+        eprintln!(
+            "shards reserved their rows in {:.1}s",
+            shards_start.elapsed().as_secs_f64()
+        );
+    }
     let ckpt = match &args.out {
         Some(out) => {
             let mut schedule = settings.checkpoint.schedule();

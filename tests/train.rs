@@ -99,6 +99,25 @@ fn gen_train_save_resume() {
     let v1 = d.join("m1/v000000000001");
     assert!(v1.join("manifest.json").exists() && v1.join("shard-1.snapshot").exists());
 
+    // Reserving rows up front moves allocation before the clock and changes nothing else.
+    let o = freshet(
+        d,
+        &[
+            "train",
+            "--data",
+            "train.tsv",
+            "--test",
+            "test.tsv",
+            "--reserve-rows",
+            "50000",
+        ],
+    );
+    let reserved = ok_json(&o);
+    assert_eq!(reserved["test_auc"].as_f64(), Some(auc1));
+    assert_eq!(reserved["train_logloss"], r["train_logloss"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shards reserved their rows"), "{err}");
+
     // Resuming continues the step count and improves on the same data.
     let r2 = ok_json(&freshet(
         d,
@@ -214,6 +233,18 @@ fn bad_train_arguments_get_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("unknown model \"gbdt\""),
+        "{err}"
+    );
+    let o = freshet(
+        dir.path(),
+        &["train", "--data", "x", "--reserve-rows", "99999999999999"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("--reserve-rows 99999999999999")
+            && err.contains("embedding.tables.emb.reserve_rows")
+            && err.contains("rows per shard"),
         "{err}"
     );
     let o = freshet(dir.path(), &["train", "--data", "x", "--format", "parquet"]);

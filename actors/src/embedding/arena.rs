@@ -40,6 +40,11 @@ impl<T: Pod> Arena<T> {
         }
     }
 
+    /// Faults in every chunk's pages now (see [`HugeBuf::prefault`]); returns the bytes.
+    pub(crate) fn prefault(&mut self) -> usize {
+        self.chunks.iter_mut().map(HugeBuf::prefault).sum()
+    }
+
     pub(crate) fn capacity(&self) -> usize {
         self.chunks.len() << self.shift
     }

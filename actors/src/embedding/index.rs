@@ -64,6 +64,11 @@ impl Index {
         }
     }
 
+    /// Faults the bucket array's pages in now; returns the bytes.
+    pub(crate) fn prefault(&mut self) -> usize {
+        self.buckets.prefault()
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len

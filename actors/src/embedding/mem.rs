@@ -97,6 +97,21 @@ impl<T: bytemuck::Pod> HugeBuf<T> {
         }
     }
 
+    /// Faults every page of the buffer in now, by writing a zero (what it already holds) into
+    /// each 4 KiB page, so that later first touches cost nothing. Returns the bytes touched.
+    pub(crate) fn prefault(&mut self) -> usize {
+        let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+        let s = self.as_mut_slice();
+        for i in (0..s.len()).step_by(step) {
+            // A volatile write: the compiler may not drop a store of the value it cannot see
+            // is already there, but volatile says so outright.
+            let p: *mut T = &mut s[i];
+            // SAFETY: `p` comes from a live `&mut T` into this buffer; all-zero is a valid T.
+            unsafe { std::ptr::write_volatile(p, T::zeroed()) };
+        }
+        std::mem::size_of_val(s)
+    }
+
     #[inline]
     pub(crate) fn as_slice(&self) -> &[T] {
         // SAFETY: ptr is valid for len elements (zero-initialised, and all-zero is a valid T

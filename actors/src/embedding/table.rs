@@ -308,6 +308,30 @@ impl Table {
             scratch: Scratch::default(),
             cfg,
         })
+        .map(|mut table| {
+            table.reserve();
+            table
+        })
+    }
+
+    /// Makes room for `reserve_rows` rows (see [`TableConfig::reserve_rows`]): index, metadata
+    /// and, up to the DRAM budget, hot slots, all faulted in now.
+    fn reserve(&mut self) {
+        let rows = self.cfg.reserve_rows as usize;
+        if rows == 0 {
+            return;
+        }
+        let start = std::time::Instant::now();
+        let hot = match &self.tier {
+            Some(t) => rows.min(t.hot_capacity as usize),
+            None => rows,
+        };
+        self.index = Index::with_capacity(rows);
+        self.meta.ensure(rows);
+        self.rows.ensure(hot);
+        let bytes = self.index.prefault() + self.meta.prefault() + self.rows.prefault();
+        tracing::debug!(table = %self.name, rows, mib = bytes >> 20,
+            secs = start.elapsed().as_secs_f64(), "reserved and faulted in");
     }
 
     /// DRAM bytes per hot row, as a DRAM budget counts them: the padded row, and with a tier

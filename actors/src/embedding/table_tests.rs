@@ -472,6 +472,14 @@ fn tier_workload(
     seed: u64,
     dir: Option<&std::path::Path>,
 ) -> (Vec<Vec<f32>>, TableSnapshot, TableStats) {
+    tier_workload_reserving(seed, dir, 0)
+}
+
+fn tier_workload_reserving(
+    seed: u64,
+    dir: Option<&std::path::Path>,
+    reserve_rows: u64,
+) -> (Vec<Vec<f32>>, TableSnapshot, TableStats) {
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let mut cfg = TableConfig {
         optimizer: OptimizerConfig::Adam {
@@ -492,6 +500,7 @@ fn tier_workload(
     };
     // Adam dim 8 = 26 floats, padded to 128 bytes; +8 per slot: ~600 rows of budget.
     cfg.dram_budget_bytes = dir.map(|_| 600 * 136);
+    cfg.reserve_rows = reserve_rows;
     let mut t = Table::new(TableName::new("t"), cfg, dir).unwrap();
     let zipf = crate::rng::Zipf::new(5_000, 1.05);
     let mut outs = Vec::new();
@@ -529,6 +538,47 @@ fn tiering_gives_identical_results() {
     };
     assert_eq!(strip(a_snap), strip(b_snap), "seed {seed}");
     assert_eq!(a_stats.rows, b_stats.rows);
+}
+
+/// A reservation only moves allocation earlier: below it, past it (the workload keeps about
+/// 3,000 rows), and beyond a tier's DRAM budget, the table computes exactly what a table
+/// that grows from empty computes.
+#[test]
+fn reserved_tables_compute_what_growing_tables_compute() {
+    let seed = crate::testkit::seed("reserve_rows");
+    let dir = tempfile::tempdir().unwrap();
+    let memory = |mut s: TableSnapshot| {
+        s.stats.hot_bytes = 0;
+        s.stats.index_bytes = 0;
+        s
+    };
+    let (out, snap, stats) = tier_workload(seed, None);
+    for reserve in [1_000, 20_000] {
+        let (r_out, r_snap, r_stats) = tier_workload_reserving(seed, None, reserve);
+        assert_eq!(
+            out, r_out,
+            "seed {seed}: lookups differ with reserve {reserve}"
+        );
+        assert_eq!(memory(snap.clone()), memory(r_snap), "seed {seed}");
+        assert!(r_stats.index_bytes >= stats.index_bytes);
+        if reserve == 20_000 {
+            // Room for 20,000 keys at the index's load limit, where the table alone grew
+            // to what its ~3,000 rows need.
+            assert!(r_stats.index_bytes >= 20_000 * 16, "{r_stats:?}");
+            assert!(stats.index_bytes < 20_000 * 16, "{stats:?}");
+        }
+    }
+    let (t_out, t_snap, _) = tier_workload(seed, Some(dir.path()));
+    let dir2 = tempfile::tempdir().unwrap();
+    let (rt_out, rt_snap, rt_stats) = tier_workload_reserving(seed, Some(dir2.path()), 200_000);
+    assert_eq!(
+        t_out, rt_out,
+        "seed {seed}: tiered lookups differ with a reserve"
+    );
+    assert_eq!(memory(t_snap), memory(rt_snap), "seed {seed}");
+    // The hot slots reserved stop at the budget (600 rows): one 8 MiB arena chunk of rows and
+    // one of metadata, where 200,000 rows of 128 bytes would have taken four chunks.
+    assert!(rt_stats.hot_bytes <= 16 << 20, "{rt_stats:?}");
 }
 
 #[test]
