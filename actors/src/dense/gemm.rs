@@ -78,10 +78,6 @@ impl Share {
         (self.0 >= 2).then(|| (Share(self.0 / 2), Share(self.0 - self.0 / 2)))
     }
 
-    pub fn threads(self) -> usize {
-        self.0
-    }
-
     fn parallelism(self) -> gemm::Parallelism {
         if self.0 > 1 {
             gemm::Parallelism::Rayon(self.0)

@@ -103,8 +103,8 @@ impl<T: bytemuck::Pod> HugeBuf<T> {
         let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
         let s = self.as_mut_slice();
         for i in (0..s.len()).step_by(step) {
-            // A volatile write: the compiler may not drop a store of the value it cannot see
-            // is already there, but volatile says so outright.
+            // Volatile, so that the store stays even where the compiler could prove the
+            // buffer already holds zero: the store is there for its page fault.
             let p: *mut T = &mut s[i];
             // SAFETY: `p` comes from a live `&mut T` into this buffer; all-zero is a valid T.
             unsafe { std::ptr::write_volatile(p, T::zeroed()) };
