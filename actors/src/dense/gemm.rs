@@ -66,7 +66,7 @@ impl Threads {
 /// weight gradient `xᵀ dy` and input gradient `dy Wᵀ`, which take the same FLOPs) runs faster as
 /// the two halves side by side, each GEMM on half the threads. Measured on the W&D tower's
 /// GEMMs at batch 512 on 2 threads, interleaved in one run (see `docs/performance.md`): the
-/// backward GEMMs 9-10% faster, the forward 3-8%.
+/// backward GEMMs 9-11% faster, the forward 3-8%.
 ///
 /// Only meaningful inside [`Threads::install`], where the halves run on the pool's threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
