@@ -721,6 +721,13 @@ mod tests {
         }
     }
 
+    /// A batch's input columns in [-1, 1) and wide sums in [-0.5, 0.5), in that draw order.
+    fn random_inputs(rng: &mut Xoshiro256, rows: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..rows * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        let wide = (0..rows).map(|_| rng.next_f32() - 0.5).collect();
+        (x, wide)
+    }
+
     /// Loss of the batch at the given parameters and inputs, without updating anything.
     fn loss_at(
         net: &mut DenseNet,
@@ -769,8 +776,7 @@ mod tests {
             }
             let mut net = DenseNet::new(cfg, sh.clone()).unwrap();
             let d = sh.input_dim();
-            let x: Vec<f32> = (0..rows * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-            let wide: Vec<f32> = (0..rows).map(|_| rng.next_f32() - 0.5).collect();
+            let (x, wide) = random_inputs(&mut rng, rows, d);
             let y: Vec<f32> = (0..rows).map(|i| (i % 2) as f32).collect();
             let w = vec![1.0f32; rows];
             let (xi, wi) = net.inputs_mut(rows);
@@ -865,8 +871,7 @@ mod tests {
             cfg.seed = seed;
             let sh = shape();
             let d = sh.input_dim();
-            let x: Vec<f32> = (0..rows * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-            let wide: Vec<f32> = (0..rows).map(|_| rng.next_f32() - 0.5).collect();
+            let (x, wide) = random_inputs(&mut rng, rows, d);
             let y: Vec<f32> = (0..rows).map(|i| f32::from(u8::from(i % 3 == 0))).collect();
             let w = vec![1.0f32; rows];
             let step = |th: &Threads| {
