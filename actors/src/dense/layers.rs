@@ -120,39 +120,26 @@ impl Linear {
         }
     }
 
-    /// Given `dy` (masked in place by the ReLU), writes `dW`, `db` into `g` and, when asked,
-    /// *overwrites* `dx`.
+    /// Given `dy`, the gradient at the layer's output, writes `dW`, `db` into `g` and the
+    /// input gradient into `dx` as it asks. For a ReLU layer `dy` must already be the gradient
+    /// *before* the ReLU: masked by [`relu_backward`], or written by the layer above through
+    /// [`InputGrad::ThroughRelu`], which saves a pass over it.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &[f32],
         g: &mut [f32],
         x: &[f32],
-        y: &[f32],
-        dy: &mut [f32],
-        dx: Option<&mut [f32]>,
+        dy: &[f32],
+        dx: InputGrad<'_>,
         rows: usize,
         share: impl Into<Share>,
     ) {
         let (inp, out) = (self.inp, self.out);
-        let dy = &mut dy[..rows * out];
-        if self.relu {
-            use rayon::prelude::*;
-            dy.par_chunks_mut(out * ROWS_PER_TASK)
-                .zip(y[..rows * out].par_chunks(out * ROWS_PER_TASK))
-                .for_each(|(d, y)| {
-                    // A select, not a conditional store: the compiler will not invent stores a
-                    // branch skips, so `if v <= 0.0 { *d = 0.0 }` stayed a scalar loop with a
-                    // branch per element (7% of a W&D training run's CPU in `perf`).
-                    for (d, &v) in d.iter_mut().zip(y) {
-                        *d = if v > 0.0 { *d } else { 0.0 };
-                    }
-                });
-        }
+        let dy = &dy[..rows * out];
         let (gw, gb) = g[self.at..self.at + inp * out + out].split_at_mut(inp * out);
         let share = share.into();
         let w = self.w(p);
-        let dy: &[f32] = dy;
         // The weight side: db, the column sums of dy, and dW = xᵀ dy.
         let mut weights = move |s: Share| {
             gb.fill(0.0);
@@ -173,8 +160,10 @@ impl Linear {
                 matmul(gw, inp, out, rows, Op::t(x), Op::n(dy), false, s);
             }
         };
-        // The input side: dx = dy Wᵀ (an outer product with one output).
-        let inputs = |dx: &mut [f32], s: Share| {
+        // The input side: dx = dy Wᵀ (an outer product with one output), then the mask of the
+        // ReLU below while the rows are still in cache.
+        let inputs = |dx: &mut [f32], below: Option<&[f32]>, s: Share| {
+            let dx = &mut dx[..rows * inp];
             if out == 1 {
                 for (dxr, &d) in dx.chunks_exact_mut(inp).zip(dy) {
                     for (o, &wv) in dxr.iter_mut().zip(w) {
@@ -184,20 +173,59 @@ impl Linear {
             } else {
                 matmul(dx, rows, inp, out, Op::n(dy), Op::t(w), false, s);
             }
+            if let Some(y) = below {
+                relu_mask(dx, &y[..rows * inp]);
+            }
+        };
+        let (dx, below) = match dx {
+            InputGrad::Skip => (None, None),
+            InputGrad::Plain(dx) => (Some(dx), None),
+            InputGrad::ThroughRelu { dx, below } => (Some(dx), Some(below)),
         };
         match (dx, share.halves()) {
             // The two sides only read dy, and for a hidden layer take the same FLOPs: side by
-            // side, each on half the threads (see `Share`).
+            // side, each on half the threads (see `Share`). The weight side's bias sums and the
+            // input side's mask are about the same work too.
             (Some(dx), Some((s0, s1))) => {
-                rayon::join(|| weights(s0), || inputs(dx, s1));
+                rayon::join(|| weights(s0), || inputs(dx, below, s1));
             }
             (dx, _) => {
                 weights(share);
                 if let Some(dx) = dx {
-                    inputs(dx, share);
+                    inputs(dx, below, share);
                 }
             }
         }
+    }
+}
+
+/// Where [`Linear::backward`] puts the gradient with respect to its input.
+#[derive(Debug)]
+pub enum InputGrad<'a> {
+    /// Not wanted (the input is data, not an activation).
+    Skip,
+    /// `dx` is overwritten with dL/dx.
+    Plain(&'a mut [f32]),
+    /// The input is the output `below` of a ReLU layer: `dx` is overwritten with the gradient
+    /// before that ReLU, which is what the layer below's backward pass takes as its `dy`.
+    ThroughRelu { dx: &'a mut [f32], below: &'a [f32] },
+}
+
+/// Masks `dy`, the gradient at a ReLU's output `y`, into the gradient before it, in parallel
+/// row blocks on the current pool.
+pub fn relu_backward(dy: &mut [f32], y: &[f32], width: usize) {
+    use rayon::prelude::*;
+    dy.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(y.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(d, y)| relu_mask(d, y));
+}
+
+fn relu_mask(d: &mut [f32], y: &[f32]) {
+    // A select, not a conditional store: the compiler will not invent stores a branch skips,
+    // so `if v <= 0.0 { *d = 0.0 }` stayed a scalar loop with a branch per element (7% of a
+    // W&D training run's CPU in `perf`).
+    for (d, &v) in d.iter_mut().zip(y) {
+        *d = if v > 0.0 { *d } else { 0.0 };
     }
 }
 
@@ -281,9 +309,8 @@ impl Cross {
             scratch[i] = dout[i] * x0[i];
             dx0[i] += dout[i] * u[i];
         }
-        // u's layer has no activation, so `y` is not read.
         self.lin()
-            .backward(p, g, xl, u, scratch, Some(dxl), rows, th);
+            .backward(p, g, xl, scratch, InputGrad::Plain(dxl), rows, th);
         for i in 0..n {
             dxl[i] += dout[i];
         }
@@ -573,9 +600,12 @@ mod tests {
             };
             let y = fwd(&p, &x);
             let mut dy = c.clone();
+            if relu {
+                relu_backward(&mut dy, &y, out);
+            }
             let mut g = vec![0f32; p.len()];
             let mut dx = vec![0f32; rows * inp];
-            l.backward(&p, &mut g, &x, &y, &mut dy, Some(&mut dx), rows, &th);
+            l.backward(&p, &mut g, &x, &dy, InputGrad::Plain(&mut dx), rows, &th);
             let x0 = x.clone();
             check("linear.p", &mut p[3..], &g[3..], |pv| {
                 let mut full = vec![0f32; 3];

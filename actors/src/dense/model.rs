@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::gemm::Threads;
-use super::layers::{self, Cross, Linear};
+use super::layers::{self, Cross, InputGrad, Linear};
 use super::optim::{DenseOptimizer, DenseOptimizerConfig};
 use crate::embedding::InvalidValue;
 use crate::rng::Xoshiro256;
@@ -581,50 +581,64 @@ impl DenseNet {
 
     fn backward(&mut self, rows: usize, th: &Threads) {
         let d = self.shape.input_dim();
+        let kind = self.config.kind;
         let ws = &mut self.ws;
         let p = &self.params;
         let g = &mut self.grads;
-        ws.dx[..rows * d].fill(0.0);
-        if let Some(lin) = &self.lin {
-            ws.tmp[..rows].copy_from_slice(&ws.dlogit[..rows]);
-            lin.backward(p, g, &ws.dense, &[], &mut ws.tmp, None, rows, th);
+        // W&D and DeepFM feed x to the tower as it is: its first layer writes every column of
+        // dx, so it writes straight there instead of through `grads_a` and a copy.
+        let tower_writes_dx = matches!(kind, ModelKind::Wdl | ModelKind::Deepfm);
+        if !tower_writes_dx {
+            ws.dx[..rows * d].fill(0.0);
         }
-        // The deep tower, last layer first; `grads_a` carries d(output) downwards.
+        if let Some(lin) = &self.lin {
+            let dy = &ws.dlogit[..rows];
+            lin.backward(p, g, &ws.dense, dy, InputGrad::Skip, rows, th);
+        }
+        // The deep tower, last layer first; `grads_a` carries d(output) downwards, already
+        // through each hidden layer's ReLU (the layer above applies the mask as it writes it).
         let n = self.tower.len();
         if n > 0 {
             ws.grads_a[..rows].copy_from_slice(&ws.dlogit[..rows]);
+            if self.tower[n - 1].relu {
+                layers::relu_backward(&mut ws.grads_a[..rows], &ws.acts[n - 1], 1);
+            }
             for i in (0..n).rev() {
                 let l = self.tower[i];
                 let inp: &[f32] = if i > 0 {
                     &ws.acts[i - 1]
                 } else {
-                    match self.config.kind {
+                    match kind {
                         ModelKind::Dcn => &ws.cross_out[self.cross.len() - 1],
                         ModelKind::Dlrm => &ws.top_in,
                         _ => &ws.x,
                     }
                 };
-                let (dy, dxb) = (&mut ws.grads_a, &mut ws.grads_b);
-                let want_dx = i > 0 || self.config.kind != ModelKind::Lr;
-                l.backward(
-                    p,
-                    g,
-                    inp,
-                    &ws.acts[i],
-                    dy,
-                    want_dx.then_some(&mut dxb[..]),
-                    rows,
-                    th,
-                );
-                std::mem::swap(&mut ws.grads_a, &mut ws.grads_b);
+                let dx = if i > 0 {
+                    if self.tower[i - 1].relu {
+                        InputGrad::ThroughRelu {
+                            dx: &mut ws.grads_b,
+                            below: &ws.acts[i - 1],
+                        }
+                    } else {
+                        InputGrad::Plain(&mut ws.grads_b)
+                    }
+                } else if tower_writes_dx {
+                    InputGrad::Plain(&mut ws.dx)
+                } else {
+                    InputGrad::Plain(&mut ws.grads_b)
+                };
+                l.backward(p, g, inp, &ws.grads_a, dx, rows, th);
+                if i > 0 || !tower_writes_dx {
+                    std::mem::swap(&mut ws.grads_a, &mut ws.grads_b);
+                }
             }
         }
         // `grads_a` now holds d(tower input), rows x tower_in.
-        match self.config.kind {
-            ModelKind::Lr => {}
-            ModelKind::Wdl => ws.dx[..rows * d].copy_from_slice(&ws.grads_a[..rows * d]),
+        // (For W&D and DeepFM it is in `dx` already.)
+        match kind {
+            ModelKind::Lr | ModelKind::Wdl => {}
             ModelKind::Deepfm => {
-                ws.dx[..rows * d].copy_from_slice(&ws.grads_a[..rows * d]);
                 let (nf, e) = (self.shape.fields.len(), self.shape.fields[0]);
                 let (x, dlogit) = (&ws.x, &ws.dlogit);
                 layers::by_row_halves(th.share(), rows, &mut ws.dx, d, |r0, n, dx| {
@@ -680,22 +694,25 @@ impl DenseNet {
                     }
                     ws.dx[r * d..r * d + nf * e].copy_from_slice(&dzr[e..]);
                 }
-                // The bottom MLP, last layer first.
+                // The bottom MLP, last layer first. Its gradient comes from outside, so its
+                // last ReLU is applied here; each layer masks for the one below as it goes.
+                let nb = self.bottom.len();
                 ws.grads_a[..rows * e].copy_from_slice(&dbo);
-                for i in (0..self.bottom.len()).rev() {
+                if self.bottom[nb - 1].relu {
+                    layers::relu_backward(&mut ws.grads_a[..rows * e], &ws.bottom[nb - 1], e);
+                }
+                for i in (0..nb).rev() {
                     let l = self.bottom[i];
                     let inp: &[f32] = if i > 0 { &ws.bottom[i - 1] } else { &ws.dense };
-                    let (dy, dxb) = (&mut ws.grads_a, &mut ws.grads_b);
-                    l.backward(
-                        p,
-                        g,
-                        inp,
-                        &ws.bottom[i],
-                        dy,
-                        (i > 0).then_some(&mut dxb[..]),
-                        rows,
-                        th,
-                    );
+                    let dx = match i {
+                        0 => InputGrad::Skip,
+                        _ if self.bottom[i - 1].relu => InputGrad::ThroughRelu {
+                            dx: &mut ws.grads_b,
+                            below: &ws.bottom[i - 1],
+                        },
+                        _ => InputGrad::Plain(&mut ws.grads_b),
+                    };
+                    l.backward(p, g, inp, &ws.grads_a, dx, rows, th);
                     std::mem::swap(&mut ws.grads_a, &mut ws.grads_b);
                 }
             }
