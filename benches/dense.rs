@@ -4,7 +4,7 @@
 //! and their quotient is the step's share of the sgemm rate.
 //!
 //! `cargo bench --bench dense`. `freshet bench dense --json` prints the same ratio against the
-//! best of several sgemm shapes.
+//! fastest of several sgemm shapes, timed in rounds interleaved with the step's.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use freshet_actors::dense::gemm::{matmul, Op};

@@ -208,6 +208,42 @@ fn bench_checkpoint_reports_every_figure_with_its_baseline() {
 }
 
 #[test]
+fn bench_dense_reports_step_and_peak_from_the_same_rounds() {
+    let o = freshet(
+        &[
+            "bench", "dense", "--model", "deepfm", "--batch", "64", "--steps", "2", "--rounds",
+            "3", "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let f = |k: &str| {
+        v[k].as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .unwrap_or_else(|| panic!("{k} missing or not positive: {v}"))
+    };
+    assert_eq!(v["rounds"].as_u64(), Some(3), "{v}");
+    // Best rounds are at least the medians, and each ratio is its two figures' quotient.
+    assert!(f("step_gflops_best") >= f("step_gflops"), "{v}");
+    assert!(f("sgemm_best_gflops") >= f("sgemm_peak_gflops"), "{v}");
+    let ratio = f("step_gflops") / f("sgemm_peak_gflops");
+    assert!((f("vs_sgemm_peak") - ratio).abs() < 1e-9, "{v}");
+    let ratio = f("step_gflops_best") / f("sgemm_best_gflops");
+    assert!((f("vs_sgemm_best") - ratio).abs() < 1e-9, "{v}");
+    let shapes = v["sgemm_shapes"].as_array().expect("sgemm_shapes");
+    assert_eq!(shapes.len(), 3, "2048^3 and the first two layers: {v}");
+    for s in shapes {
+        let (median, best) = (s[3].as_f64().unwrap(), s[4].as_f64().unwrap());
+        assert!(median > 0.0 && best >= median, "{s}");
+        assert!(
+            median <= f("sgemm_peak_gflops"),
+            "the peak is the fastest shape: {v}"
+        );
+    }
+}
+
+#[test]
 fn bad_bench_arguments_get_a_clear_error() {
     for args in [
         &["bench", "embedding", "--zipf", "-1"][..],
@@ -216,6 +252,9 @@ fn bad_bench_arguments_get_a_clear_error() {
         &["bench", "embedding", "--tier-fraction", "1.5"],
         &["bench", "checkpoint", "--rows", "10", "--changed", "20"],
         &["bench", "checkpoint", "--rounds", "0"],
+        &["bench", "dense", "--rounds", "0"],
+        &["bench", "dense", "--batch", "0"],
+        &["bench", "dense", "--model", "resnet"],
     ] {
         let o = freshet(args, &[]);
         assert!(!o.status.success(), "{args:?} accepted");
