@@ -618,6 +618,62 @@ mod tests {
         println!("seed {seed}");
     }
 
+    /// The fused mask gives exactly what an unmasked input gradient masked afterwards gives,
+    /// on one thread and on two (where the input side runs beside the weight side), and the
+    /// weight gradients do not depend on which way dx is asked for.
+    #[test]
+    fn input_grad_through_relu_equals_plain_then_mask() {
+        let seed = crate::testkit::seed("through_relu");
+        let mut rng = Xoshiro256::seed_from_u64(seed);
+        // 150 rows: enough for the two-thread path to split them.
+        let (rows, inp, out) = (150, 23, 17);
+        let l = Linear {
+            inp,
+            out,
+            at: 0,
+            relu: false,
+        };
+        let p = randv(&mut rng, Linear::param_count(inp, out), 0.5);
+        let x = randv(&mut rng, rows * inp, 1.0);
+        // The output of the ReLU layer below: about half of it exactly zero.
+        let below: Vec<f32> = randv(&mut rng, rows * inp, 1.0)
+            .into_iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        let dy = randv(&mut rng, rows * out, 1.0);
+        for threads in [1, 2] {
+            let th = Threads::new(threads).unwrap();
+            let (mut g1, mut g2) = (vec![0f32; p.len()], vec![0f32; p.len()]);
+            let (mut plain, mut fused) = (vec![0f32; rows * inp], vec![7f32; rows * inp]);
+            th.install(|| {
+                l.backward(
+                    &p,
+                    &mut g1,
+                    &x,
+                    &dy,
+                    InputGrad::Plain(&mut plain),
+                    rows,
+                    &th,
+                );
+                relu_backward(&mut plain, &below, inp);
+                let dx = InputGrad::ThroughRelu {
+                    dx: &mut fused,
+                    below: &below,
+                };
+                l.backward(&p, &mut g2, &x, &dy, dx, rows, &th);
+            });
+            assert_eq!(plain, fused, "threads {threads}, seed {seed}");
+            assert_eq!(g1, g2, "threads {threads}, seed {seed}");
+            let zeros = below.iter().filter(|v| **v == 0.0).count();
+            let masked = fused.iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros > rows * inp / 4 && masked >= zeros,
+                "the mask was applied"
+            );
+        }
+        println!("seed {seed}");
+    }
+
     #[test]
     fn cross_gradients() {
         let seed = crate::testkit::seed("fd_cross");
