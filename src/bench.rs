@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use freshet_actors::dense::gemm::SgemmProbe;
 use freshet_actors::embedding::bench::{key_of_rank, zipf_batches, HashMapBaseline, MemoryProbe};
 use freshet_actors::embedding::{Initializer, OptimizerConfig, Table, TableConfig, TrainCtx};
 use freshet_actors::rng::Xoshiro256;
@@ -85,55 +86,10 @@ struct DenseReport {
 }
 
 /// One sgemm shape, timed in rounds between the step's rounds.
-struct GemmProbe {
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
+struct GemmRounds {
+    probe: SgemmProbe,
     calls: usize,
     rates: Vec<f64>,
-}
-
-impl GemmProbe {
-    fn new(m: usize, n: usize, k: usize) -> Self {
-        Self {
-            m,
-            n,
-            k,
-            a: (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect(),
-            b: (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect(),
-            c: vec![0f32; m * n],
-            calls: 1,
-            rates: Vec::new(),
-        }
-    }
-
-    fn flop(&self) -> f64 {
-        2.0 * (self.m * self.n * self.k) as f64
-    }
-
-    /// Times `calls` back-to-back products; returns FLOP/s.
-    fn time(&mut self, calls: usize, th: &freshet_actors::dense::Threads) -> f64 {
-        use freshet_actors::dense::gemm::{matmul, Op};
-        let (m, n, k) = (self.m, self.n, self.k);
-        let t = Instant::now();
-        for _ in 0..calls {
-            matmul(
-                &mut self.c,
-                m,
-                n,
-                k,
-                Op::n(&self.a),
-                Op::n(&self.b),
-                false,
-                th,
-            );
-        }
-        std::hint::black_box(&self.c);
-        calls as f64 * self.flop() / t.elapsed().as_secs_f64()
-    }
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -176,12 +132,16 @@ fn dense(a: DenseArgs) -> anyhow::Result<()> {
     ));
     let flops = net.flops_per_sample();
     let d = shape.input_dim();
-    let mut probes: Vec<GemmProbe> =
-        vec![(2048, 2048, 2048), (a.batch, 1024, d), (a.batch, 512, 1024)]
-            .into_iter()
-            .map(|(m, n, k)| GemmProbe::new(m, n, k))
-            .collect();
-    probes.dedup_by_key(|p| (p.m, p.n, p.k));
+    let mut shapes = vec![(2048, 2048, 2048), (a.batch, 1024, d), (a.batch, 512, 1024)];
+    shapes.dedup();
+    let mut probes: Vec<GemmRounds> = shapes
+        .into_iter()
+        .map(|(m, n, k)| GemmRounds {
+            probe: SgemmProbe::new(m, n, k),
+            calls: 1,
+            rates: Vec::new(),
+        })
+        .collect();
     // Why interleaved: this VM's speed drifts by a third within minutes. A peak timed after the
     // step, or its best call against the step's median round, measures the drift as much as
     // the step. Here every step round is followed by one round of each shape, about as long,
@@ -197,8 +157,8 @@ fn dense(a: DenseArgs) -> anyhow::Result<()> {
         }
         let round_secs = t.elapsed().as_secs_f64();
         for p in &mut probes {
-            let rate = p.time(2, &th);
-            p.calls = ((round_secs * rate / p.flop()).ceil() as usize).max(2);
+            let rate = p.probe.time(2, &th);
+            p.calls = ((round_secs * rate / p.probe.flop()).ceil() as usize).max(2);
         }
         for r in 0..a.rounds {
             let t = Instant::now();
@@ -207,7 +167,7 @@ fn dense(a: DenseArgs) -> anyhow::Result<()> {
             }
             step_rates.push(a.steps as f64 / t.elapsed().as_secs_f64());
             for p in &mut probes {
-                let rate = p.time(p.calls, &th);
+                let rate = p.probe.time(p.calls, &th);
                 p.rates.push(rate);
             }
             progress(&format!("  round {} of {}", r + 1, a.rounds));
@@ -217,7 +177,10 @@ fn dense(a: DenseArgs) -> anyhow::Result<()> {
     let step_rate = median(&step_rates);
     let measured: Vec<_> = probes
         .iter()
-        .map(|p| (p.m, p.n, p.k, median(&p.rates) / 1e9, best(&p.rates) / 1e9))
+        .map(|p| {
+            let (m, n, k) = (p.probe.m, p.probe.n, p.probe.k);
+            (m, n, k, median(&p.rates) / 1e9, best(&p.rates) / 1e9)
+        })
         .collect();
     let peak = measured.iter().map(|s| s.3).fold(0.0, f64::max);
     let peak_best = measured.iter().map(|s| s.4).fold(0.0, f64::max);
@@ -339,15 +302,14 @@ struct TieredReport {
 
 /// Times `f` over `rounds` passes; returns keys/s of the median pass.
 fn median_rate(rounds: usize, keys_per_pass: usize, mut f: impl FnMut()) -> f64 {
-    let mut rates: Vec<f64> = (0..rounds.max(1))
+    let rates: Vec<f64> = (0..rounds.max(1))
         .map(|_| {
             let t = Instant::now();
             f();
             keys_per_pass as f64 / t.elapsed().as_secs_f64()
         })
         .collect();
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
+    median(&rates)
 }
 
 /// Progress goes to stderr always: stdout carries only the report, so `--json` stays parseable.

@@ -271,26 +271,67 @@ pub fn matmul(
     }
 }
 
+/// One `m x k` by `k x n` sgemm with its operands, to time this binary's GEMM rate.
+#[derive(Debug)]
+pub struct SgemmProbe {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl SgemmProbe {
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            a: (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect(),
+            b: (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect(),
+            c: vec![0f32; m * n],
+        }
+    }
+
+    /// FLOPs of one product.
+    pub fn flop(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k) as f64
+    }
+
+    /// Times `calls` back-to-back products on `share`'s threads (call inside
+    /// [`Threads::install`]); returns FLOP/s.
+    pub fn time(&mut self, calls: usize, share: impl Into<Share>) -> f64 {
+        let (m, n, k, share) = (self.m, self.n, self.k, share.into());
+        let t = Instant::now();
+        for _ in 0..calls {
+            matmul(
+                &mut self.c,
+                m,
+                n,
+                k,
+                Op::n(&self.a),
+                Op::n(&self.b),
+                false,
+                share,
+            );
+        }
+        std::hint::black_box(&self.c);
+        calls as f64 * self.flop() / t.elapsed().as_secs_f64()
+    }
+}
+
 /// The measured sgemm rate of this binary on `threads`, in FLOP/s: the best of a few timed
 /// runs of an `m x k` by `k x n` product. The dense bench divides by this, so its ratio does
 /// not drift with the machine.
 pub fn sgemm_peak(threads: &Threads, m: usize, n: usize, k: usize, min_secs: f64) -> f64 {
-    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-    let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
-    let mut c = vec![0f32; m * n];
+    let mut probe = SgemmProbe::new(m, n, k);
     threads.install(|| {
-        for _ in 0..2 {
-            matmul(&mut c, m, n, k, Op::n(&a), Op::n(&b), false, threads);
-        }
-        let flop = 2.0 * (m * n * k) as f64;
+        probe.time(2, threads);
         let mut best = 0f64;
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < min_secs {
-            let t = Instant::now();
-            for _ in 0..4 {
-                matmul(&mut c, m, n, k, Op::n(&a), Op::n(&b), false, threads);
-            }
-            best = best.max(4.0 * flop / t.elapsed().as_secs_f64());
+            best = best.max(probe.time(4, threads));
         }
         best
     })

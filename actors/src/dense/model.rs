@@ -600,9 +600,7 @@ impl DenseNet {
         let n = self.tower.len();
         if n > 0 {
             ws.grads_a[..rows].copy_from_slice(&ws.dlogit[..rows]);
-            if self.tower[n - 1].relu {
-                layers::relu_backward(&mut ws.grads_a[..rows], &ws.acts[n - 1], 1);
-            }
+            debug_assert!(!self.tower[n - 1].relu, "the logit layer has no ReLU");
             for i in (0..n).rev() {
                 let l = self.tower[i];
                 let inp: &[f32] = if i > 0 {
