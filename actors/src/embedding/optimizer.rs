@@ -32,7 +32,7 @@ pub(crate) fn init_row(
         }
         Initializer::Normal { mean, std } => {
             for x in w.iter_mut() {
-                *x = mean + std * rng.next_normal() as f32;
+                *x = mean + std * rng.next_normal_ziggurat() as f32;
             }
         }
     }
@@ -260,6 +260,22 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
     }
+
+    /// A new row's weights are part of every model trained from them, so they are frozen: a
+    /// change here changes every model trained by a later version.
+    #[test]
+    fn normal_initializer_is_frozen() {
+        let opt = OptimizerConfig::default();
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
+        let mut row = vec![0.0f32; 8];
+        init_row(&mut row, 4, &init, &opt, 5, 77);
+        assert_eq!(row[..4], FROZEN_NORMAL_5_77, "{row:?}");
+    }
+
+    const FROZEN_NORMAL_5_77: [f32; 4] = [-0.163_821_68, 1.334_579_8, 2.562_462_6, 1.047_199];
 
     #[test]
     fn initializer_depends_only_on_seed_and_key() {
