@@ -704,6 +704,7 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
             seen += rep.rows;
             rows_done += rep.rows as u64;
             if let Some(ck) = ckpt.as_ref().filter(|ck| ck.due(trainer.step())) {
+                trainer.flush().await?;
                 ck.capture(boundary(&trainer, rows_done))
                     .await
                     .context("taking a checkpoint")?;
@@ -718,6 +719,8 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
                 )
             });
         }
+        // The epoch ends when its last gradients are applied.
+        trainer.flush().await?;
         let secs = start.elapsed().as_secs_f64();
         train_secs += secs;
         last_loss = loss_sum / seen.max(1) as f64;

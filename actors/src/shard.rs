@@ -451,15 +451,38 @@ impl ShardHandle {
         grads: Vec<f32>,
         ctx: TrainCtx,
     ) -> Result<ApplyReport, ShardError> {
-        let table = table.clone();
-        self.ask(TraceContext::none(), |reply| ShardRequest::ApplyGradients {
-            table,
+        self.send_gradients(table, keys, grads, ctx)?.wait().await
+    }
+
+    /// Puts the gradients in the owner's mailbox now and returns their answer to await later.
+    /// The mailbox is first in, first out, so every request sent after this returns (a lookup
+    /// of the next batch, a snapshot) sees the gradients applied, whether or not the answer
+    /// has been awaited yet.
+    pub fn send_gradients(
+        &self,
+        table: &TableName,
+        keys: Vec<FeatureId>,
+        grads: Vec<f32>,
+        ctx: TrainCtx,
+    ) -> Result<PendingApply, ShardError> {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let request = ShardRequest::ApplyGradients {
+            table: table.clone(),
             keys,
             grads,
             ctx,
-            reply,
+            reply: tx.into(),
+        };
+        self.actor
+            .send_message(Envelope::new(request))
+            .map_err(|e| ShardError::Unavailable {
+                shard: self.shard,
+                reason: e.to_string(),
+            })?;
+        Ok(PendingApply {
+            shard: self.shard,
+            reply: rx,
         })
-        .await
     }
 
     pub async fn changes_since(
@@ -556,6 +579,71 @@ impl ShardHandle {
     }
 }
 
+/// The answer to gradients already in a shard owner's mailbox ([`ShardHandle::send_gradients`]).
+#[derive(Debug)]
+pub struct PendingApply {
+    shard: ShardId,
+    reply: ractor::concurrency::OneshotReceiver<Result<ApplyReport, EmbeddingError>>,
+}
+
+impl PendingApply {
+    /// Waits for the owner to have applied the gradients.
+    pub async fn wait(self) -> Result<ApplyReport, ShardError> {
+        match self.reply.await {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(source)) => Err(ShardError::Embedding {
+                shard: self.shard,
+                source,
+            }),
+            Err(_) => Err(ShardError::Unavailable {
+                shard: self.shard,
+                reason: "stopped before replying".into(),
+            }),
+        }
+    }
+}
+
+/// Where each key of one batch goes: per shard, the positions of its keys in the batch and the
+/// keys. A training step computes it once for its lookup and reuses it for its gradient push:
+/// the shard function (a jump hash with an unpredictable loop) is most of a split's cost.
+#[derive(Debug, Clone, Default)]
+pub struct ShardPlan {
+    keys: usize,
+    parts: Vec<(Vec<usize>, Vec<FeatureId>)>,
+}
+
+impl ShardPlan {
+    /// The number of keys planned.
+    pub fn len(&self) -> usize {
+        self.keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys == 0
+    }
+}
+
+/// Gradients of one batch in the shard owners' mailboxes ([`ShardRouter::send_gradients`]).
+#[derive(Debug, Default)]
+pub struct PendingGradients {
+    pending: Vec<PendingApply>,
+}
+
+impl PendingGradients {
+    /// Waits for every shard to have applied its part; returns the reports summed.
+    pub async fn wait(self) -> Result<ApplyReport, ShardError> {
+        let mut total = ApplyReport::default();
+        for p in self.pending {
+            let rep = p.wait().await?;
+            total.applied += rep.applied;
+            total.merged_duplicates += rep.merged_duplicates;
+            total.rejected_non_finite += rep.rejected_non_finite;
+            total.without_row += rep.without_row;
+        }
+        Ok(total)
+    }
+}
+
 /// All shards of a cluster: splits a batch by [`shard_of`], asks every shard concurrently and
 /// puts the answers back in the caller's key order.
 #[derive(Debug, Clone)]
@@ -610,21 +698,34 @@ impl ShardRouter {
         }
     }
 
-    /// Per shard: the positions of its keys in the batch, and the keys.
-    fn split(&self, keys: &[FeatureId]) -> Vec<(Vec<usize>, Vec<FeatureId>)> {
+    /// Which shard owns each of `keys` (see [`ShardPlan`]).
+    pub fn plan(&self, keys: &[FeatureId]) -> ShardPlan {
         let n = self.shards.len() as u32;
-        let mut parts = vec![(Vec::new(), Vec::new()); n as usize];
+        if n == 1 {
+            return ShardPlan {
+                keys: keys.len(),
+                parts: vec![((0..keys.len()).collect(), keys.to_vec())],
+            };
+        }
+        // Room for a shard's even share and then some, so that the pushes rarely reallocate.
+        let room = keys.len() / n as usize + keys.len() / 16 + 16;
+        let mut parts: Vec<(Vec<usize>, Vec<FeatureId>)> = (0..n)
+            .map(|_| (Vec::with_capacity(room), Vec::with_capacity(room)))
+            .collect();
         for (i, &k) in keys.iter().enumerate() {
             let p = &mut parts[shard_of(k, n) as usize];
             p.0.push(i);
             p.1.push(k);
         }
-        parts
+        ShardPlan {
+            keys: keys.len(),
+            parts,
+        }
     }
 
     async fn gather_rows<F, Fut>(
         &self,
-        keys: &[FeatureId],
+        plan: &ShardPlan,
         dim: usize,
         ask: F,
     ) -> Result<Vec<f32>, ShardError>
@@ -632,29 +733,37 @@ impl ShardRouter {
         F: Fn(ShardHandle, Vec<FeatureId>) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<f32>, ShardError>> + Send + 'static,
     {
+        self.check_plan(plan);
         let mut set = tokio::task::JoinSet::new();
-        let mut positions = Vec::new();
-        for (s, (pos, ks)) in self.split(keys).into_iter().enumerate() {
+        for (s, (_, ks)) in plan.parts.iter().enumerate() {
             if ks.is_empty() {
                 continue;
             }
-            let fut = ask(self.shards[s].clone(), ks);
+            let fut = ask(self.shards[s].clone(), ks.clone());
             set.spawn(async move { (s, fut.await) });
-            positions.push((s, pos));
         }
-        let mut out = vec![0.0f32; keys.len() * dim];
+        let mut out = vec![0.0f32; plan.keys * dim];
         while let Some(joined) = set.join_next().await {
             let (s, rows) = joined.map_err(|e| ShardError::Unavailable {
                 shard: 0,
                 reason: format!("request task failed: {e}"),
             })?;
             let rows = rows?;
-            let pos = &positions.iter().find(|p| p.0 == s).expect("asked shard").1;
+            let pos = &plan.parts[s].0;
             for (j, &i) in pos.iter().enumerate() {
                 out[i * dim..(i + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
             }
         }
         Ok(out)
+    }
+
+    /// A plan made by another router would send keys to shards that do not own them.
+    fn check_plan(&self, plan: &ShardPlan) {
+        assert_eq!(
+            plan.parts.len(),
+            self.shards.len(),
+            "a shard plan made for another shard count"
+        );
     }
 
     pub async fn lookup(
@@ -664,7 +773,7 @@ impl ShardRouter {
         keys: &[FeatureId],
     ) -> Result<Vec<f32>, ShardError> {
         let t = table.clone();
-        self.gather_rows(keys, dim, move |h, ks| {
+        self.gather_rows(&self.plan(keys), dim, move |h, ks| {
             let t = t.clone();
             async move { h.lookup(&t, ks).await }
         })
@@ -678,8 +787,20 @@ impl ShardRouter {
         keys: &[FeatureId],
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
+        self.lookup_for_training_planned(table, dim, &self.plan(keys), ctx)
+            .await
+    }
+
+    /// [`ShardRouter::lookup_for_training`] of the keys `plan` was made from.
+    pub async fn lookup_for_training_planned(
+        &self,
+        table: &TableName,
+        dim: usize,
+        plan: &ShardPlan,
+        ctx: TrainCtx,
+    ) -> Result<Vec<f32>, ShardError> {
         let t = table.clone();
-        self.gather_rows(keys, dim, move |h, ks| {
+        self.gather_rows(plan, dim, move |h, ks| {
             let t = t.clone();
             async move { h.lookup_for_training(&t, ks, ctx).await }
         })
@@ -695,31 +816,41 @@ impl ShardRouter {
         grads: &[f32],
         ctx: TrainCtx,
     ) -> Result<ApplyReport, ShardError> {
-        let mut set = tokio::task::JoinSet::new();
-        for (s, (pos, ks)) in self.split(keys).into_iter().enumerate() {
+        self.send_gradients(table, dim, &self.plan(keys), grads, ctx)?
+            .wait()
+            .await
+    }
+
+    /// Puts each shard's part of `grads` (`dim` floats per key of `plan`, in the plan's key
+    /// order) in its owner's mailbox before returning; the answers come with
+    /// [`PendingGradients::wait`]. What any caller sends a shard after this returns sees the
+    /// gradients applied (see [`ShardHandle::send_gradients`]).
+    pub fn send_gradients(
+        &self,
+        table: &TableName,
+        dim: usize,
+        plan: &ShardPlan,
+        grads: &[f32],
+        ctx: TrainCtx,
+    ) -> Result<PendingGradients, ShardError> {
+        self.check_plan(plan);
+        assert_eq!(
+            grads.len(),
+            plan.keys * dim,
+            "{dim} gradient floats per planned key"
+        );
+        let mut pending = Vec::with_capacity(plan.parts.len());
+        for (s, (pos, ks)) in plan.parts.iter().enumerate() {
             if ks.is_empty() {
                 continue;
             }
             let mut g = Vec::with_capacity(ks.len() * dim);
-            for &i in &pos {
+            for &i in pos {
                 g.extend_from_slice(&grads[i * dim..(i + 1) * dim]);
             }
-            let h = self.shards[s].clone();
-            let t = table.clone();
-            set.spawn(async move { h.apply_gradients(&t, ks, g, ctx).await });
+            pending.push(self.shards[s].send_gradients(table, ks.clone(), g, ctx)?);
         }
-        let mut total = ApplyReport::default();
-        while let Some(joined) = set.join_next().await {
-            let rep = joined.map_err(|e| ShardError::Unavailable {
-                shard: 0,
-                reason: format!("request task failed: {e}"),
-            })??;
-            total.applied += rep.applied;
-            total.merged_duplicates += rep.merged_duplicates;
-            total.rejected_non_finite += rep.rejected_non_finite;
-            total.without_row += rep.without_row;
-        }
-        Ok(total)
+        Ok(PendingGradients { pending })
     }
 
     pub async fn stats(&self) -> Result<Vec<ShardStats>, ShardError> {
@@ -806,6 +937,56 @@ mod tests {
         );
         let stats = three.stats().await.unwrap();
         assert!(stats.iter().all(|s| s.counters.training_lookups > 0));
+    }
+
+    /// Gradients sent and not yet awaited are applied before any later request: a lookup sent
+    /// right after them reads what a lookup after awaiting them reads.
+    #[tokio::test]
+    async fn a_lookup_after_sent_gradients_sees_them() {
+        let seed = crate::testkit::seed("lookup_after_sent_gradients");
+        let mut rng = crate::rng::Xoshiro256::seed_from_u64(seed);
+        let piped = cluster(3).await;
+        let waited = cluster(3).await;
+        let user = TableName::new("user");
+        for step in 0..20u64 {
+            let ctx = TrainCtx::at_step(step);
+            let keys: Vec<u64> = (0..300).map(|_| rng.below(2000)).collect();
+            let plan = piped.plan(&keys);
+            assert_eq!(plan.len(), keys.len());
+            let a = piped
+                .lookup_for_training_planned(&user, 8, &plan, ctx)
+                .await
+                .unwrap();
+            let b = waited
+                .lookup_for_training(&user, 8, &keys, ctx)
+                .await
+                .unwrap();
+            assert_eq!(a, b, "seed {seed} step {step}");
+            let grads: Vec<f32> = (0..keys.len() * 8).map(|_| rng.next_f32() - 0.5).collect();
+            // Not awaited before the next lookup.
+            let pending = piped.send_gradients(&user, 8, &plan, &grads, ctx).unwrap();
+            let want = waited
+                .apply_gradients(&user, 8, &keys, &grads, ctx)
+                .await
+                .unwrap();
+            let probe: Vec<u64> = keys.iter().map(|k| k + 1).collect();
+            assert_eq!(
+                piped.lookup(&user, 8, &probe).await.unwrap(),
+                waited.lookup(&user, 8, &probe).await.unwrap(),
+                "seed {seed} step {step}"
+            );
+            let rep = pending.wait().await.unwrap();
+            assert_eq!(rep.applied, want.applied, "seed {seed} step {step}");
+            assert_eq!(rep.merged_duplicates, want.merged_duplicates);
+        }
+        let all: Vec<u64> = (0..2001).collect();
+        assert_eq!(
+            piped.lookup(&user, 8, &all).await.unwrap(),
+            waited.lookup(&user, 8, &all).await.unwrap(),
+            "seed {seed}"
+        );
+        piped.stop();
+        waited.stop();
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ use crate::dense::{DenseNet, InputShape, ModelConfig, Threads};
 use crate::embedding::{Initializer, OptimizerConfig, TableConfig, TrainCtx};
 use crate::ids::{FeatureId, TableName};
 use crate::sample::{Pooling, SampleBlock, Schema};
-use crate::shard::ShardRouter;
+use crate::shard::{PendingGradients, ShardPlan, ShardRouter};
 
 /// The embedding table config the trainer uses for a schema table when none is configured:
 /// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
@@ -66,6 +66,8 @@ struct TableBatch {
     weights: Vec<f32>,
     /// Per field of the table, per row: the range of that row's ids in `index`.
     spans: Vec<Vec<(u32, u32)>>,
+    /// Which shard owns each of `keys`: made once, used by the lookup and the push.
+    plan: ShardPlan,
     rows: Vec<f32>,
     grads: Vec<f32>,
 }
@@ -92,6 +94,9 @@ pub struct Trainer {
     weights: Vec<f32>,
     wide_tmp: Vec<f32>,
     step: u64,
+    /// The last step's gradients, in the shard owners' mailboxes; their answers are awaited by
+    /// the next step (after its key dedup, which they overlap) or by [`Trainer::flush`].
+    pending: Vec<(TableName, u64, PendingGradients)>,
 }
 
 impl Trainer {
@@ -201,6 +206,7 @@ impl Trainer {
             weights: Vec::new(),
             wide_tmp: Vec::new(),
             step: 0,
+            pending: Vec::new(),
         })
     }
 
@@ -311,7 +317,29 @@ impl Trainer {
         }
     }
 
-    /// One training step on rows `range` of `block`.
+    /// Waits until the shard owners have applied the last step's gradients; returns how many
+    /// of them they refused as non-finite.
+    ///
+    /// A step returns once its gradients are in the owners' mailboxes, without waiting for
+    /// them to be applied: the next step's key dedup overlaps the push. Anything sent to the
+    /// shards afterwards (the next lookup, a checkpoint's snapshot, an evaluation) is queued
+    /// behind them, so no one reads the tables without them. What waiting adds is the push's
+    /// outcome: a refusal or a shard that stopped surfaces here, or in the next step.
+    pub async fn flush(&mut self) -> anyhow::Result<u64> {
+        let mut rejected = 0;
+        for (table, step, p) in self.pending.drain(..) {
+            let rep = p.wait().await.with_context(|| {
+                format!("pushing the gradients of step {step} to table {table}")
+            })?;
+            rejected += rep.rejected_non_finite;
+        }
+        Ok(rejected)
+    }
+
+    /// One training step on rows `range` of `block`. Its gradients are applied before any
+    /// later request reaches the shards; see [`Trainer::flush`] for when their outcome is
+    /// known. [`StepReport::gradients_rejected`] counts the refusals of the previous step's
+    /// push, which this step waits for.
     pub async fn train_batch(
         &mut self,
         block: &SampleBlock,
@@ -329,9 +357,17 @@ impl Trainer {
             now_ms: now_ms(),
         };
         self.gather(block, &range);
+        for tb in &mut self.batches {
+            tb.plan = router.plan(&tb.keys);
+        }
+        let mut report = StepReport {
+            rows,
+            gradients_rejected: self.flush().await?,
+            ..Default::default()
+        };
         for (t, tb) in self.tables.iter().zip(&mut self.batches) {
             tb.rows = router
-                .lookup_for_training(&t.name, t.row_dim, &tb.keys, ctx)
+                .lookup_for_training_planned(&t.name, t.row_dim, &tb.plan, ctx)
                 .await
                 .with_context(|| {
                     format!("looking up {} keys of table {}", tb.keys.len(), t.name)
@@ -345,11 +381,7 @@ impl Trainer {
         let d = self.net.shape().input_dim();
         let has_wide = self.net.config().kind.has_wide();
         let (dx, dwide) = self.net.input_grads(rows);
-        let mut report = StepReport {
-            rows,
-            loss_sum: loss.loss_sum,
-            ..Default::default()
-        };
+        report.loss_sum = loss.loss_sum;
         for (t, tb) in self.tables.iter().zip(&mut self.batches) {
             tb.grads.clear();
             tb.grads.resize(tb.keys.len() * t.row_dim, 0.0);
@@ -386,11 +418,10 @@ impl Trainer {
             report.unique_keys += tb.keys.len();
         }
         for (t, tb) in self.tables.iter().zip(&self.batches) {
-            let rep = router
-                .apply_gradients(&t.name, t.row_dim, &tb.keys, &tb.grads, ctx)
-                .await
+            let sent = router
+                .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx)
                 .with_context(|| format!("pushing gradients of table {}", t.name))?;
-            report.gradients_rejected += rep.rejected_non_finite;
+            self.pending.push((t.name.clone(), self.step, sent));
         }
         Ok(report)
     }
@@ -407,6 +438,8 @@ impl Trainer {
         if range.is_empty() {
             return Ok(Vec::new());
         }
+        // The lookup would queue behind the last push anyway; waiting surfaces its outcome.
+        self.flush().await?;
         self.gather(block, &range);
         for (t, tb) in self.tables.iter().zip(&mut self.batches) {
             tb.rows = router
@@ -570,6 +603,48 @@ mod tests {
 
     /// The sparse gradient pushed per key is the sum over the batch: a key seen in two rows of
     /// the same batch moves once, by the summed gradient (checked via SGD on the wide column).
+    /// A step returns before its gradients are applied, so a push that fails must surface in
+    /// the next step (or in `flush`), never be dropped.
+    #[tokio::test]
+    async fn a_failed_push_surfaces_in_the_next_step() {
+        let schema = Schema::criteo(8);
+        let model = ModelConfig::new(ModelKind::Lr);
+        let faults = crate::fault::Faults::new();
+        // The second push makes the owner panic, as a bug would.
+        faults.arm("shard.apply", 1, 1);
+        let tables = Trainer::required_tables(&schema, &model)
+            .into_iter()
+            .map(|(n, d)| (TableName::new(&n), default_table_config(d)))
+            .collect();
+        let (h, _) = crate::shard::ShardHandle::spawn(crate::shard::ShardArgs {
+            shard: 0,
+            shard_count: 1,
+            tables,
+            spill_dir: None,
+            restore: None,
+            faults: faults.clone(),
+        })
+        .await
+        .unwrap();
+        let router = ShardRouter::new(vec![h]);
+        let block = data(64, 5);
+        let mut t = Trainer::new(schema, model).unwrap();
+        let th = Threads::new(1).unwrap();
+        t.train_batch(&block, 0..32, &router, &th).await.unwrap();
+        t.train_batch(&block, 32..64, &router, &th).await.unwrap();
+        let err = t
+            .train_batch(&block, 0..32, &router, &th)
+            .await
+            .unwrap_err();
+        assert_eq!(faults.fired("shard.apply"), 1);
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("pushing the gradients of step 2 to table emb"),
+            "{text}"
+        );
+        router.stop();
+    }
+
     #[tokio::test]
     async fn duplicate_keys_get_summed_gradients() {
         let mut schema = Schema::criteo(4);

@@ -248,6 +248,8 @@ impl TrainerState {
             self.rate_since = Instant::now();
         }
         if self.dirty && !self.feed.replaying() && self.args.writer.due(self.trainer.step()) {
+            // A version holds the gradients of every step before it.
+            self.trainer.flush().await.context("training step")?;
             self.capture().await;
         }
         if consumed == 0 {
