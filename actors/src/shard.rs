@@ -417,13 +417,7 @@ impl ShardHandle {
         table: &TableName,
         keys: Vec<FeatureId>,
     ) -> Result<Vec<f32>, ShardError> {
-        let table = table.clone();
-        self.ask(TraceContext::none(), |reply| ShardRequest::Lookup {
-            table,
-            keys,
-            reply,
-        })
-        .await
+        self.send_lookup(table, keys)?.wait().await
     }
 
     pub async fn lookup_for_training(
@@ -432,16 +426,60 @@ impl ShardHandle {
         keys: Vec<FeatureId>,
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
+        self.send_lookup_for_training(table, keys, ctx)?
+            .wait()
+            .await
+    }
+
+    /// [`ShardHandle::lookup`], sent now and answered later: requests sent to this owner after
+    /// it returns are handled after it.
+    pub fn send_lookup(
+        &self,
+        table: &TableName,
+        keys: Vec<FeatureId>,
+    ) -> Result<Pending<Vec<f32>>, ShardError> {
         let table = table.clone();
-        self.ask(TraceContext::none(), |reply| {
-            ShardRequest::LookupForTraining {
-                table,
-                keys,
-                ctx,
-                reply,
-            }
+        self.send(|reply| ShardRequest::Lookup { table, keys, reply })
+    }
+
+    /// [`ShardHandle::lookup_for_training`], sent now and answered later.
+    pub fn send_lookup_for_training(
+        &self,
+        table: &TableName,
+        keys: Vec<FeatureId>,
+        ctx: TrainCtx,
+    ) -> Result<Pending<Vec<f32>>, ShardError> {
+        let table = table.clone();
+        self.send(|reply| ShardRequest::LookupForTraining {
+            table,
+            keys,
+            ctx,
+            reply,
         })
-        .await
+    }
+
+    /// Puts a request in the owner's mailbox now and returns its answer to await later.
+    ///
+    /// The mailbox is first in, first out, so whatever anyone sends this owner after `send`
+    /// returns is handled after this request, whether or not its answer has been awaited. The
+    /// router relies on it twice: a batch's requests to all shards leave the caller before it
+    /// waits for any, with no task spawned per shard, and a step's gradients need not be
+    /// awaited before the next step's lookup.
+    fn send<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> ShardRequest,
+    ) -> Result<Pending<T>, ShardError> {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        self.actor
+            .send_message(Envelope::new(make(tx.into())))
+            .map_err(|e| ShardError::Unavailable {
+                shard: self.shard,
+                reason: e.to_string(),
+            })?;
+        Ok(Pending {
+            shard: self.shard,
+            reply: rx,
+        })
     }
 
     pub async fn apply_gradients(
@@ -454,34 +492,22 @@ impl ShardHandle {
         self.send_gradients(table, keys, grads, ctx)?.wait().await
     }
 
-    /// Puts the gradients in the owner's mailbox now and returns their answer to await later.
-    /// The mailbox is first in, first out, so every request sent after this returns (a lookup
-    /// of the next batch, a snapshot) sees the gradients applied, whether or not the answer
-    /// has been awaited yet.
+    /// The gradients, sent now and answered later: every request sent to this owner after
+    /// this returns sees them applied.
     pub fn send_gradients(
         &self,
         table: &TableName,
         keys: Vec<FeatureId>,
         grads: Vec<f32>,
         ctx: TrainCtx,
-    ) -> Result<PendingApply, ShardError> {
-        let (tx, rx) = ractor::concurrency::oneshot();
-        let request = ShardRequest::ApplyGradients {
-            table: table.clone(),
+    ) -> Result<Pending<ApplyReport>, ShardError> {
+        let table = table.clone();
+        self.send(|reply| ShardRequest::ApplyGradients {
+            table,
             keys,
             grads,
             ctx,
-            reply: tx.into(),
-        };
-        self.actor
-            .send_message(Envelope::new(request))
-            .map_err(|e| ShardError::Unavailable {
-                shard: self.shard,
-                reason: e.to_string(),
-            })?;
-        Ok(PendingApply {
-            shard: self.shard,
-            reply: rx,
+            reply,
         })
     }
 
@@ -579,18 +605,19 @@ impl ShardHandle {
     }
 }
 
-/// The answer to gradients already in a shard owner's mailbox ([`ShardHandle::send_gradients`]).
+/// The answer to a request already in a shard owner's mailbox ([`ShardHandle::send_lookup`],
+/// [`ShardHandle::send_gradients`] and the like).
 #[derive(Debug)]
-pub struct PendingApply {
+pub struct Pending<T> {
     shard: ShardId,
-    reply: ractor::concurrency::OneshotReceiver<Result<ApplyReport, EmbeddingError>>,
+    reply: ractor::concurrency::OneshotReceiver<Result<T, EmbeddingError>>,
 }
 
-impl PendingApply {
-    /// Waits for the owner to have applied the gradients.
-    pub async fn wait(self) -> Result<ApplyReport, ShardError> {
+impl<T> Pending<T> {
+    /// Waits for the owner's answer.
+    pub async fn wait(self) -> Result<T, ShardError> {
         match self.reply.await {
-            Ok(Ok(report)) => Ok(report),
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(ShardError::Embedding {
                 shard: self.shard,
                 source,
@@ -626,7 +653,7 @@ impl ShardPlan {
 /// Gradients of one batch in the shard owners' mailboxes ([`ShardRouter::send_gradients`]).
 #[derive(Debug, Default)]
 pub struct PendingGradients {
-    pending: Vec<PendingApply>,
+    pending: Vec<Pending<ApplyReport>>,
 }
 
 impl PendingGradients {
@@ -723,33 +750,35 @@ impl ShardRouter {
         }
     }
 
-    async fn gather_rows<F, Fut>(
+    /// Sends every shard its part of `plan` (`send`), then puts the answers, `dim` floats per
+    /// key, back in the plan's key order.
+    async fn gather_rows(
         &self,
         plan: &ShardPlan,
         dim: usize,
-        ask: F,
-    ) -> Result<Vec<f32>, ShardError>
-    where
-        F: Fn(ShardHandle, Vec<FeatureId>) -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<f32>, ShardError>> + Send + 'static,
-    {
+        send: impl Fn(&ShardHandle, Vec<FeatureId>) -> Result<Pending<Vec<f32>>, ShardError>,
+    ) -> Result<Vec<f32>, ShardError> {
         self.check_plan(plan);
-        let mut set = tokio::task::JoinSet::new();
+        let mut pending = Vec::with_capacity(plan.parts.len());
         for (s, (_, ks)) in plan.parts.iter().enumerate() {
-            if ks.is_empty() {
-                continue;
+            if !ks.is_empty() {
+                pending.push((s, send(&self.shards[s], ks.clone())?));
             }
-            let fut = ask(self.shards[s].clone(), ks.clone());
-            set.spawn(async move { (s, fut.await) });
         }
         let mut out = vec![0.0f32; plan.keys * dim];
-        while let Some(joined) = set.join_next().await {
-            let (s, rows) = joined.map_err(|e| ShardError::Unavailable {
-                shard: 0,
-                reason: format!("request task failed: {e}"),
-            })?;
-            let rows = rows?;
+        for (s, p) in pending {
+            let rows = p.wait().await?;
             let pos = &plan.parts[s].0;
+            if rows.len() != pos.len() * dim {
+                return Err(ShardError::Unavailable {
+                    shard: s as ShardId,
+                    reason: format!(
+                        "answered {} floats for {} keys of dim {dim}",
+                        rows.len(),
+                        pos.len()
+                    ),
+                });
+            }
             for (j, &i) in pos.iter().enumerate() {
                 out[i * dim..(i + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
             }
@@ -772,12 +801,8 @@ impl ShardRouter {
         dim: usize,
         keys: &[FeatureId],
     ) -> Result<Vec<f32>, ShardError> {
-        let t = table.clone();
-        self.gather_rows(&self.plan(keys), dim, move |h, ks| {
-            let t = t.clone();
-            async move { h.lookup(&t, ks).await }
-        })
-        .await
+        self.gather_rows(&self.plan(keys), dim, |h, ks| h.send_lookup(table, ks))
+            .await
     }
 
     pub async fn lookup_for_training(
@@ -799,10 +824,8 @@ impl ShardRouter {
         plan: &ShardPlan,
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
-        let t = table.clone();
-        self.gather_rows(plan, dim, move |h, ks| {
-            let t = t.clone();
-            async move { h.lookup_for_training(&t, ks, ctx).await }
+        self.gather_rows(plan, dim, |h, ks| {
+            h.send_lookup_for_training(table, ks, ctx)
         })
         .await
     }

@@ -33,7 +33,7 @@ pub use store::{load_serving, ModelStore, Payload, Restored};
 
 pub const FORMAT: &str = "freshet-model-store";
 /// Version 2 writes full shard files with their float blocks outside the msgpack header
-/// ([`shard_file`]); version 1 wrote each as one msgpack value. Both are read.
+/// (`shard_file.rs`); version 1 wrote each as one msgpack value. Both are read.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;

@@ -2,7 +2,7 @@
 //!
 //! - **Takes in:** one partition of the event log ([`Event`]s as msgpack), read from an
 //!   explicit offset.
-//! - **Sends out:** [`JoinedSample`]s to the same partition of the sample log, and malformed
+//! - **Sends out:** [`JoinedSample`](crate::event::JoinedSample)s to the same partition of the sample log, and malformed
 //!   events and orphan actions to the same partition of the dead-letter log.
 //! - **Keeps:** the event-time [`Window`] (the pure core) and three offsets: the next input
 //!   record, and the next sample and dead letter it will write.
