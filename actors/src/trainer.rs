@@ -601,8 +601,6 @@ mod tests {
         }
     }
 
-    /// The sparse gradient pushed per key is the sum over the batch: a key seen in two rows of
-    /// the same batch moves once, by the summed gradient (checked via SGD on the wide column).
     /// A step returns before its gradients are applied, so a push that fails must surface in
     /// the next step (or in `flush`), never be dropped.
     #[tokio::test]
@@ -645,6 +643,8 @@ mod tests {
         router.stop();
     }
 
+    /// The sparse gradient pushed per key is the sum over the batch: a key seen in two rows of
+    /// the same batch moves once, by the summed gradient (checked via SGD on the wide column).
     #[tokio::test]
     async fn duplicate_keys_get_summed_gradients() {
         let mut schema = Schema::criteo(4);
