@@ -379,12 +379,7 @@ impl ShardHandle {
         trace: TraceContext,
         make: impl FnOnce(Reply<T>) -> ShardRequest,
     ) -> Result<T, ShardError> {
-        let shard = self.shard;
-        self.call(trace, make, |source| ShardError::Embedding {
-            shard,
-            source,
-        })
-        .await
+        self.send(trace, make)?.wait().await
     }
 
     /// One request and its answer: the owner's refusal `E` becomes `refused(E)`, no answer
@@ -439,7 +434,11 @@ impl ShardHandle {
         keys: Vec<FeatureId>,
     ) -> Result<Pending<Vec<f32>>, ShardError> {
         let table = table.clone();
-        self.send(|reply| ShardRequest::Lookup { table, keys, reply })
+        self.send(TraceContext::none(), |reply| ShardRequest::Lookup {
+            table,
+            keys,
+            reply,
+        })
     }
 
     /// [`ShardHandle::lookup_for_training`], sent now and answered later.
@@ -450,11 +449,13 @@ impl ShardHandle {
         ctx: TrainCtx,
     ) -> Result<Pending<Vec<f32>>, ShardError> {
         let table = table.clone();
-        self.send(|reply| ShardRequest::LookupForTraining {
-            table,
-            keys,
-            ctx,
-            reply,
+        self.send(TraceContext::none(), |reply| {
+            ShardRequest::LookupForTraining {
+                table,
+                keys,
+                ctx,
+                reply,
+            }
         })
     }
 
@@ -467,11 +468,12 @@ impl ShardHandle {
     /// awaited before the next step's lookup.
     fn send<T>(
         &self,
+        trace: TraceContext,
         make: impl FnOnce(Reply<T>) -> ShardRequest,
     ) -> Result<Pending<T>, ShardError> {
         let (tx, rx) = ractor::concurrency::oneshot();
         self.actor
-            .send_message(Envelope::new(make(tx.into())))
+            .send_message(Envelope::with_trace(trace, make(tx.into())))
             .map_err(|e| ShardError::Unavailable {
                 shard: self.shard,
                 reason: e.to_string(),
@@ -502,7 +504,7 @@ impl ShardHandle {
         ctx: TrainCtx,
     ) -> Result<Pending<ApplyReport>, ShardError> {
         let table = table.clone();
-        self.send(|reply| ShardRequest::ApplyGradients {
+        self.send(TraceContext::none(), |reply| ShardRequest::ApplyGradients {
             table,
             keys,
             grads,
