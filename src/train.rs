@@ -696,8 +696,10 @@ async fn train(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for s in (0..n).step_by(batch) {
+            // The next step's keys are deduplicated while this one waits for its rows.
+            let next = (s + batch < n).then(|| s + batch..(s + 2 * batch).min(n));
             let rep = trainer
-                .train_batch(&train_block, s..(s + batch).min(n), &router, &threads)
+                .train_batch_ahead(&train_block, s..(s + batch).min(n), next, &router, &threads)
                 .await?;
             steps += 1;
             loss_sum += rep.loss_sum;

@@ -673,6 +673,46 @@ impl PendingGradients {
     }
 }
 
+/// A batch's lookup in the shard owners' mailboxes ([`ShardRouter::send_lookup_for_training`]).
+#[derive(Debug)]
+pub struct PendingRows {
+    dim: usize,
+    keys: usize,
+    shards: usize,
+    pending: Vec<(usize, Pending<Vec<f32>>)>,
+}
+
+impl PendingRows {
+    /// Waits for every shard's answer and puts the rows, `dim` floats per key, in the key
+    /// order of `plan`, which must be the plan the lookup was sent with.
+    pub async fn wait(self, plan: &ShardPlan) -> Result<Vec<f32>, ShardError> {
+        assert!(
+            plan.keys == self.keys && plan.parts.len() == self.shards,
+            "rows awaited with another plan"
+        );
+        let dim = self.dim;
+        let mut out = vec![0.0f32; plan.keys * dim];
+        for (s, p) in self.pending {
+            let rows = p.wait().await?;
+            let pos = &plan.parts[s].0;
+            if rows.len() != pos.len() * dim {
+                return Err(ShardError::Unavailable {
+                    shard: s as ShardId,
+                    reason: format!(
+                        "answered {} floats for {} keys of dim {dim}",
+                        rows.len(),
+                        pos.len()
+                    ),
+                });
+            }
+            for (j, &i) in pos.iter().enumerate() {
+                out[i * dim..(i + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// All shards of a cluster: splits a batch by [`shard_of`], asks every shard concurrently and
 /// puts the answers back in the caller's key order.
 #[derive(Debug, Clone)]
@@ -752,14 +792,14 @@ impl ShardRouter {
         }
     }
 
-    /// Sends every shard its part of `plan` (`send`), then puts the answers, `dim` floats per
-    /// key, back in the plan's key order.
-    async fn gather_rows(
+    /// Sends every shard its part of `plan` (`send`); [`PendingRows::wait`] puts the answers,
+    /// `dim` floats per key, back in the plan's key order.
+    fn send_rows(
         &self,
         plan: &ShardPlan,
         dim: usize,
         send: impl Fn(&ShardHandle, Vec<FeatureId>) -> Result<Pending<Vec<f32>>, ShardError>,
-    ) -> Result<Vec<f32>, ShardError> {
+    ) -> Result<PendingRows, ShardError> {
         self.check_plan(plan);
         let mut pending = Vec::with_capacity(plan.parts.len());
         for (s, (_, ks)) in plan.parts.iter().enumerate() {
@@ -767,25 +807,18 @@ impl ShardRouter {
                 pending.push((s, send(&self.shards[s], ks.clone())?));
             }
         }
-        let mut out = vec![0.0f32; plan.keys * dim];
-        for (s, p) in pending {
-            let rows = p.wait().await?;
-            let pos = &plan.parts[s].0;
-            if rows.len() != pos.len() * dim {
-                return Err(ShardError::Unavailable {
-                    shard: s as ShardId,
-                    reason: format!(
-                        "answered {} floats for {} keys of dim {dim}",
-                        rows.len(),
-                        pos.len()
-                    ),
-                });
-            }
-            for (j, &i) in pos.iter().enumerate() {
-                out[i * dim..(i + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
-            }
-        }
-        Ok(out)
+        Ok(PendingRows {
+            dim,
+            keys: plan.keys,
+            shards: plan.parts.len(),
+            pending,
+        })
+    }
+
+    /// Whether `plan` splits keys over as many shards as this router has: [`shard_of`]
+    /// depends on nothing else, so such a plan sends every key to its owner here.
+    pub fn fits(&self, plan: &ShardPlan) -> bool {
+        plan.parts.len() == self.shards.len()
     }
 
     /// A plan made by another router would send keys to shards that do not own them.
@@ -803,7 +836,9 @@ impl ShardRouter {
         dim: usize,
         keys: &[FeatureId],
     ) -> Result<Vec<f32>, ShardError> {
-        self.gather_rows(&self.plan(keys), dim, |h, ks| h.send_lookup(table, ks))
+        let plan = self.plan(keys);
+        self.send_rows(&plan, dim, |h, ks| h.send_lookup(table, ks))?
+            .wait(&plan)
             .await
     }
 
@@ -826,10 +861,24 @@ impl ShardRouter {
         plan: &ShardPlan,
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
-        self.gather_rows(plan, dim, |h, ks| {
+        self.send_lookup_for_training(table, dim, plan, ctx)?
+            .wait(plan)
+            .await
+    }
+
+    /// Puts each shard's part of `plan`'s training lookup in its owner's mailbox before
+    /// returning, behind whatever was sent to it before (a previous step's gradients, say);
+    /// the rows come with [`PendingRows::wait`].
+    pub fn send_lookup_for_training(
+        &self,
+        table: &TableName,
+        dim: usize,
+        plan: &ShardPlan,
+        ctx: TrainCtx,
+    ) -> Result<PendingRows, ShardError> {
+        self.send_rows(plan, dim, |h, ks| {
             h.send_lookup_for_training(table, ks, ctx)
         })
-        .await
     }
 
     /// Sends each shard its keys' gradients; returns the reports summed.

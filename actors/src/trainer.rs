@@ -72,6 +72,15 @@ struct TableBatch {
     grads: Vec<f32>,
 }
 
+/// One batch as the step needs it before any shard answers: its keys deduplicated and planned
+/// per table, its labels and sample weights.
+#[derive(Debug, Default)]
+struct Gathered {
+    tables: Vec<TableBatch>,
+    labels: Vec<f32>,
+    weights: Vec<f32>,
+}
+
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
@@ -79,6 +88,9 @@ pub struct StepReport {
     pub loss_sum: f64,
     pub unique_keys: usize,
     pub gradients_rejected: u64,
+    /// Whether the step's keys were gathered by the step before
+    /// ([`Trainer::train_batch_ahead`]).
+    pub gathered_ahead: bool,
 }
 
 /// The trainer's state: the dense net and how the schema maps to tables.
@@ -89,13 +101,17 @@ pub struct Trainer {
     tables: Vec<TableUse>,
     /// Per field: (table index, column offset of its embedding in the model input).
     field_at: Vec<(usize, usize)>,
-    batches: Vec<TableBatch>,
-    labels: Vec<f32>,
-    weights: Vec<f32>,
+    /// The batch of the step (or prediction) under way.
+    cur: Gathered,
+    /// The next step's batch, gathered while this step waited for its rows
+    /// ([`Trainer::train_batch_ahead`]), and the rows it was gathered from.
+    ahead: Gathered,
+    ahead_rows: Option<Range<usize>>,
     wide_tmp: Vec<f32>,
     step: u64,
     /// The last step's gradients, in the shard owners' mailboxes; their answers are awaited by
-    /// the next step (after its key dedup, which they overlap) or by [`Trainer::flush`].
+    /// the next step (after it has sent its lookup, which queues behind them) or by
+    /// [`Trainer::flush`].
     pending: Vec<(TableName, u64, PendingGradients)>,
 }
 
@@ -195,15 +211,18 @@ impl Trainer {
             field_at.push((t, col));
             col += want[i];
         }
-        let batches = tables.iter().map(|_| TableBatch::default()).collect();
+        let gathered = || Gathered {
+            tables: tables.iter().map(|_| TableBatch::default()).collect(),
+            ..Default::default()
+        };
         Ok(Self {
+            cur: gathered(),
+            ahead: gathered(),
+            ahead_rows: None,
             schema,
             net,
             tables,
             field_at,
-            batches,
-            labels: Vec::new(),
-            weights: Vec::new(),
             wide_tmp: Vec::new(),
             step: 0,
             pending: Vec::new(),
@@ -231,42 +250,6 @@ impl Trainer {
         self.step = step;
     }
 
-    /// Step 1: dedupes each table's keys and records where every id occurrence points.
-    fn gather(&mut self, block: &SampleBlock, range: &Range<usize>) {
-        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
-            tb.keys.clear();
-            tb.slot.clear();
-            tb.index.clear();
-            tb.weights.clear();
-            tb.spans.resize(t.fields.len(), Vec::new());
-            for (k, &f) in t.fields.iter().enumerate() {
-                let spans = &mut tb.spans[k];
-                spans.clear();
-                for r in range.clone() {
-                    let (ids, ws) = block.row(r).field(f);
-                    let a = tb.index.len() as u32;
-                    for (&id, &w) in ids.iter().zip(ws) {
-                        let next = tb.keys.len() as u32;
-                        let s = *tb.slot.entry(id).or_insert_with(|| {
-                            tb.keys.push(id);
-                            next
-                        });
-                        tb.index.push(s);
-                        tb.weights.push(w);
-                    }
-                    spans.push((a, tb.index.len() as u32));
-                }
-            }
-        }
-        self.labels.clear();
-        self.weights.clear();
-        for r in range.clone() {
-            let s = block.row(r);
-            self.labels.push(s.label());
-            self.weights.push(s.weight());
-        }
-    }
-
     /// Step 3's pooling, once the rows of every table are in `batches[t].rows`.
     fn fill_inputs(&mut self, block: &SampleBlock, range: &Range<usize>) {
         let rows = range.len();
@@ -277,7 +260,7 @@ impl Trainer {
         self.wide_tmp.resize(rows, 0.0);
         let (x, wide) = self.net.inputs_mut(rows);
         wide.fill(0.0);
-        for (t, tb) in self.tables.iter().zip(&self.batches) {
+        for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
             for (k, &f) in t.fields.iter().enumerate() {
                 let mean = self.schema.fields[f].pooling == Pooling::Mean;
                 let col = self.field_at[f].1;
@@ -321,7 +304,9 @@ impl Trainer {
     /// of them they refused as non-finite.
     ///
     /// A step returns once its gradients are in the owners' mailboxes, without waiting for
-    /// them to be applied: the next step's key dedup overlaps the push. Anything sent to the
+    /// them to be applied: the next step sends its lookup behind them at once, and the owners
+    /// apply the push while the trainer gathers keys (the next step's own, or with
+    /// [`Trainer::train_batch_ahead`] the one after). Anything sent to the
     /// shards afterwards (the next lookup, a checkpoint's snapshot, an evaluation) is queued
     /// behind them, so no one reads the tables without them. What waiting adds is the push's
     /// outcome: a refusal or a shard that stopped surfaces here, or in the next step.
@@ -347,6 +332,24 @@ impl Trainer {
         router: &ShardRouter,
         threads: &Threads,
     ) -> anyhow::Result<StepReport> {
+        self.train_batch_ahead(block, range, None, router, threads)
+            .await
+    }
+
+    /// [`Trainer::train_batch`] for a caller that knows the rows of its next step: `next`,
+    /// rows of the same `block`. Their keys are deduplicated and planned while this step waits
+    /// for its rows from the shards, and the following call on `next` sends its lookup at once,
+    /// without first waiting for this step's push to be applied (the owners' mailboxes keep the
+    /// two in order). Nothing reaches a shard for `next` before that call, so a checkpoint
+    /// taken between the two calls holds no trace of it.
+    pub async fn train_batch_ahead(
+        &mut self,
+        block: &SampleBlock,
+        range: Range<usize>,
+        next: Option<Range<usize>>,
+        router: &ShardRouter,
+        threads: &Threads,
+    ) -> anyhow::Result<StepReport> {
         let rows = range.len();
         if rows == 0 {
             return Ok(StepReport::default());
@@ -356,25 +359,43 @@ impl Trainer {
             step: self.step,
             now_ms: now_ms(),
         };
-        self.gather(block, &range);
-        for tb in &mut self.batches {
-            tb.plan = router.plan(&tb.keys);
+        let ahead = self.ahead_rows.take().is_some_and(|r| r == range)
+            && self.ahead.matches(&self.tables, block, &range)
+            && self.ahead.tables.iter().all(|tb| router.fits(&tb.plan));
+        if ahead {
+            std::mem::swap(&mut self.cur, &mut self.ahead);
+        } else {
+            self.cur.gather(&self.tables, block, &range);
+            self.cur.plan(router);
+        }
+        let mut lookups = Vec::with_capacity(self.tables.len());
+        for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
+            let sent = router
+                .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx)
+                .with_context(|| {
+                    format!("looking up {} keys of table {}", tb.keys.len(), t.name)
+                })?;
+            lookups.push(sent);
+        }
+        // The owners apply the last push and answer this lookup meanwhile.
+        if let Some(next) = next.filter(|n| !n.is_empty()) {
+            self.ahead.gather(&self.tables, block, &next);
+            self.ahead.plan(router);
+            self.ahead_rows = Some(next);
         }
         let mut report = StepReport {
             rows,
             gradients_rejected: self.flush().await?,
+            gathered_ahead: ahead,
             ..Default::default()
         };
-        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
-            tb.rows = router
-                .lookup_for_training_planned(&t.name, t.row_dim, &tb.plan, ctx)
-                .await
-                .with_context(|| {
-                    format!("looking up {} keys of table {}", tb.keys.len(), t.name)
-                })?;
+        for ((t, tb), sent) in self.tables.iter().zip(&mut self.cur.tables).zip(lookups) {
+            tb.rows = sent.wait(&tb.plan).await.with_context(|| {
+                format!("looking up {} keys of table {}", tb.keys.len(), t.name)
+            })?;
         }
         self.fill_inputs(block, &range);
-        let (labels, weights) = (&self.labels, &self.weights);
+        let (labels, weights) = (&self.cur.labels, &self.cur.weights);
         let net = &mut self.net;
         let loss = threads.install(|| net.train_step(rows, labels, weights, threads));
         // Sparse gradients: the pooling's backward pass, per unique key.
@@ -382,7 +403,7 @@ impl Trainer {
         let has_wide = self.net.config().kind.has_wide();
         let (dx, dwide) = self.net.input_grads(rows);
         report.loss_sum = loss.loss_sum;
-        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+        for (t, tb) in self.tables.iter().zip(&mut self.cur.tables) {
             tb.grads.clear();
             tb.grads.resize(tb.keys.len() * t.row_dim, 0.0);
             for (k, &f) in t.fields.iter().enumerate() {
@@ -417,7 +438,7 @@ impl Trainer {
             }
             report.unique_keys += tb.keys.len();
         }
-        for (t, tb) in self.tables.iter().zip(&self.batches) {
+        for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
             let sent = router
                 .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx)
                 .with_context(|| format!("pushing gradients of table {}", t.name))?;
@@ -440,8 +461,8 @@ impl Trainer {
         }
         // The lookup would queue behind the last push anyway; waiting surfaces its outcome.
         self.flush().await?;
-        self.gather(block, &range);
-        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+        self.cur.gather(&self.tables, block, &range);
+        for (t, tb) in self.tables.iter().zip(&mut self.cur.tables) {
             tb.rows = router
                 .lookup(&t.name, t.row_dim, &tb.keys)
                 .await
@@ -463,8 +484,8 @@ impl Trainer {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        self.gather(block, &range);
-        for (t, tb) in self.tables.iter().zip(&mut self.batches) {
+        self.cur.gather(&self.tables, block, &range);
+        for (t, tb) in self.tables.iter().zip(&mut self.cur.tables) {
             tb.rows.clear();
             lookup(&t.name, t.row_dim, &tb.keys, &mut tb.rows)
                 .with_context(|| format!("looking up table {}", t.name))?;
@@ -496,6 +517,93 @@ impl Trainer {
         let net = &mut self.net;
         threads.install(|| net.forward(rows, threads));
         self.net.predictions(rows).to_vec()
+    }
+}
+
+impl Gathered {
+    /// Step 1: dedupes each table's keys and records where every id occurrence points.
+    fn gather(&mut self, tables: &[TableUse], block: &SampleBlock, range: &Range<usize>) {
+        for (t, tb) in tables.iter().zip(&mut self.tables) {
+            tb.keys.clear();
+            tb.slot.clear();
+            tb.index.clear();
+            tb.weights.clear();
+            tb.spans.resize(t.fields.len(), Vec::new());
+            for (k, &f) in t.fields.iter().enumerate() {
+                let spans = &mut tb.spans[k];
+                spans.clear();
+                for r in range.clone() {
+                    let (ids, ws) = block.row(r).field(f);
+                    let a = tb.index.len() as u32;
+                    for (&id, &w) in ids.iter().zip(ws) {
+                        let next = tb.keys.len() as u32;
+                        let s = *tb.slot.entry(id).or_insert_with(|| {
+                            tb.keys.push(id);
+                            next
+                        });
+                        tb.index.push(s);
+                        tb.weights.push(w);
+                    }
+                    spans.push((a, tb.index.len() as u32));
+                }
+            }
+        }
+        self.labels.clear();
+        self.weights.clear();
+        for r in range.clone() {
+            let s = block.row(r);
+            self.labels.push(s.label());
+            self.weights.push(s.weight());
+        }
+    }
+
+    /// Whether this is what [`Gathered::gather`] makes of rows `range` of `block`: one pass
+    /// over the rows without hashing, a small fraction of a gather. A batch gathered ahead is
+    /// checked before it is used, so a caller that names the wrong rows, or a block that
+    /// changed in between, costs a second gather, never a step on the wrong keys.
+    fn matches(&self, tables: &[TableUse], block: &SampleBlock, range: &Range<usize>) -> bool {
+        if self.labels.len() != range.len() || self.weights.len() != range.len() {
+            return false;
+        }
+        for (i, r) in range.clone().enumerate() {
+            let s = block.row(r);
+            if self.labels[i].to_bits() != s.label().to_bits()
+                || self.weights[i].to_bits() != s.weight().to_bits()
+            {
+                return false;
+            }
+        }
+        for (t, tb) in tables.iter().zip(&self.tables) {
+            for (k, &f) in t.fields.iter().enumerate() {
+                let Some(spans) = tb.spans.get(k).filter(|sp| sp.len() == range.len()) else {
+                    return false;
+                };
+                for (r, &(a, b)) in range.clone().zip(spans) {
+                    let (ids, ws) = block.row(r).field(f);
+                    let (a, b) = (a as usize, b as usize);
+                    if b - a != ids.len() {
+                        return false;
+                    }
+                    for ((&id, &w), (&s, &gw)) in ids
+                        .iter()
+                        .zip(ws)
+                        .zip(tb.index[a..b].iter().zip(&tb.weights[a..b]))
+                    {
+                        if tb.keys.get(s as usize) != Some(&id) || gw.to_bits() != w.to_bits() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Which shard owns each key, for the lookup and later the push.
+    fn plan(&mut self, router: &ShardRouter) {
+        for tb in &mut self.tables {
+            tb.plan = router.plan(&tb.keys);
+        }
     }
 }
 
@@ -557,6 +665,29 @@ mod tests {
         block: &SampleBlock,
         threads: usize,
     ) -> (Vec<f32>, Vec<f32>) {
+        train_ahead(kind, shards, block, threads, |_, _| None).await
+    }
+
+    /// [`train`], where step `i` names `ahead(i, rows of step i + 1)` as its next rows.
+    async fn train_ahead(
+        kind: ModelKind,
+        shards: u32,
+        block: &SampleBlock,
+        threads: usize,
+        ahead: impl Fn(usize, Range<usize>) -> Option<Range<usize>>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (p, w, _) = train_counting(kind, shards, block, threads, ahead).await;
+        (p, w)
+    }
+
+    /// [`train_ahead`], also returning how many steps used keys gathered ahead.
+    async fn train_counting(
+        kind: ModelKind,
+        shards: u32,
+        block: &SampleBlock,
+        threads: usize,
+        ahead: impl Fn(usize, Range<usize>) -> Option<Range<usize>>,
+    ) -> (Vec<f32>, Vec<f32>, usize) {
         let schema = Schema::criteo(8);
         let mut model = ModelConfig::new(kind);
         model.hidden = Some(vec![32, 16]);
@@ -565,17 +696,25 @@ mod tests {
         let mut t = Trainer::new(schema, model).unwrap();
         let n = block.len();
         let split = n * 4 / 5;
-        for s in (0..split).step_by(64) {
-            t.train_batch(block, s..(s + 64).min(split), &router, &th)
+        let steps: Vec<Range<usize>> = (0..split)
+            .step_by(64)
+            .map(|s| s..(s + 64).min(split))
+            .collect();
+        let mut used = 0;
+        for (i, rows) in steps.iter().enumerate() {
+            let next = steps.get(i + 1).and_then(|r| ahead(i, r.clone()));
+            let rep = t
+                .train_batch_ahead(block, rows.clone(), next, &router, &th)
                 .await
                 .unwrap();
+            used += usize::from(rep.gathered_ahead);
         }
         let preds = t
             .predict_batch(block, split..n, &router, &th)
             .await
             .unwrap();
         router.stop();
-        (preds, t.net().params().to_vec())
+        (preds, t.net().params().to_vec(), used)
     }
 
     /// Training learns (test AUC well above chance) for every model, and the step is
@@ -599,6 +738,88 @@ mod tests {
             assert_eq!(p1, p2, "{kind:?}: sharding changed the predictions");
             assert_eq!(w1, w2, "{kind:?}: sharding changed the dense weights");
         }
+    }
+
+    /// Gathering the next step's keys ahead changes nothing: the same predictions and dense
+    /// weights bit for bit, whether each step names the right next rows, sometimes wrong ones
+    /// (the following step gathers its own) or none.
+    #[tokio::test]
+    async fn gathering_ahead_changes_nothing() {
+        let block = data(3_000, 11);
+        // 2,400 training rows: 38 steps of 64 rows (the last one 32).
+        let (p0, w0) = train(ModelKind::Deepfm, 3, &block, 1).await;
+        let (p1, w1, used) = train_counting(ModelKind::Deepfm, 3, &block, 1, |_, r| Some(r)).await;
+        assert_eq!(
+            used, 37,
+            "every step after the first uses its gathered keys"
+        );
+        assert_eq!(p0, p1, "right next rows changed the predictions");
+        assert_eq!(w0, w1, "right next rows changed the dense weights");
+        let wrong = |i: usize, r: Range<usize>| match i % 3 {
+            0 => Some(r.start + 1..r.end),
+            1 => None,
+            _ => Some(r),
+        };
+        let (p2, w2, used) = train_counting(ModelKind::Deepfm, 3, &block, 1, wrong).await;
+        // Steps 3, 6, ... (named right by steps 2, 5, ...) of the 37 after the first.
+        assert_eq!(used, 12);
+        assert_eq!(p0, p2, "wrong next rows changed the predictions");
+        assert_eq!(w0, w2, "wrong next rows changed the dense weights");
+    }
+
+    /// A batch gathered ahead is used only for the rows it was gathered from: another block
+    /// with one id, id weight, label or sample weight changed fails the check.
+    #[test]
+    fn a_batch_gathered_ahead_is_checked_against_its_rows() {
+        let schema = Schema::criteo(8);
+        let t = Trainer::new(schema.clone(), ModelConfig::new(ModelKind::Deepfm)).unwrap();
+        let block = data(40, 13);
+        let mut g = Gathered {
+            tables: t.tables.iter().map(|_| TableBatch::default()).collect(),
+            ..Default::default()
+        };
+        g.gather(&t.tables, &block, &(8..24));
+        assert!(g.matches(&t.tables, &block, &(8..24)));
+        assert!(!g.matches(&t.tables, &block, &(8..23)));
+        assert!(!g.matches(&t.tables, &block, &(9..25)));
+        // Copies of the block with row 20 changed in one place each.
+        let changed = |id: Option<u64>, id_weight: f32, label: f32, weight: f32| {
+            let mut b = SampleBlock::for_schema(&schema);
+            for r in 0..block.len() {
+                let row = block.row(r);
+                for (j, &v) in row.labels().iter().enumerate() {
+                    b.push_label(if r == 20 && j == 0 { label } else { v });
+                }
+                for &v in row.dense() {
+                    b.push_dense(v);
+                }
+                for f in 0..schema.fields.len() {
+                    let (ids, ws) = row.field(f);
+                    for (j, (&i, &w)) in ids.iter().zip(ws).enumerate() {
+                        let first = r == 20 && f == 3 && j == 0;
+                        b.push_id(
+                            if first { id.unwrap_or(i) } else { i },
+                            if first { id_weight } else { w },
+                        );
+                    }
+                    b.end_field();
+                }
+                b.end_row(if r == 20 { weight } else { row.weight() });
+            }
+            b
+        };
+        let row = block.row(20);
+        assert!(
+            !row.field(3).0.is_empty(),
+            "the fixture row has an id in field 3"
+        );
+        let (w, l, sw) = (row.field(3).1[0], row.label(), row.weight());
+        assert!(g.matches(&t.tables, &changed(None, w, l, sw), &(8..24)));
+        let other = row.field(3).0[0] ^ 1;
+        assert!(!g.matches(&t.tables, &changed(Some(other), w, l, sw), &(8..24)));
+        assert!(!g.matches(&t.tables, &changed(None, w + 0.5, l, sw), &(8..24)));
+        assert!(!g.matches(&t.tables, &changed(None, w, 1.0 - l, sw), &(8..24)));
+        assert!(!g.matches(&t.tables, &changed(None, w, l, sw * 2.0), &(8..24)));
     }
 
     /// A step returns before its gradients are applied, so a push that fails must surface in
