@@ -323,7 +323,7 @@ impl ShardHandle {
         args: ShardArgs,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         let shard = args.shard;
-        let (actor, join) = Actor::spawn(None, ShardOwner, args).await?;
+        let (actor, join) = Self::start(args, None).await?;
         let local = true;
         Ok((
             Self {
@@ -341,13 +341,72 @@ impl ShardHandle {
         supervisor: ractor::ActorCell,
     ) -> Result<Self, ractor::SpawnErr> {
         let shard = args.shard;
-        let (actor, _join) = Actor::spawn_linked(None, ShardOwner, args, supervisor).await?;
+        let (actor, _join) = Self::start(args, Some(supervisor)).await?;
         let local = true;
         Ok(Self {
             shard,
             actor,
             local,
         })
+    }
+
+    /// Starts an owner on a thread of its own (`shard-N`, a current-thread runtime) rather
+    /// than as a task of the caller's runtime. Why: a training step sends every owner its
+    /// part of a batch at once, from a thread that then waits, and the multi-threaded
+    /// runtime, its workers parked since the last step, ran the parts one after another on
+    /// one worker (4 × 250 µs of work took 1.09 ms on 2 workers, 0.82 ms on owner threads;
+    /// see docs/performance.md). A thread per owner is woken by the message itself, so
+    /// owners work side by side on whatever cores are free, and an owner's blocking work
+    /// (an on-disk tier read, a restore) stalls no one else's tasks. The returned join
+    /// handle, a task of the caller's runtime, ends when the owner has stopped.
+    async fn start(
+        args: ShardArgs,
+        supervisor: Option<ractor::ActorCell>,
+    ) -> Result<(ActorRef<ShardMsg>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        let shard = args.shard;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let startup = |e: std::io::Error| ractor::SpawnErr::StartupFailed(Box::new(e));
+        std::thread::Builder::new()
+            .name(format!("shard-{shard}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(startup(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let spawned = match supervisor {
+                        Some(sup) => Actor::spawn_linked(None, ShardOwner, args, sup).await,
+                        None => Actor::spawn(None, ShardOwner, args).await,
+                    };
+                    match spawned {
+                        Ok((actor, join)) => {
+                            let _ = started_tx.send(Ok(actor));
+                            let _ = join.await;
+                            let _ = done_tx.send(());
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(startup)?;
+        let actor = started_rx.await.map_err(|_| {
+            startup(std::io::Error::other(format!(
+                "the thread of shard {shard} ended before its owner started"
+            )))
+        })??;
+        let join = tokio::spawn(async move {
+            let _ = done_rx.await;
+        });
+        Ok((actor, join))
     }
 
     /// A handle to an owner this process did not spawn: one on another node, behind a wire

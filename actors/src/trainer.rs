@@ -369,13 +369,22 @@ impl Trainer {
             self.cur.plan(router);
         }
         let mut lookups = Vec::with_capacity(self.tables.len());
+        let mut refused = None;
         for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
-            let sent = router
-                .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx)
-                .with_context(|| {
-                    format!("looking up {} keys of table {}", tb.keys.len(), t.name)
-                })?;
-            lookups.push(sent);
+            match router.send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx) {
+                Ok(sent) => lookups.push(sent),
+                Err(e) => {
+                    let what = format!("looking up {} keys of table {}", tb.keys.len(), t.name);
+                    refused = Some(anyhow::Error::new(e).context(what));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = refused {
+            // An owner that stopped while applying the last push says why in its answer to
+            // the push; that error is the one worth reporting.
+            self.flush().await?;
+            return Err(e);
         }
         // The owners apply the last push and answer this lookup meanwhile.
         if let Some(next) = next.filter(|n| !n.is_empty()) {
