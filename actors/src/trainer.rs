@@ -368,24 +368,24 @@ impl Trainer {
             self.cur.gather(&self.tables, block, &range);
             self.cur.plan(router);
         }
-        let mut lookups = Vec::with_capacity(self.tables.len());
-        let mut refused = None;
-        for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
-            match router.send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx) {
-                Ok(sent) => lookups.push(sent),
-                Err(e) => {
-                    let what = format!("looking up {} keys of table {}", tb.keys.len(), t.name);
-                    refused = Some(anyhow::Error::new(e).context(what));
-                    break;
-                }
+        let sent: anyhow::Result<Vec<_>> = (self.tables.iter().zip(&self.cur.tables))
+            .map(|(t, tb)| {
+                router
+                    .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx)
+                    .with_context(|| {
+                        format!("looking up {} keys of table {}", tb.keys.len(), t.name)
+                    })
+            })
+            .collect();
+        let lookups = match sent {
+            Ok(lookups) => lookups,
+            Err(e) => {
+                // An owner that stopped while applying the last push says why in its answer
+                // to the push; that error is the one worth reporting.
+                self.flush().await?;
+                return Err(e);
             }
-        }
-        if let Some(e) = refused {
-            // An owner that stopped while applying the last push says why in its answer to
-            // the push; that error is the one worth reporting.
-            self.flush().await?;
-            return Err(e);
-        }
+        };
         // The owners apply the last push and answer this lookup meanwhile.
         if let Some(next) = next.filter(|n| !n.is_empty()) {
             self.ahead.gather(&self.tables, block, &next);
