@@ -253,11 +253,46 @@ impl Trainer {
     /// Steps 3 and 4 on the dense threads, in one hand-off to them: the pooling of the rows
     /// in `cur.tables[t].rows` into the model input, forward and backward, the dense update,
     /// and the pooling's backward pass into `cur.tables[t].grads`. Returns the batch's loss sum.
+    fn train_dense(&mut self, block: &SampleBlock, range: &Range<usize>, threads: &Threads) -> f64 {
+        let rows = range.len();
+        self.on_dense_threads(block, range, threads, |net, cur, fields| {
+            let loss = net.train_step(rows, &cur.labels, &cur.weights, threads);
+            let (dx, dwide) = net.input_grads(rows);
+            let grads = PoolGrads {
+                fields,
+                has_wide: net.config().kind.has_wide(),
+                d: net.shape().input_dim(),
+                dx,
+                dwide,
+            };
+            // Tables are independent and each is summed by one thread in row order, so
+            // spreading them over the dense threads changes no bit.
+            let tables = fields.tables;
+            if threads.count() > 1 {
+                use rayon::prelude::*;
+                (tables.par_iter().zip(cur.tables.par_iter_mut()))
+                    .for_each(|(t, tb)| grads.backward(t, tb));
+            } else {
+                (tables.iter().zip(cur.tables.iter_mut()))
+                    .for_each(|(t, tb)| grads.backward(t, tb));
+            }
+            loss.loss_sum
+        })
+    }
+
+    /// Fills the model input of rows `range` of `block` from the rows in `cur.tables[t].rows`
+    /// (step 3's pooling), then runs `then`, all on the dense threads.
     ///
     /// Why one hand-off: waking the dense threads and waking this one again costs about
     /// 0.1 ms a time on the development VM, and the pooling on either side of the dense step
     /// would otherwise run on this thread while both dense threads wait.
-    fn train_dense(&mut self, block: &SampleBlock, range: &Range<usize>, threads: &Threads) -> f64 {
+    fn on_dense_threads<R: Send>(
+        &mut self,
+        block: &SampleBlock,
+        range: &Range<usize>,
+        threads: &Threads,
+        then: impl FnOnce(&mut DenseNet, &mut Gathered, Fields<'_>) -> R + Send,
+    ) -> R {
         let rows = range.len();
         let Self {
             schema,
@@ -268,6 +303,11 @@ impl Trainer {
             wide_tmp,
             ..
         } = self;
+        let fields = Fields {
+            schema,
+            tables,
+            field_at,
+        };
         let (has_wide, d, dense) = (
             net.config().kind.has_wide(),
             net.shape().input_dim(),
@@ -278,36 +318,14 @@ impl Trainer {
         threads.install(|| {
             let (x, wide) = net.inputs_mut(rows);
             let pool = Pool {
-                schema,
-                tables,
-                field_at,
+                fields,
                 batch: cur,
                 has_wide,
                 d,
                 dense,
             };
             pool.fill(block, range.start, threads, x, wide, tmp);
-            let loss = net.train_step(rows, &cur.labels, &cur.weights, threads);
-            // Tables are independent and each is summed by one thread in row order, so
-            // spreading them over the dense threads changes no bit.
-            let (dx, dwide) = net.input_grads(rows);
-            let grads = PoolGrads {
-                schema,
-                field_at,
-                has_wide,
-                d,
-                dx,
-                dwide,
-            };
-            if threads.count() > 1 {
-                use rayon::prelude::*;
-                (tables.par_iter().zip(cur.tables.par_iter_mut()))
-                    .for_each(|(t, tb)| grads.backward(t, tb));
-            } else {
-                (tables.iter().zip(cur.tables.iter_mut()))
-                    .for_each(|(t, tb)| grads.backward(t, tb));
-            }
-            loss.loss_sum
+            then(net, cur, fields)
         })
     }
 
@@ -491,35 +509,8 @@ impl Trainer {
         threads: &Threads,
     ) -> Vec<f32> {
         let rows = range.len();
-        let Self {
-            schema,
-            net,
-            tables,
-            field_at,
-            cur,
-            wide_tmp,
-            ..
-        } = self;
-        let (has_wide, d, dense) = (
-            net.config().kind.has_wide(),
-            net.shape().input_dim(),
-            net.shape().dense,
-        );
-        wide_tmp.resize(rows, 0.0);
-        let tmp = &mut wide_tmp[..rows];
-        threads.install(|| {
-            let (x, wide) = net.inputs_mut(rows);
-            let pool = Pool {
-                schema,
-                tables,
-                field_at,
-                batch: cur,
-                has_wide,
-                d,
-                dense,
-            };
-            pool.fill(block, range.start, threads, x, wide, tmp);
-            net.forward(rows, threads);
+        self.on_dense_threads(block, range, threads, |net, _, _| {
+            net.forward(rows, threads)
         });
         self.net.predictions(rows).to_vec()
     }
@@ -618,12 +609,18 @@ fn split_for(threads: &Threads, rows: usize) -> Option<usize> {
     (threads.share().halves().is_some() && rows >= 128).then_some(rows / 2)
 }
 
-/// What the pooling's forward pass reads: the schema's fields, where each goes in the model
-/// input, and the batch's deduplicated keys with their rows.
-struct Pool<'a> {
+/// The schema's fields: which table each is stored in and where it goes in the model input.
+#[derive(Clone, Copy)]
+struct Fields<'a> {
     schema: &'a Schema,
     tables: &'a [TableUse],
     field_at: &'a [(usize, usize)],
+}
+
+/// What the pooling's forward pass reads: the fields, and the batch's deduplicated keys with
+/// their rows.
+struct Pool<'a> {
+    fields: Fields<'a>,
     batch: &'a Gathered,
     has_wide: bool,
     /// Floats per model input row, and how many of them (the last) are dense features.
@@ -673,10 +670,13 @@ impl Pool<'_> {
     ) {
         let (n, d) = (wide.len(), self.d);
         wide.fill(0.0);
-        for (t, tb) in self.tables.iter().zip(&self.batch.tables) {
+        let Fields {
+            schema, field_at, ..
+        } = self.fields;
+        for (t, tb) in self.fields.tables.iter().zip(&self.batch.tables) {
             for (k, &f) in t.fields.iter().enumerate() {
-                let mean = self.schema.fields[f].pooling == Pooling::Mean;
-                let col = self.field_at[f].1;
+                let mean = schema.fields[f].pooling == Pooling::Mean;
+                let col = field_at[f].1;
                 let spans = &tb.spans[k][lo..lo + n];
                 if t.emb_dim > 0 {
                     let cols = 0..t.emb_dim;
@@ -719,10 +719,9 @@ impl Pool<'_> {
     }
 }
 
-/// What the pooling's backward pass reads: the gradients of the model input.
+/// What the pooling's backward pass reads: the fields and the gradients of the model input.
 struct PoolGrads<'a> {
-    schema: &'a Schema,
-    field_at: &'a [(usize, usize)],
+    fields: Fields<'a>,
     has_wide: bool,
     d: usize,
     dx: &'a [f32],
@@ -734,9 +733,12 @@ impl PoolGrads<'_> {
     fn backward(&self, t: &TableUse, tb: &mut TableBatch) {
         tb.grads.clear();
         tb.grads.resize(tb.keys.len() * t.row_dim, 0.0);
+        let Fields {
+            schema, field_at, ..
+        } = self.fields;
         for (k, &f) in t.fields.iter().enumerate() {
-            let mean = self.schema.fields[f].pooling == Pooling::Mean;
-            let col = self.field_at[f].1;
+            let mean = schema.fields[f].pooling == Pooling::Mean;
+            let col = field_at[f].1;
             let (index, weights, spans) = (&tb.index, &tb.weights, &tb.spans[k]);
             if t.emb_dim > 0 {
                 let cols = 0..t.emb_dim;
