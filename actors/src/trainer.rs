@@ -740,33 +740,14 @@ impl PoolGrads<'_> {
             let mean = schema.fields[f].pooling == Pooling::Mean;
             let col = field_at[f].1;
             let (index, weights, spans) = (&tb.index, &tb.weights, &tb.spans[k]);
-            if t.emb_dim > 0 {
-                let cols = 0..t.emb_dim;
-                let dx = &self.dx[col..];
+            // The embedding columns take their gradient from the model input's, the wide
+            // column from the sample's wide sum.
+            let emb = (t.emb_dim > 0).then(|| (0..t.emb_dim, &self.dx[col..], self.d));
+            let wide = (self.has_wide).then(|| (t.emb_dim..t.emb_dim + 1, self.dwide, 1));
+            for (cols, dout, stride) in emb.into_iter().chain(wide) {
+                let grads = &mut tb.grads;
                 pool_backward(
-                    &mut tb.grads,
-                    t.row_dim,
-                    cols,
-                    index,
-                    weights,
-                    spans,
-                    mean,
-                    dx,
-                    self.d,
-                );
-            }
-            if self.has_wide {
-                let cols = t.emb_dim..t.emb_dim + 1;
-                pool_backward(
-                    &mut tb.grads,
-                    t.row_dim,
-                    cols,
-                    index,
-                    weights,
-                    spans,
-                    mean,
-                    self.dwide,
-                    1,
+                    grads, t.row_dim, cols, index, weights, spans, mean, dout, stride,
                 );
             }
         }
