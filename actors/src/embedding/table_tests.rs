@@ -897,3 +897,67 @@ fn hot_slots_are_as_small_as_their_lines_allow() {
     assert_eq!(padded_stride(34), 34);
     assert_eq!(padded_stride(32), 32);
 }
+
+/// Plain lookups copy each row out as they resolve it, and copy cold rows once promoted. One
+/// that fails part-way through its batch (here on spill records damaged on disk) leaves the
+/// caller's output exactly as it was: the weights of the keys resolved before the failure
+/// must not be left behind in it.
+#[test]
+fn a_failed_lookup_leaves_the_output_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TableConfig::with_dim(8);
+    cfg.dram_budget_bytes = Some(1_000 * Table::hot_slot_bytes(&cfg) as u64);
+    let mut t = Table::new(TableName::new("t"), cfg.clone(), Some(dir.path())).unwrap();
+    cfg.dram_budget_bytes = None;
+    let mut all_dram = table(cfg);
+    let keys: Vec<u64> = (1..=40_000).collect();
+    for chunk in keys.chunks(200) {
+        train_lookup(&mut t, chunk, 0);
+        train_lookup(&mut all_dram, chunk, 0);
+    }
+    assert!(t.stats().cold_rows > 35_000, "{:?}", t.stats());
+    // A plain lookup of hot and cold rows together reads what an all-DRAM table reads.
+    let mixed: Vec<u64> = keys[39_990..]
+        .iter()
+        .chain(&keys[200..260])
+        .copied()
+        .collect();
+    assert_eq!(lookup(&mut t, &mixed), lookup(&mut all_dram, &mixed));
+    assert!(t.stats().tier_misses >= 60, "{:?}", t.stats());
+    let hot_then_cold: Vec<u64> = keys[39_990..].iter().chain(&keys[..50]).copied().collect();
+    let before = lookup(&mut t, &keys[39_990..]);
+    fn damage_segments(dir: &std::path::Path) -> usize {
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                n += damage_segments(&path);
+            } else if path.extension().is_some_and(|e| e == "seg") {
+                let len = std::fs::metadata(&path).unwrap().len() as usize;
+                std::fs::write(&path, vec![0xab; len]).unwrap();
+                n += 1;
+            }
+        }
+        n
+    }
+    assert!(damage_segments(dir.path()) > 0);
+    // The oldest rows were demoted first, so the first 50 keys are on disk by now (their
+    // records left the store's 1 MiB write buffer long ago).
+    for train in [false, true] {
+        let mut out = vec![7.0; 3];
+        let r = if train {
+            t.lookup_for_training(&hot_then_cold, &TrainCtx::at_step(1), &mut out)
+        } else {
+            t.lookup(&hot_then_cold, &mut out)
+        };
+        assert!(
+            matches!(r, Err(EmbeddingError::Tier { .. })),
+            "train {train}: {r:?}"
+        );
+        assert_eq!(out, [7.0; 3], "train {train}");
+    }
+    // The hot rows still read as they did.
+    let mut out = Vec::new();
+    t.lookup(&keys[39_990..], &mut out).unwrap();
+    assert_eq!(out, before);
+}
