@@ -428,7 +428,7 @@ impl Table {
                 // stage of its pipeline: that way the batch's metadata and weights are the
                 // lines most recently used when its gradients come. A build that stamped and
                 // copied inside the pipeline measured its gradient half at 125-166 ns a key
-                // against 107-112 ns this way (`freshet bench embedding`, interleaved), and
+                // against 107-121 ns this way (`freshet bench embedding`, interleaved), and
                 // its training lookup no faster.
                 let seal = *self.seals.last().expect("seals start with one");
                 let mut touched = created;
