@@ -401,7 +401,13 @@ impl Table {
     /// `keys.len() * dim` floats to `out`.
     pub fn lookup(&mut self, keys: &[u64], out: &mut Vec<f32>) -> Result<(), EmbeddingError> {
         let mut sc = std::mem::take(&mut self.scratch);
+        let base = out.len();
         let r = self.resolve(keys, Mode::Read, &TrainCtx::default(), &mut sc, Some(out));
+        if r.is_err() {
+            // The batch's rows are copied out as they resolve: a failure part-way must not
+            // leave the first ones behind.
+            out.truncate(base);
+        }
         self.scratch = sc;
         r.map(|_| ())
     }
@@ -701,7 +707,8 @@ impl Table {
     /// Resolves every key to a hot slot (or `NO_SLOT`), promoting cold rows and, in `Admit`
     /// mode, creating admitted rows. Fills `sc.slots` and `sc.rows`. With `out` (a plain
     /// lookup), also appends each key's weights, the default row for a key without one.
-    /// Returns whether a row was created (a model change). On error `out` is as it was.
+    /// Returns whether a row was created (a model change). On error `out` may hold part of
+    /// the batch; `lookup` cuts it back.
     ///
     /// The batch goes through a software pipeline: key `i + 2 * RESOLVE_AHEAD`'s bucket is
     /// prefetched, key `i + RESOLVE_AHEAD` is probed and its row (and, to train, its metadata)
@@ -713,22 +720,6 @@ impl Table {
     /// lines lie on thousands of pages, so a line fetched a whole pass earlier has often lost
     /// its cache or TLB entry by the time a later pass comes back to it.
     fn resolve(
-        &mut self,
-        keys: &[u64],
-        mode: Mode,
-        ctx: &TrainCtx,
-        sc: &mut Scratch,
-        mut out: Option<&mut Vec<f32>>,
-    ) -> Result<bool, EmbeddingError> {
-        let base = out.as_ref().map_or(0, |o| o.len());
-        let r = self.resolve_inner(keys, mode, ctx, sc, out.as_deref_mut());
-        if let (Err(_), Some(o)) = (&r, out) {
-            o.truncate(base);
-        }
-        r
-    }
-
-    fn resolve_inner(
         &mut self,
         keys: &[u64],
         mode: Mode,
