@@ -169,6 +169,9 @@ struct Scratch {
     /// resolving them again would repeat every random memory access of the lookup.
     resolved_keys: Vec<u64>,
     resolved_epoch: Option<u64>,
+    /// The training lookup behind `resolved_keys` proved them free of duplicates, so the
+    /// gradient push for the same keys can skip its duplicate check.
+    resolved_unique: bool,
 }
 
 /// One dynamic embedding table.
@@ -438,9 +441,17 @@ impl Table {
                 // its training lookup no faster.
                 let seal = *self.seals.last().expect("seals start with one");
                 let mut touched = created;
+                // Every row's version is at most the table's, so a row already at
+                // `new_version` was stamped earlier in this pass: its key occurs twice. Rows
+                // created by this batch start at `new_version` too, and keys without a row
+                // are not stamped at all, so either leaves the question open.
+                let mut maybe_dup = created;
                 for &row in &sc.rows {
-                    if row != NO_SLOT {
+                    if row == NO_SLOT {
+                        maybe_dup = true;
+                    } else {
                         let m = &mut self.meta.get_mut(row)[0];
+                        maybe_dup |= m.version == new_version;
                         m.freq = m.freq.saturating_add(1);
                         m.access_step = step;
                         if m.version <= seal {
@@ -459,12 +470,13 @@ impl Table {
                 // epoch, so `apply_gradients` must then resolve again instead of writing to a
                 // row id that was freed and possibly handed to another key.
                 let epoch = self.layout_epoch;
-                self.maintain(ctx, true).map(|()| epoch)
+                self.maintain(ctx, true).map(|()| (epoch, !maybe_dup))
             });
-        let r = r.map(|epoch| {
+        let r = r.map(|(epoch, unique)| {
             sc.resolved_keys.clear();
             sc.resolved_keys.extend_from_slice(keys);
             sc.resolved_epoch = Some(epoch);
+            sc.resolved_unique = unique;
         });
         self.scratch = sc;
         r
@@ -502,9 +514,12 @@ impl Table {
     ) -> Result<ApplyReport, EmbeddingError> {
         let mut report = ApplyReport::default();
         let dim = self.dim;
-        // Fold duplicates. The trainer already sends unique keys, so the common case is one
-        // cheap pass over an L1-resident set that finds none.
-        let merged = dedup(keys, grads, dim, sc);
+        let resolved =
+            sc.resolved_epoch == Some(self.layout_epoch) && sc.resolved_keys.as_slice() == keys;
+        // Fold duplicates. The trainer already sends unique keys, and when its training lookup
+        // of these very keys proved that, there is nothing to check; otherwise the common case
+        // is one pass over a set that finds none.
+        let merged = !(resolved && sc.resolved_unique) && dedup(keys, grads, dim, sc);
         if merged {
             report.merged_duplicates = (keys.len() - sc.keys.len()) as u64;
         }
@@ -518,10 +533,7 @@ impl Table {
         } else {
             (keys, grads)
         };
-        let reusable = !merged
-            && sc.resolved_epoch == Some(self.layout_epoch)
-            && sc.resolved_keys.as_slice() == keys_ref;
-        if !reusable {
+        if merged || !resolved {
             self.resolve(keys_ref, Mode::Existing, ctx, sc, None)?;
         }
         let v = self.version + 1;

@@ -135,6 +135,30 @@ fn duplicate_keys_in_a_batch_are_summed_first() {
     assert_eq!(lookup(&mut a, &[5, 6]), lookup(&mut b, &[5, 6]));
 }
 
+/// The push skips its duplicate check when the training lookup of the same keys proved them
+/// unique. Here the rows exist already, so the lookup creates none and only its stamp pass can
+/// see the repeated key: the push must still fold it.
+#[test]
+fn a_repeat_in_a_training_lookup_still_folds_its_push() {
+    let mut a = table(TableConfig::with_dim(2));
+    let mut b = table(TableConfig::with_dim(2));
+    train_lookup(&mut a, &[5, 6], 0);
+    train_lookup(&mut b, &[5, 6], 0);
+    let ctx = TrainCtx::at_step(1);
+    train_lookup(&mut a, &[5, 6, 5], 1);
+    let rep = a
+        .apply_gradients(&[5, 6, 5], &[0.1, 0.2, 1.0, 1.0, 0.3, -0.4], &ctx)
+        .unwrap();
+    assert_eq!(rep.merged_duplicates, 1);
+    assert_eq!(rep.applied, 2);
+    train_lookup(&mut b, &[5, 6], 1);
+    let rep = b
+        .apply_gradients(&[5, 6], &[0.1 + 0.3, 0.2 - 0.4, 1.0, 1.0], &ctx)
+        .unwrap();
+    assert_eq!(rep.merged_duplicates, 0);
+    assert_eq!(lookup(&mut a, &[5, 6]), lookup(&mut b, &[5, 6]));
+}
+
 /// The reference: a HashMap of rows, counter admission, the same optimizer kernel.
 struct Reference {
     rows: HashMap<u64, Vec<f32>>,
