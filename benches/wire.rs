@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use freshet_actors::envelope::Envelope;
-use freshet_actors::wire::{decode, encode_message, Frame, Reassembler, ShardAnswer};
+use freshet_cluster::wire::{decode, encode_message, Frame, Reassembler, ShardAnswer};
 
 fn floats(n: usize) -> Vec<f32> {
     (0..n).map(|i| (i % 1000) as f32 * 0.001 - 0.5).collect()

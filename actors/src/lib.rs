@@ -28,7 +28,6 @@ pub mod stream;
 pub mod supervisor;
 pub mod testkit;
 pub mod trainer;
-pub mod wire;
 
 pub use envelope::{Envelope, TraceContext};
 pub use ids::{FeatureId, ShardId, TableName};

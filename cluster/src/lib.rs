@@ -1,7 +1,11 @@
-//! Freshet nodes joined over the network: membership, shard placement and remote handles.
+//! Freshet nodes joined over the network: the wire encoding, membership, shard placement and
+//! remote handles.
 //!
-//! For now this crate holds shard placement only; node join over TCP (`ractor_cluster`, cookie
-//! and TLS) and remote handles arrive with the multi-node work. It depends on `freshet-actors`
-//! and never the other way round: the actors know nothing of sockets.
+//! The wire encoding ([`wire`]) says how each actor's messages travel as bytes: the
+//! `freshet-actors` crate keeps the message types, and this crate knows how they cross nodes.
+//! Node join over TCP (`ractor_cluster`, cookie and TLS) and remote handles build on it. This
+//! crate depends on `freshet-actors` and never the other way round: the actors know nothing of
+//! sockets or frames.
 
 pub mod placement;
+pub mod wire;

@@ -10,17 +10,19 @@
 use serde::{Deserialize, Serialize};
 
 use super::{remote_port, responder, Pending, Remote, Split, WireError};
-use crate::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
-use crate::ckpt::Manifest;
-use crate::embedding::snapshot::f32_bytes;
-use crate::embedding::{ApplyReport, Changes, EmbeddingError, ShardDelta, ShardSnapshot, TrainCtx};
-use crate::ids::{FeatureId, ShardId, TableName};
-use crate::joiner::{JoinerMsg, JoinerStats};
-use crate::online::trainer::{TrainerRequest, TrainerStatus};
-use crate::online::validator::{ValidatorRequest, ValidatorStatus};
-use crate::serving::replica::{ReplicaRequest, ReplicaStatus};
-use crate::shard::{ShardRequest, ShardStats};
-use crate::supervisor::{ChildStatus, SupervisorMsg};
+use freshet_actors::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
+use freshet_actors::ckpt::Manifest;
+use freshet_actors::embedding::snapshot::f32_bytes;
+use freshet_actors::embedding::{
+    ApplyReport, Changes, EmbeddingError, ShardDelta, ShardSnapshot, TrainCtx,
+};
+use freshet_actors::ids::{FeatureId, ShardId, TableName};
+use freshet_actors::joiner::{JoinerMsg, JoinerStats};
+use freshet_actors::online::trainer::{TrainerRequest, TrainerStatus};
+use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
+use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
+use freshet_actors::shard::{ShardRequest, ShardStats};
+use freshet_actors::supervisor::{ChildStatus, SupervisorMsg};
 
 // ---------------------------------------------------------------------------------------------
 // ShardOwner

@@ -33,12 +33,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::envelope::Envelope;
+use freshet_actors::envelope::Envelope;
 
 mod loopback;
 pub mod messages;
 
-pub use crate::embedding::snapshot::f32_bytes;
+pub use freshet_actors::embedding::snapshot::f32_bytes;
 pub use loopback::{Loopback, LoopbackStats};
 pub use messages::*;
 

@@ -4,21 +4,21 @@ use std::fmt::Debug;
 use ractor::concurrency::oneshot;
 
 use super::*;
-use crate::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
-use crate::ckpt::{ModelStore, Payload, VersionMeta};
-use crate::dense::{DenseNet, InputShape, ModelConfig, ModelKind};
-use crate::embedding::{EmbeddingError, ShardSnapshot, TableConfig, TrainCtx};
-use crate::envelope::TraceContext;
-use crate::fault::Faults;
-use crate::ids::TableName;
-use crate::joiner::{JoinerMsg, JoinerStats};
-use crate::online::trainer::{TrainerRequest, TrainerStatus};
-use crate::online::validator::{ValidatorRequest, ValidatorStatus};
-use crate::rng::Xoshiro256;
-use crate::serving::replica::{ReplicaRequest, ReplicaStatus};
-use crate::shard::{ShardArgs, ShardError, ShardHandle, ShardRequest};
-use crate::supervisor::{ChildStatus, Strategy, SupervisorMsg};
-use crate::testkit::fixtures::user_item_tables;
+use freshet_actors::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
+use freshet_actors::ckpt::{ModelStore, Payload, VersionMeta};
+use freshet_actors::dense::{DenseNet, InputShape, ModelConfig, ModelKind};
+use freshet_actors::embedding::{EmbeddingError, ShardSnapshot, TableConfig, TrainCtx};
+use freshet_actors::envelope::TraceContext;
+use freshet_actors::fault::Faults;
+use freshet_actors::ids::TableName;
+use freshet_actors::joiner::{JoinerMsg, JoinerStats};
+use freshet_actors::online::trainer::{TrainerRequest, TrainerStatus};
+use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
+use freshet_actors::rng::Xoshiro256;
+use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
+use freshet_actors::shard::{ShardArgs, ShardError, ShardHandle, ShardRequest};
+use freshet_actors::supervisor::{ChildStatus, Strategy, SupervisorMsg};
+use freshet_actors::testkit::fixtures::user_item_tables;
 
 /// Frames concatenated into one byte stream, as a socket carries them.
 fn stream_of(framed: &[Vec<u8>]) -> Vec<u8> {
@@ -236,7 +236,7 @@ fn malformed_frames_are_refused_with_a_reason() {
 
 #[test]
 fn random_corruption_never_panics_and_never_passes_silently() {
-    let seed = crate::testkit::seed("wire_random_corruption");
+    let seed = freshet_actors::testkit::seed("wire_random_corruption");
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let call = Envelope::new(ShardCall::ApplyGradients {
         table: TableName::new("user"),
@@ -330,8 +330,9 @@ async fn round_trip<M, T>(
 }
 
 /// A shard that trained `keys` of `user` once.
-fn trained_shard(keys: &[u64]) -> crate::embedding::EmbeddingShard {
-    let mut shard = crate::embedding::EmbeddingShard::new(0, 1, &user_item_tables(), None).unwrap();
+fn trained_shard(keys: &[u64]) -> freshet_actors::embedding::EmbeddingShard {
+    let mut shard =
+        freshet_actors::embedding::EmbeddingShard::new(0, 1, &user_item_tables(), None).unwrap();
     let user = shard.table_mut(&TableName::new("user")).unwrap();
     let ctx = TrainCtx::at_step(1);
     let mut rows = Vec::new();
@@ -357,7 +358,7 @@ fn version_meta() -> VersionMeta {
         sample_offsets: BTreeMap::from([(0, 700), (1, 503)]),
         joiner_offsets: BTreeMap::from([("impressions".into(), BTreeMap::from([(0, 99)]))]),
         model: ModelConfig::new(ModelKind::Lr),
-        schema: crate::sample::Schema::criteo(4),
+        schema: freshet_actors::sample::Schema::criteo(4),
         tables: user_item_tables()
             .into_iter()
             .map(|(n, c)| (n.to_string(), c))
@@ -365,7 +366,7 @@ fn version_meta() -> VersionMeta {
     }
 }
 
-fn dense_state() -> crate::dense::DenseState {
+fn dense_state() -> freshet_actors::dense::DenseState {
     DenseNet::new(
         ModelConfig::new(ModelKind::Lr),
         InputShape {
@@ -422,7 +423,7 @@ async fn every_shard_request_round_trips() {
             reply,
         },
         answer_with!(ApplyGradients),
-        Ok(crate::embedding::ApplyReport {
+        Ok(freshet_actors::embedding::ApplyReport {
             applied: 2,
             merged_duplicates: 1,
             rejected_non_finite: 0,
@@ -487,9 +488,9 @@ async fn every_shard_request_round_trips() {
         Ok(()),
     )
     .await;
-    let stats = crate::shard::ShardStats {
+    let stats = freshet_actors::shard::ShardStats {
         shard: 2,
-        counters: crate::shard::ShardCounters {
+        counters: freshet_actors::shard::ShardCounters {
             lookups: 4,
             ..Default::default()
         },
@@ -830,7 +831,7 @@ async fn shard(args_tables: Vec<(TableName, TableConfig)>) -> ShardHandle {
 
 #[tokio::test]
 async fn a_shard_behind_a_wire_hop_trains_exactly_as_one_called_directly() {
-    let seed = crate::testkit::seed("shard_behind_wire_hop");
+    let seed = freshet_actors::testkit::seed("shard_behind_wire_hop");
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let direct = shard(user_item_tables()).await;
     let far = shard(user_item_tables()).await;

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{decode, encode, frames, Frame, Reassembler, Remote, WireError};
-use crate::envelope::Envelope;
+use freshet_actors::envelope::Envelope;
 
 /// What a Loopback has carried: its observable state.
 #[derive(Debug, Default)]
