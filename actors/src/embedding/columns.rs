@@ -21,7 +21,9 @@
 //! lz4 was chosen over zstd by `benches/ckpt_codec.rs`; the figures are in
 //! `docs/performance.md`.
 
-use super::snapshot::RowBlock;
+use serde::{Deserialize, Serialize};
+
+use super::snapshot::{byte_vec, f32_bytes, RowBlock};
 
 /// Bytes per row of the packed metadata columns before compression.
 pub const META_BYTES_PER_ROW: usize = 4 + 8 + 8 + 4 + 4 + 4 + 4;
@@ -158,6 +160,45 @@ pub fn decode_meta(bytes: &[u8], block: &mut RowBlock) -> Result<(), String> {
     block.update_secs = unshuffle(take(4), n, u32::from_le_bytes);
     block.freqs = unshuffle(take(4), n, u32::from_le_bytes);
     Ok(())
+}
+
+impl Serialize for RowBlock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        struct Meta<'a>(&'a RowBlock);
+        impl Serialize for Meta<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&encode_meta(self.0, DEFAULT_CODEC))
+            }
+        }
+        struct Floats<'a>(&'a [f32]);
+        impl Serialize for Floats<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                f32_bytes::serialize(self.0, s)
+            }
+        }
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&Meta(self))?;
+        t.serialize_element(&Floats(&self.data))?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RowBlock {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire(
+            #[serde(with = "byte_vec")] Vec<u8>,
+            #[serde(with = "f32_bytes")] Vec<f32>,
+        );
+        let Wire(meta, data) = Wire::deserialize(d)?;
+        let mut block = RowBlock {
+            data,
+            ..RowBlock::default()
+        };
+        decode_meta(&meta, &mut block).map_err(serde::de::Error::custom)?;
+        Ok(block)
+    }
 }
 
 #[cfg(test)]

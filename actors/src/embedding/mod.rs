@@ -16,6 +16,7 @@ mod index;
 mod mem;
 mod optimizer;
 pub mod snapshot;
+mod stats;
 mod table;
 mod tier;
 #[cfg(feature = "tier-compare")]
@@ -35,7 +36,8 @@ pub(crate) use mem::huge_zeroed_vec;
 pub use snapshot::{
     RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, TableDelta, TableSnapshot,
 };
-pub use table::{ApplyReport, Changes, Table, TableStats};
+pub use stats::TableStats;
+pub use table::{ApplyReport, Changes, Table};
 
 use crate::ids::{ShardId, TableName};
 

@@ -7,15 +7,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::admission::AdmissionSnapshot;
-use super::columns;
-use super::table::TableStats;
+use super::stats::TableStats;
 use crate::ids::{ShardId, TableName};
 use crate::rng::Xoshiro256;
 
 /// Rows in columns: one entry per row in every column, `data` holding `row_floats` per row.
 ///
-/// Serialized as two byte strings: the metadata columns packed and compressed
-/// ([`super::columns`]), then the float block raw.
+/// Serialized as two byte strings: the metadata columns packed and compressed, then the float
+/// block raw ([`super::columns`] holds the encoding).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowBlock {
     pub row_ids: Vec<u32>,
@@ -27,45 +26,6 @@ pub struct RowBlock {
     pub freqs: Vec<u32>,
     /// Weights then optimizer state, per row.
     pub data: Vec<f32>,
-}
-
-impl Serialize for RowBlock {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        struct Meta<'a>(&'a RowBlock);
-        impl Serialize for Meta<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_bytes(&columns::encode_meta(self.0, columns::DEFAULT_CODEC))
-            }
-        }
-        struct Floats<'a>(&'a [f32]);
-        impl Serialize for Floats<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                f32_bytes::serialize(self.0, s)
-            }
-        }
-        let mut t = s.serialize_tuple(2)?;
-        t.serialize_element(&Meta(self))?;
-        t.serialize_element(&Floats(&self.data))?;
-        t.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for RowBlock {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        struct Wire(
-            #[serde(with = "byte_vec")] Vec<u8>,
-            #[serde(with = "f32_bytes")] Vec<f32>,
-        );
-        let Wire(meta, data) = Wire::deserialize(d)?;
-        let mut block = RowBlock {
-            data,
-            ..RowBlock::default()
-        };
-        columns::decode_meta(&meta, &mut block).map_err(serde::de::Error::custom)?;
-        Ok(block)
-    }
 }
 
 impl RowBlock {
