@@ -60,6 +60,20 @@ pub enum CkptError {
     Invalid(String),
 }
 
+/// An I/O error on `path`, with a missing file told apart: restore falls back on it.
+pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> CkptError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        CkptError::Missing {
+            path: path.to_path_buf(),
+        }
+    } else {
+        CkptError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VersionKind {

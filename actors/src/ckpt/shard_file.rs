@@ -62,7 +62,7 @@ impl<W: Write> Write for Summed<W> {
 
 /// Writes `snap` to `path` (created, written, fsynced) and returns its size and CRC.
 pub(super) fn write(path: &Path, snap: &ShardSnapshot) -> Result<FileSum, CkptError> {
-    let io = |e| super::store::io(path, e);
+    let io = |e| super::io(path, e);
     let header = ShardSnapshot {
         shard: snap.shard,
         shard_count: snap.shard_count,
@@ -109,7 +109,7 @@ pub(super) fn write(path: &Path, snap: &ShardSnapshot) -> Result<FileSum, CkptEr
     let file = w
         .inner
         .into_inner()
-        .map_err(|e| super::store::io(path, e.into_error()))?;
+        .map_err(|e| super::io(path, e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(FileSum { bytes, crc32c: crc })
 }
@@ -136,7 +136,7 @@ impl ShardFileReader {
     /// Opens `path`, checks its size against `want` and its header against the header's own
     /// CRC, and returns the reader with the header (a snapshot whose float blocks are empty).
     pub(super) fn open(path: &Path, want: &FileSum) -> Result<(Self, ShardSnapshot), CkptError> {
-        let io = |e| super::store::io(path, e);
+        let io = |e| super::io(path, e);
         let mut file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len != want.bytes {
@@ -235,7 +235,7 @@ impl ShardFileReader {
         let raw: &mut [u8] = bytemuck::cast_slice_mut(out);
         self.file
             .read_exact(raw)
-            .map_err(|e| super::store::io(&self.path, e))?;
+            .map_err(|e| super::io(&self.path, e))?;
         self.crc = crc32c::crc32c_append(self.crc, raw);
         if cfg!(target_endian = "big") {
             for x in out.iter_mut() {

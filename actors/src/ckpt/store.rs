@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::merge::{apply_deltas, reshard};
 use super::shard_file::{self, ShardFileReader};
 use super::{
-    CkptError, FileSum, Manifest, RolledBack, ServingShard, ServingTable, Validation, VersionKind,
-    VersionMeta, FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
+    io, CkptError, FileSum, Manifest, RolledBack, ServingShard, ServingTable, Validation,
+    VersionKind, VersionMeta, FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
 };
 use crate::dense::DenseState;
 use crate::embedding::{EmbeddingShard, ShardDelta, ShardSnapshot};
@@ -49,19 +49,6 @@ fn parse_version_dir(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
-}
-
-pub(super) fn io(path: &Path, e: std::io::Error) -> CkptError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        CkptError::Missing {
-            path: path.to_path_buf(),
-        }
-    } else {
-        CkptError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CkptError> {
