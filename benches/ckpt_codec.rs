@@ -17,7 +17,7 @@ use freshet_actors::embedding::bench::key_of_rank;
 use freshet_actors::embedding::columns::{decode_meta, encode_meta, Codec};
 use freshet_actors::embedding::{RowBlock, Table, TrainCtx};
 use freshet_actors::rng::Xoshiro256;
-use freshet_actors::trainer::default_table_config;
+use freshet_actors::training::default_table_config;
 use freshet_actors::TableName;
 
 fn best_ms(rounds: usize, mut f: impl FnMut()) -> f64 {

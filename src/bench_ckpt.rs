@@ -26,7 +26,7 @@ use freshet_actors::embedding::{EmbeddingShard, TrainCtx};
 use freshet_actors::rng::Xoshiro256;
 use freshet_actors::routing::shard_of;
 use freshet_actors::sample::Schema;
-use freshet_actors::trainer::default_table_config;
+use freshet_actors::training::default_table_config;
 use freshet_actors::TableName;
 use serde::Serialize;
 

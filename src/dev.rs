@@ -27,12 +27,12 @@ use anyhow::Context;
 use clap::Args;
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::event::{DeadLetter, Event, INGEST_REJECTS_TOPIC, SAMPLE_REJECTS_TOPIC};
-use freshet_actors::online::feed::ReplayPlan;
 use freshet_actors::online::pipeline::{CommandError, Logs, PipelineConfig, PipelineHandle};
-use freshet_actors::online::trainer::FreshModel;
 use freshet_actors::simulate::{play_live, SimConfig, Simulator};
 use freshet_actors::stream::{open_topic, partition_of, StreamLog};
 use freshet_actors::supervisor::Intensity;
+use freshet_actors::training::feed::ReplayPlan;
+use freshet_actors::training::FreshModel;
 use serde::{Deserialize, Serialize};
 
 use crate::serve::{error, Counters, Serve};

@@ -226,7 +226,7 @@ impl Settings {
         model: &ModelConfig,
     ) -> anyhow::Result<BTreeMap<String, TableConfig>> {
         let mut tables = BTreeMap::new();
-        for (name, dim) in freshet_actors::trainer::Trainer::required_tables(schema, model) {
+        for (name, dim) in freshet_actors::scorer::Scorer::required_tables(schema, model) {
             let cfg = match self.embedding.tables.get(&name) {
                 Some(c) if c.dim != dim => anyhow::bail!(
                     "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} (the {} \
@@ -235,7 +235,7 @@ impl Settings {
                     model.kind.name()
                 ),
                 Some(c) => c.clone(),
-                None => freshet_actors::trainer::default_table_config(dim),
+                None => freshet_actors::training::default_table_config(dim),
             };
             tables.insert(name, cfg);
         }

@@ -16,15 +16,16 @@ use freshet_actors::event::{
 };
 use freshet_actors::fault::Faults;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
-use freshet_actors::online::feed::ReplayPlan;
 use freshet_actors::online::gate::GateConfig;
 use freshet_actors::online::pipeline::{Logs, PipelineConfig, PipelineHandle};
-use freshet_actors::online::trainer::FreshModel;
 use freshet_actors::sample::Schema;
+use freshet_actors::scorer::Scorer;
 use freshet_actors::simulate::{play_live, SimConfig, Simulator};
 use freshet_actors::stream::{EmbeddedLog, LogConfig, StreamLog};
 use freshet_actors::supervisor::Intensity;
-use freshet_actors::trainer::{default_table_config, Trainer};
+use freshet_actors::training::default_table_config;
+use freshet_actors::training::feed::ReplayPlan;
+use freshet_actors::training::FreshModel;
 
 fn open(root: &Path, topic: &str) -> Arc<dyn StreamLog> {
     let cfg = LogConfig {
@@ -41,7 +42,7 @@ fn config(dir: &Path, gate: GateConfig, faults: Faults) -> PipelineConfig {
         hidden: Some(vec![16]),
         ..ModelConfig::default()
     };
-    let tables = Trainer::required_tables(&schema, &model)
+    let tables = Scorer::required_tables(&schema, &model)
         .into_iter()
         .map(|(n, d)| (n, default_table_config(d)))
         .collect();

@@ -21,13 +21,14 @@ pub mod online;
 pub mod rng;
 pub mod routing;
 pub mod sample;
+pub mod scorer;
 pub mod serving;
 pub mod shard;
 pub mod simulate;
 pub mod stream;
 pub mod supervisor;
 pub mod testkit;
-pub mod trainer;
+pub mod training;
 
 pub use envelope::{Envelope, TraceContext};
 pub use ids::{FeatureId, ShardId, TableName};

@@ -1,18 +1,15 @@
 //! The online pipeline on one node: live samples train the model continuously, versions are
 //! validated, and serving follows the versions that pass.
 //!
-//! - [`feed`]: the trainer's cursor over the sample log (live offsets, replays).
-//! - [`trainer`]: the Trainer actor: pulls batches from the sample log, trains through the
-//!   ShardOwners, and captures versions with the offsets they contain.
+//! - [`crate::training::online`]: the trainer actor: pulls batches from the sample log,
+//!   trains through the ShardOwners, and captures versions with the offsets they contain.
 //! - [`gate`] and [`validator`]: the Validator actor scores each new version on the samples
 //!   that arrive after it (test-then-train) and publishes the ones that pass.
 //! - [`pipeline`]: the node's supervisor children and the commands that restart them with new
 //!   state: rollback, replay, calibration.
 
-pub mod feed;
 pub mod gate;
 pub mod pipeline;
-pub mod trainer;
 pub mod validator;
 
 use std::sync::{Arc, RwLock};

@@ -31,9 +31,7 @@ use anyhow::Context;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::feed::ReplayPlan;
 use super::gate::GateConfig;
-use super::trainer::{FreshModel, TrainStart, TrainerArgs, TrainerHandle, TrainerStatus};
 use super::validator::{RollbackFn, ValidatorArgs, ValidatorHandle, ValidatorStatus};
 use super::ReplicaSet;
 use crate::ckpt::writer::{CheckpointHandle, Schedule, WriterArgs};
@@ -49,6 +47,8 @@ use crate::stream::StreamLog;
 use crate::supervisor::{
     ChildSpec, ChildStatus, Intensity, StartFn, Strategy, SupervisorArgs, SupervisorHandle,
 };
+use crate::training::feed::ReplayPlan;
+use crate::training::{FreshModel, TrainStart, TrainerActorHandle, TrainerArgs, TrainerStatus};
 
 /// The logs a pipeline reads and writes.
 #[derive(Clone, Debug)]
@@ -120,7 +120,7 @@ struct Registry {
     joiners: Vec<Option<JoinerHandle>>,
     shards: Vec<Option<ShardHandle>>,
     writer: Option<CheckpointHandle>,
-    trainer: Option<TrainerHandle>,
+    trainer: Option<TrainerActorHandle>,
     validator: Option<ValidatorHandle>,
 }
 
@@ -367,7 +367,7 @@ async fn start_trainer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<
         .clone()
         .context("the writer is not running")?;
     let c = &ctx.cfg;
-    let h = TrainerHandle::spawn_linked(
+    let h = TrainerActorHandle::spawn_linked(
         TrainerArgs {
             store: c.store.clone(),
             samples: c.logs.samples.clone(),

@@ -25,7 +25,6 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::feed::SampleFeed;
 use super::gate::{judge, GateConfig};
 use super::ReplicaSet;
 use crate::ckpt::writer::CheckpointHandle;
@@ -37,6 +36,7 @@ use crate::metrics::{evaluate, Evaluation, WindowedAuc};
 use crate::sample::SampleBlock;
 use crate::serving::{ModelDelta, ServingModel};
 use crate::stream::StreamLog;
+use crate::training::feed::SampleFeed;
 
 /// Called with the version to roll back to when the alert rises and `auto_rollback` is on.
 /// It must not wait for the rollback: the rollback restarts the validator.

@@ -16,7 +16,7 @@ use crate::embedding::{RowBlock, ShardDelta, TableConfig};
 use crate::ids::TableName;
 use crate::sample::json::{RawField, RawSample, SampleDecoder};
 use crate::sample::SampleBlock;
-use crate::trainer::Trainer;
+use crate::scorer::Scorer;
 
 use super::ServingError;
 
@@ -166,9 +166,9 @@ pub struct ServingModel {
     dense: DenseState,
     tables: BTreeMap<TableName, ServingTable>,
     decoder: SampleDecoder,
-    /// Predictors (a trainer's forward pass with its scratch) built for this version's dense
-    /// weights, reused across requests; emptied whenever the weights change.
-    predictors: Mutex<Vec<Trainer>>,
+    /// Scorers (the forward pass with its scratch) built for this version's dense weights,
+    /// reused across requests; emptied whenever the weights change.
+    predictors: Mutex<Vec<Scorer>>,
 }
 
 impl Clone for ServingModel {
@@ -207,7 +207,7 @@ impl ServingModel {
             }
         }
         // The dense net must fit the schema before any request reaches it.
-        Trainer::with_net(
+        Scorer::with_net(
             r.manifest.schema.clone(),
             DenseNet::from_state(r.dense.clone())
                 .map_err(|e| ServingError::Model(e.to_string()))?,
@@ -371,9 +371,9 @@ impl ServingModel {
     }
 }
 
-/// A trainer around `dense`, used for its forward pass only.
-fn predictor(manifest: &Manifest, dense: &DenseState) -> Result<Trainer, ServingError> {
+/// A scorer around `dense`.
+fn predictor(manifest: &Manifest, dense: &DenseState) -> Result<Scorer, ServingError> {
     let net =
         DenseNet::from_state(dense.clone()).map_err(|e| ServingError::Model(e.to_string()))?;
-    Trainer::with_net(manifest.schema.clone(), net).map_err(|e| ServingError::Model(e.to_string()))
+    Scorer::with_net(manifest.schema.clone(), net).map_err(|e| ServingError::Model(e.to_string()))
 }

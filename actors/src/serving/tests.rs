@@ -12,7 +12,8 @@ use crate::routing::shard_of;
 use crate::sample::hash::feature_id;
 use crate::sample::json::{RawField, RawValue};
 use crate::sample::Schema;
-use crate::trainer::{default_table_config, Trainer};
+use crate::scorer::Scorer;
+use crate::training::{default_table_config, Trainer};
 
 const SHARDS: u32 = 2;
 
@@ -28,7 +29,7 @@ fn model() -> ModelConfig {
 
 /// The model's tables; a capacity limit makes training evict, so deltas carry tombstones.
 fn tables() -> Vec<(TableName, TableConfig)> {
-    Trainer::required_tables(&schema(), &model())
+    Scorer::required_tables(&schema(), &model())
         .into_iter()
         .map(|(n, d)| {
             let mut c = default_table_config(d);

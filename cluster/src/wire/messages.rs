@@ -18,11 +18,11 @@ use freshet_actors::embedding::{
 };
 use freshet_actors::ids::{FeatureId, ShardId, TableName};
 use freshet_actors::joiner::{JoinerMsg, JoinerStats};
-use freshet_actors::online::trainer::{TrainerRequest, TrainerStatus};
 use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
 use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
 use freshet_actors::shard::{ShardRequest, ShardStats};
 use freshet_actors::supervisor::{ChildStatus, SupervisorMsg};
+use freshet_actors::training::{TrainerRequest, TrainerStatus};
 
 // ---------------------------------------------------------------------------------------------
 // ShardOwner

@@ -12,13 +12,13 @@ use freshet_actors::envelope::TraceContext;
 use freshet_actors::fault::Faults;
 use freshet_actors::ids::TableName;
 use freshet_actors::joiner::{JoinerMsg, JoinerStats};
-use freshet_actors::online::trainer::{TrainerRequest, TrainerStatus};
 use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
 use freshet_actors::rng::Xoshiro256;
 use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
 use freshet_actors::shard::{ShardArgs, ShardError, ShardHandle, ShardRequest};
 use freshet_actors::supervisor::{ChildStatus, Strategy, SupervisorMsg};
 use freshet_actors::testkit::fixtures::user_item_tables;
+use freshet_actors::training::{TrainerRequest, TrainerStatus};
 
 /// Frames concatenated into one byte stream, as a socket carries them.
 fn stream_of(framed: &[Vec<u8>]) -> Vec<u8> {

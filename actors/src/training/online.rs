@@ -31,9 +31,10 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use super::feed::{ReplayPlan, SampleFeed};
+use super::{Lineage, Trainer};
 use crate::ckpt::writer::{CheckpointHandle, StepBoundary};
-use crate::ckpt::{ModelStore, ReplayRecord, VersionMeta};
-use crate::dense::{DenseNet, ModelConfig, Threads};
+use crate::ckpt::{ModelStore, ReplayRecord};
+use crate::dense::{ModelConfig, Threads};
 use crate::embedding::TableConfig;
 use crate::envelope::Envelope;
 use crate::event::DeadLetter;
@@ -41,7 +42,6 @@ use crate::fault::Faults;
 use crate::sample::{SampleBlock, Schema};
 use crate::shard::ShardRouter;
 use crate::stream::{Offset, StreamLog};
-use crate::trainer::Trainer;
 
 /// The model a trainer starts when the store has no version to resume from.
 #[derive(Clone, Debug)]
@@ -112,10 +112,10 @@ pub enum TrainerRequest {
 pub type TrainerMsg = Envelope<TrainerRequest>;
 
 #[derive(Debug, Default)]
-pub struct OnlineTrainer;
+pub struct TrainerActor;
 
 #[derive(Debug)]
-pub struct TrainerState {
+pub struct TrainerActorState {
     args: TrainerArgs,
     trainer: Trainer,
     feed: SampleFeed,
@@ -137,24 +137,15 @@ pub struct TrainerState {
 /// Idle wait before looking at the log again when it had nothing.
 const IDLE: Duration = Duration::from_millis(5);
 
-impl TrainerState {
+impl TrainerActorState {
     fn boundary(&mut self) -> StepBoundary {
-        StepBoundary {
-            meta: VersionMeta {
-                step: self.trainer.step(),
-                rows_trained: self.rows_trained,
-                samples_rejected: self.samples_rejected,
-                replays: std::mem::take(&mut self.replays),
-                calibrated_from: None,
-                sample_offsets: self.feed.offsets().clone(),
-                joiner_offsets: BTreeMap::new(),
-                model: self.trainer.net().config().clone(),
-                schema: self.trainer.schema().clone(),
-                tables: self.tables.clone(),
-            },
-            dense: self.trainer.net().state(),
-            full: false,
-        }
+        let lineage = Lineage {
+            rows_trained: self.rows_trained,
+            samples_rejected: self.samples_rejected,
+            replays: std::mem::take(&mut self.replays),
+            sample_offsets: self.feed.offsets().clone(),
+        };
+        super::boundary(&self.trainer, &self.tables, lineage)
     }
 
     async fn capture(&mut self) {
@@ -261,42 +252,6 @@ impl TrainerState {
     }
 }
 
-/// Restores every shard and the dense net to version `v`; returns the trainer and the
-/// manifest's counters.
-async fn restore(args: &TrainerArgs, v: u64) -> anyhow::Result<(Trainer, crate::ckpt::Manifest)> {
-    let store = args.store.clone();
-    let (manifest, dense) = tokio::task::spawn_blocking(move || store.restore_dense(v))
-        .await
-        .context("restore task")?
-        .with_context(|| format!("restoring the dense state of version {v}"))?;
-    Trainer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)
-        .with_context(|| format!("version {v} does not fit its own tables"))?;
-    let count = args.shards.shards().len() as u32;
-    for h in args.shards.shards() {
-        let i = h.shard();
-        if h.is_local() {
-            // The owner reads its own files: a full version streams from disk into its
-            // tables without a snapshot in between.
-            h.restore_from(&args.store, v)
-                .await
-                .with_context(|| format!("restoring shard {i} of version {v}"))?;
-            continue;
-        }
-        let store = args.store.clone();
-        let (snap, _) = tokio::task::spawn_blocking(move || store.restore_shard(v, i, count))
-            .await
-            .context("restore task")?
-            .with_context(|| format!("restoring shard {i} of version {v}"))?;
-        h.restore(snap)
-            .await
-            .with_context(|| format!("loading version {v} into shard {i}"))?;
-    }
-    let net = DenseNet::from_state(dense)?;
-    let mut t = Trainer::with_net(manifest.schema.clone(), net)?;
-    t.set_step(manifest.step);
-    Ok((t, manifest))
-}
-
 /// The last sample offset each partition of the rejects topic holds a dead letter for.
 fn rejected_through(rejects: &dyn StreamLog) -> anyhow::Result<BTreeMap<u32, Offset>> {
     let mut out = BTreeMap::new();
@@ -320,16 +275,16 @@ fn rejected_through(rejects: &dyn StreamLog) -> anyhow::Result<BTreeMap<u32, Off
     Ok(out)
 }
 
-impl Actor for OnlineTrainer {
+impl Actor for TrainerActor {
     type Msg = TrainerMsg;
-    type State = TrainerState;
+    type State = TrainerActorState;
     type Arguments = TrainerArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<TrainerMsg>,
         args: TrainerArgs,
-    ) -> Result<TrainerState, ActorProcessingErr> {
+    ) -> Result<TrainerActorState, ActorProcessingErr> {
         if args.batch == 0 {
             return Err("the batch size must be positive".into());
         }
@@ -337,7 +292,7 @@ impl Actor for OnlineTrainer {
         args.writer.reset().await?;
         let (trainer, tables, rows, rejected, offsets) = match args.start.version {
             Some(v) => {
-                let (t, m) = restore(&args, v).await?;
+                let (t, m) = super::restore(&args.store, &args.shards, v).await?;
                 tracing::info!(
                     version = v,
                     step = m.step,
@@ -370,7 +325,7 @@ impl Actor for OnlineTrainer {
             args.start.replay.clone(),
         );
         let rejected_through = rejected_through(&*args.rejects)?;
-        let mut st = TrainerState {
+        let mut st = TrainerActorState {
             block: SampleBlock::for_schema(&schema),
             trainer,
             feed,
@@ -404,7 +359,7 @@ impl Actor for OnlineTrainer {
         &self,
         myself: ActorRef<TrainerMsg>,
         msg: TrainerMsg,
-        st: &mut TrainerState,
+        st: &mut TrainerActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg.body {
             TrainerRequest::Pull => st.step(&myself).await?,
@@ -436,20 +391,20 @@ impl Actor for OnlineTrainer {
 
 /// A typed handle to the running trainer.
 #[derive(Clone, Debug)]
-pub struct TrainerHandle {
+pub struct TrainerActorHandle {
     actor: ActorRef<TrainerMsg>,
 }
 
-impl TrainerHandle {
+impl TrainerActorHandle {
     pub async fn spawn_linked(args: TrainerArgs, supervisor: ActorCell) -> anyhow::Result<Self> {
-        let (actor, _join) = Actor::spawn_linked(None, OnlineTrainer, args, supervisor)
+        let (actor, _join) = Actor::spawn_linked(None, TrainerActor, args, supervisor)
             .await
             .map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
         Ok(Self { actor })
     }
 
     pub async fn spawn(args: TrainerArgs) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
-        let (actor, join) = Actor::spawn(None, OnlineTrainer, args)
+        let (actor, join) = Actor::spawn(None, TrainerActor, args)
             .await
             .map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
         Ok((Self { actor }, join))

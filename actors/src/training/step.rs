@@ -1,5 +1,5 @@
-//! The training step: the one code path that offline (`freshet train`) and, later, online
-//! training share.
+//! The training step: the one code path that offline (`freshet train`) and online training
+//! share.
 //!
 //! One step, in order:
 //! 1. deduplicate the batch's keys per table (first-occurrence order, so the step is
@@ -10,76 +10,25 @@
 //! 4. make the dense update;
 //! 5. push the summed sparse gradient of every unique key back to its shard.
 //!
-//! A table row holds a field's embedding followed, for models with a wide part, by the id's
-//! wide weight: one lookup fetches both, as the PyTorch peer's fused table does. Adagrad is
-//! per coordinate, so this is the same mathematics as two tables, except that the wide weight
-//! starts from the table's initializer (N(0, 0.01²) by default) where the peer starts it at 0.
+//! Steps 1 and 3's forward half are the [`Scorer`]'s, which the trainer wraps. A table row
+//! holds a field's embedding followed, for models with a wide part, by the id's wide weight:
+//! one lookup fetches both, as the PyTorch peer's fused table does. Adagrad is per coordinate,
+//! so this is the same mathematics as two tables, except that the wide weight starts from the
+//! table's initializer (N(0, 0.01²) by default) where the peer starts it at 0.
 
 use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ahash::AHashMap;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::dense::layers::{pool_backward, pool_forward};
-use crate::dense::{DenseNet, InputShape, ModelConfig, Threads};
-use crate::embedding::{Initializer, OptimizerConfig, TableConfig, TrainCtx};
-use crate::ids::{FeatureId, TableName};
+use crate::dense::layers::pool_backward;
+use crate::dense::{DenseNet, ModelConfig, Threads};
+use crate::embedding::TrainCtx;
+use crate::ids::TableName;
 use crate::sample::{Pooling, SampleBlock, Schema};
-use crate::shard::{PendingGradients, ShardPlan, ShardRouter};
-
-/// The embedding table config the trainer uses for a schema table when none is configured:
-/// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
-/// its embeddings.
-pub fn default_table_config(row_dim: usize) -> TableConfig {
-    let mut c = TableConfig::with_dim(row_dim);
-    c.init = Initializer::Normal {
-        mean: 0.0,
-        std: 0.01,
-    };
-    c.optimizer = OptimizerConfig::Adagrad {
-        lr: 0.05,
-        initial_accumulator: 0.1,
-        eps: 1e-10,
-    };
-    c
-}
-
-/// One embedding table as the trainer sees it.
-#[derive(Clone, Debug)]
-struct TableUse {
-    name: TableName,
-    /// Embedding columns (0 for LR) plus the wide column when the model has one.
-    row_dim: usize,
-    emb_dim: usize,
-    /// Fields stored in this table, in schema order.
-    fields: Vec<usize>,
-}
-
-/// Per-step scratch of one table: unique keys and where each id occurrence points.
-#[derive(Debug, Default)]
-struct TableBatch {
-    keys: Vec<FeatureId>,
-    slot: AHashMap<FeatureId, u32>,
-    index: Vec<u32>,
-    weights: Vec<f32>,
-    /// Per field of the table, per row: the range of that row's ids in `index`.
-    spans: Vec<Vec<(u32, u32)>>,
-    /// Which shard owns each of `keys`: made once, used by the lookup and the push.
-    plan: ShardPlan,
-    rows: Vec<f32>,
-    grads: Vec<f32>,
-}
-
-/// One batch as the step needs it before any shard answers: its keys deduplicated and planned
-/// per table, its labels and sample weights.
-#[derive(Debug, Default)]
-struct Gathered {
-    tables: Vec<TableBatch>,
-    labels: Vec<f32>,
-    weights: Vec<f32>,
-}
+use crate::scorer::{Fields, Gathered, Scorer, TableBatch, TableUse};
+use crate::shard::{PendingGradients, ShardRouter};
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -93,21 +42,15 @@ pub struct StepReport {
     pub gathered_ahead: bool,
 }
 
-/// The trainer's state: the dense net and how the schema maps to tables.
+/// The training step's state: the scorer (the dense net and how the schema maps to tables),
+/// the next batch gathered ahead, and the last push still in the owners' mailboxes.
 #[derive(Debug)]
 pub struct Trainer {
-    schema: Schema,
-    net: DenseNet,
-    tables: Vec<TableUse>,
-    /// Per field: (table index, column offset of its embedding in the model input).
-    field_at: Vec<(usize, usize)>,
-    /// The batch of the step (or prediction) under way.
-    cur: Gathered,
+    scorer: Scorer,
     /// The next step's batch, gathered while this step waited for its rows
     /// ([`Trainer::train_batch_ahead`]), and the rows it was gathered from.
     ahead: Gathered,
     ahead_rows: Option<Range<usize>>,
-    wide_tmp: Vec<f32>,
     step: u64,
     /// The last step's gradients, in the shard owners' mailboxes; their answers are awaited by
     /// the next step (after it has sent its lookup, which queues behind them) or by
@@ -116,129 +59,40 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// The tables (name and row dim) this schema and model need from the shards.
-    pub fn required_tables(schema: &Schema, model: &ModelConfig) -> Vec<(String, usize)> {
-        schema
-            .tables()
-            .into_iter()
-            .map(|(name, dim)| (name, Self::row_dim(model, dim)))
-            .collect()
-    }
-
-    /// Checks that `tables` (a manifest's, say) give every row this schema and model read,
-    /// at the right dim, before any lookup slices them.
-    pub fn check_tables(
-        schema: &Schema,
-        model: &ModelConfig,
-        tables: &std::collections::BTreeMap<String, crate::embedding::TableConfig>,
-    ) -> anyhow::Result<()> {
-        for (name, dim) in Self::required_tables(schema, model) {
-            match tables.get(&name) {
-                Some(c) if c.dim == dim => {}
-                Some(c) => anyhow::bail!(
-                    "it has table {name} with dim {}, but the {} model reads rows of {dim}",
-                    c.dim,
-                    model.kind.name()
-                ),
-                None => anyhow::bail!("it lacks table {name}"),
-            }
-        }
-        Ok(())
-    }
-
-    fn row_dim(model: &ModelConfig, emb_dim: usize) -> usize {
-        let emb = if model.kind.has_embeddings() {
-            emb_dim
-        } else {
-            0
-        };
-        emb + usize::from(model.kind.has_wide())
-    }
-
     pub fn new(schema: Schema, model: ModelConfig) -> anyhow::Result<Self> {
-        schema.validate("schema")?;
-        let emb_of = |d: usize| if model.kind.has_embeddings() { d } else { 0 };
-        let shape = InputShape {
-            fields: schema.fields.iter().map(|f| emb_of(f.dim)).collect(),
-            dense: schema.dense.len(),
-        };
-        let net = DenseNet::new(model, shape)?;
-        Self::with_net(schema, net)
+        Ok(Self::around(Scorer::new(schema, model)?))
     }
 
-    /// A trainer around an existing dense net (for example one loaded from a model dir).
+    /// A trainer around an existing dense net (for example one loaded from a model store).
     pub fn with_net(schema: Schema, net: DenseNet) -> anyhow::Result<Self> {
-        schema.validate("schema")?;
-        let model = net.config().clone();
-        let want: Vec<usize> = schema
-            .fields
-            .iter()
-            .map(|f| {
-                if model.kind.has_embeddings() {
-                    f.dim
-                } else {
-                    0
-                }
-            })
-            .collect();
-        anyhow::ensure!(
-            net.shape().fields == want && net.shape().dense == schema.dense.len(),
-            "the model was built for {} fields with dims {:?} and {} dense features; \
-             the schema has dims {:?} and {} dense features",
-            net.shape().fields.len(),
-            net.shape().fields,
-            net.shape().dense,
-            want,
-            schema.dense.len()
-        );
-        let mut tables: Vec<TableUse> = Vec::new();
-        let mut field_at = Vec::new();
-        let mut col = 0;
-        for (i, f) in schema.fields.iter().enumerate() {
-            let t = match tables.iter().position(|t| t.name.as_str() == f.table) {
-                Some(t) => t,
-                None => {
-                    tables.push(TableUse {
-                        name: TableName::new(&f.table),
-                        row_dim: Self::row_dim(&model, f.dim),
-                        emb_dim: want[i],
-                        fields: Vec::new(),
-                    });
-                    tables.len() - 1
-                }
-            };
-            tables[t].fields.push(i);
-            field_at.push((t, col));
-            col += want[i];
-        }
-        let gathered = || Gathered {
-            tables: tables.iter().map(|_| TableBatch::default()).collect(),
-            ..Default::default()
-        };
-        Ok(Self {
-            cur: gathered(),
-            ahead: gathered(),
+        Ok(Self::around(Scorer::with_net(schema, net)?))
+    }
+
+    fn around(scorer: Scorer) -> Self {
+        Self {
+            ahead: Gathered::for_tables(&scorer.tables),
             ahead_rows: None,
-            schema,
-            net,
-            tables,
-            field_at,
-            wide_tmp: Vec::new(),
+            scorer,
             step: 0,
             pending: Vec::new(),
-        })
+        }
+    }
+
+    /// The forward pass this trainer trains.
+    pub fn scorer(&self) -> &Scorer {
+        &self.scorer
     }
 
     pub fn net(&self) -> &DenseNet {
-        &self.net
+        self.scorer.net()
     }
 
     pub fn into_net(self) -> DenseNet {
-        self.net
+        self.scorer.into_net()
     }
 
     pub fn schema(&self) -> &Schema {
-        &self.schema
+        self.scorer.schema()
     }
 
     pub fn step(&self) -> u64 {
@@ -255,78 +109,30 @@ impl Trainer {
     /// and the pooling's backward pass into `cur.tables[t].grads`. Returns the batch's loss sum.
     fn train_dense(&mut self, block: &SampleBlock, range: &Range<usize>, threads: &Threads) -> f64 {
         let rows = range.len();
-        self.on_dense_threads(block, range, threads, |net, cur, fields| {
-            let loss = net.train_step(rows, &cur.labels, &cur.weights, threads);
-            let (dx, dwide) = net.input_grads(rows);
-            let grads = PoolGrads {
-                fields,
-                has_wide: net.config().kind.has_wide(),
-                d: net.shape().input_dim(),
-                dx,
-                dwide,
-            };
-            // Tables are independent and each is summed by one thread in row order, so
-            // spreading them over the dense threads changes no bit.
-            let tables = fields.tables;
-            if threads.count() > 1 {
-                use rayon::prelude::*;
-                (tables.par_iter().zip(cur.tables.par_iter_mut()))
-                    .for_each(|(t, tb)| grads.backward(t, tb));
-            } else {
-                (tables.iter().zip(cur.tables.iter_mut()))
-                    .for_each(|(t, tb)| grads.backward(t, tb));
-            }
-            loss.loss_sum
-        })
-    }
-
-    /// Fills the model input of rows `range` of `block` from the rows in `cur.tables[t].rows`
-    /// (step 3's pooling), then runs `then`, all on the dense threads.
-    ///
-    /// Why one hand-off: waking the dense threads and waking this one again costs about
-    /// 0.1 ms a time on the development VM, and the pooling on either side of the dense step
-    /// would otherwise run on this thread while both dense threads wait.
-    fn on_dense_threads<R: Send>(
-        &mut self,
-        block: &SampleBlock,
-        range: &Range<usize>,
-        threads: &Threads,
-        then: impl FnOnce(&mut DenseNet, &mut Gathered, Fields<'_>) -> R + Send,
-    ) -> R {
-        let rows = range.len();
-        let Self {
-            schema,
-            net,
-            tables,
-            field_at,
-            cur,
-            wide_tmp,
-            ..
-        } = self;
-        let fields = Fields {
-            schema,
-            tables,
-            field_at,
-        };
-        let (has_wide, d, dense) = (
-            net.config().kind.has_wide(),
-            net.shape().input_dim(),
-            net.shape().dense,
-        );
-        wide_tmp.resize(rows, 0.0);
-        let tmp = &mut wide_tmp[..rows];
-        threads.install(|| {
-            let (x, wide) = net.inputs_mut(rows);
-            let pool = Pool {
-                fields,
-                batch: cur,
-                has_wide,
-                d,
-                dense,
-            };
-            pool.fill(block, range.start, threads, x, wide, tmp);
-            then(net, cur, fields)
-        })
+        self.scorer
+            .on_dense_threads(block, range, threads, |net, cur, fields| {
+                let loss = net.train_step(rows, &cur.labels, &cur.weights, threads);
+                let (dx, dwide) = net.input_grads(rows);
+                let grads = PoolGrads {
+                    fields,
+                    has_wide: net.config().kind.has_wide(),
+                    d: net.shape().input_dim(),
+                    dx,
+                    dwide,
+                };
+                // Tables are independent and each is summed by one thread in row order, so
+                // spreading them over the dense threads changes no bit.
+                let tables = fields.tables;
+                if threads.count() > 1 {
+                    use rayon::prelude::*;
+                    (tables.par_iter().zip(cur.tables.par_iter_mut()))
+                        .for_each(|(t, tb)| grads.backward(t, tb));
+                } else {
+                    (tables.iter().zip(cur.tables.iter_mut()))
+                        .for_each(|(t, tb)| grads.backward(t, tb));
+                }
+                loss.loss_sum
+            })
     }
 
     /// Waits until the shard owners have applied the last step's gradients; returns how many
@@ -389,15 +195,15 @@ impl Trainer {
             now_ms: now_ms(),
         };
         let ahead = self.ahead_rows.take().is_some_and(|r| r == range)
-            && self.ahead.matches(&self.tables, block, &range)
+            && self.ahead.matches(&self.scorer.tables, block, &range)
             && self.ahead.tables.iter().all(|tb| router.fits(&tb.plan));
         if ahead {
-            std::mem::swap(&mut self.cur, &mut self.ahead);
+            std::mem::swap(&mut self.scorer.cur, &mut self.ahead);
         } else {
-            self.cur.gather(&self.tables, block, &range);
-            self.cur.plan(router);
+            self.scorer.cur.gather(&self.scorer.tables, block, &range);
+            self.scorer.cur.plan(router);
         }
-        let sent: anyhow::Result<Vec<_>> = (self.tables.iter().zip(&self.cur.tables))
+        let sent: anyhow::Result<Vec<_>> = (self.scorer.tables.iter().zip(&self.scorer.cur.tables))
             .map(|(t, tb)| {
                 router
                     .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx)
@@ -417,7 +223,7 @@ impl Trainer {
         };
         // The owners apply the last push and answer this lookup meanwhile.
         if let Some(next) = next.filter(|n| !n.is_empty()) {
-            self.ahead.gather(&self.tables, block, &next);
+            self.ahead.gather(&self.scorer.tables, block, &next);
             self.ahead.plan(router);
             self.ahead_rows = Some(next);
         }
@@ -427,14 +233,20 @@ impl Trainer {
             gathered_ahead: ahead,
             ..Default::default()
         };
-        for ((t, tb), sent) in self.tables.iter().zip(&mut self.cur.tables).zip(lookups) {
+        for ((t, tb), sent) in self
+            .scorer
+            .tables
+            .iter()
+            .zip(&mut self.scorer.cur.tables)
+            .zip(lookups)
+        {
             tb.rows = sent.wait(&tb.plan).await.with_context(|| {
                 format!("looking up {} keys of table {}", tb.keys.len(), t.name)
             })?;
         }
         report.loss_sum = self.train_dense(block, &range, threads);
-        report.unique_keys = self.cur.tables.iter().map(|tb| tb.keys.len()).sum();
-        for (t, tb) in self.tables.iter().zip(&self.cur.tables) {
+        report.unique_keys = self.scorer.cur.tables.iter().map(|tb| tb.keys.len()).sum();
+        for (t, tb) in self.scorer.tables.iter().zip(&self.scorer.cur.tables) {
             let sent = router
                 .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx)
                 .with_context(|| format!("pushing gradients of table {}", t.name))?;
@@ -457,265 +269,14 @@ impl Trainer {
         }
         // The lookup would queue behind the last push anyway; waiting surfaces its outcome.
         self.flush().await?;
-        self.cur.gather(&self.tables, block, &range);
-        for (t, tb) in self.tables.iter().zip(&mut self.cur.tables) {
-            tb.rows = router
-                .lookup(&t.name, t.row_dim, &tb.keys)
-                .await
-                .with_context(|| format!("looking up table {}", t.name))?;
-        }
-        Ok(self.forward_gathered(block, &range, threads))
-    }
-
-    /// [`Trainer::predict_batch`] with rows from a local, synchronous source (a serving
-    /// replica's read-only tables): `lookup(table, row_dim, unique_keys, out)` fills `out`
-    /// with `row_dim` floats per key.
-    pub fn predict_with(
-        &mut self,
-        block: &SampleBlock,
-        range: Range<usize>,
-        threads: &Threads,
-        mut lookup: impl FnMut(&TableName, usize, &[u64], &mut Vec<f32>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<Vec<f32>> {
-        if range.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.cur.gather(&self.tables, block, &range);
-        for (t, tb) in self.tables.iter().zip(&mut self.cur.tables) {
-            tb.rows.clear();
-            lookup(&t.name, t.row_dim, &tb.keys, &mut tb.rows)
-                .with_context(|| format!("looking up table {}", t.name))?;
-            anyhow::ensure!(
-                tb.rows.len() == tb.keys.len() * t.row_dim,
-                "table {} gave {} floats for {} keys of {}",
-                t.name,
-                tb.rows.len(),
-                tb.keys.len(),
-                t.row_dim
-            );
-        }
-        Ok(self.forward_gathered(block, &range, threads))
+        self.scorer
+            .predict_batch(block, range, router, threads)
+            .await
     }
 
     /// The tables this trainer reads, with the row dim it reads from each.
     pub fn table_dims(&self) -> impl Iterator<Item = (&TableName, usize)> + '_ {
-        self.tables.iter().map(|t| (&t.name, t.row_dim))
-    }
-
-    fn forward_gathered(
-        &mut self,
-        block: &SampleBlock,
-        range: &Range<usize>,
-        threads: &Threads,
-    ) -> Vec<f32> {
-        let rows = range.len();
-        self.on_dense_threads(block, range, threads, |net, _, _| {
-            net.forward(rows, threads)
-        });
-        self.net.predictions(rows).to_vec()
-    }
-}
-
-impl Gathered {
-    /// Step 1: dedupes each table's keys and records where every id occurrence points.
-    fn gather(&mut self, tables: &[TableUse], block: &SampleBlock, range: &Range<usize>) {
-        for (t, tb) in tables.iter().zip(&mut self.tables) {
-            tb.keys.clear();
-            tb.slot.clear();
-            tb.index.clear();
-            tb.weights.clear();
-            tb.spans.resize(t.fields.len(), Vec::new());
-            for (k, &f) in t.fields.iter().enumerate() {
-                let spans = &mut tb.spans[k];
-                spans.clear();
-                for r in range.clone() {
-                    let (ids, ws) = block.row(r).field(f);
-                    let a = tb.index.len() as u32;
-                    for (&id, &w) in ids.iter().zip(ws) {
-                        let next = tb.keys.len() as u32;
-                        let s = *tb.slot.entry(id).or_insert_with(|| {
-                            tb.keys.push(id);
-                            next
-                        });
-                        tb.index.push(s);
-                        tb.weights.push(w);
-                    }
-                    spans.push((a, tb.index.len() as u32));
-                }
-            }
-        }
-        self.labels.clear();
-        self.weights.clear();
-        for r in range.clone() {
-            let s = block.row(r);
-            self.labels.push(s.label());
-            self.weights.push(s.weight());
-        }
-    }
-
-    /// Whether this is what [`Gathered::gather`] makes of rows `range` of `block`: one pass
-    /// over the rows without hashing, a small fraction of a gather. A batch gathered ahead is
-    /// checked before it is used, so a caller that names the wrong rows, or a block that
-    /// changed in between, costs a second gather, never a step on the wrong keys.
-    fn matches(&self, tables: &[TableUse], block: &SampleBlock, range: &Range<usize>) -> bool {
-        if self.labels.len() != range.len() || self.weights.len() != range.len() {
-            return false;
-        }
-        for (i, r) in range.clone().enumerate() {
-            let s = block.row(r);
-            if self.labels[i].to_bits() != s.label().to_bits()
-                || self.weights[i].to_bits() != s.weight().to_bits()
-            {
-                return false;
-            }
-        }
-        for (t, tb) in tables.iter().zip(&self.tables) {
-            for (k, &f) in t.fields.iter().enumerate() {
-                let Some(spans) = tb.spans.get(k).filter(|sp| sp.len() == range.len()) else {
-                    return false;
-                };
-                for (r, &(a, b)) in range.clone().zip(spans) {
-                    let (ids, ws) = block.row(r).field(f);
-                    let (a, b) = (a as usize, b as usize);
-                    if b - a != ids.len() {
-                        return false;
-                    }
-                    for ((&id, &w), (&s, &gw)) in ids
-                        .iter()
-                        .zip(ws)
-                        .zip(tb.index[a..b].iter().zip(&tb.weights[a..b]))
-                    {
-                        if tb.keys.get(s as usize) != Some(&id) || gw.to_bits() != w.to_bits() {
-                            return false;
-                        }
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    /// Which shard owns each key, for the lookup and later the push.
-    fn plan(&mut self, router: &ShardRouter) {
-        for tb in &mut self.tables {
-            tb.plan = router.plan(&tb.keys);
-        }
-    }
-}
-
-/// Where to split a batch's rows between two dense threads, or `None` to keep them whole: one
-/// thread, or too few rows for the hand-off to pay.
-fn split_for(threads: &Threads, rows: usize) -> Option<usize> {
-    (threads.share().halves().is_some() && rows >= 128).then_some(rows / 2)
-}
-
-/// The schema's fields: which table each is stored in and where it goes in the model input.
-#[derive(Clone, Copy)]
-struct Fields<'a> {
-    schema: &'a Schema,
-    tables: &'a [TableUse],
-    field_at: &'a [(usize, usize)],
-}
-
-/// What the pooling's forward pass reads: the fields, and the batch's deduplicated keys with
-/// their rows.
-struct Pool<'a> {
-    fields: Fields<'a>,
-    batch: &'a Gathered,
-    has_wide: bool,
-    /// Floats per model input row, and how many of them (the last) are dense features.
-    d: usize,
-    dense: usize,
-}
-
-impl Pool<'_> {
-    /// Fills the model input of the batch's rows (`wide.len()` of them, the first being row
-    /// `first` of `block`): by row halves on two dense threads when there are two. Each row's
-    /// inputs are computed by the same operations in the same order whichever half holds it,
-    /// so the split changes no bit. Runs inside [`Threads::install`].
-    fn fill(
-        &self,
-        block: &SampleBlock,
-        first: usize,
-        threads: &Threads,
-        x: &mut [f32],
-        wide: &mut [f32],
-        tmp: &mut [f32],
-    ) {
-        match split_for(threads, wide.len()) {
-            Some(h) => {
-                let (x0, x1) = x.split_at_mut(h * self.d);
-                let (w0, w1) = wide.split_at_mut(h);
-                let (t0, t1) = tmp.split_at_mut(h);
-                rayon::join(
-                    || self.forward(block, first, 0, x0, w0, t0),
-                    || self.forward(block, first, h, x1, w1, t1),
-                );
-            }
-            None => self.forward(block, first, 0, x, wide, tmp),
-        }
-    }
-
-    /// Fills the inputs of the batch's rows `lo..lo + wide.len()`: `x` and `wide` hold just
-    /// those rows, `tmp` is scratch of the same length as `wide`. `first` is the batch's first
-    /// row in `block`.
-    fn forward(
-        &self,
-        block: &SampleBlock,
-        first: usize,
-        lo: usize,
-        x: &mut [f32],
-        wide: &mut [f32],
-        tmp: &mut [f32],
-    ) {
-        let (n, d) = (wide.len(), self.d);
-        wide.fill(0.0);
-        let Fields {
-            schema, field_at, ..
-        } = self.fields;
-        for (t, tb) in self.fields.tables.iter().zip(&self.batch.tables) {
-            for (k, &f) in t.fields.iter().enumerate() {
-                let mean = schema.fields[f].pooling == Pooling::Mean;
-                let col = field_at[f].1;
-                let spans = &tb.spans[k][lo..lo + n];
-                if t.emb_dim > 0 {
-                    let cols = 0..t.emb_dim;
-                    let (index, weights) = (&tb.index, &tb.weights);
-                    pool_forward(
-                        &tb.rows,
-                        t.row_dim,
-                        cols,
-                        index,
-                        weights,
-                        spans,
-                        mean,
-                        &mut x[col..],
-                        d,
-                    );
-                }
-                if self.has_wide {
-                    let cols = t.emb_dim..t.emb_dim + 1;
-                    pool_forward(
-                        &tb.rows,
-                        t.row_dim,
-                        cols,
-                        &tb.index,
-                        &tb.weights,
-                        spans,
-                        mean,
-                        tmp,
-                        1,
-                    );
-                    for (w, v) in wide.iter_mut().zip(&*tmp) {
-                        *w += v;
-                    }
-                }
-            }
-        }
-        let emb_cols = d - self.dense;
-        for i in 0..n {
-            x[i * d + emb_cols..(i + 1) * d].copy_from_slice(block.row(first + lo + i).dense());
-        }
+        self.scorer.table_dims()
     }
 }
 
@@ -765,10 +326,12 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
     use crate::dense::ModelKind;
+    use crate::embedding::{Initializer, OptimizerConfig, TableConfig};
     use crate::gen::{GenConfig, Generator};
     use crate::metrics::auc;
     use crate::sample::criteo::{read_into, CriteoParser};
     use crate::sample::RejectSink;
+    use crate::training::default_table_config;
 
     fn data(rows: u64, seed: u64) -> SampleBlock {
         let mut g = Generator::new(GenConfig {
@@ -797,7 +360,7 @@ mod tests {
     }
 
     async fn router_for(schema: &Schema, model: &ModelConfig, shards: u32) -> ShardRouter {
-        let tables = Trainer::required_tables(schema, model)
+        let tables = Scorer::required_tables(schema, model)
             .into_iter()
             .map(|(n, d)| (TableName::new(&n), default_table_config(d)))
             .collect();
@@ -934,13 +497,18 @@ mod tests {
         let t = Trainer::new(schema.clone(), ModelConfig::new(ModelKind::Deepfm)).unwrap();
         let block = data(40, 13);
         let mut g = Gathered {
-            tables: t.tables.iter().map(|_| TableBatch::default()).collect(),
+            tables: t
+                .scorer
+                .tables
+                .iter()
+                .map(|_| TableBatch::default())
+                .collect(),
             ..Default::default()
         };
-        g.gather(&t.tables, &block, &(8..24));
-        assert!(g.matches(&t.tables, &block, &(8..24)));
-        assert!(!g.matches(&t.tables, &block, &(8..23)));
-        assert!(!g.matches(&t.tables, &block, &(9..25)));
+        g.gather(&t.scorer.tables, &block, &(8..24));
+        assert!(g.matches(&t.scorer.tables, &block, &(8..24)));
+        assert!(!g.matches(&t.scorer.tables, &block, &(8..23)));
+        assert!(!g.matches(&t.scorer.tables, &block, &(9..25)));
         // Copies of the block with row 20 changed in one place each.
         let changed = |id: Option<u64>, id_weight: f32, label: f32, weight: f32| {
             let mut b = SampleBlock::for_schema(&schema);
@@ -973,12 +541,12 @@ mod tests {
             "the fixture row has an id in field 3"
         );
         let (w, l, sw) = (row.field(3).1[0], row.label(), row.weight());
-        assert!(g.matches(&t.tables, &changed(None, w, l, sw), &(8..24)));
+        assert!(g.matches(&t.scorer.tables, &changed(None, w, l, sw), &(8..24)));
         let other = row.field(3).0[0] ^ 1;
-        assert!(!g.matches(&t.tables, &changed(Some(other), w, l, sw), &(8..24)));
-        assert!(!g.matches(&t.tables, &changed(None, w + 0.5, l, sw), &(8..24)));
-        assert!(!g.matches(&t.tables, &changed(None, w, 1.0 - l, sw), &(8..24)));
-        assert!(!g.matches(&t.tables, &changed(None, w, l, sw * 2.0), &(8..24)));
+        assert!(!g.matches(&t.scorer.tables, &changed(Some(other), w, l, sw), &(8..24)));
+        assert!(!g.matches(&t.scorer.tables, &changed(None, w + 0.5, l, sw), &(8..24)));
+        assert!(!g.matches(&t.scorer.tables, &changed(None, w, 1.0 - l, sw), &(8..24)));
+        assert!(!g.matches(&t.scorer.tables, &changed(None, w, l, sw * 2.0), &(8..24)));
     }
 
     /// Two dense threads compute what one does, bit for bit: the pooling is split by rows and
@@ -1004,7 +572,7 @@ mod tests {
         let faults = crate::fault::Faults::new();
         // The second push makes the owner panic, as a bug would.
         faults.arm("shard.apply", 1, 1);
-        let tables = Trainer::required_tables(&schema, &model)
+        let tables = Scorer::required_tables(&schema, &model)
             .into_iter()
             .map(|(n, d)| (TableName::new(&n), default_table_config(d)))
             .collect();

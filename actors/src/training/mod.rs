@@ -1,0 +1,133 @@
+//! Training, offline and online, through one step.
+//!
+//! - [`step`]: [`Trainer`], the training step: dedupe, look up through the ShardOwners, pool,
+//!   forward and backward, dense update, sparse push. It wraps the [`Scorer`], the forward
+//!   pass that serving uses alone.
+//! - [`feed`]: the online trainer's cursor over the sample log (live offsets, replays).
+//! - [`online`]: [`TrainerActor`], which pulls batches from the sample log, trains, and
+//!   captures versions with the offsets they contain.
+//! - [`offline`]: the offline driver behind `freshet train`: files or the sample log in,
+//!   epochs, evaluation, versions out.
+//!
+//! Both drivers start from a version through [`restore`] and close a version through
+//! [`boundary`], so a version means the same whoever wrote it: every shard and the dense net at
+//! one step boundary, with the sample offsets and counts that lead to it.
+
+pub mod feed;
+pub mod offline;
+pub mod online;
+pub mod step;
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+
+use crate::ckpt::writer::StepBoundary;
+use crate::ckpt::{Manifest, ModelStore, ReplayRecord, VersionMeta};
+use crate::dense::DenseNet;
+use crate::embedding::{Initializer, OptimizerConfig, TableConfig};
+use crate::scorer::Scorer;
+use crate::shard::ShardRouter;
+use crate::stream::Offset;
+
+pub use online::{
+    FreshModel, TrainStart, TrainerActor, TrainerActorHandle, TrainerActorState, TrainerArgs,
+    TrainerMsg, TrainerRequest, TrainerStatus,
+};
+pub use step::{StepReport, Trainer};
+
+/// The embedding table config the trainer uses for a schema table when none is configured:
+/// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
+/// its embeddings.
+pub fn default_table_config(row_dim: usize) -> TableConfig {
+    let mut c = TableConfig::with_dim(row_dim);
+    c.init = Initializer::Normal {
+        mean: 0.0,
+        std: 0.01,
+    };
+    c.optimizer = OptimizerConfig::Adagrad {
+        lr: 0.05,
+        initial_accumulator: 0.1,
+        eps: 1e-10,
+    };
+    c
+}
+
+/// Restores every shard behind `shards` and the dense net to version `v` of `store`. Returns
+/// the trainer, at the version's step, and the version's manifest.
+///
+/// A local owner reads its own files: a full version streams from disk into its tables without
+/// a snapshot in between. A remote owner is sent its snapshot.
+pub async fn restore(
+    store: &ModelStore,
+    shards: &ShardRouter,
+    v: u64,
+) -> anyhow::Result<(Trainer, Manifest)> {
+    let s = store.clone();
+    let (manifest, dense) = tokio::task::spawn_blocking(move || s.restore_dense(v))
+        .await
+        .context("restore task")?
+        .with_context(|| format!("restoring the dense state of version {v}"))?;
+    // The manifest's tables must give the rows the model reads before any lookup slices them.
+    Scorer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)
+        .with_context(|| format!("version {v} does not fit its own tables"))?;
+    let count = shards.shards().len() as u32;
+    for h in shards.shards() {
+        let i = h.shard();
+        if h.is_local() {
+            h.restore_from(store, v)
+                .await
+                .with_context(|| format!("restoring shard {i} of version {v}"))?;
+            continue;
+        }
+        let s = store.clone();
+        let (snap, _) = tokio::task::spawn_blocking(move || s.restore_shard(v, i, count))
+            .await
+            .context("restore task")?
+            .with_context(|| format!("restoring shard {i} of version {v}"))?;
+        h.restore(snap)
+            .await
+            .with_context(|| format!("loading version {v} into shard {i}"))?;
+    }
+    let net = DenseNet::from_state(dense)?;
+    let mut t = Trainer::with_net(manifest.schema.clone(), net)?;
+    t.set_step(manifest.step);
+    Ok((t, manifest))
+}
+
+/// What a version records of the training behind it, besides the model: the samples it holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lineage {
+    pub rows_trained: u64,
+    pub samples_rejected: u64,
+    /// Replays finished since the last version.
+    pub replays: Vec<ReplayRecord>,
+    /// Per sample partition, the next offset to consume.
+    pub sample_offsets: BTreeMap<u32, Offset>,
+}
+
+/// The version boundary after `trainer`'s last step: its dense state and step, the tables it
+/// trains, and `lineage`. The caller has flushed the trainer's last push
+/// ([`Trainer::flush`]), so the shards hold every step before the boundary.
+pub fn boundary(
+    trainer: &Trainer,
+    tables: &BTreeMap<String, TableConfig>,
+    lineage: Lineage,
+) -> StepBoundary {
+    StepBoundary {
+        meta: VersionMeta {
+            step: trainer.step(),
+            rows_trained: lineage.rows_trained,
+            samples_rejected: lineage.samples_rejected,
+            replays: lineage.replays,
+            calibrated_from: None,
+            sample_offsets: lineage.sample_offsets,
+            joiner_offsets: BTreeMap::new(),
+            model: trainer.net().config().clone(),
+            schema: trainer.schema().clone(),
+            tables: tables.clone(),
+        },
+        dense: trainer.net().state(),
+        full: false,
+    }
+}
