@@ -26,7 +26,7 @@ use clap::Args;
 use freshet_actors::dense::{gemm::sgemm_peak, DenseNet, Threads};
 use freshet_actors::event::Event;
 use freshet_actors::online::pipeline::PipelineHandle;
-use freshet_actors::online::ReplicaSet;
+use freshet_actors::serving::ReplicaSet;
 use freshet_actors::serving::{Candidate, ModelCell, PredictRequest};
 use freshet_actors::simulate::{play_live, SimConfig, Simulator};
 use freshet_actors::stream::now_ms;

@@ -27,8 +27,8 @@ use anyhow::Context;
 use clap::Args;
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::Threads;
-use freshet_actors::online::ReplicaSet;
 use freshet_actors::serving::replica::{ReplicaArgs, ReplicaHandle};
+use freshet_actors::serving::ReplicaSet;
 use freshet_actors::serving::{ModelCell, PredictRequest, ServingError};
 use serde::Serialize;
 

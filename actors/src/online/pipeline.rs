@@ -33,7 +33,6 @@ use thiserror::Error;
 
 use super::gate::GateConfig;
 use super::validator::{RollbackFn, ValidatorArgs, ValidatorHandle, ValidatorStatus};
-use super::ReplicaSet;
 use crate::ckpt::writer::{CheckpointHandle, Schedule, WriterArgs};
 use crate::ckpt::{CalibrationSource, ModelStore, Payload, RolledBack, VersionMeta};
 use crate::dense::Threads;
@@ -42,6 +41,7 @@ use crate::ids::TableName;
 use crate::joiner::{CheckpointEvery, JoinArgs, JoinConfig, JoinerHandle, JoinerStats};
 use crate::serving::replica::{ReplicaArgs, ReplicaHandle, ReplicaStatus};
 use crate::serving::ModelCell;
+use crate::serving::ReplicaSet;
 use crate::shard::{ShardArgs, ShardHandle, ShardRouter};
 use crate::stream::StreamLog;
 use crate::supervisor::{

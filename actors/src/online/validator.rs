@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::gate::{judge, GateConfig};
-use super::ReplicaSet;
 use crate::ckpt::writer::CheckpointHandle;
 use crate::ckpt::{Manifest, ModelStore, Validation};
 use crate::dense::Threads;
@@ -34,6 +33,7 @@ use crate::envelope::Envelope;
 use crate::fault::Faults;
 use crate::metrics::{evaluate, Evaluation, WindowedAuc};
 use crate::sample::SampleBlock;
+use crate::serving::ReplicaSet;
 use crate::serving::{ModelDelta, ServingModel};
 use crate::stream::StreamLog;
 use crate::training::feed::SampleFeed;

@@ -8,11 +8,13 @@
 mod cell;
 mod model;
 pub mod replica;
+mod replicas;
 
 pub use cell::{CellStats, ModelCell};
 pub use model::{
     Candidate, ModelDelta, PredictRequest, PredictResponse, ServingModel, ServingTable,
 };
+pub use replicas::ReplicaSet;
 
 use thiserror::Error;
 
