@@ -26,10 +26,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use anyhow::Context;
 use clap::Args;
 use freshet_actors::ckpt::ModelStore;
-use freshet_actors::event::{DeadLetter, Event, INGEST_REJECTS_TOPIC, SAMPLE_REJECTS_TOPIC};
+use freshet_actors::event::{INGEST_REJECTS_TOPIC, SAMPLE_REJECTS_TOPIC};
+use freshet_actors::intake::{admit, Intake};
 use freshet_actors::online::pipeline::{CommandError, Logs, PipelineConfig, PipelineHandle};
 use freshet_actors::simulate::{play_live, SimConfig, Simulator};
-use freshet_actors::stream::{open_topic, partition_of, StreamLog};
+use freshet_actors::stream::{open_topic, StreamLog};
 use freshet_actors::supervisor::Intensity;
 use freshet_actors::training::feed::ReplayPlan;
 use freshet_actors::training::FreshModel;
@@ -415,30 +416,18 @@ async fn events(s: web::Data<Serve>, body: web::Bytes) -> HttpResponse {
         let mut dead = Vec::new();
         let mut accepted = 0;
         for (i, line) in body.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match Event::from_json(line).and_then(|e| e.validate().map(|()| e)) {
-                Ok(e) => {
+            match admit(line, i as u64 + 1, "http:/v1/events", parts) {
+                Intake::Blank => {}
+                Intake::Event { partition, record } => {
                     accepted += 1;
-                    pending[partition_of(e.request_id(), parts) as usize].push(e.to_msgpack());
+                    pending[partition as usize].push(record);
                 }
-                Err(e) => {
-                    dead.push(
-                        DeadLetter {
-                            topic: "http:/v1/events".into(),
-                            partition: 0,
-                            offset: i as u64 + 1,
-                            reason: e.kind().to_owned(),
-                            detail: e.to_string(),
-                            payload: line.to_vec(),
-                        }
-                        .to_msgpack(),
-                    );
+                Intake::Refused(r) => {
+                    dead.push(r.dead_letter);
                     refused.push(Refused {
                         line: i + 1,
-                        reason: e.kind().to_owned(),
-                        error: e.to_string(),
+                        reason: r.reason.to_owned(),
+                        error: r.error,
                     });
                 }
             }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use freshet_actors::event::{
-    DeadLetter, Event, DEAD_LETTERS_TOPIC, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
+    DEAD_LETTERS_TOPIC, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
 };
+use freshet_actors::intake::{admit, Intake};
 use freshet_actors::joiner::{JoinArgs, JoinerHandle, JoinerStats};
 use freshet_actors::metrics::auc;
 use freshet_actors::simulate::{SimConfig, SimRecord, Simulator};
@@ -88,8 +89,11 @@ impl<'a> Batcher<'a> {
     }
 
     fn push(&mut self, key: &str, payload: Vec<u8>) {
-        let p = partition_of(key, self.log.partitions());
-        self.pending[p as usize].push(payload);
+        self.push_to(partition_of(key, self.log.partitions()), payload);
+    }
+
+    fn push_to(&mut self, partition: u32, payload: Vec<u8>) {
+        self.pending[partition as usize].push(payload);
         self.queued += 1;
     }
 
@@ -363,29 +367,19 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
     for line in input.split(b'\n') {
         let line = line.with_context(|| format!("reading {}", args.input))?;
         report.lines += 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match Event::from_json(&line).and_then(|e| e.validate().map(|()| e)) {
-            Ok(e) => {
+        match admit(&line, report.lines, &source, events_log.partitions()) {
+            Intake::Blank => continue,
+            Intake::Event { partition, record } => {
                 report.events += 1;
-                events.push(e.request_id(), e.to_msgpack());
+                events.push_to(partition, record);
             }
-            Err(e) => {
+            Intake::Refused(r) => {
                 report.rejected += 1;
                 *report
                     .rejected_by_reason
-                    .entry(e.kind().to_owned())
+                    .entry(r.reason.to_owned())
                     .or_default() += 1;
-                let d = DeadLetter {
-                    topic: source.clone(),
-                    partition: 0,
-                    offset: report.lines,
-                    reason: e.kind().to_owned(),
-                    detail: e.to_string(),
-                    payload: line,
-                };
-                dead.push(&source, d.to_msgpack());
+                dead.push(&source, r.dead_letter);
             }
         }
         let started = *oldest.get_or_insert_with(Instant::now);

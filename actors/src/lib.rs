@@ -15,6 +15,7 @@ pub mod event;
 pub mod fault;
 pub mod gen;
 pub mod ids;
+pub mod intake;
 pub mod joiner;
 pub mod metrics;
 pub mod online;
