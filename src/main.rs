@@ -2,13 +2,10 @@
 //! `freshet-actors`, the cluster in `freshet-cluster`.
 
 mod bench;
-mod bench_ckpt;
-mod bench_fresh;
-mod bench_join;
-mod bench_serve;
 mod ckpt;
 mod ctl;
 mod dev;
+mod http;
 mod lock;
 mod serve;
 mod settings;

@@ -6,14 +6,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
+use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::ModelConfig;
 use freshet_actors::embedding::{InvalidValue, TableConfig};
+use freshet_actors::event::SAMPLE_REJECTS_TOPIC;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
 use freshet_actors::online::gate::GateConfig;
+use freshet_actors::online::pipeline::{Logs, PipelineConfig};
 use freshet_actors::sample::Schema;
-use freshet_actors::stream::LogConfig;
+use freshet_actors::stream::{open_topic, LogConfig};
+use freshet_actors::supervisor::Intensity;
+use freshet_actors::training::FreshModel;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a node.
@@ -310,6 +316,63 @@ fn explain(e: config::ConfigError) -> anyhow::Error {
         }
         other => anyhow::Error::new(other).context("invalid configuration"),
     }
+}
+
+/// The node's pipeline from the settings, with `dev`'s join window, version interval and
+/// replica count.
+pub(crate) fn pipeline_config(
+    settings: &Settings,
+    window_ms: u64,
+    delta_ms: u64,
+    replicas: usize,
+) -> anyhow::Result<PipelineConfig> {
+    let root = settings.log_dir();
+    let topics = crate::stream::open_topics(&root, &settings.log)?;
+    let sample_rejects = open_topic(&root, SAMPLE_REJECTS_TOPIC, &settings.log)
+        .with_context(|| format!("opening topic {SAMPLE_REJECTS_TOPIC}"))?;
+    let store_dir = settings.node.data_dir.join("models");
+    let store = ModelStore::open(&store_dir)
+        .with_context(|| format!("opening the model store {}", store_dir.display()))?;
+    let schema = settings.schema.clone();
+    let model = settings.model.clone();
+    let tables = settings.model_tables(&schema, &model)?;
+    let spill = tables
+        .values()
+        .any(|c| c.dram_budget_bytes.is_some())
+        .then(|| settings.spill_dir());
+    let mut schedule = settings.checkpoint.schedule();
+    if schedule.every.is_none() && schedule.every_steps.is_none() {
+        schedule.every = Some(Duration::from_millis(delta_ms.max(1)));
+    }
+    let mut join = settings.joiner.window.clone();
+    join.window_ms = window_ms;
+    Ok(PipelineConfig {
+        logs: Logs {
+            events: topics.events,
+            samples: topics.samples,
+            dead_letters: topics.dead_letters,
+            sample_rejects,
+        },
+        store,
+        joiner_dir: settings.node.data_dir.join("joiner"),
+        join,
+        joiner_checkpoint: settings.joiner.checkpoint,
+        joiner_batch: settings.joiner_batch(),
+        fresh: FreshModel {
+            schema,
+            model,
+            tables,
+        },
+        shards: settings.embedding.shards,
+        spill_dir: spill,
+        schedule,
+        batch: settings.train.batch,
+        threads: settings.train.threads,
+        gate: settings.validation.clone(),
+        replicas,
+        intensity: Intensity::default(),
+        faults: Default::default(),
+    })
 }
 
 #[cfg(test)]

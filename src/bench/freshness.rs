@@ -86,7 +86,7 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
     s.node.data_dir = dir.path().to_path_buf();
     s.validation.min_samples = args.min_samples;
     // The join window only delays negatives; clicks join at once whatever it is.
-    let cfg = crate::dev::pipeline_config(&s, 5_000, args.delta_ms, 1)?;
+    let cfg = crate::settings::pipeline_config(&s, 5_000, args.delta_ms, 1)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let (pipe, _join) = PipelineHandle::start(cfg).await?;

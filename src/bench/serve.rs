@@ -32,7 +32,7 @@ use freshet_actors::simulate::{play_live, SimConfig, Simulator};
 use freshet_actors::stream::now_ms;
 use serde::Serialize;
 
-use crate::serve::{Counters, HttpArgs, Serve};
+use crate::http::{Counters, HttpArgs, ServingState};
 use crate::settings::Settings;
 
 #[derive(Debug, Args)]
@@ -117,7 +117,7 @@ async fn train_a_model(
     s.validation.max_auc_drop = 1.0;
     s.validation.max_logloss_ratio = 100.0;
     s.validation.max_calibration_error = 100.0;
-    let cfg = crate::dev::pipeline_config(&s, 2_000, 1_000, 1)?;
+    let cfg = crate::settings::pipeline_config(&s, 2_000, 1_000, 1)?;
     let events = cfg.logs.events.clone();
     let (pipe, _join) = PipelineHandle::start(cfg).await?;
     let cell = pipe.cells()[0].clone();
@@ -362,16 +362,16 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         max_in_flight: 64,
         workers: args.workers,
     };
-    let state = web::Data::new(Serve {
+    let state = web::Data::new(ServingState {
         store,
         cell,
         replicas: ReplicaSet::with_len(0),
         max_candidates: http.max_candidates,
         max_in_flight: http.max_in_flight,
         counters: Counters::default(),
-        node: None,
+        metrics: Vec::new(),
     });
-    let (server, addrs) = crate::serve::bind(state, &http, |_| {})?;
+    let (server, addrs) = crate::http::bind(state, &http, |_| {})?;
     let addr = *addrs.first().context("the server listens nowhere")?;
     let handle = server.handle();
     let server = tokio::spawn(server);

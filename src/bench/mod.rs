@@ -1,0 +1,61 @@
+//! `freshet bench`: hot paths measured against a baseline in the same run.
+//!
+//! Absolute times drift on shared machines, so every figure comes with its baseline from the
+//! same process, and the ratios are the figures that matter. Each bench is a file of its own;
+//! this module only dispatches.
+
+mod checkpoint;
+mod dense;
+mod embedding;
+mod freshness;
+mod join;
+mod serve;
+
+use clap::Subcommand;
+
+use crate::settings::Settings;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// The embedding table against an ahash HashMap and a memory-limit probe.
+    Embedding(embedding::EmbeddingArgs),
+    /// The dense training step's FLOP/s against this binary's sgemm peak on the same threads.
+    Dense(dense::DenseArgs),
+    /// The SampleJoiner end to end through the embedded log: impressions/s and click-to-sample
+    /// latency, against the raw log in the same run.
+    Join(join::JoinBenchArgs),
+    /// The model store: delta size against the changed rows, delta write time, and full
+    /// restore against the disk's sequential read, in one run.
+    Checkpoint(checkpoint::CheckpointBenchArgs),
+    /// Time from a click being appended to serving answering with a version that learned
+    /// from it, with the whole pipeline running live.
+    Freshness(freshness::FreshnessArgs),
+    /// Closed-loop load on POST /v1/predict: latency and items scored/s, against the dense
+    /// forward pass's FLOP limit on the same cores.
+    Serve(serve::ServeBenchArgs),
+}
+
+pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Embedding(a) => embedding::run(a, settings),
+        BenchCommand::Dense(a) => dense::run(a),
+        BenchCommand::Join(a) => join::run(a, settings),
+        BenchCommand::Checkpoint(a) => checkpoint::run(a, settings),
+        BenchCommand::Freshness(a) => freshness::run(a, settings),
+        BenchCommand::Serve(a) => serve::run(a, settings),
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub(super) fn best(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(0.0, f64::max)
+}
+
+pub(super) fn progress(msg: &str) {
+    eprintln!("{msg}");
+}
