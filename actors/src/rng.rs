@@ -8,10 +8,9 @@
 //! and Tsang's ziggurat for the normals of new embedding rows, and Hörmann and Derflinger's
 //! rejection-inversion for Zipf. Their test vectors are frozen in the tests below.
 //!
-//! The row initializer moved from Box-Muller to the ziggurat on 2026-11-23, before any
-//! release: a training step creates thousands of rows, and the logarithm and cosine of
-//! Box-Muller took 40% of the shard owners' time in a DeepFM epoch (see
-//! `docs/performance.md`). The generators kept Box-Muller, so generated data is unchanged.
+//! New embedding rows use the ziggurat rather than Box-Muller: a training step creates
+//! thousands of rows, and Box-Muller's logarithm and cosine dominated the shard owners' time
+//! (`docs/design-notes.md`). The generators keep Box-Muller, so generated data is unchanged.
 
 use serde::{Deserialize, Serialize};
 

@@ -106,10 +106,10 @@ pub(super) fn run(a: DenseArgs) -> anyhow::Result<()> {
             rates: Vec::new(),
         })
         .collect();
-    // Why interleaved: this VM's speed drifts by a third within minutes. A peak timed after the
-    // step, or its best call against the step's median round, measures the drift as much as
-    // the step. Here every step round is followed by one round of each shape, about as long,
-    // and the same statistic is taken of both.
+    // Why interleaved: a shared machine's speed drifts by a third within minutes. A peak timed
+    // after the step, or its best call against the step's median round, measures the drift as much
+    // as the step. Here every step round is followed by one round of each shape, about as long, and
+    // the same statistic is taken of both.
     let mut step_rates = Vec::with_capacity(a.rounds);
     th.install(|| {
         for _ in 0..5 {

@@ -10,11 +10,11 @@
 //!  24 + len  table 0's floats (rows x row_floats f32 little-endian), table 1's, ...
 //! ```
 //!
-//! Why not one msgpack value, as format version 1 wrote: decoding that needs the whole file
-//! in one buffer and the floats decoded into a second, and on a VM the first touch of fresh
-//! memory costs more than reading the disk (docs/performance.md). With the floats outside the
-//! header, restore streams them through one reused buffer straight into the live tables:
-//! the tables are the only fresh memory it touches.
+//! Why not one msgpack value, as format version 1 wrote: decoding that needs the whole file in one
+//! buffer and the floats decoded into a second, and under a hypervisor the first touch of fresh
+//! memory can cost more than reading the disk (`docs/design-notes.md`). With the floats outside the
+//! header, restore streams them through one reused buffer straight into the live tables: the tables
+//! are the only fresh memory it touches.
 //!
 //! Nothing unchecked is used. The header has its own CRC, checked before it is decoded. The
 //! floats are checked by the manifest's CRC of the whole file, which is only known at the

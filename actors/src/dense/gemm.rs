@@ -98,13 +98,13 @@ impl From<&Threads> for Share {
 ///
 /// Why: x86 handles a denormal operand or result in a microcode assist that costs on the order
 /// of a hundred cycles, where an FMA costs one. Training drives values there on its own: Adam's
-/// second moment of a weight whose gradient has stopped decays by `beta2` every step until it
-/// is denormal, and gradients of a well-fitted batch shrink below `f32::MIN_POSITIVE`. Measured
-/// on the W&D step training one fixed batch (`cargo run --release -p freshet-actors --example
-/// dense_step -- wdl 8`): without this mode the step went from 20 ms to 120-170 ms after about a
-/// hundred steps; with it, it stays at 20 ms. Values that small carry no signal at f32's
-/// precision next to the rest of a layer, so flushing them changes nothing a model can learn;
-/// the step stays deterministic.
+/// second moment of a weight whose gradient has stopped decays by `beta2` every step until it is
+/// denormal, and gradients of a well-fitted batch shrink below `f32::MIN_POSITIVE`. Without this
+/// mode the W&D step on one fixed batch grows several times slower after about a hundred steps
+/// (`cargo run --release -p freshet-actors --example dense_step -- wdl 8`; the figures are in
+/// `docs/design-notes.md`); with it, it stays flat. Values that small carry no signal at f32's
+/// precision next to the rest of a layer, so flushing them changes nothing a model can learn; the
+/// step stays deterministic.
 ///
 /// The mode is per thread. Dropping the guard restores the mode it found.
 #[derive(Debug)]

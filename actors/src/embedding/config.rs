@@ -230,8 +230,8 @@ pub struct TableConfig {
     /// and faulted in up front. The table still grows past it on demand. 0: grow from empty.
     ///
     /// Why: a table that fills during training otherwise pays, in the training step, for
-    /// every page of memory it touches for the first time and for each doubling of its index.
-    /// On the development VM that made a DeepFM run 13-26% slower (`docs/performance.md`).
+    /// every page of memory it touches for the first time and for each doubling of its index,
+    /// which slows a run measurably where fresh memory is slow (`docs/design-notes.md`).
     pub reserve_rows: u64,
 }
 

@@ -1,7 +1,7 @@
 //! Huge-page buffers and prefetch: the crate's only `unsafe` code.
 //!
 //! Embedding lookups are random reads over gigabytes, so two things decide their speed: TLB
-//! misses (huge pages cut them 512-fold, and measured 1.5-2x on every table design tried) and
+//! misses (huge pages cut them 512-fold; `docs/design-notes.md` has what that gains) and
 //! memory-level parallelism (prefetching a whole batch's lines before touching any of them).
 //! Both need a little `unsafe`, kept here with its reasons.
 #![allow(unsafe_code)]
@@ -153,10 +153,10 @@ impl<T> std::fmt::Debug for HugeBuf<T> {
 ///
 /// Restore reads hundreds of megabytes into fresh buffers. A large zeroed `Vec` comes from
 /// `calloc`, which maps fresh zero pages without writing them, so the first write to each page
-/// is a fault; on 4 KiB pages that is one fault per 4 KiB, and on a VM each fault is a trip to
-/// the hypervisor (measured: reading a 64 MiB file into a fresh `Vec` ran at 1.4 GB/s from the
-/// page cache, against 6 GB/s into a reused buffer). Advising the 2 MiB-aligned interior as
-/// huge pages makes it one fault per 2 MiB.
+/// is a fault; on 4 KiB pages that is one fault per 4 KiB, and under a hypervisor each fault
+/// is a trip to it, so reading a file into a fresh `Vec` runs several times slower than into a
+/// reused buffer (`docs/design-notes.md`). Advising the 2 MiB-aligned interior as huge pages
+/// makes it one fault per 2 MiB.
 pub(crate) fn huge_zeroed_vec<T: ZeroIsCalloc>(len: usize) -> Vec<T> {
     let mut v = vec![T::zero(); len];
     let bytes = len * std::mem::size_of::<T>();

@@ -131,8 +131,9 @@ impl RowBlock {
 ///
 /// A snapshot in memory is its own source ([`SliceRows`]). The model store's full shard files
 /// are another: their floats stream from disk through one small reused buffer straight into
-/// the live tables, so a restore never holds a table twice in memory (on a VM, first-touching
-/// fresh memory costs more than reading the disk; see docs/performance.md).
+/// the live tables, so a restore never holds a table twice in memory (under a hypervisor,
+/// first-touching fresh memory can cost more than reading the disk; see
+/// `docs/design-notes.md`).
 pub trait RowSource {
     /// The next `floats` floats: whole rows, `row_floats` each, of the table being restored.
     fn next_floats(&mut self, floats: usize) -> Result<&[f32], String>;

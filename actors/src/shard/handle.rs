@@ -58,8 +58,8 @@ impl ShardHandle {
     /// than as a task of the caller's runtime. Why: a training step sends every owner its
     /// part of a batch at once, from a thread that then waits, and the multi-threaded
     /// runtime, its workers parked since the last step, ran the parts one after another on
-    /// one worker (4 × 250 µs of work took 1.13 ms on 2 workers, 0.64-0.84 ms on owner
-    /// threads: `examples/owner_wake.rs`, docs/performance.md). A thread per owner is woken
+    /// one worker (`examples/owner_wake.rs` measures both; `docs/design-notes.md` has the
+    /// figures). A thread per owner is woken
     /// by the message itself, so owners work side by side on whatever cores are free, and an
     /// owner's blocking work (an on-disk tier read, a restore) stalls no one else's tasks.
     /// The returned join handle, a task of the caller's runtime, ends when the owner has

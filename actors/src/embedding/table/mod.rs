@@ -374,10 +374,9 @@ impl Table {
                 //
                 // The stamps and the copy are whole-batch passes after the resolution, not a
                 // stage of its pipeline: that way the batch's metadata and weights are the
-                // lines most recently used when its gradients come. A build that stamped and
-                // copied inside the pipeline measured its gradient half at 125-166 ns a key
-                // against 107-121 ns this way (`freshet bench embedding`, interleaved), and
-                // its training lookup no faster.
+                // lines most recently used when its gradients come. Stamping and copying
+                // inside the pipeline made the gradient half slower and the training lookup
+                // no faster (`docs/design-notes.md`).
                 let seal = *self.seals.last().expect("seals start with one");
                 let mut touched = created;
                 // Every row's version is at most the table's, so a row already at
@@ -577,7 +576,7 @@ mod tiering;
 mod tests;
 
 /// Keys the gradient loop prefetches ahead of the one it updates: enough to keep a dozen
-/// lines in flight; 8 to 64 measured the same (`freshet bench embedding`).
+/// lines in flight; longer distances gain nothing (`freshet bench embedding`).
 const APPLY_AHEAD: usize = 8;
 
 /// Whether every value is finite: a branch-free fold over the exponent bits, which the

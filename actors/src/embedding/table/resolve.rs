@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// Keys between the stages of `resolve`'s pipeline: 8 keys keep about 24 lines in flight.
-/// 16 measured the same.
+/// Keys between the stages of `resolve`'s pipeline: 8 keys keep about 24 lines in flight,
+/// and more gain nothing.
 const RESOLVE_AHEAD: usize = 8;
 
 impl Table {
@@ -19,11 +19,9 @@ impl Table {
     /// prefetched, key `i + RESOLVE_AHEAD` is probed and its row (and, to train, its metadata)
     /// prefetched, and key `i`'s weights are copied out. Each line is used a few dozen keys
     /// after it was requested. Whole-batch passes (all buckets, then all rows, then the copy)
-    /// measured slower: plain lookups took 117-127 ns a key that way and 105-109 ns
-    /// pipelined, training lookups 234-238 ns and 218-221 ns (three interleaved runs each of
-    /// `freshet bench embedding --keys 10000000 --dim 16 --zipf 1.1 --batch 4096`). A batch's
-    /// lines lie on thousands of pages, so a line fetched a whole pass earlier has often lost
-    /// its cache or TLB entry by the time a later pass comes back to it.
+    /// are slower (`docs/design-notes.md` has the runs): a batch's lines lie on thousands of
+    /// pages, so a line fetched a whole pass earlier has often lost its cache or TLB entry by
+    /// the time a later pass comes back to it.
     pub(super) fn resolve(
         &mut self,
         keys: &[u64],
