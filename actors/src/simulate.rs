@@ -80,8 +80,17 @@ impl Default for SimConfig {
     }
 }
 
+/// A simulator setting out of its range; the message names the setting and the range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSimConfig(pub String);
+
 impl SimConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSimConfig> {
+        self.check().map_err(InvalidSimConfig)
+    }
+
+    fn check(&self) -> Result<(), String> {
         let rate = |name: &str, v: f64| {
             if (0.0..=1.0).contains(&v) {
                 Ok(())

@@ -105,13 +105,27 @@ pub struct ChildStatus {
     pub last_failure: Option<String>,
 }
 
+/// Why a command restart ([`SupervisorHandle::restart_from`]) did not bring its children up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RestartError {
+    /// No child has that name: the caller's mistake.
+    #[error("no child named {name}")]
+    UnknownChild { name: String },
+    /// The child, or one after it, did not start; the supervisor treats it as a failure.
+    #[error("{reason}")]
+    StartFailed { child: String, reason: String },
+    /// The supervisor did not answer.
+    #[error("the supervisor {reason}")]
+    Unavailable { reason: String },
+}
+
 #[derive(Debug)]
 pub enum SupervisorMsg {
     /// Start every child waiting for a restart (sent to itself after a backoff).
     Restart,
     RestartFrom {
         name: String,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<(), RestartError>>,
     },
     Status(RpcReplyPort<Vec<ChildStatus>>),
     /// Stop every child, last started first.
@@ -295,7 +309,7 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::RestartFrom { name, reply } => {
                 let Some(i) = st.args.children.iter().position(|c| c.name == name) else {
-                    let _ = reply.send(Err(format!("no child named {name}")));
+                    let _ = reply.send(Err(RestartError::UnknownChild { name }));
                     return Ok(());
                 };
                 st.stop_from(i).await;
@@ -311,7 +325,10 @@ impl Actor for Supervisor {
                         }
                         Err(e) => {
                             let reason = format!("starting {}: {e:#}", spec.name);
-                            result = Err(reason.clone());
+                            result = Err(RestartError::StartFailed {
+                                child: spec.name.clone(),
+                                reason: reason.clone(),
+                            });
                             st.stop_from(j + 1).await;
                             st.failed(&myself, j, reason)?;
                             break;
@@ -415,16 +432,20 @@ impl SupervisorHandle {
     }
 
     /// Restarts child `name` and every child after it, returning once they run again.
-    pub async fn restart_from(&self, name: &str) -> anyhow::Result<()> {
+    pub async fn restart_from(&self, name: &str) -> Result<(), RestartError> {
         let name = name.to_owned();
         match self
             .actor
             .call(|reply| SupervisorMsg::RestartFrom { name, reply }, None)
             .await
         {
-            Ok(CallResult::Success(r)) => r.map_err(|e| anyhow::anyhow!(e)),
-            Ok(_) => anyhow::bail!("the supervisor stopped before replying"),
-            Err(e) => anyhow::bail!("the supervisor is not running: {e}"),
+            Ok(CallResult::Success(r)) => r,
+            Ok(_) => Err(RestartError::Unavailable {
+                reason: "stopped before replying".into(),
+            }),
+            Err(e) => Err(RestartError::Unavailable {
+                reason: format!("is not running: {e}"),
+            }),
         }
     }
 

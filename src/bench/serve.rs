@@ -147,7 +147,7 @@ async fn train_a_model(
     // Let training catch up so the served version has seen most of the traffic.
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let idle = pipe.trainer_status().await.is_ok_and(|t| t.lag == 0);
+        let idle = pipe.trainer_status().await.is_ok_and(|t| t.lag == Some(0));
         if idle && cell.version().is_some() {
             break;
         }

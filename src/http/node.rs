@@ -92,12 +92,16 @@ async fn write_metrics(node: &NodeState, out: &mut String) {
             "Samples trained into the model's lineage.",
             t.rows_trained as f64,
         );
-        put(
-            "freshet_trainer_lag_samples",
-            "gauge",
-            "Samples in the log the trainer has not consumed.",
-            t.lag as f64,
-        );
+        // Left out while the log cannot say: an absent series reads as unknown, a zero would
+        // read as caught up.
+        if let Some(lag) = t.lag {
+            put(
+                "freshet_trainer_lag_samples",
+                "gauge",
+                "Samples in the log the trainer has not consumed.",
+                lag as f64,
+            );
+        }
     }
     if let Ok(st) = node.pipe.supervisor_status().await {
         let restarts: u64 = st.iter().map(|c| c.restarts).sum();

@@ -8,7 +8,8 @@
 use ahash::AHashMap;
 
 use crate::embedding::{
-    AdmissionSnapshot, RowBlock, ShardDelta, ShardSnapshot, TableDelta, TableSnapshot, TableStats,
+    AdmissionSnapshot, RowBlock, ShardDelta, ShardSnapshot, SnapshotError, TableDelta,
+    TableSnapshot, TableStats,
 };
 use crate::routing::shard_of;
 
@@ -31,29 +32,29 @@ impl TableMerge {
         }
     }
 
-    fn apply(&mut self, d: TableDelta) -> Result<(), String> {
+    fn apply(&mut self, d: TableDelta) -> Result<(), SnapshotError> {
         let s = &mut self.snap;
         if d.dim != s.dim || d.row_floats != s.row_floats || d.optimizer != s.optimizer {
-            return Err(format!(
+            return Err(SnapshotError::Mismatch(format!(
                 "delta of table {} has dim {} with {} ({} floats), the base has dim {} with {} ({})",
                 d.name, d.dim, d.optimizer, d.row_floats, s.dim, s.optimizer, s.row_floats
-            ));
+            )));
         }
         if d.since != s.version {
-            return Err(format!(
+            return Err(SnapshotError::Mismatch(format!(
                 "delta of table {} starts at table version {}, the state it applies to is at {}",
                 d.name, d.since, s.version
-            ));
+            )));
         }
         let rf = s.row_floats as usize;
         d.upserts
             .check(rf)
-            .map_err(|e| format!("delta of table {}: {e}", d.name))?;
+            .map_err(|e| SnapshotError::Malformed(format!("delta of table {}: {e}", d.name)))?;
         if !self.changed {
             // The base came from disk: its columns must agree before rows are indexed by them.
-            s.rows
-                .check(rf)
-                .map_err(|e| format!("table {} of the base: {e}", s.name))?;
+            s.rows.check(rf).map_err(|e| {
+                SnapshotError::Malformed(format!("table {} of the base: {e}", s.name))
+            })?;
             // Built on first use: a restore without deltas never pays for the map.
             self.pos.reserve(s.rows.len());
             for (i, &k) in s.rows.keys.iter().enumerate() {
@@ -132,7 +133,7 @@ impl TableMerge {
 pub fn apply_deltas(
     base: ShardSnapshot,
     deltas: impl IntoIterator<Item = ShardDelta>,
-) -> Result<ShardSnapshot, String> {
+) -> Result<ShardSnapshot, SnapshotError> {
     let ShardSnapshot {
         shard,
         shard_count,
@@ -141,23 +142,28 @@ pub fn apply_deltas(
     let mut merges: Vec<TableMerge> = tables.into_iter().map(TableMerge::new).collect();
     for d in deltas {
         if d.shard != shard || d.shard_count != shard_count {
-            return Err(format!(
+            return Err(SnapshotError::Mismatch(format!(
                 "a delta of shard {}/{} cannot apply to shard {shard}/{shard_count}",
                 d.shard, d.shard_count
-            ));
+            )));
         }
         if d.tables.len() != merges.len() {
-            return Err(format!(
+            return Err(SnapshotError::Mismatch(format!(
                 "a delta of shard {shard} has {} tables, the base has {}",
                 d.tables.len(),
                 merges.len()
-            ));
+            )));
         }
         for td in d.tables {
             let m = merges
                 .iter_mut()
                 .find(|m| m.snap.name == td.name)
-                .ok_or_else(|| format!("a delta of shard {shard} has unknown table {}", td.name))?;
+                .ok_or_else(|| {
+                    SnapshotError::Mismatch(format!(
+                        "a delta of shard {shard} has unknown table {}",
+                        td.name
+                    ))
+                })?;
             m.apply(td)?;
         }
     }
@@ -175,15 +181,22 @@ pub fn apply_deltas(
 /// renumbered densely. Pending admission moves with its key (counter), or every new shard
 /// takes the cell-wise maximum of the old filters (counting Bloom), which can only admit a
 /// key early, never late. Table versions take the maximum; cumulative counters restart.
-pub fn reshard(shards: Vec<ShardSnapshot>, count: u32) -> Result<Vec<ShardSnapshot>, String> {
+pub fn reshard(
+    shards: Vec<ShardSnapshot>,
+    count: u32,
+) -> Result<Vec<ShardSnapshot>, SnapshotError> {
     if count == 0 {
-        return Err("cannot restore into 0 shards".into());
+        return Err(SnapshotError::Mismatch(
+            "cannot restore into 0 shards".into(),
+        ));
     }
     if shards.len() == count as usize {
         return Ok(shards);
     }
     let Some(first) = shards.first() else {
-        return Err("a version with no shards cannot be re-sharded".into());
+        return Err(SnapshotError::Mismatch(
+            "a version with no shards cannot be re-sharded".into(),
+        ));
     };
     let names: Vec<_> = first.tables.iter().map(|t| t.name.clone()).collect();
     let mut out: Vec<ShardSnapshot> = (0..count)
@@ -197,10 +210,9 @@ pub fn reshard(shards: Vec<ShardSnapshot>, count: u32) -> Result<Vec<ShardSnapsh
         let olds: Vec<&TableSnapshot> = shards
             .iter()
             .map(|s| {
-                s.tables
-                    .get(ti)
-                    .filter(|t| t.name == *name)
-                    .ok_or_else(|| format!("shard {} lacks table {name}", s.shard))
+                s.tables.get(ti).filter(|t| t.name == *name).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!("shard {} lacks table {name}", s.shard))
+                })
             })
             .collect::<Result<_, _>>()?;
         let t0 = olds[0];
@@ -209,7 +221,9 @@ pub fn reshard(shards: Vec<ShardSnapshot>, count: u32) -> Result<Vec<ShardSnapsh
         let mut rows: Vec<RowBlock> = (0..count).map(|_| RowBlock::default()).collect();
         for t in &olds {
             if t.row_floats != t0.row_floats || t.dim != t0.dim {
-                return Err(format!("table {name} has different shapes across shards"));
+                return Err(SnapshotError::Mismatch(format!(
+                    "table {name} has different shapes across shards"
+                )));
             }
             for i in 0..t.rows.len() {
                 let key = t.rows.keys[i];
@@ -226,14 +240,16 @@ pub fn reshard(shards: Vec<ShardSnapshot>, count: u32) -> Result<Vec<ShardSnapsh
                 b.data.extend_from_slice(t.rows.row(i, rf));
             }
         }
-        let admission = |s: u32| -> Result<AdmissionSnapshot, String> {
+        let admission = |s: u32| -> Result<AdmissionSnapshot, SnapshotError> {
             Ok(match &t0.admission {
                 AdmissionSnapshot::None => AdmissionSnapshot::None,
                 AdmissionSnapshot::Counter(_) => {
                     let mut v = Vec::new();
                     for t in &olds {
                         let AdmissionSnapshot::Counter(p) = &t.admission else {
-                            return Err(format!("table {name} mixes admission policies"));
+                            return Err(SnapshotError::Mismatch(format!(
+                                "table {name} mixes admission policies"
+                            )));
                         };
                         v.extend(p.iter().copied().filter(|&(k, _)| shard_of(k, count) == s));
                     }
@@ -244,10 +260,14 @@ pub fn reshard(shards: Vec<ShardSnapshot>, count: u32) -> Result<Vec<ShardSnapsh
                     let mut cells = c0.clone();
                     for t in &olds[1..] {
                         let AdmissionSnapshot::CountingBloom(c) = &t.admission else {
-                            return Err(format!("table {name} mixes admission policies"));
+                            return Err(SnapshotError::Mismatch(format!(
+                                "table {name} mixes admission policies"
+                            )));
                         };
                         if c.len() != cells.len() {
-                            return Err(format!("table {name} has filters of different sizes"));
+                            return Err(SnapshotError::Mismatch(format!(
+                                "table {name} has filters of different sizes"
+                            )));
                         }
                         for (a, &b) in cells.iter_mut().zip(c) {
                             *a = (*a).max(b);

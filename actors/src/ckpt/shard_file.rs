@@ -26,7 +26,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::{CkptError, FileSum};
-use crate::embedding::{huge_zeroed_vec, RowSource, ShardSnapshot};
+use crate::embedding::{huge_zeroed_vec, RowSource, ShardSnapshot, SnapshotError};
 
 const MAGIC: &[u8; 8] = b"FRSHSHD2";
 const PREAMBLE: usize = 24;
@@ -217,10 +217,10 @@ impl ShardFileReader {
         Ok((reader, snap))
     }
 
-    fn fail(&mut self, e: CkptError) -> String {
+    fn fail(&mut self, e: CkptError) -> SnapshotError {
         let text = e.to_string();
         self.error = Some(e);
-        text
+        SnapshotError::Source(text)
     }
 
     /// Reads exactly `out.len()` floats into `out`, adding them to the CRC.
@@ -307,7 +307,7 @@ impl ShardFileReader {
 }
 
 impl RowSource for ShardFileReader {
-    fn next_floats(&mut self, floats: usize) -> Result<&[f32], String> {
+    fn next_floats(&mut self, floats: usize) -> Result<&[f32], SnapshotError> {
         if self.buf.len() < floats {
             self.buf.resize(floats, 0.0);
         }
@@ -320,7 +320,7 @@ impl RowSource for ShardFileReader {
         }
     }
 
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), SnapshotError> {
         self.check_end().map_err(|e| self.fail(e))
     }
 }

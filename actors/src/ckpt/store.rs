@@ -360,9 +360,10 @@ impl ModelStore {
             snaps.push(s);
         }
         let snaps = match shards {
-            Some(n) => {
-                reshard(snaps, n).map_err(|reason| CkptError::Chain { version: v, reason })?
-            }
+            Some(n) => reshard(snaps, n).map_err(|e| CkptError::Chain {
+                version: v,
+                reason: e.to_string(),
+            })?,
             None => snaps,
         };
         Ok(Restored {

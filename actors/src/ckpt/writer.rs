@@ -35,7 +35,7 @@ use super::{Manifest, ModelStore, Payload, VersionMeta};
 use crate::dense::DenseState;
 use crate::envelope::Envelope;
 use crate::fault::Faults;
-use crate::ids::TableName;
+use crate::ids::{ShardId, TableName};
 use crate::shard::{ShardError, ShardRouter};
 
 /// When versions are taken. Pure: the trainer asks it at every step boundary.
@@ -97,9 +97,40 @@ pub enum WriterError {
     Shard(#[from] ShardError),
     /// The writer could not capture this version (a shard refused or was unavailable).
     #[error("checkpoint capture failed: {0}")]
-    Capture(String),
+    Capture(CaptureError),
     #[error("checkpoint writer unavailable: {0}")]
     Unavailable(String),
+}
+
+/// Why the writer could not capture a version, as it answers a capture (and as the answer
+/// crosses nodes). The trainer keeps its rows either way and captures at the next boundary.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum CaptureError {
+    /// A shard refused its snapshot or delta; the same request would fail again.
+    #[error("capturing the shards: shard {shard}: {reason}")]
+    Refused { shard: ShardId, reason: String },
+    /// A shard did not answer: stopped, restarting or gone.
+    #[error("capturing the shards: shard {shard} unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+}
+
+impl From<&ShardError> for CaptureError {
+    fn from(e: &ShardError) -> Self {
+        match e {
+            ShardError::Unavailable { shard, reason } => Self::Unavailable {
+                shard: *shard,
+                reason: reason.clone(),
+            },
+            ShardError::Embedding { shard, source } => Self::Refused {
+                shard: *shard,
+                reason: source.to_string(),
+            },
+            ShardError::Restore { shard, source } => Self::Refused {
+                shard: *shard,
+                reason: source.to_string(),
+            },
+        }
+    }
 }
 
 /// Counters: the writer's observable state.
@@ -130,7 +161,7 @@ pub struct WriterArgs {
 pub enum WriterRequest {
     Capture {
         at: Box<StepBoundary>,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<(), CaptureError>>,
     },
     Subscribe {
         tx: mpsc::UnboundedSender<Manifest>,
@@ -167,7 +198,7 @@ pub struct WriterState {
 }
 
 impl WriterState {
-    async fn capture(&self, at: &StepBoundary) -> Result<Payload, WriterError> {
+    async fn capture(&self, at: &StepBoundary) -> Result<Payload, ShardError> {
         let shards = self.args.shards.shards();
         // A delta needs a durable parent; after `full_every` deltas the chain starts over.
         let parent = self
@@ -293,7 +324,7 @@ impl Actor for CheckpointWriter {
                         st.write(*at, payload).await;
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(CaptureError::from(&e)));
                     }
                 }
             }

@@ -9,5 +9,5 @@ mod model;
 pub mod optim;
 
 pub use gemm::Threads;
-pub use model::{DenseNet, DenseState, InputShape, ModelConfig, ModelKind, StepLoss};
+pub use model::{DenseNet, DenseState, InputShape, ModelConfig, ModelKind, StepLoss, UnknownModel};
 pub use optim::{DenseOptimizer, DenseOptimizerConfig};

@@ -29,18 +29,21 @@ pub enum ModelKind {
     Dlrm,
 }
 
+/// A model name that is none of [`ModelKind`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown model {0:?}; expected lr, wdl, deepfm, dcn or dlrm")]
+pub struct UnknownModel(pub String);
+
 impl std::str::FromStr for ModelKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownModel;
+    fn from_str(s: &str) -> Result<Self, UnknownModel> {
         match s {
             "lr" => Ok(Self::Lr),
             "wdl" | "wide_deep" => Ok(Self::Wdl),
             "deepfm" => Ok(Self::Deepfm),
             "dcn" | "dcnv2" | "dcn_v2" => Ok(Self::Dcn),
             "dlrm" => Ok(Self::Dlrm),
-            o => Err(format!(
-                "unknown model {o:?}; expected lr, wdl, deepfm, dcn or dlrm"
-            )),
+            o => Err(UnknownModel(o.to_owned())),
         }
     }
 }

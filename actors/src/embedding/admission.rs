@@ -9,6 +9,7 @@ use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::AdmissionConfig;
+use super::snapshot::SnapshotError;
 use crate::rng::Xoshiro256;
 use crate::routing::mix64;
 
@@ -155,7 +156,7 @@ impl Admission {
     }
 
     /// Restores pending state; refuses a snapshot taken under a different policy.
-    pub(crate) fn restore(&mut self, snap: AdmissionSnapshot) -> Result<(), String> {
+    pub(crate) fn restore(&mut self, snap: AdmissionSnapshot) -> Result<(), SnapshotError> {
         match (self, snap) {
             (Self::None, AdmissionSnapshot::None) => Ok(()),
             (Self::Counter { pending, .. }, AdmissionSnapshot::Counter(v)) => {
@@ -164,11 +165,11 @@ impl Admission {
             }
             (Self::CountingBloom { counters, .. }, AdmissionSnapshot::CountingBloom(c)) => {
                 if c.len() != counters.len() {
-                    return Err(format!(
+                    return Err(SnapshotError::Mismatch(format!(
                         "counting bloom filter has {} counters, snapshot has {}",
                         counters.len(),
                         c.len()
-                    ));
+                    )));
                 }
                 *counters = c;
                 Ok(())
@@ -177,7 +178,7 @@ impl Admission {
                 *rng = r;
                 Ok(())
             }
-            (me, snap) => Err(format!(
+            (me, snap) => Err(SnapshotError::Mismatch(format!(
                 "admission policy {} cannot restore a {} snapshot",
                 me.name(),
                 match snap {
@@ -186,7 +187,7 @@ impl Admission {
                     AdmissionSnapshot::CountingBloom(_) => "counting_bloom",
                     AdmissionSnapshot::Probability(_) => "probability",
                 }
-            )),
+            ))),
         }
     }
 

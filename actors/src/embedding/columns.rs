@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshot::{byte_vec, f32_bytes, RowBlock};
+use super::snapshot::{byte_vec, f32_bytes, RowBlock, SnapshotError};
 
 /// Bytes per row of the packed metadata columns before compression.
 pub const META_BYTES_PER_ROW: usize = 4 + 8 + 8 + 4 + 4 + 4 + 4;
@@ -107,7 +107,11 @@ pub fn encode_meta(block: &RowBlock, codec: Codec) -> Vec<u8> {
 
 /// Decodes metadata columns written by [`encode_meta`] into `block`'s columns (replacing
 /// them). Every length is checked: bytes from disk or network never panic.
-pub fn decode_meta(bytes: &[u8], block: &mut RowBlock) -> Result<(), String> {
+pub fn decode_meta(bytes: &[u8], block: &mut RowBlock) -> Result<(), SnapshotError> {
+    decode_meta_inner(bytes, block).map_err(SnapshotError::Malformed)
+}
+
+fn decode_meta_inner(bytes: &[u8], block: &mut RowBlock) -> Result<(), String> {
     if bytes.len() < 9 {
         return Err(format!(
             "row metadata of {} bytes is shorter than its 9-byte header",

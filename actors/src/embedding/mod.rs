@@ -34,7 +34,8 @@ pub use config::{
 };
 pub(crate) use mem::huge_zeroed_vec;
 pub use snapshot::{
-    RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, TableDelta, TableSnapshot,
+    RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, SnapshotError, TableDelta,
+    TableSnapshot,
 };
 pub use stats::TableStats;
 pub use table::{ApplyReport, Changes, Table};
@@ -236,9 +237,9 @@ impl EmbeddingShard {
         rows: &mut dyn RowSource,
     ) -> Result<(), EmbeddingError> {
         let fresh = self.rebuild(header, |t, ts| t.restore_from(ts, rows))?;
-        rows.finish().map_err(|reason| EmbeddingError::Restore {
+        rows.finish().map_err(|e| EmbeddingError::Restore {
             shard: self.id,
-            reason,
+            reason: e.to_string(),
         })?;
         self.tables = fresh;
         Ok(())

@@ -5,11 +5,29 @@
 //! and the time.
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use super::admission::AdmissionSnapshot;
 use super::stats::TableStats;
 use crate::ids::{ShardId, TableName};
 use crate::rng::Xoshiro256;
+
+/// Why a row block, snapshot or delta cannot be used. Everything read from disk or network is
+/// checked before any of it is used; the message names what does not fit.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// The data contradicts itself: columns of different lengths, floats missing or not
+    /// finite, metadata that does not decode.
+    #[error("{0}")]
+    Malformed(String),
+    /// Well-formed, but made for another table or shard layout: another admission policy,
+    /// shape or filter size.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The source of a streamed restore failed: a read, or the checksum over what it gave.
+    #[error("{0}")]
+    Source(String),
+}
 
 /// Rows in columns: one entry per row in every column, `data` holding `row_floats` per row.
 ///
@@ -77,24 +95,26 @@ impl RowBlock {
 
     /// Checks that every column has one entry per row and every float is finite: a block from
     /// disk or network is checked before any of it is used.
-    pub fn check(&self, row_floats: usize) -> Result<(), String> {
+    pub fn check(&self, row_floats: usize) -> Result<(), SnapshotError> {
         self.check_columns()?;
         let n = self.keys.len();
         if self.data.len() != n * row_floats {
-            return Err(format!(
+            return Err(SnapshotError::Malformed(format!(
                 "row block has {} floats for {n} rows of {row_floats}",
                 self.data.len()
-            ));
+            )));
         }
         if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
-            return Err(format!("row block holds a non-finite value at float {i}"));
+            return Err(SnapshotError::Malformed(format!(
+                "row block holds a non-finite value at float {i}"
+            )));
         }
         Ok(())
     }
 
     /// The metadata columns without the floats: what a restore that streams the floats
     /// from a [`RowSource`] can check up front.
-    pub fn check_columns(&self) -> Result<(), String> {
+    pub fn check_columns(&self) -> Result<(), SnapshotError> {
         let n = self.keys.len();
         let cols = [
             ("row_ids", self.row_ids.len()),
@@ -106,7 +126,9 @@ impl RowBlock {
         ];
         for (name, len) in cols {
             if len != n {
-                return Err(format!("row block has {n} keys but {len} {name}"));
+                return Err(SnapshotError::Malformed(format!(
+                    "row block has {n} keys but {len} {name}"
+                )));
             }
         }
         Ok(())
@@ -136,12 +158,12 @@ impl RowBlock {
 /// `docs/design-notes.md`).
 pub trait RowSource {
     /// The next `floats` floats: whole rows, `row_floats` each, of the table being restored.
-    fn next_floats(&mut self, floats: usize) -> Result<&[f32], String>;
+    fn next_floats(&mut self, floats: usize) -> Result<&[f32], SnapshotError>;
 
     /// Called once every table has taken its rows, before any restored table replaces a live
     /// one: a source that checks a checksum over everything it gave says here whether the
     /// rows were good.
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), SnapshotError> {
         Ok(())
     }
 }
@@ -159,12 +181,12 @@ impl<'a> SliceRows<'a> {
 }
 
 impl RowSource for SliceRows<'_> {
-    fn next_floats(&mut self, floats: usize) -> Result<&[f32], String> {
+    fn next_floats(&mut self, floats: usize) -> Result<&[f32], SnapshotError> {
         if floats > self.data.len() {
-            return Err(format!(
+            return Err(SnapshotError::Malformed(format!(
                 "the row block ends {} floats short",
                 floats - self.data.len()
-            ));
+            )));
         }
         let (head, rest) = self.data.split_at(floats);
         self.data = rest;

@@ -686,7 +686,15 @@ pub enum JoinerMsg {
     /// The input grew (or the wait timed out): resume polling.
     Woken,
     Stats(RpcReplyPort<JoinerStats>),
-    Checkpoint(RpcReplyPort<Result<(), String>>),
+    Checkpoint(RpcReplyPort<Result<(), CheckpointFailed>>),
+}
+
+/// A joiner checkpoint that was not written; the joiner keeps running from its last one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{reason}")]
+pub struct CheckpointFailed {
+    pub partition: u32,
+    pub reason: String,
 }
 
 /// The actor. Stateless itself; everything lives in [`JoinerState`].
@@ -766,7 +774,10 @@ impl Actor for SampleJoiner {
                 let _ = reply.send(st.task.stats());
             }
             JoinerMsg::Checkpoint(reply) => {
-                let r = st.task.checkpoint().map_err(|e| format!("{e:#}"));
+                let r = st.task.checkpoint().map_err(|e| CheckpointFailed {
+                    partition: st.args.partition,
+                    reason: format!("{e:#}"),
+                });
                 let _ = reply.send(r);
             }
         }
@@ -823,7 +834,7 @@ impl JoinerHandle {
     pub async fn checkpoint(&self) -> anyhow::Result<()> {
         ractor::call!(self.actor, JoinerMsg::Checkpoint)
             .map_err(|e| anyhow::anyhow!("joiner unavailable: {e}"))?
-            .map_err(|e| anyhow::anyhow!(e))
+            .map_err(anyhow::Error::new)
     }
 
     /// Stops the joiner after its current step; it checkpoints on the way out.

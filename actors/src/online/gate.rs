@@ -1,6 +1,7 @@
 //! The validation gate: the pure decision whether a candidate version may be served.
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::embedding::InvalidValue;
 use crate::metrics::Evaluation;
@@ -70,12 +71,19 @@ impl GateConfig {
     }
 }
 
+/// A candidate the gate refused: every check it failed, each as a person reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("{}", failed.join("; "))]
+pub struct GateFailure {
+    pub failed: Vec<String>,
+}
+
 /// The gate's decision: `Ok` passes, `Err` names every check that failed.
 pub fn judge(
     cfg: &GateConfig,
     candidate: &Evaluation,
     serving: Option<&Evaluation>,
-) -> Result<(), String> {
+) -> Result<(), GateFailure> {
     let mut failed = Vec::new();
     if candidate.samples < cfg.min_samples {
         failed.push(format!(
@@ -109,7 +117,7 @@ pub fn judge(
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(failed.join("; "))
+        Err(GateFailure { failed })
     }
 }
 
@@ -150,12 +158,14 @@ mod tests {
             (ev(100, 0.75, 0.40, 0.89), "calibration"),
         ];
         for (c, want) in cases {
-            let e = judge(&cfg, &c, Some(&serving)).unwrap_err();
+            let e = judge(&cfg, &c, Some(&serving)).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
         // With nothing serving only the candidate's own checks apply.
         assert_eq!(judge(&cfg, &ev(100, 0.5, 9.0, 1.0), None), Ok(()));
-        let two = judge(&cfg, &ev(1, 0.5, 0.40, 2.0), Some(&serving)).unwrap_err();
+        let two = judge(&cfg, &ev(1, 0.5, 0.40, 2.0), Some(&serving))
+            .unwrap_err()
+            .to_string();
         assert!(two.contains("min_samples") && two.contains("auc") && two.contains("calibration"));
     }
 

@@ -45,9 +45,10 @@ use crate::serving::ReplicaSet;
 use crate::shard::{ShardArgs, ShardHandle, ShardRouter};
 use crate::stream::StreamLog;
 use crate::supervisor::{
-    ChildSpec, ChildStatus, Intensity, StartFn, Strategy, SupervisorArgs, SupervisorHandle,
+    ChildSpec, ChildStatus, Intensity, RestartError, StartFn, Strategy, SupervisorArgs,
+    SupervisorHandle,
 };
-use crate::training::feed::ReplayPlan;
+use crate::training::feed::{ReplayError, ReplayPlan};
 use crate::training::{FreshModel, TrainStart, TrainerActorHandle, TrainerArgs, TrainerStatus};
 
 /// The logs a pipeline reads and writes.
@@ -92,6 +93,14 @@ pub enum CommandError {
     Conflict(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
+}
+
+/// The pipeline restarts only children it built, by their own names: a restart that fails is
+/// the node's failure, never the caller's.
+impl From<RestartError> for CommandError {
+    fn from(e: RestartError) -> Self {
+        Self::Failed(anyhow::Error::new(e))
+    }
 }
 
 /// The node at a glance.
@@ -650,7 +659,12 @@ impl PipelineHandle {
     /// Re-consumes `plan` before live samples; the next version records it.
     pub async fn replay(&self, plan: ReplayPlan) -> Result<(), CommandError> {
         plan.check(&*self.ctx.cfg.logs.samples)
-            .map_err(|e| CommandError::Invalid(format!("replay: {e}")))?;
+            .map_err(|e| match e {
+                ReplayError::Log(e) => CommandError::Failed(
+                    anyhow::Error::new(e).context("replay: reading the sample log"),
+                ),
+                e => CommandError::Invalid(format!("replay: {e}")),
+            })?;
         {
             let mut p = self.ctx.plan();
             if let Some((r, from)) = &p.replay {

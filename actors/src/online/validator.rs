@@ -284,7 +284,7 @@ impl ValidatorState {
             at_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            reason: verdict.clone().err(),
+            reason: verdict.as_ref().err().map(ToString::to_string),
         };
         self.status.evaluated += 1;
         self.status.evaluating = None;

@@ -37,16 +37,19 @@ pub enum Format {
     Msgpack,
 }
 
+/// A sample format name that is none of [`Format`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown format {0:?}; expected criteo, jsonl or msgpack")]
+pub struct UnknownFormat(pub String);
+
 impl std::str::FromStr for Format {
-    type Err = String;
+    type Err = UnknownFormat;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "criteo" => Ok(Self::Criteo),
             "jsonl" | "json" => Ok(Self::Jsonl),
             "msgpack" => Ok(Self::Msgpack),
-            other => Err(format!(
-                "unknown format {other:?}; expected criteo, jsonl or msgpack"
-            )),
+            other => Err(UnknownFormat(other.to_owned())),
         }
     }
 }

@@ -69,7 +69,8 @@ impl ServingTable {
         rows: &RowBlock,
         rf: usize,
     ) -> Result<(), ServingError> {
-        rows.check(rf).map_err(ServingError::Model)?;
+        rows.check(rf)
+            .map_err(|e| ServingError::Model(e.to_string()))?;
         if rf < self.dim {
             return Err(ServingError::Model(format!(
                 "table {table} has rows of {rf} floats, fewer than its dim {}",

@@ -59,7 +59,7 @@ impl std::fmt::Debug for KafkaLog {
 }
 
 /// One delivery report: the record's index in its batch and its offset or the error.
-type Report = (usize, Result<i64, String>);
+type Report = (usize, Result<i64, KafkaError>);
 
 /// librdkafka's callbacks: log lines go to `tracing`, delivery reports to the batch that sent
 /// the record.
@@ -96,7 +96,7 @@ impl ProducerContext for Ctx {
         let (index, tx) = *opaque;
         let report = match result {
             Ok(m) => Ok(m.offset()),
-            Err((e, _)) => Err(e.to_string()),
+            Err((e, _)) => Err(e.clone()),
         };
         // The batch may have given up waiting (timeout); then nobody needs the report.
         let _ = tx.send((index, report));

@@ -46,18 +46,21 @@ pub enum LogBackend {
     Kafka,
 }
 
+/// A `[log] backend` that is neither `embedded` nor `kafka`.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("invalid log backend {0:?}: expected \"embedded\" or \"kafka\"")]
+pub struct UnknownBackend(pub String);
+
 // By hand rather than derived: a configuration loader's own "no such variant" message does not
 // say which values exist.
 impl TryFrom<String> for LogBackend {
-    type Error = String;
+    type Error = UnknownBackend;
 
-    fn try_from(s: String) -> Result<Self, String> {
+    fn try_from(s: String) -> Result<Self, UnknownBackend> {
         match s.as_str() {
             "embedded" => Ok(Self::Embedded),
             "kafka" => Ok(Self::Kafka),
-            _ => Err(format!(
-                "invalid log backend {s:?}: expected \"embedded\" or \"kafka\""
-            )),
+            _ => Err(UnknownBackend(s)),
         }
     }
 }

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use thiserror::Error;
+
 use crate::ckpt::ReplayRecord;
 use crate::event::{DeadLetter, JoinedSample, SAMPLES_TOPIC};
 use crate::sample::json::SampleDecoder;
@@ -22,39 +24,68 @@ pub struct ReplayPlan {
     pub skip: Option<(Offset, Offset)>,
 }
 
+/// Why a replay plan cannot run. All but [`ReplayError::Log`] are the caller's to fix.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error("partition {partition} does not exist ({partitions} partitions)")]
+    NoPartition { partition: u32, partitions: u32 },
+    #[error("empty range [{from}, {to})")]
+    Empty { from: Offset, to: Offset },
+    #[error("skip [{}, {}) is not a non-empty part of [{from}, {to})", skip.0, skip.1)]
+    BadSkip {
+        skip: (Offset, Offset),
+        from: Offset,
+        to: Offset,
+    },
+    #[error(
+        "[{from}, {to}) is outside the retained samples [{low}, {high}) of partition {partition}"
+    )]
+    NotRetained {
+        partition: u32,
+        from: Offset,
+        to: Offset,
+        low: Offset,
+        high: Offset,
+    },
+    /// The log could not say what it retains.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
 impl ReplayPlan {
     /// Checks the ranges against the log: the partition exists and the whole range is
     /// retained and already written.
-    pub fn check(&self, log: &dyn StreamLog) -> Result<(), String> {
-        if self.partition >= log.partitions() {
-            return Err(format!(
-                "partition {} does not exist ({} partitions)",
-                self.partition,
-                log.partitions()
-            ));
+    pub fn check(&self, log: &dyn StreamLog) -> Result<(), ReplayError> {
+        let partitions = log.partitions();
+        if self.partition >= partitions {
+            return Err(ReplayError::NoPartition {
+                partition: self.partition,
+                partitions,
+            });
         }
-        if self.from >= self.to {
-            return Err(format!("empty range [{}, {})", self.from, self.to));
+        let (from, to) = (self.from, self.to);
+        if from >= to {
+            return Err(ReplayError::Empty { from, to });
         }
         if let Some((a, b)) = self.skip {
-            if a >= b || a < self.from || b > self.to {
-                return Err(format!(
-                    "skip [{a}, {b}) is not a non-empty part of [{}, {})",
-                    self.from, self.to
-                ));
+            if a >= b || a < from || b > to {
+                return Err(ReplayError::BadSkip {
+                    skip: (a, b),
+                    from,
+                    to,
+                });
             }
         }
-        let low = log
-            .low_watermark(self.partition)
-            .map_err(|e| e.to_string())?;
-        let high = log
-            .high_watermark(self.partition)
-            .map_err(|e| e.to_string())?;
-        if self.from < low || self.to > high {
-            return Err(format!(
-                "[{}, {}) is outside the retained samples [{low}, {high}) of partition {}",
-                self.from, self.to, self.partition
-            ));
+        let low = log.low_watermark(self.partition)?;
+        let high = log.high_watermark(self.partition)?;
+        if from < low || to > high {
+            return Err(ReplayError::NotRetained {
+                partition: self.partition,
+                from,
+                to,
+                low,
+                high,
+            });
         }
         Ok(())
     }

@@ -31,8 +31,8 @@ use crate::shard::ShardRouter;
 use crate::stream::Offset;
 
 pub use online::{
-    FreshModel, TrainStart, TrainerActor, TrainerActorHandle, TrainerActorState, TrainerArgs,
-    TrainerMsg, TrainerRequest, TrainerStatus,
+    FinishError, FreshModel, TrainStart, TrainerActor, TrainerActorHandle, TrainerActorState,
+    TrainerArgs, TrainerMsg, TrainerRequest, TrainerStatus,
 };
 pub use step::{StepReport, Trainer};
 

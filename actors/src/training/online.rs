@@ -86,8 +86,11 @@ pub struct TrainerStatus {
     pub samples_rejected: u64,
     /// Per sample partition, the next offset to consume.
     pub offsets: BTreeMap<u32, Offset>,
-    /// Samples in the log not yet consumed.
-    pub lag: u64,
+    /// Samples in the log not yet consumed; `None` when the log could not say (see
+    /// `lag_error`).
+    pub lag: Option<u64>,
+    /// Why the lag is unknown: the log's error.
+    pub lag_error: Option<String>,
     pub replaying: bool,
     /// Steps this incarnation took, and the largest.
     pub steps: u64,
@@ -106,7 +109,15 @@ pub enum TrainerRequest {
     Status(RpcReplyPort<TrainerStatus>),
     /// Capture a last version of everything trained, wait until it is written, and reply
     /// with the newest version.
-    Finish(RpcReplyPort<Result<Option<u64>, String>>),
+    Finish(RpcReplyPort<Result<Option<u64>, FinishError>>),
+}
+
+/// Why a trainer could not finish: its last version may not be written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum FinishError {
+    /// The checkpoint writer did not confirm the write.
+    #[error("{reason}")]
+    Writer { reason: String },
 }
 
 pub type TrainerMsg = Envelope<TrainerRequest>;
@@ -369,7 +380,10 @@ impl Actor for TrainerActor {
                 s.rows_trained = st.rows_trained;
                 s.samples_rejected = st.samples_rejected;
                 s.offsets = st.feed.offsets().clone();
-                s.lag = st.feed.lag(&*st.args.samples).unwrap_or(0);
+                match st.feed.lag(&*st.args.samples) {
+                    Ok(lag) => (s.lag, s.lag_error) = (Some(lag), None),
+                    Err(e) => (s.lag, s.lag_error) = (None, Some(e.to_string())),
+                }
                 s.replaying = st.feed.replaying();
                 let _ = reply.send(s);
             }
@@ -378,7 +392,14 @@ impl Actor for TrainerActor {
                     if st.dirty && !st.feed.replaying() {
                         st.capture().await;
                     }
-                    let w = st.args.writer.flush().await.map_err(|e| e.to_string())?;
+                    let w = st
+                        .args
+                        .writer
+                        .flush()
+                        .await
+                        .map_err(|e| FinishError::Writer {
+                            reason: e.to_string(),
+                        })?;
                     Ok(w.last_version.or(st.args.store.latest().ok().flatten()))
                 }
                 .await;
@@ -433,7 +454,7 @@ impl TrainerActorHandle {
             .call(|r| Envelope::new(TrainerRequest::Finish(r)), None)
             .await
         {
-            Ok(CallResult::Success(r)) => r.map_err(|e| anyhow::anyhow!(e)),
+            Ok(CallResult::Success(r)) => r.map_err(anyhow::Error::new),
             Ok(_) => anyhow::bail!("the trainer stopped before replying"),
             Err(e) => anyhow::bail!("the trainer is not running: {e}"),
         }

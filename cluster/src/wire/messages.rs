@@ -10,19 +10,19 @@
 use serde::{Deserialize, Serialize};
 
 use super::{remote_port, responder, Pending, Remote, Split, WireError};
-use freshet_actors::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
+use freshet_actors::ckpt::writer::{CaptureError, StepBoundary, WriterRequest, WriterStats};
 use freshet_actors::ckpt::Manifest;
 use freshet_actors::embedding::snapshot::f32_bytes;
 use freshet_actors::embedding::{
     ApplyReport, Changes, EmbeddingError, ShardDelta, ShardSnapshot, TrainCtx,
 };
 use freshet_actors::ids::{FeatureId, ShardId, TableName};
-use freshet_actors::joiner::{JoinerMsg, JoinerStats};
+use freshet_actors::joiner::{CheckpointFailed, JoinerMsg, JoinerStats};
 use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
 use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
 use freshet_actors::shard::{ShardRequest, ShardStats};
-use freshet_actors::supervisor::{ChildStatus, SupervisorMsg};
-use freshet_actors::training::{TrainerRequest, TrainerStatus};
+use freshet_actors::supervisor::{ChildStatus, RestartError, SupervisorMsg};
+use freshet_actors::training::{FinishError, TrainerRequest, TrainerStatus};
 
 // ---------------------------------------------------------------------------------------------
 // ShardOwner
@@ -377,7 +377,7 @@ pub enum WriterCall {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum WriterAnswer {
-    Captured(Result<(), String>),
+    Captured(Result<(), CaptureError>),
     Flushed(WriterStats),
     Done,
 }
@@ -530,7 +530,7 @@ pub enum TrainerCall {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TrainerAnswer {
     Status(TrainerStatus),
-    Finished(Result<Option<u64>, String>),
+    Finished(Result<Option<u64>, FinishError>),
 }
 
 impl Remote for TrainerRequest {
@@ -584,7 +584,7 @@ pub enum JoinerCall {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum JoinerAnswer {
     Stats(JoinerStats),
-    Checkpointed(Result<(), String>),
+    Checkpointed(Result<(), CheckpointFailed>),
 }
 
 impl Remote for JoinerMsg {
@@ -639,7 +639,7 @@ pub enum SupervisorCall {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SupervisorAnswer {
-    Restarted(Result<(), String>),
+    Restarted(Result<(), RestartError>),
     Status(Vec<ChildStatus>),
     Done,
 }

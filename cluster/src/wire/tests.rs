@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use ractor::concurrency::oneshot;
 
 use super::*;
-use freshet_actors::ckpt::writer::{StepBoundary, WriterRequest, WriterStats};
+use freshet_actors::ckpt::writer::{CaptureError, StepBoundary, WriterRequest, WriterStats};
 use freshet_actors::ckpt::{ModelStore, Payload, VersionMeta};
 use freshet_actors::dense::{DenseNet, InputShape, ModelConfig, ModelKind};
 use freshet_actors::embedding::{EmbeddingError, ShardSnapshot, TableConfig, TrainCtx};
@@ -16,7 +16,7 @@ use freshet_actors::online::validator::{ValidatorRequest, ValidatorStatus};
 use freshet_actors::rng::Xoshiro256;
 use freshet_actors::serving::replica::{ReplicaRequest, ReplicaStatus};
 use freshet_actors::shard::{ShardArgs, ShardError, ShardHandle, ShardRequest};
-use freshet_actors::supervisor::{ChildStatus, Strategy, SupervisorMsg};
+use freshet_actors::supervisor::{ChildStatus, RestartError, Strategy, SupervisorMsg};
 use freshet_actors::testkit::fixtures::user_item_tables;
 use freshet_actors::training::{TrainerRequest, TrainerStatus};
 
@@ -600,7 +600,10 @@ async fn every_other_remote_message_round_trips() {
             }
             other => panic!("rebuilt as {other:?}"),
         },
-        Err::<(), _>("disk full".to_string()),
+        Err::<(), _>(CaptureError::Refused {
+            shard: 2,
+            reason: "disk full".to_string(),
+        }),
     )
     .await;
     round_trip(
@@ -732,7 +735,9 @@ async fn every_other_remote_message_round_trips() {
             }
             other => panic!("rebuilt as {other:?}"),
         },
-        Err("no child named trainer".to_string()),
+        Err(RestartError::UnknownChild {
+            name: "trainer".to_string(),
+        }),
     )
     .await;
     round_trip(

@@ -113,13 +113,18 @@ impl Table {
                 self.row_floats
             )));
         }
-        snap.rows.check_columns().map_err(&mismatch)?;
+        snap.rows
+            .check_columns()
+            .map_err(|e| mismatch(e.to_string()))?;
         let mut fresh = Table::new(
             self.name.clone(),
             self.cfg.clone(),
             self.spill_dir.as_deref(),
         )?;
-        fresh.admission.restore(snap.admission).map_err(&mismatch)?;
+        fresh
+            .admission
+            .restore(snap.admission)
+            .map_err(|e| mismatch(e.to_string()))?;
         fresh.index.reserve(snap.rows.len());
         fresh.next_row = snap.next_row;
         fresh.meta.ensure(snap.next_row as usize);
@@ -136,7 +141,9 @@ impl Table {
             // The source hands rows over a block at a time: from a file, one read into a
             // buffer small enough to stay in cache while its rows are copied out.
             let take = RESTORE_BLOCK_ROWS.min(n - i);
-            let block = src.next_floats(take * rf).map_err(&mismatch)?;
+            let block = src
+                .next_floats(take * rf)
+                .map_err(|e| mismatch(e.to_string()))?;
             if block.len() != take * rf || !all_finite(block) {
                 return Err(mismatch(format!(
                     "rows {i}..{} hold a non-finite value or are short",

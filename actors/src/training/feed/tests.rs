@@ -135,7 +135,7 @@ fn replay_plans_outside_the_log_are_refused_with_the_reason() {
         (plan(0, 2, 8, Some((4, 4))), "skip [4, 4)"),
     ];
     for (plan, want) in bad {
-        let e = plan.check(&*log).unwrap_err();
+        let e = plan.check(&*log).unwrap_err().to_string();
         assert!(e.contains(want), "{plan:?}: {e}");
     }
 }
