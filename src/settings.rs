@@ -327,7 +327,7 @@ pub(crate) fn pipeline_config(
     replicas: usize,
 ) -> anyhow::Result<PipelineConfig> {
     let root = settings.log_dir();
-    let topics = crate::stream::open_topics(&root, &settings.log)?;
+    let topics = freshet_actors::topics::open_topics(&root, &settings.log)?;
     let sample_rejects = open_topic(&root, SAMPLE_REJECTS_TOPIC, &settings.log)
         .with_context(|| format!("opening topic {SAMPLE_REJECTS_TOPIC}"))?;
     let store_dir = settings.node.data_dir.join("models");

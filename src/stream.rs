@@ -5,49 +5,24 @@
 //! `dead-letters`, with the `[log]` settings.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use freshet_actors::event::{
-    DEAD_LETTERS_TOPIC, EVENTS_TOPIC, INGEST_REJECTS_TOPIC, SAMPLES_TOPIC,
-};
+use freshet_actors::event::{EVENTS_TOPIC, INGEST_REJECTS_TOPIC};
 use freshet_actors::intake::{admit, Intake};
 use freshet_actors::joiner::{JoinArgs, JoinerHandle, JoinerStats};
 use freshet_actors::metrics::auc;
 use freshet_actors::simulate::{SimConfig, SimRecord, Simulator};
-use freshet_actors::stream::{open_topic, partition_of, LogBackend, LogConfig, StreamLog};
+use freshet_actors::stream::{open_topic, partition_of, StreamLog};
 use serde::Serialize;
 
+use freshet_actors::topics::{open_topics, topic_context};
+
 use crate::settings::Settings;
-
-/// The three topics of the pipeline, opened.
-pub(crate) struct Topics {
-    pub(crate) events: Arc<dyn StreamLog>,
-    pub(crate) samples: Arc<dyn StreamLog>,
-    pub(crate) dead_letters: Arc<dyn StreamLog>,
-}
-
-pub(crate) fn open_topics(root: &Path, cfg: &LogConfig) -> anyhow::Result<Topics> {
-    let open = |t: &str| -> anyhow::Result<Arc<dyn StreamLog>> {
-        open_topic(root, t, cfg).with_context(|| topic_context(t, root, cfg))
-    };
-    Ok(Topics {
-        events: open(EVENTS_TOPIC)?,
-        samples: open(SAMPLES_TOPIC)?,
-        dead_letters: open(DEAD_LETTERS_TOPIC)?,
-    })
-}
-
-fn topic_context(topic: &str, root: &Path, cfg: &LogConfig) -> String {
-    match cfg.backend {
-        LogBackend::Embedded => format!("opening topic {topic} under {}", root.display()),
-        LogBackend::Kafka => format!("opening topic {topic} on Kafka at {}", cfg.kafka.brokers),
-    }
-}
 
 /// Set by Ctrl-C: long-running commands finish their current batch and stop cleanly.
 fn interrupted() -> Arc<AtomicBool> {

@@ -132,7 +132,7 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
         }
     };
     let log = if args.from_log {
-        let topics = crate::stream::open_topics(&settings.log_dir(), &settings.log)?;
+        let topics = freshet_actors::topics::open_topics(&settings.log_dir(), &settings.log)?;
         Some(Arc::clone(&topics.samples))
     } else {
         None

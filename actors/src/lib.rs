@@ -29,6 +29,7 @@ pub mod simulate;
 pub mod stream;
 pub mod supervisor;
 pub mod testkit;
+pub mod topics;
 pub mod training;
 
 pub use envelope::{Envelope, TraceContext};

@@ -24,7 +24,7 @@ use freshet_actors::stream::{partition_of, StreamLog};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::Settings;
-use crate::stream::open_topics;
+use freshet_actors::topics::{open_topics, Topics};
 
 #[derive(Debug, Args)]
 pub(crate) struct JoinBenchArgs {
@@ -137,7 +137,7 @@ fn traffic(
     })
 }
 
-fn join_args(topics: &crate::stream::Topics, dir: &std::path::Path, p: u32) -> JoinArgs {
+fn join_args(topics: &Topics, dir: &std::path::Path, p: u32) -> JoinArgs {
     JoinArgs {
         partition: p,
         events: topics.events.clone(),

@@ -9,7 +9,7 @@ use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::AdmissionConfig;
-use super::snapshot::SnapshotError;
+use super::SnapshotError;
 use crate::rng::Xoshiro256;
 use crate::routing::mix64;
 

@@ -23,7 +23,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshot::{byte_vec, f32_bytes, RowBlock, SnapshotError};
+use super::snapshot::{byte_vec, f32_bytes, RowBlock};
+use super::SnapshotError;
 
 /// Bytes per row of the packed metadata columns before compression.
 pub const META_BYTES_PER_ROW: usize = 4 + 8 + 8 + 4 + 4 + 4 + 4;

@@ -34,13 +34,29 @@ pub use config::{
 };
 pub(crate) use mem::huge_zeroed_vec;
 pub use snapshot::{
-    RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, SnapshotError, TableDelta,
-    TableSnapshot,
+    RowBlock, RowSource, ShardDelta, ShardSnapshot, SliceRows, TableDelta, TableSnapshot,
 };
 pub use stats::TableStats;
 pub use table::{ApplyReport, Changes, Table};
 
 use crate::ids::{ShardId, TableName};
+
+/// Why a row block, snapshot or delta cannot be used. Everything read from disk or network is
+/// checked before any of it is used; the message names what does not fit.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// The data contradicts itself: columns of different lengths, floats missing or not
+    /// finite, metadata that does not decode.
+    #[error("{0}")]
+    Malformed(String),
+    /// Well-formed, but made for another table or shard layout: another admission policy,
+    /// shape or filter size.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The source of a streamed restore failed: a read, or the checksum over what it gave.
+    #[error("{0}")]
+    Source(String),
+}
 
 /// The clock of a training call: the global step and wall time, passed in rather than read,
 /// so that eviction by age is deterministic and testable.

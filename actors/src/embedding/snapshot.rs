@@ -5,29 +5,12 @@
 //! and the time.
 
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use super::admission::AdmissionSnapshot;
 use super::stats::TableStats;
+use super::SnapshotError;
 use crate::ids::{ShardId, TableName};
 use crate::rng::Xoshiro256;
-
-/// Why a row block, snapshot or delta cannot be used. Everything read from disk or network is
-/// checked before any of it is used; the message names what does not fit.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
-pub enum SnapshotError {
-    /// The data contradicts itself: columns of different lengths, floats missing or not
-    /// finite, metadata that does not decode.
-    #[error("{0}")]
-    Malformed(String),
-    /// Well-formed, but made for another table or shard layout: another admission policy,
-    /// shape or filter size.
-    #[error("{0}")]
-    Mismatch(String),
-    /// The source of a streamed restore failed: a read, or the checksum over what it gave.
-    #[error("{0}")]
-    Source(String),
-}
 
 /// Rows in columns: one entry per row in every column, `data` holding `row_floats` per row.
 ///
