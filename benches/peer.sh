@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Freshet's trainer against the PyTorch CPU peer (../shared/peers/pytorch), side by side in one
-# run on the same generated rows: samples/s (training only) and test AUC for each, and ratios.
+# Freshet's trainer against the PyTorch CPU peer (benches/peer/), side by side in one run on
+# the same generated rows: samples/s (training only) and test AUC for each, and ratios.
 #
 #   benches/peer.sh [TRAIN_ROWS] [TEST_ROWS] [MODELS]
 #   benches/peer.sh 500000 100000 "wdl deepfm"
@@ -8,14 +8,14 @@
 # Each trainer runs REPEATS times per model (default 2), alternating which goes first; the
 # speed ratio is of the mean rates, and each run's rate is printed too.
 #
-# Needs the peer's virtualenv: PEER=../shared/peers/pytorch; PY=$($PEER/setup.sh) (about a
-# minute and 5.4 GB the first time). Set PEER_DIR to point elsewhere.
+# The peer's setup.sh makes its virtualenv under target/tools/ the first time (a few minutes
+# and about 5.4 GB; see benches/peer/README.md). Set PEER_DIR to use a peer elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=${1:-500000}
 test_rows=${2:-100000}
 models=${3:-"wdl deepfm"}
-peer_dir=${PEER_DIR:-../shared/peers/pytorch}
+peer_dir=${PEER_DIR:-benches/peer}
 threads=${THREADS:-2}
 # Runs of each trainer per model, alternated (see below).
 repeats=${REPEATS:-2}
@@ -49,10 +49,10 @@ run_peer() {
 }
 
 for model in $models; do
-  # This VM's speed drifts by a third within minutes, so one run of each, one after the
-  # other, can credit the drift to either side. The runs alternate in ABBA order (the first
-  # pair Freshet first, the next peer first, ...), which cancels a steady drift, and the
-  # ratio is of the mean rates.
+  # A shared machine's speed can drift by a third within minutes, so one run of each, one
+  # after the other, can credit the drift to either side. The runs alternate in ABBA order
+  # (the first pair Freshet first, the next peer first, ...), which cancels a steady drift,
+  # and the ratio is of the mean rates.
   for rep in $(seq 1 "$repeats"); do
     if (( rep % 2 == 1 )); then run_freshet; run_peer; else run_peer; run_freshet; fi
   done

@@ -7,7 +7,7 @@
 //! ```
 //! (all arithmetic mod 2^64). The field name salts the value, so "42" in `user_id` and "42" in
 //! `item_id` are different ids and fields can share a table without colliding. The function
-//! is the one the PyTorch peer (`../shared/peers/pytorch/peer.py`) uses, so both trainers see
+//! is the one the PyTorch peer (`benches/peer/peer.py`) uses, so both trainers see
 //! the same ids for the same rows. Ids are persisted in checkpoints and sent between nodes,
 //! so the golden vectors below must never change.
 
