@@ -73,8 +73,7 @@ impl Linear {
         let share = share.into();
         if out == 1 {
             // A tower's last layer: a dot per row. As a one-column GEMM it went through gemm's
-            // packing for 0.03% of the step's FLOPs; this is 1-2% faster on the DeepFM step
-            // (`examples/dense_step`, p10 of three interleaved runs each).
+            // packing for a tiny share of the step's FLOPs (`docs/design-notes.md`).
             let (w, b) = (self.w(p), self.b(p)[0]);
             by_row_halves(share, rows, y, 1, |r0, n, y| {
                 for (yr, xr) in y
