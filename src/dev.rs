@@ -6,7 +6,7 @@
 //! finishes the batch in progress, writes a last version and closes the logs; starting again
 //! on the same data directory resumes where it stopped.
 //!
-//! Endpoints besides the serving ones (`src/serve.rs`):
+//! Endpoints besides the serving ones (`src/http/serving.rs`), from `src/http/node.rs`:
 //! - `POST /v1/events`: JSON lines (or one JSON object) of impressions and actions, appended to
 //!   the event log; refused lines are dead-lettered to `ingest-rejects` and reported.
 //! - `GET /v1/admin/status`, `POST /v1/admin/rollback`, `POST /v1/admin/replay`,
@@ -41,13 +41,21 @@ pub(crate) struct DevArgs {
     /// Simulated impressions per second.
     #[arg(long, default_value_t = 1000.0)]
     sim_rate: f64,
-    /// Simulator seed (default: from the clock, so a restart does not repeat request ids).
+    /// Simulator seed (default: --seed or train.seed, else from the clock, so that a restart
+    /// does not repeat request ids).
     #[arg(long)]
     sim_seed: Option<u64>,
-    /// How long after an impression a click still labels it. Shorter than a production
-    /// window (joiner.window.window_ms) so negatives arrive while you watch.
-    #[arg(long, default_value_t = 5000)]
-    window_ms: u64,
+    /// Seeds everything random in the run: the dense initialisation, every embedding table
+    /// without a seed of its own, and the simulator (default: train.seed). A run started
+    /// twice from an empty data directory with the same seed and `--sim-rate` sees the same
+    /// events and starts from the same model.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long after an impression a click still labels it [default:
+    /// joiner.window.window_ms when configured, else 5000: shorter than a production window,
+    /// so negatives arrive while you watch].
+    #[arg(long)]
+    window_ms: Option<u64>,
     /// A version (delta) every this many milliseconds, unless checkpoint.every_secs is set.
     #[arg(long, default_value_t = 1000)]
     delta_ms: u64,
@@ -63,9 +71,13 @@ pub(crate) struct DevArgs {
 }
 
 pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
+    let settings = &settings.seeded(args.seed);
     args.http.check()?;
     anyhow::ensure!(args.replicas >= 1, "--replicas must be at least 1");
-    anyhow::ensure!(args.window_ms >= 1, "--window-ms must be at least 1");
+    anyhow::ensure!(
+        crate::settings::dev_window_ms(settings, args.window_ms) >= 1,
+        "--window-ms must be at least 1"
+    );
     anyhow::ensure!(
         args.sim_rate > 0.0 && args.sim_rate.is_finite(),
         "--sim-rate must be a positive number"
@@ -79,9 +91,9 @@ pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
+    let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
     let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet dev")?;
-    let cfg =
-        crate::settings::pipeline_config(settings, args.window_ms, args.delta_ms, args.replicas)?;
+    let cfg = crate::settings::pipeline_config(settings, window_ms, args.delta_ms, args.replicas)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let resumed = cfg.store.latest_live()?;
@@ -103,12 +115,13 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         let seed = args
             .sim_seed
+            .or(settings.train.seed)
             .unwrap_or_else(|| freshet_actors::stream::now_ms() as u64);
         let mut sim = Simulator::new(SimConfig {
             seed,
             rate: args.sim_rate,
             start_ms: freshet_actors::stream::now_ms(),
-            click_delay_median_ms: (args.window_ms as f64 / 5.0).min(5000.0),
+            click_delay_median_ms: (window_ms as f64 / 5.0).min(5000.0),
             click_delay_sigma: 0.7,
             ..SimConfig::default()
         })?;

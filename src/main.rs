@@ -93,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args, &settings),
         Command::Ctl(args) => ctl::run(args),
         Command::Config => {
-            println!("{}", serde_json::to_string_pretty(&settings)?);
+            println!("{}", serde_json::to_string_pretty(&settings.effective())?);
             Ok(())
         }
     }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::ModelConfig;
-use freshet_actors::embedding::{InvalidValue, TableConfig};
+use freshet_actors::embedding::{
+    AdmissionConfig, EvictionConfig, Initializer, InvalidValue, OptimizerConfig, TableConfig,
+};
 use freshet_actors::event::SAMPLE_REJECTS_TOPIC;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
 use freshet_actors::online::gate::GateConfig;
@@ -40,7 +42,15 @@ pub(crate) struct Settings {
     pub(crate) checkpoint: CheckpointSettings,
     /// The gate a new version must pass before it is served (`freshet dev`).
     pub(crate) validation: GateConfig,
+    /// Every key a file, the environment or a flag gave (dotted, as `joiner.window.window_ms`),
+    /// so that a command's own default never beats a value the user set.
+    #[serde(skip)]
+    pub(crate) given: std::collections::BTreeSet<String>,
 }
+
+/// `freshet dev`'s join window when `--window-ms` is not given: shorter than a production
+/// window, so that negatives arrive while one watches.
+pub(crate) const DEV_WINDOW_MS: u64 = 5000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +105,11 @@ pub(crate) struct TrainSettings {
     pub(crate) batch: usize,
     /// Threads for the dense math.
     pub(crate) threads: usize,
+    /// One seed for everything random in a run: the dense initialisation (`model.seed`), every
+    /// embedding table's initializer and sampler (`embedding.tables.*.seed` not set
+    /// otherwise), and `freshet dev`'s simulator. Unset: each keeps its own seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) seed: Option<u64>,
 }
 
 impl Default for TrainSettings {
@@ -102,6 +117,7 @@ impl Default for TrainSettings {
         Self {
             batch: 512,
             threads: 2,
+            seed: None,
         }
     }
 }
@@ -123,7 +139,104 @@ pub(crate) struct EmbeddingSettings {
     /// Directory for the on-disk tier; each shard gets `shard-<i>/` inside it. Defaults to
     /// `<data_dir>/spill` when a table sets a DRAM budget.
     pub(crate) spill_dir: Option<PathBuf>,
-    pub(crate) tables: BTreeMap<String, TableConfig>,
+    /// Per table, what differs from `default`; `default` itself, what differs from the
+    /// built-in table (`freshet config` shows it whole). A table the schema names but no
+    /// section configures is `default` at the model's row dim.
+    pub(crate) tables: BTreeMap<String, TableSection>,
+}
+
+/// One `[embedding.tables.<name>]` section: every key optional, so that a section names only
+/// what it changes and inherits the rest from `default` (and `default` from the built-in
+/// table, `freshet_actors::training::default_table_config`). An initializer, optimizer,
+/// admission or eviction given at all is given whole.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TableSection {
+    /// The row dim. The model decides it (the field's embedding dim, plus one for a wide
+    /// weight); given, it must agree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dim: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) init: Option<Initializer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) optimizer: Option<OptimizerConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) admission: Option<AdmissionConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) eviction: Option<EvictionConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) default_value: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dram_budget_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reserve_rows: Option<u64>,
+}
+
+impl TableSection {
+    /// The built-in table as a section with every key given: what `default` starts from.
+    fn builtin() -> Self {
+        let c = freshet_actors::training::default_table_config(TableConfig::default().dim);
+        Self {
+            dim: Some(c.dim),
+            init: Some(c.init),
+            optimizer: Some(c.optimizer),
+            admission: Some(c.admission),
+            eviction: Some(c.eviction),
+            default_value: Some(c.default_value),
+            seed: Some(c.seed),
+            dram_budget_bytes: c.dram_budget_bytes,
+            reserve_rows: Some(c.reserve_rows),
+        }
+    }
+
+    /// This section, with the keys it does not give taken from `base`.
+    fn or(&self, base: &TableSection) -> TableSection {
+        TableSection {
+            dim: self.dim.or(base.dim),
+            init: self.init.clone().or_else(|| base.init.clone()),
+            optimizer: self.optimizer.clone().or_else(|| base.optimizer.clone()),
+            admission: self.admission.clone().or_else(|| base.admission.clone()),
+            eviction: self.eviction.clone().or_else(|| base.eviction.clone()),
+            default_value: self.default_value.or(base.default_value),
+            seed: self.seed.or(base.seed),
+            dram_budget_bytes: self.dram_budget_bytes.or(base.dram_budget_bytes),
+            reserve_rows: self.reserve_rows.or(base.reserve_rows),
+        }
+    }
+
+    /// `c` with every key this section gives replaced; `dim` only when `with_dim`.
+    fn apply(&self, mut c: TableConfig, with_dim: bool) -> TableConfig {
+        if let (true, Some(d)) = (with_dim, self.dim) {
+            c.dim = d;
+        }
+        if let Some(v) = &self.init {
+            c.init = v.clone();
+        }
+        if let Some(v) = &self.optimizer {
+            c.optimizer = v.clone();
+        }
+        if let Some(v) = &self.admission {
+            c.admission = v.clone();
+        }
+        if let Some(v) = &self.eviction {
+            c.eviction = v.clone();
+        }
+        if let Some(v) = self.default_value {
+            c.default_value = v;
+        }
+        if let Some(v) = self.seed {
+            c.seed = v;
+        }
+        if self.dram_budget_bytes.is_some() {
+            c.dram_budget_bytes = self.dram_budget_bytes;
+        }
+        if let Some(v) = self.reserve_rows {
+            c.reserve_rows = v;
+        }
+        c
+    }
 }
 
 impl Default for NodeSettings {
@@ -140,7 +253,10 @@ impl Default for EmbeddingSettings {
         Self {
             shards: 4,
             spill_dir: None,
-            tables: BTreeMap::from([("default".to_owned(), TableConfig::default())]),
+            // Empty here, so that a section in a file, the environment or a flag overrides
+            // the built-in table key by key without meeting stale keys of another kind;
+            // `Settings::effective` shows it filled in.
+            tables: BTreeMap::from([("default".to_owned(), TableSection::default())]),
         }
     }
 }
@@ -174,7 +290,9 @@ impl Settings {
                     "a table name of letters, digits, '_' and '-'",
                 ));
             }
-            t.validate(&format!("embedding.tables.{name}"))?;
+            let dim = t.dim.unwrap_or(TableConfig::default().dim);
+            self.table(name, dim)
+                .validate(&format!("embedding.tables.{name}"))?;
         }
         self.schema.validate("schema")?;
         if self.train.batch == 0 || self.train.batch > 1 << 20 {
@@ -223,9 +341,46 @@ impl Settings {
         self.node.data_dir.join("log")
     }
 
-    /// Each table the schema and model read, with its `[embedding.tables]` configuration (or
-    /// the default for its row dim). A configured dim that differs from the model's row is
-    /// refused with the key.
+    /// These settings with `seed` (a `--seed` flag, or `train.seed`) seeding everything random:
+    /// the dense initialisation and every table whose section sets no seed of its own.
+    pub(crate) fn seeded(&self, seed: Option<u64>) -> Settings {
+        let mut s = self.clone();
+        let Some(seed) = seed.or(s.train.seed) else {
+            return s;
+        };
+        s.train.seed = Some(seed);
+        s.model.seed = seed;
+        let d = s.embedding.tables.entry("default".to_owned()).or_default();
+        if !self.given.contains("embedding.tables.default.seed") {
+            d.seed = Some(seed);
+        }
+        s
+    }
+
+    /// The settings as they take effect, for `freshet config`: the `default` table with every
+    /// key, the built-in value where no layer gave one.
+    pub(crate) fn effective(&self) -> Settings {
+        let mut s = self.clone();
+        let d = s.embedding.tables.entry("default".to_owned()).or_default();
+        *d = d.or(&TableSection::builtin());
+        s
+    }
+
+    /// Table `name` at row dim `dim`: the built-in table, then `default`, then the table's own
+    /// section.
+    pub(crate) fn table(&self, name: &str, dim: usize) -> TableConfig {
+        let mut c = freshet_actors::training::default_table_config(dim);
+        if let Some(d) = self.embedding.tables.get("default") {
+            c = d.apply(c, false);
+        }
+        match self.embedding.tables.get(name) {
+            Some(t) if name != "default" => t.apply(c, true),
+            _ => c,
+        }
+    }
+
+    /// Each table the schema and model read, with its `[embedding.tables]` configuration over
+    /// `default`. A configured dim that differs from the model's row is refused with the key.
     pub(crate) fn model_tables(
         &self,
         schema: &Schema,
@@ -233,16 +388,17 @@ impl Settings {
     ) -> anyhow::Result<BTreeMap<String, TableConfig>> {
         let mut tables = BTreeMap::new();
         for (name, dim) in freshet_actors::scorer::Scorer::required_tables(schema, model) {
-            let cfg = match self.embedding.tables.get(&name) {
-                Some(c) if c.dim != dim => anyhow::bail!(
-                    "invalid value {} for `embedding.tables.{name}.dim`: expected {dim} (the {} \
+            let given = (name != "default")
+                .then(|| self.embedding.tables.get(&name).and_then(|t| t.dim))
+                .flatten();
+            if let Some(d) = given.filter(|&d| d != dim) {
+                anyhow::bail!(
+                    "invalid value {d} for `embedding.tables.{name}.dim`: expected {dim} (the {} \
                      model's row for this table)",
-                    c.dim,
                     model.kind.name()
-                ),
-                Some(c) => c.clone(),
-                None => freshet_actors::training::default_table_config(dim),
-            };
+                );
+            }
+            let cfg = self.table(&name, dim);
             tables.insert(name, cfg);
         }
         Ok(tables)
@@ -291,13 +447,77 @@ pub(crate) fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow:
     for (k, v) in overrides {
         b = b.set_override(*k, v.as_str())?;
     }
-    let settings: Settings = b
+    let mut settings: Settings = b
         .build()
         .map_err(explain)?
         .try_deserialize()
         .map_err(explain)?;
+    settings.given = given_keys(file, overrides)?;
+    let settings = settings.seeded(None);
     settings.validate()?;
     Ok(settings)
+}
+
+/// The dotted keys the user's layers set: the same layers as [`load`] without the defaults.
+fn given_keys(
+    file: Option<&Path>,
+    overrides: &[(&str, String)],
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut b = config::Config::builder();
+    b = match file {
+        Some(p) => b.add_source(config::File::from(p).format(config::FileFormat::Toml)),
+        None => b.add_source(
+            config::File::with_name("freshet.toml")
+                .format(config::FileFormat::Toml)
+                .required(false),
+        ),
+    };
+    b = b.add_source(
+        config::Environment::with_prefix("FRESHET")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true),
+    );
+    for (k, v) in overrides {
+        b = b.set_override(*k, v.as_str())?;
+    }
+    let map: config::Map<String, config::Value> = b
+        .build()
+        .map_err(explain)?
+        .try_deserialize()
+        .map_err(explain)?;
+    let mut keys = std::collections::BTreeSet::new();
+    fn walk(
+        prefix: &str,
+        map: &config::Map<String, config::Value>,
+        keys: &mut std::collections::BTreeSet<String>,
+    ) {
+        for (k, v) in map {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if let config::ValueKind::Table(t) = &v.kind {
+                walk(&key, t, keys);
+            }
+            keys.insert(key);
+        }
+    }
+    walk("", &map, &mut keys);
+    Ok(keys)
+}
+
+/// `freshet dev`'s join window: `--window-ms` if given, else `joiner.window.window_ms` if a
+/// layer set it, else [`DEV_WINDOW_MS`].
+pub(crate) fn dev_window_ms(settings: &Settings, flag: Option<u64>) -> u64 {
+    flag.or_else(|| {
+        settings
+            .given
+            .contains("joiner.window.window_ms")
+            .then_some(settings.joiner.window.window_ms)
+    })
+    .unwrap_or(DEV_WINDOW_MS)
 }
 
 /// Turns a `config` error into one that names key, value and expectation.
@@ -406,9 +626,118 @@ mod tests {
         .unwrap();
         let s = load(Some(&f), &[]).unwrap();
         assert_eq!(s.embedding.shards, 8);
-        assert_eq!(s.embedding.tables["user"].dim, 32);
+        assert_eq!(s.embedding.tables["user"].dim, Some(32));
         let s = load(Some(&f), &[("embedding.shards", "2".into())]).unwrap();
         assert_eq!(s.embedding.shards, 2, "flags beat the file");
+    }
+
+    /// One seed reaches the dense net and every table that has no seed of its own, from a
+    /// flag or from `train.seed`.
+    #[test]
+    fn one_seed_seeds_the_model_and_the_tables() {
+        use freshet_actors::dense::ModelKind;
+        let (schema, model) = (Schema::criteo(16), ModelConfig::new(ModelKind::Wdl));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.toml");
+        std::fs::write(&f, "[train]\nseed = 41\n").unwrap();
+        let s = load(Some(&f), &[]).unwrap();
+        assert_eq!(s.model.seed, 41);
+        let tables = s.model_tables(&schema, &s.model).unwrap();
+        assert_eq!(tables["emb"].seed, 41);
+        let s = s.seeded(Some(5));
+        assert_eq!(
+            (s.model.seed, s.train.seed),
+            (5, Some(5)),
+            "the flag beats train.seed"
+        );
+        assert_eq!(s.model_tables(&schema, &model).unwrap()["emb"].seed, 5);
+        // A table's own seed stays its own.
+        std::fs::write(&f, "[embedding.tables.emb]\nseed = 3\n").unwrap();
+        let s = load(Some(&f), &[]).unwrap().seeded(Some(5));
+        assert_eq!(s.model_tables(&schema, &model).unwrap()["emb"].seed, 3);
+        // No seed anywhere: nothing changes.
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.seeded(None), s);
+    }
+
+    /// `freshet dev`'s own window applies only when no layer set `joiner.window.window_ms`.
+    #[test]
+    fn the_dev_window_default_never_beats_a_configured_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.toml");
+        std::fs::write(&f, "[joiner.window]\nwindow_ms = 60000\n").unwrap();
+        let s = load(Some(&f), &[]).unwrap();
+        assert_eq!(dev_window_ms(&s, None), 60_000, "the file's window");
+        assert_eq!(dev_window_ms(&s, Some(700)), 700, "the flag beats the file");
+        let s = load(None, &[]).unwrap();
+        assert_eq!(
+            dev_window_ms(&s, None),
+            DEV_WINDOW_MS,
+            "nothing set: dev's own"
+        );
+        let s = load(None, &[("joiner.window.window_ms", "30000".into())]).unwrap();
+        assert_eq!(dev_window_ms(&s, None), 30_000, "an override counts as set");
+    }
+
+    /// A table section names only what it changes: the rest comes from `default`, and
+    /// `default`'s from the built-in table, whatever keys the section leaves out.
+    #[test]
+    fn a_partial_table_section_inherits_from_default() {
+        use freshet_actors::dense::ModelKind;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.toml");
+        let (schema, model) = (Schema::criteo(16), ModelConfig::new(ModelKind::Wdl));
+
+        // No section: the built-in table at the model's row dim (16 + the wide weight).
+        let s = load(None, &[]).unwrap();
+        let t = s.model_tables(&schema, &model).unwrap();
+        assert_eq!(t["emb"], freshet_actors::training::default_table_config(17));
+        let shown = s.effective().embedding.tables["default"].clone();
+        assert_eq!(
+            shown,
+            TableSection::builtin(),
+            "`freshet config` shows the built-in table"
+        );
+
+        // Only a seed: the dim is still the model's, and init and optimizer the default's.
+        std::fs::write(&f, "[embedding.tables.emb]\nseed = 7\n").unwrap();
+        let t = load(Some(&f), &[])
+            .unwrap()
+            .model_tables(&schema, &model)
+            .unwrap();
+        let want = freshet_actors::training::default_table_config(17);
+        assert_eq!(t["emb"].seed, 7);
+        assert_eq!((t["emb"].dim, &t["emb"].init), (17, &want.init));
+        assert_eq!(t["emb"].optimizer, want.optimizer);
+
+        // What `default` changes, every table inherits; what a table gives, it keeps.
+        std::fs::write(
+            &f,
+            "[embedding.tables.default]\noptimizer = { kind = \"adam\", lr = 0.01 }\n\
+             [embedding.tables.emb]\ndim = 17\ninit = { kind = \"zeros\" }\n",
+        )
+        .unwrap();
+        let s = load(Some(&f), &[]).unwrap();
+        let t = s.model_tables(&schema, &model).unwrap();
+        assert!(
+            matches!(t["emb"].optimizer, OptimizerConfig::Adam { lr, .. } if lr == 0.01),
+            "{:?}",
+            t["emb"].optimizer
+        );
+        assert_eq!(t["emb"].init, Initializer::Zeros);
+        assert_eq!(t["emb"].admission, want.admission);
+
+        // A dim that is not the model's row is refused with its key.
+        std::fs::write(&f, "[embedding.tables.emb]\ndim = 16\n").unwrap();
+        let e = load(Some(&f), &[])
+            .unwrap()
+            .model_tables(&schema, &model)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("embedding.tables.emb.dim") && e.contains("expected 17"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub(crate) struct TrainArgs {
     /// files: from the start of the log (with --init, from the offsets the --init version
     /// records) to its end. The version written records where in the log it ends, so
     /// `freshet ctl calibrate --base STORE` can install it and resume online training there.
-    /// Without --test, the last 10% of each partition is held out for the test metrics (and
-    /// left to online training). With the embedded log, the node must be stopped.
+    /// Without --test, the last --holdout of each partition (default 10%) is held out for the
+    /// test metrics (and left to online training). With the embedded log, the node must be stopped.
     #[arg(long, conflicts_with = "data")]
     from_log: bool,
     /// criteo, jsonl or msgpack.
@@ -47,9 +47,18 @@ pub(crate) struct TrainArgs {
     /// Samples per step (default: train.batch).
     #[arg(long)]
     batch: Option<usize>,
-    /// Test data. Without it the last 10% of --data rows are held out.
+    /// Test data. Without it the last --holdout of the rows are held out.
     #[arg(long, value_delimiter = ',', value_name = "FILE")]
     test: Vec<PathBuf>,
+    /// Without --test: the share of the rows (with --from-log, of each partition) held out as
+    /// the test set, in 0..1 [default: 0.1; with --init and --data, 0, so that an incremental
+    /// daily job trains on the whole day].
+    #[arg(long, value_name = "SHARE", conflicts_with = "test")]
+    holdout: Option<f64>,
+    /// Write one click probability per test row, in order, to FILE after the last epoch: an
+    /// offline evaluation needs no server.
+    #[arg(long, value_name = "FILE")]
+    predictions: Option<PathBuf>,
     /// The model store to write versions to (docs/model-store.md): the final model, and
     /// versions during training per `checkpoint.*` or --ckpt-every-steps.
     #[arg(long, value_name = "STORE")]
@@ -72,7 +81,9 @@ pub(crate) struct TrainArgs {
     /// Where refused rows go (default: <data_dir>/rejects.tsv).
     #[arg(long, value_name = "FILE")]
     rejects: Option<PathBuf>,
-    /// Seed of the dense initialisation (default: model.seed).
+    /// Seeds everything random in the run: the dense initialisation and every embedding
+    /// table without a seed of its own (default: train.seed, else model.seed and the tables'
+    /// own seeds).
     #[arg(long)]
     seed: Option<u64>,
     /// Make room for about N rows in each table the model reads, spread over the shards,
@@ -89,6 +100,12 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    offline::check_args(
+        args.batch.unwrap_or(settings.train.batch),
+        args.epochs,
+        args.from_log,
+        holdout(&args),
+    )?;
     // Opening the embedded log recovers it: never while a node appends to it.
     let _lock = match (args.from_log, &settings.log.backend) {
         (true, LogBackend::Embedded) => Some(crate::lock::DataDirLock::acquire(
@@ -103,8 +120,20 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The share of the rows held out without --test: --holdout, else none for an incremental job
+/// on files (--init and --data), else 10%.
+fn holdout(args: &TrainArgs) -> f64 {
+    args.holdout
+        .unwrap_or(if args.init.is_some() && !args.from_log {
+            0.0
+        } else {
+            0.1
+        })
+}
+
 /// The offline job the arguments and the configuration describe.
 fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
+    let settings = &settings.seeded(args.seed);
     let start = match &args.init {
         Some(store) => OfflineStart::Init {
             store: store.clone(),
@@ -115,9 +144,6 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
             let mut model = settings.model.clone();
             if let Some(k) = args.model {
                 model.kind = k;
-            }
-            if let Some(seed) = args.seed {
-                model.seed = seed;
             }
             let schema = settings.schema.clone();
             let tables = settings
@@ -137,6 +163,7 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
     } else {
         None
     };
+    let holdout = holdout(&args);
     let out = args.out.map(|store| {
         let mut schedule = settings.checkpoint.schedule();
         if let Some(n) = args.ckpt_every_steps {
@@ -148,6 +175,8 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
         start,
         data: args.data,
         format: args.format,
+        holdout,
+        predictions: args.predictions,
         test: args.test,
         log,
         epochs: args.epochs,

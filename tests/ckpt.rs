@@ -107,7 +107,8 @@ fn versions_during_training_list_verify_export_and_restore_resharded() {
         "a serving export has no optimizer state"
     );
 
-    // Resume from the store into 3 shards: the rows are re-routed.
+    // Resume from the store into 3 shards: the rows are re-routed. The same 10% hold-out as
+    // the first run, so that the steps add up the same way.
     let o = freshet(d)
         .env("FRESHET__EMBEDDING__SHARDS", "3")
         .args([
@@ -118,6 +119,8 @@ fn versions_during_training_list_verify_export_and_restore_resharded() {
             "store",
             "--out",
             "store3",
+            "--holdout",
+            "0.1",
         ])
         .output()
         .unwrap();

@@ -185,6 +185,61 @@ fn gen_train_save_resume() {
     );
 }
 
+/// An offline evaluation needs no server (`--predictions`), and a daily job started from a
+/// version trains on the whole day unless it asks for a hold-out.
+#[test]
+fn predictions_are_written_and_an_incremental_job_holds_nothing_out() {
+    let dir = setup();
+    let d = dir.path();
+    let r = ok_json(&freshet(
+        d,
+        &[
+            "train",
+            "--data",
+            "train.tsv",
+            "--test",
+            "test.tsv",
+            "--out",
+            "m1",
+            "--predictions",
+            "p.txt",
+        ],
+    ));
+    let text = std::fs::read_to_string(d.join("p.txt")).expect("predictions");
+    let preds: Vec<f32> = text.lines().map(|l| l.parse().expect("a number")).collect();
+    assert_eq!(preds.len(), 1500, "one line per test row");
+    assert!(preds.iter().all(|p| (0.0..=1.0).contains(p)));
+    let labels: Vec<f32> = std::fs::read_to_string(d.join("test.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().parse().unwrap())
+        .collect();
+    let auc = freshet_actors::metrics::auc(&preds, &labels).unwrap();
+    let reported = r["test_auc"].as_f64().unwrap();
+    // The file holds the scores the report's AUC was computed from (to 6 decimals).
+    assert!((auc - reported).abs() < 1e-3, "{auc} against {reported}");
+
+    let r = ok_json(&freshet(
+        d,
+        &["train", "--data", "train.tsv", "--init", "m1"],
+    ));
+    assert_eq!(
+        (r["train_rows"].as_u64(), r["test_rows"].as_u64()),
+        (Some(6000), Some(0))
+    );
+    let r = ok_json(&freshet(
+        d,
+        &["train", "--data", "train.tsv", "--holdout", "0.25"],
+    ));
+    assert_eq!(
+        (r["train_rows"].as_u64(), r["test_rows"].as_u64()),
+        (Some(4500), Some(1500))
+    );
+    let o = freshet(d, &["train", "--data", "train.tsv", "--holdout", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--holdout"), "{err}");
+}
+
 #[test]
 fn malformed_rows_are_refused_counted_and_kept() {
     let dir = setup();

@@ -18,7 +18,7 @@ use crate::ids::{FeatureId, TableName};
 use crate::sample::{Pooling, SampleBlock, Schema};
 use crate::shard::{ShardPlan, ShardRouter};
 
-/// One embedding table as the trainer sees it.
+/// One embedding table as the scorer reads it.
 #[derive(Clone, Debug)]
 pub(crate) struct TableUse {
     pub(crate) name: TableName,
@@ -261,9 +261,9 @@ impl Scorer {
     /// Fills the model input of rows `range` of `block` from the rows in `cur.tables[t].rows`
     /// (the pooling), then runs `then`, all on the dense threads.
     ///
-    /// Why one hand-off: waking the dense threads and waking this one again costs about
-    /// a tenth of a millisecond each time, and the pooling on either side of the dense step
-    /// would otherwise run on this thread while both dense threads wait.
+    /// Why one hand-off: waking the dense threads and waking this one again costs time each
+    /// time (`docs/design-notes.md`), and the pooling on either side of the dense step would
+    /// otherwise run on this thread while both dense threads wait.
     pub(crate) fn on_dense_threads<R: Send>(
         &mut self,
         block: &SampleBlock,
@@ -316,7 +316,8 @@ impl Gathered {
         }
     }
 
-    /// Dedupes each table's keys (first-occurrence order, so a step is deterministic) and records where every id occurrence points.
+    /// Dedupes each table's keys (first-occurrence order, so a step is deterministic) and
+    /// records where every id occurrence points.
     pub(crate) fn gather(
         &mut self,
         tables: &[TableUse],

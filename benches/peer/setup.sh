@@ -34,9 +34,16 @@ fi
 # middle of a benchmark.
 "$venv/bin/python" -c 'import torch; torch.set_num_threads(2); (torch.randn(64,64)@torch.randn(64,64)).sum()' >/dev/null
 
-# peer.py preloads jemalloc when it is installed (see its docstring); without it the peer
-# still runs, on glibc malloc, so a failed install is not an error.
-if command -v apt-get >/dev/null && [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]; then
-  apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || true
+# peer.py preloads jemalloc when it is installed (see its docstring): the peer is measured
+# with it, so that the comparison is against the peer at its best. Without it the peer still
+# runs, on glibc malloc. The install is said out loud, and a failed one is only a warning.
+if [ ! -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "peer: installing libjemalloc2 (apt-get) for the peer's allocator" >&2
+    apt-get install -y -q libjemalloc2 >/dev/null 2>&1 ||
+      echo "peer: libjemalloc2 did not install; the peer runs on glibc malloc" >&2
+  else
+    echo "peer: libjemalloc2 is not installed; the peer runs on glibc malloc" >&2
+  fi
 fi
 echo "$venv/bin/python"

@@ -64,9 +64,8 @@ impl Threads {
 /// GEMM split over two threads loses time to the split and the join. Work that comes in two
 /// independent halves of equal size (the two row blocks of a layer's forward pass, or a layer's
 /// weight gradient `xᵀ dy` and input gradient `dy Wᵀ`, which take the same FLOPs) runs faster as
-/// the two halves side by side, each GEMM on half the threads. Measured on the W&D tower's
-/// GEMMs at batch 512 on 2 threads, interleaved in one run (see `docs/performance.md`): the
-/// backward GEMMs 9-11% faster, the forward 3-8%.
+/// the two halves side by side, each GEMM on half the threads (`docs/design-notes.md` has the
+/// W&D tower's GEMMs measured both ways).
 ///
 /// Only meaningful inside [`Threads::install`], where the halves run on the pool's threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -38,8 +38,8 @@ pub struct CompareConfig {
 
 impl Default for CompareConfig {
     fn default() -> Self {
-        // 4096-key batches at the 93% tier hit rate measured by `freshet bench embedding`
-        // leave about 280 misses per batch.
+        // 4096-key batches at the tier hit rate `freshet bench embedding` reports for 30% of
+        // the rows in DRAM (`docs/performance.md`) leave a few hundred misses per batch.
         Self {
             rows: 2_000_000,
             row_floats: 32,

@@ -1,8 +1,9 @@
 //! The model a serving replica answers from: read-only tables of weights (no optimizer state,
 //! no admission, no eviction), the dense net, and the manifest of the version they form.
 //!
-//! A serving model never inserts a key: an unknown key reads as its table's default row, as
-//! the trainer's own prediction does.
+//! A serving model never inserts a key: an unknown key reads as its table's default row, as a
+//! plain lookup on the shards does. It scores through [`crate::scorer::Scorer`], the forward
+//! pass alone.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -24,17 +24,27 @@ use anyhow::Context;
 
 use crate::ckpt::writer::StepBoundary;
 use crate::ckpt::{Manifest, ModelStore, ReplayRecord, VersionMeta};
-use crate::dense::DenseNet;
+use crate::dense::{DenseNet, DenseState, ModelConfig};
 use crate::embedding::{Initializer, OptimizerConfig, TableConfig};
+use crate::sample::Schema;
 use crate::scorer::Scorer;
 use crate::shard::ShardRouter;
 use crate::stream::Offset;
 
 pub use online::{
-    FinishError, FreshModel, TrainStart, TrainerActor, TrainerActorHandle, TrainerActorState,
-    TrainerArgs, TrainerMsg, TrainerRequest, TrainerStatus,
+    FinishError, TrainStart, TrainerActor, TrainerActorHandle, TrainerActorState, TrainerArgs,
+    TrainerMsg, TrainerRequest, TrainerStatus,
 };
 pub use step::{StepReport, Trainer};
+
+/// The model a trainer starts when there is no version to resume from: the online trainer on
+/// an empty store, the offline driver without `--init`.
+#[derive(Clone, Debug)]
+pub struct FreshModel {
+    pub schema: Schema,
+    pub model: ModelConfig,
+    pub tables: BTreeMap<String, TableConfig>,
+}
 
 /// The embedding table config the trainer uses for a schema table when none is configured:
 /// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
@@ -53,11 +63,24 @@ pub fn default_table_config(row_dim: usize) -> TableConfig {
     c
 }
 
+/// The trainer of a restored version: its dense net at its step. Checks first that the
+/// manifest's tables give every row the model reads, at the right dim, before any lookup
+/// slices them (`manifest.json` carries no checksum of its own).
+pub fn trainer_at(manifest: &Manifest, dense: DenseState) -> anyhow::Result<Trainer> {
+    Scorer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)?;
+    let net = DenseNet::from_state(dense)?;
+    let mut t = Trainer::with_net(manifest.schema.clone(), net)?;
+    t.set_step(manifest.step);
+    Ok(t)
+}
+
 /// Restores every shard behind `shards` and the dense net to version `v` of `store`. Returns
 /// the trainer, at the version's step, and the version's manifest.
 ///
-/// A local owner reads its own files: a full version streams from disk into its tables without
-/// a snapshot in between. A remote owner is sent its snapshot.
+/// The owners restore side by side. A local owner reads its own files: a full version streams
+/// from disk into its tables without a snapshot in between; a remote owner is sent its shard.
+/// A version written in another shard count is read and re-routed once, and each owner is
+/// sent its part.
 pub async fn restore(
     store: &ModelStore,
     shards: &ShardRouter,
@@ -68,31 +91,50 @@ pub async fn restore(
         .await
         .context("restore task")?
         .with_context(|| format!("restoring the dense state of version {v}"))?;
-    // The manifest's tables must give the rows the model reads before any lookup slices them.
-    Scorer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)
+    let trainer = trainer_at(&manifest, dense)
         .with_context(|| format!("version {v} does not fit its own tables"))?;
     let count = shards.shards().len() as u32;
-    for h in shards.shards() {
-        let i = h.shard();
-        if h.is_local() {
-            h.restore_from(store, v)
-                .await
-                .with_context(|| format!("restoring shard {i} of version {v}"))?;
-            continue;
+    let handles = shards.shards();
+    if manifest.shards == count {
+        let mut tasks = tokio::task::JoinSet::new();
+        for h in handles {
+            let (h, store) = (h.clone(), store.clone());
+            tasks.spawn(async move {
+                let i = h.shard();
+                if h.is_local() {
+                    h.restore_from(&store, v)
+                        .await
+                        .with_context(|| format!("restoring shard {i} of version {v}"))?;
+                    return anyhow::Ok(());
+                }
+                let (snap, _) =
+                    tokio::task::spawn_blocking(move || store.restore_shard(v, i, count))
+                        .await
+                        .context("restore task")?
+                        .with_context(|| format!("restoring shard {i} of version {v}"))?;
+                h.restore(snap)
+                    .await
+                    .with_context(|| format!("loading version {v} into shard {i}"))?;
+                Ok(())
+            });
         }
+        while let Some(done) = tasks.join_next().await {
+            done.context("restore task")??;
+        }
+    } else {
         let s = store.clone();
-        let (snap, _) = tokio::task::spawn_blocking(move || s.restore_shard(v, i, count))
+        let r = tokio::task::spawn_blocking(move || s.restore(v, Some(count)))
             .await
             .context("restore task")?
-            .with_context(|| format!("restoring shard {i} of version {v}"))?;
-        h.restore(snap)
-            .await
-            .with_context(|| format!("loading version {v} into shard {i}"))?;
+            .with_context(|| format!("restoring the shards of version {v}"))?;
+        for (h, snap) in handles.iter().zip(r.shards) {
+            let i = h.shard();
+            h.restore(snap)
+                .await
+                .with_context(|| format!("loading version {v} into shard {i}"))?;
+        }
     }
-    let net = DenseNet::from_state(dense)?;
-    let mut t = Trainer::with_net(manifest.schema.clone(), net)?;
-    t.set_step(manifest.step);
-    Ok((t, manifest))
+    Ok((trainer, manifest))
 }
 
 /// What a version records of the training behind it, besides the model: the samples it holds.

@@ -16,11 +16,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use super::online::FreshModel;
-use super::{boundary, Lineage, Trainer};
+use super::{boundary, trainer_at, FreshModel, Lineage, Trainer};
 use crate::ckpt::writer::{CheckpointHandle, Schedule, WriterArgs};
 use crate::ckpt::{Manifest, ModelStore};
 use crate::dense::{ModelKind, Threads};
+use crate::embedding::ShardSnapshot;
 use crate::embedding::TableConfig;
 use crate::metrics::{auc, evaluate, Evaluation};
 use crate::sample::criteo::{self, CriteoParser};
@@ -60,8 +60,13 @@ pub struct OfflineJob {
     /// Training files, read in order (empty when training on `log`).
     pub data: Vec<PathBuf>,
     pub format: Format,
-    /// Test files. Without them the last 10% of the rows are held out.
+    /// Test files. Without them the last `holdout` of the rows are held out instead.
     pub test: Vec<PathBuf>,
+    /// The share of the rows (of each log partition's range) held out as the test set when
+    /// there are no test files, in `0.0..1.0`. 0: train on every row, test on none.
+    pub holdout: f64,
+    /// Where to write one click probability per test row, in order, after the last epoch.
+    pub predictions: Option<PathBuf>,
     /// The sample log to train on instead of files, from the start (or the `Init` version's
     /// offsets) to its end now.
     pub log: Option<Arc<dyn StreamLog>>,
@@ -153,11 +158,10 @@ pub struct EpochReport {
 pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result<OfflineReport> {
     let threads = Threads::new(job.threads)?;
     let batch = job.batch;
-    if batch == 0 {
-        bail!("invalid value 0 for `--batch`: expected a positive batch size");
-    }
+    check_args(batch, job.epochs, job.log.is_some(), job.holdout)?;
     // The model: fresh, or a version of --init, re-routed into `job.shards` shards whatever
-    // count it was written with. The version is read whole into the shards once they exist.
+    // count it was written with. The version is read and checked whole before any data is
+    // read, so a bad version fails at once.
     let begin = match &job.start {
         OfflineStart::Init {
             store: dir,
@@ -172,21 +176,29 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
                     .latest()?
                     .with_context(|| format!("--init {} holds no model version", dir.display()))?,
             };
-            let manifest = store.manifest(v).with_context(|| init_context(dir, v))?;
+            let r = store
+                .restore(v, Some(job.shards))
+                .with_context(|| init_context(dir, v))?;
+            progress.note(&format!(
+                "restored version {v} of {} (step {})",
+                dir.display(),
+                r.manifest.step
+            ));
             if let Some(k) = model {
-                if *k != manifest.model.kind {
+                if *k != r.manifest.model.kind {
                     bail!(
                         "--model {} but the model in --init is {}",
                         k.name(),
-                        manifest.model.kind.name()
+                        r.manifest.model.kind.name()
                     );
                 }
             }
+            let trainer = trainer_at(&r.manifest, r.dense)
+                .context("the model in --init does not fit its own tables")?;
             Begin::Init {
-                dir: dir.clone(),
-                store,
-                v,
-                manifest: Box::new(manifest),
+                trainer: Box::new(trainer),
+                manifest: Box::new(r.manifest),
+                shards: r.shards,
             }
         }
         OfflineStart::Fresh(f) => Begin::Fresh(f.clone()),
@@ -202,6 +214,13 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
             (m.schema.clone(), m.tables.clone().into_iter().collect())
         }
         Begin::Fresh(f) => (f.schema.clone(), f.tables.clone().into_iter().collect()),
+    };
+
+    let (mut trainer, restore): (Trainer, Vec<Option<ShardSnapshot>>) = match begin {
+        Begin::Init {
+            trainer, shards, ..
+        } => (*trainer, shards.into_iter().map(Some).collect()),
+        Begin::Fresh(f) => (Trainer::new(f.schema, f.model)?, Vec::new()),
     };
 
     // Checked before the data is read, so a bad value fails at once.
@@ -223,18 +242,16 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
     let t0 = Instant::now();
     let mut log_positions = None;
     let (train_block, test_block, oracle) = if let Some(log) = &job.log {
-        if job.epochs != 1 {
-            bail!(
-                "--from-log trains each sample of the log once (the version records which \
-                 samples it holds, and online training resumes after them): use --epochs 1"
-            );
-        }
         let read = read_log(
             log.as_ref(),
             &schema,
             &log_start,
             job.max_rows,
-            job.test.is_empty(),
+            if job.test.is_empty() {
+                job.holdout
+            } else {
+                0.0
+            },
             &mut rejects,
             progress,
         )?;
@@ -250,7 +267,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         let data = read_files(&job.data, job.format, &schema, &mut rejects, job.max_rows)?;
         if job.test.is_empty() {
             let n = data.block.len();
-            let split = n - n / 10;
+            let split = n - held(n as u64, job.holdout) as usize;
             let mut tr = SampleBlock::for_schema(&schema);
             let mut te = SampleBlock::for_schema(&schema);
             for (i, r) in data.block.rows().enumerate() {
@@ -293,7 +310,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         .iter()
         .any(|(_, c)| c.dram_budget_bytes.is_some())
         .then_some(job.spill_dir.as_path());
-    let router = ShardRouter::spawn_local(job.shards, table_list, spill, Vec::new())
+    let router = ShardRouter::spawn_local(job.shards, table_list, spill, restore)
         .await
         .context("starting the shard owners")?;
     if reserving {
@@ -302,20 +319,6 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
             shards_start.elapsed().as_secs_f64()
         ));
     }
-    let mut trainer = match &begin {
-        Begin::Init { dir, store, v, .. } => {
-            let (t, m) = super::restore(store, &router, *v)
-                .await
-                .with_context(|| init_context(dir, *v))?;
-            progress.note(&format!(
-                "restored version {v} of {} (step {})",
-                dir.display(),
-                m.step
-            ));
-            t
-        }
-        Begin::Fresh(f) => Trainer::new(f.schema.clone(), f.model.clone())?,
-    };
     let ckpt = match &job.out {
         Some(out) => {
             let store = ModelStore::open(&out.store)
@@ -396,7 +399,11 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         let secs = start.elapsed().as_secs_f64();
         train_secs += secs;
         last_loss = loss_sum / seen.max(1) as f64;
-        let test = evaluate_block(&mut trainer, &test_block, batch, &router, &threads).await?;
+        let (test, preds) =
+            evaluate_block(&mut trainer, &test_block, batch, &router, &threads).await?;
+        if let (Some(path), true) = (&job.predictions, epoch == job.epochs) {
+            write_predictions(path, &preds)?;
+        }
         progress.done(&format!(
             "epoch {epoch}/{}: {n} rows in {secs:.1}s ({:.0} rows/s), train loss {last_loss:.4}, \
              test auc {}, logloss {:.4}",
@@ -472,15 +479,33 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
     })
 }
 
-/// An [`OfflineStart`] resolved: the fresh model, or the version to restore and its manifest.
+/// An [`OfflineStart`] resolved: the fresh model, or the restored version (its trainer, its
+/// manifest and its shards, re-routed).
 enum Begin {
     Fresh(FreshModel),
     Init {
-        dir: PathBuf,
-        store: ModelStore,
-        v: u64,
+        trainer: Box<Trainer>,
         manifest: Box<Manifest>,
+        shards: Vec<ShardSnapshot>,
     },
+}
+
+/// Refuses arguments no run can use, before anything is opened: a caller that must take a lock
+/// or open a log for the run checks them first too.
+pub fn check_args(batch: usize, epochs: u32, from_log: bool, holdout: f64) -> anyhow::Result<()> {
+    if batch == 0 {
+        bail!("invalid value 0 for `--batch`: expected a positive batch size");
+    }
+    if from_log && epochs != 1 {
+        bail!(
+            "--from-log trains each sample of the log once (the version records which \
+             samples it holds, and online training resumes after them): use --epochs 1"
+        );
+    }
+    if !(0.0..1.0).contains(&holdout) {
+        bail!("invalid value {holdout} for `--holdout`: expected a share of the rows in 0..1");
+    }
+    Ok(())
 }
 
 /// What a failed restore of `--init` says: which version, and how to find a good one.
@@ -499,7 +524,7 @@ async fn evaluate_block(
     batch: usize,
     router: &ShardRouter,
     threads: &Threads,
-) -> anyhow::Result<Evaluation> {
+) -> anyhow::Result<(Evaluation, Vec<f32>)> {
     let mut preds = Vec::with_capacity(block.len());
     for s in (0..block.len()).step_by(batch.max(1)) {
         let p = trainer
@@ -508,7 +533,24 @@ async fn evaluate_block(
         preds.extend(p);
     }
     let labels: Vec<f32> = block.ctr_labels().collect();
-    Ok(evaluate(&preds, &labels))
+    let ev = evaluate(&preds, &labels);
+    Ok((ev, preds))
+}
+
+/// Writes one probability per line, in the test rows' order, through a temporary file renamed
+/// into place: a reader never sees half a file.
+fn write_predictions(path: &std::path::Path, preds: &[f32]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    for p in preds {
+        writeln!(w, "{p:.6}").with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 /// Rows of several files, with what each file contributed.
@@ -619,9 +661,15 @@ struct LogRead {
     positions: LogPositions,
 }
 
+/// Rows of `n` held out at share `holdout`: rounded down, so that a share of 0.1 holds out
+/// `n / 10`.
+fn held(n: u64, holdout: f64) -> u64 {
+    ((n as f64 * holdout) as u64).min(n)
+}
+
 /// Reads every partition of the sample log from `start` (or its low watermark) to its high
 /// watermark now, round-robin in chunks so that training sees the partitions interleaved as
-/// the online trainer does. With `hold_out`, the last 10% of each partition's range is the
+/// the online trainer does. The last `holdout` of each partition's range is the
 /// test set and is not recorded as consumed. `max_rows` caps the records read, split evenly
 /// over the partitions. Refused records go to `rejects`, as they would go to the online
 /// trainer's dead-letter topic.
@@ -630,7 +678,7 @@ fn read_log(
     schema: &Schema,
     start: &BTreeMap<u32, u64>,
     max_rows: Option<usize>,
-    hold_out: bool,
+    holdout: f64,
     rejects: &mut RejectSink,
     progress: &mut dyn Progress,
 ) -> anyhow::Result<LogRead> {
@@ -657,11 +705,7 @@ fn read_log(
         }
         let from = want.max(low);
         let end = quota.map_or(high, |q| high.min(from + q));
-        let cut = if hold_out {
-            end - (end - from) / 10
-        } else {
-            end
-        };
+        let cut = end - held(end - from, holdout);
         plan.push((p, from, cut, end));
     }
     let total: u64 = plan.iter().map(|&(_, from, _, end)| end - from).sum();
@@ -799,7 +843,7 @@ mod tests {
             &schema,
             &BTreeMap::new(),
             None,
-            true,
+            0.1,
             &mut rejects,
             &mut Quiet,
         )
@@ -831,7 +875,7 @@ mod tests {
             &schema,
             &start,
             Some(6),
-            false,
+            0.0,
             &mut rejects,
             &mut Quiet,
         )
@@ -846,7 +890,7 @@ mod tests {
             &schema,
             &BTreeMap::from([(1, 11)]),
             None,
-            true,
+            0.1,
             &mut rejects,
             &mut Quiet,
         )
@@ -859,7 +903,7 @@ mod tests {
             &schema,
             &BTreeMap::from([(0, 20), (1, 10)]),
             None,
-            true,
+            0.1,
             &mut rejects,
             &mut Quiet,
         )

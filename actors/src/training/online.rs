@@ -31,25 +31,17 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use super::feed::{ReplayPlan, SampleFeed};
-use super::{Lineage, Trainer};
+use super::{FreshModel, Lineage, Trainer};
 use crate::ckpt::writer::{CheckpointHandle, StepBoundary};
 use crate::ckpt::{ModelStore, ReplayRecord};
-use crate::dense::{ModelConfig, Threads};
+use crate::dense::Threads;
 use crate::embedding::TableConfig;
 use crate::envelope::Envelope;
 use crate::event::DeadLetter;
 use crate::fault::Faults;
-use crate::sample::{SampleBlock, Schema};
+use crate::sample::SampleBlock;
 use crate::shard::ShardRouter;
 use crate::stream::{Offset, StreamLog};
-
-/// The model a trainer starts when the store has no version to resume from.
-#[derive(Clone, Debug)]
-pub struct FreshModel {
-    pub schema: Schema,
-    pub model: ModelConfig,
-    pub tables: BTreeMap<String, TableConfig>,
-}
 
 /// Where a (re)started trainer begins.
 #[derive(Clone, Debug, Default)]
