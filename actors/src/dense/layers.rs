@@ -71,6 +71,17 @@ impl Linear {
     ) {
         let (inp, out) = (self.inp, self.out);
         let share = share.into();
+        if inp == 0 {
+            // No inputs (a schema without dense features gives LR's dense term none): every
+            // row is the bias alone.
+            let b = self.b(p);
+            for yr in y[..rows * out].chunks_exact_mut(out) {
+                for (v, &bj) in yr.iter_mut().zip(b) {
+                    *v = if self.relu { bj.max(0.0) } else { bj };
+                }
+            }
+            return;
+        }
         if out == 1 {
             // A tower's last layer: a dot per row. As a one-column GEMM it went through gemm's
             // packing for a tiny share of the step's FLOPs (`docs/design-notes.md`).
@@ -147,7 +158,9 @@ impl Linear {
                     *acc += d;
                 }
             }
-            if out == 1 {
+            if inp == 0 {
+                // No weights, only the bias.
+            } else if out == 1 {
                 // See `forward`: with one output, dW is a sum of scaled rows of x.
                 gw.fill(0.0);
                 for (xr, &d) in x.chunks_exact(inp).zip(dy) {
@@ -163,6 +176,9 @@ impl Linear {
         // ReLU below while the rows are still in cache.
         let inputs = |dx: &mut [f32], below: Option<&[f32]>, s: Share| {
             let dx = &mut dx[..rows * inp];
+            if inp == 0 {
+                return;
+            }
             if out == 1 {
                 for (dxr, &d) in dx.chunks_exact_mut(inp).zip(dy) {
                     for (o, &wv) in dxr.iter_mut().zip(w) {
@@ -221,8 +237,8 @@ pub fn relu_backward(dy: &mut [f32], y: &[f32], width: usize) {
 
 fn relu_mask(d: &mut [f32], y: &[f32]) {
     // A select, not a conditional store: the compiler will not invent stores a branch skips,
-    // so `if v <= 0.0 { *d = 0.0 }` stayed a scalar loop with a branch per element (7% of a
-    // W&D training run's CPU in `perf`).
+    // so `if v <= 0.0 { *d = 0.0 }` stayed a scalar loop with a branch per element, a visible
+    // share of a W&D training run's CPU (`docs/design-notes.md`).
     for (d, &v) in d.iter_mut().zip(y) {
         *d = if v > 0.0 { *d } else { 0.0 };
     }

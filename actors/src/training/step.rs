@@ -78,11 +78,6 @@ impl Trainer {
         }
     }
 
-    /// The forward pass this trainer trains.
-    pub fn scorer(&self) -> &Scorer {
-        &self.scorer
-    }
-
     pub fn net(&self) -> &DenseNet {
         self.scorer.net()
     }
@@ -547,6 +542,67 @@ mod tests {
         assert!(!g.matches(&t.scorer.tables, &changed(None, w + 0.5, l, sw), &(8..24)));
         assert!(!g.matches(&t.scorer.tables, &changed(None, w, 1.0 - l, sw), &(8..24)));
         assert!(!g.matches(&t.scorer.tables, &changed(None, w, l, sw * 2.0), &(8..24)));
+    }
+
+    /// A schema without dense features trains and predicts with every model: the layers over
+    /// the dense features then have no inputs, only a bias.
+    #[tokio::test]
+    async fn a_schema_without_dense_features_trains_every_model() {
+        let with_dense = data(512, 21);
+        let mut schema = Schema::criteo(8);
+        schema.dense.clear();
+        let mut block = SampleBlock::for_schema(&schema);
+        for r in 0..with_dense.len() {
+            let row = with_dense.row(r);
+            for &v in row.labels() {
+                block.push_label(v);
+            }
+            for f in 0..schema.fields.len() {
+                let (ids, ws) = row.field(f);
+                for (&i, &w) in ids.iter().zip(ws) {
+                    block.push_id(i, w);
+                }
+                block.end_field();
+            }
+            block.end_row(row.weight());
+        }
+        let th = Threads::new(2).unwrap();
+        for kind in [
+            ModelKind::Lr,
+            ModelKind::Wdl,
+            ModelKind::Deepfm,
+            ModelKind::Dcn,
+            ModelKind::Dlrm,
+        ] {
+            let model = ModelConfig::new(kind);
+            let router = router_for(&schema, &model, 2).await;
+            let mut t = Trainer::new(schema.clone(), model).unwrap();
+            let mut first = None;
+            let mut last = 0.0;
+            for _ in 0..5 {
+                let rep = t
+                    .train_batch(&block, 0..block.len(), &router, &th)
+                    .await
+                    .unwrap();
+                let loss = rep.loss_sum / rep.rows as f64;
+                assert!(loss.is_finite(), "{kind:?}: loss {loss}");
+                first.get_or_insert(loss);
+                last = loss;
+            }
+            assert!(
+                last < first.unwrap(),
+                "{kind:?} learns nothing without dense features"
+            );
+            let p = t
+                .predict_batch(&block, 0..block.len(), &router, &th)
+                .await
+                .unwrap();
+            assert!(
+                p.iter().all(|x| x.is_finite() && (0.0..=1.0).contains(x)),
+                "{kind:?}: {p:?}"
+            );
+            router.stop();
+        }
     }
 
     /// Two dense threads compute what one does, bit for bit: the pooling is split by rows and
