@@ -149,6 +149,11 @@ pub struct JoinCounters {
     /// Late actions dropped under [`LatePolicy::Drop`].
     pub late_dropped: u64,
     pub duplicate_impressions: u64,
+    /// Impressions whose whole window was already behind the watermark when they arrived:
+    /// their sample is a negative at once, and a click for them comes as a correction. Counted
+    /// here so that a late producer shows as late impressions, not as corrections alone.
+    #[serde(default)]
+    pub late_impressions: u64,
     pub duplicate_actions: u64,
     /// Actions whose impression never came within their window.
     pub orphan_actions: u64,
@@ -398,6 +403,9 @@ impl Window {
             shown.time_ms.saturating_add(self.cfg.window_ms as i64),
             self.next_seq(),
         );
+        if self.watermark().is_some_and(|w| due.0 <= w) {
+            self.st.counters.late_impressions += 1;
+        }
         let labels = waiting.iter().fold(0u32, |l, w| l | 1 << w.kind);
         let emitted = labels != 0;
         if emitted {
@@ -788,6 +796,30 @@ mod tests {
             assert_eq!(c.duplicate_actions, 1);
             assert_eq!(c.late_dropped, u64::from(policy == LatePolicy::Drop));
         }
+    }
+
+    /// An impression whose window the watermark has passed is counted as late, and still gets
+    /// its one sample.
+    #[test]
+    fn an_impression_behind_the_watermark_is_counted_as_late() {
+        let mut w = Window::new(cfg());
+        let out = run(
+            &mut w,
+            vec![
+                imp("r1", "a", 1000),
+                imp("r2", "b", 2000),
+                imp("r3", "c", 1500),
+            ],
+        );
+        // r3/c, due at 1600 with the watermark at 1990, closes as soon as it arrives.
+        assert_eq!(
+            out,
+            ["Negative r1/a click=0 w=1", "Negative r3/c click=0 w=1"]
+        );
+        assert_eq!(w.counters().late_impressions, 1);
+        let out = run(&mut w, vec![imp("r4", "d", 2001)]);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(w.counters().late_impressions, 1, "r4/d is on time");
     }
 
     #[test]
