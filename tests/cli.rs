@@ -261,3 +261,40 @@ fn bad_bench_arguments_get_a_clear_error() {
         assert!(text(&o).contains("error"), "{args:?}: {}", text(&o));
     }
 }
+
+/// `docs/schema.md`'s worked example loads and trains: a custom schema with a multi-valued
+/// field, a field sharing another's table, a crossed field, and table sections that inherit
+/// from `default`.
+#[test]
+fn the_schema_example_in_the_docs_trains() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    let cfg = docs.join("newsfeed.toml");
+    let data = docs.join("newsfeed-samples.jsonl");
+    let (cfg, data) = (cfg.to_str().unwrap(), data.to_str().unwrap());
+    let o = freshet(&["--config", cfg, "config"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fields: Vec<&str> = v["schema"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["user", "item", "tags", "region_x_category"]);
+    assert_eq!(v["schema"]["dense"].as_array().unwrap().len(), 4);
+    let o = freshet(
+        &[
+            "--config", cfg, "train", "--format", "jsonl", "--data", data,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (r["train_rows"].as_u64(), r["test_rows"].as_u64()),
+        (Some(360), Some(40))
+    );
+    assert_eq!(r["rejected_rows"].as_u64(), Some(0), "{stdout}");
+    assert!(r["test_logloss"].as_f64().is_some_and(f64::is_finite));
+}
