@@ -424,9 +424,32 @@ impl Settings {
 pub(crate) fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Settings> {
     let defaults = config::Config::try_from(&Settings::default())
         .context("while encoding the built-in defaults")?;
-    let mut b = config::Config::builder().add_source(defaults);
-    b = match file {
-        // An explicit --config must exist; the default freshet.toml is optional.
+    let b = user_layers(
+        config::Config::builder().add_source(defaults),
+        file,
+        overrides,
+    )?;
+    let mut settings: Settings = b
+        .build()
+        .map_err(explain)?
+        .try_deserialize()
+        .map_err(explain)?;
+    settings.given = given_keys(file, overrides)?;
+    let settings = settings.seeded(None);
+    settings.validate()?;
+    Ok(settings)
+}
+
+type Builder = config::ConfigBuilder<config::builder::DefaultState>;
+
+/// The user's layers over `b`, each overriding the one before: the file (an explicit --config
+/// must exist; the default freshet.toml is optional), the environment, the flags.
+fn user_layers(
+    b: Builder,
+    file: Option<&Path>,
+    overrides: &[(&str, String)],
+) -> anyhow::Result<Builder> {
+    let mut b = match file {
         Some(p) => b.add_source(
             config::File::from(p)
                 .format(config::FileFormat::Toml)
@@ -447,15 +470,7 @@ pub(crate) fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow:
     for (k, v) in overrides {
         b = b.set_override(*k, v.as_str())?;
     }
-    let mut settings: Settings = b
-        .build()
-        .map_err(explain)?
-        .try_deserialize()
-        .map_err(explain)?;
-    settings.given = given_keys(file, overrides)?;
-    let settings = settings.seeded(None);
-    settings.validate()?;
-    Ok(settings)
+    Ok(b)
 }
 
 /// The dotted keys the user's layers set: the same layers as [`load`] without the defaults.
@@ -463,24 +478,7 @@ fn given_keys(
     file: Option<&Path>,
     overrides: &[(&str, String)],
 ) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let mut b = config::Config::builder();
-    b = match file {
-        Some(p) => b.add_source(config::File::from(p).format(config::FileFormat::Toml)),
-        None => b.add_source(
-            config::File::with_name("freshet.toml")
-                .format(config::FileFormat::Toml)
-                .required(false),
-        ),
-    };
-    b = b.add_source(
-        config::Environment::with_prefix("FRESHET")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true),
-    );
-    for (k, v) in overrides {
-        b = b.set_override(*k, v.as_str())?;
-    }
+    let b = user_layers(config::Config::builder(), file, overrides)?;
     let map: config::Map<String, config::Value> = b
         .build()
         .map_err(explain)?
