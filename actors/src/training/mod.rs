@@ -9,9 +9,12 @@
 //! - [`offline`]: the offline driver behind `freshet train`: files or the sample log in,
 //!   epochs, evaluation, versions out.
 //!
-//! Both drivers start from a version through [`restore`] and close a version through
-//! [`boundary`], so a version means the same whoever wrote it: every shard and the dense net at
-//! one step boundary, with the sample offsets and counts that lead to it.
+//! Both drivers build the trainer of a version through [`trainer_at`] (which checks the
+//! version's tables against its model first) and close a version through [`boundary`], so a
+//! version means the same whoever wrote it: every shard and the dense net at one step
+//! boundary, with the sample offsets and counts that lead to it. The online trainer restores
+//! into running owners ([`restore`]); the offline driver reads the version whole before it
+//! reads any data, so a bad version fails at once, and starts its owners from the snapshots.
 
 pub mod feed;
 pub mod offline;
