@@ -441,17 +441,20 @@ pub fn sigmoid(z: f32) -> f32 {
     }
 }
 
-/// Binary cross-entropy on logits, weighted and averaged over the batch:
-/// `L = (1/B) Σ w_i (max(z,0) - z y + ln(1 + e^{-|z|}))`. Writes `dL/dz` into `dz` and the
-/// predictions into `pred`; returns the summed (not averaged) weighted loss.
+/// Binary cross-entropy on logits, weighted and scaled:
+/// `L = scale · Σ w_i (max(z,0) - z y + ln(1 + e^{-|z|}))`. Writes `dL/dz` into `dz` and the
+/// predictions into `pred`; returns the summed (unscaled) weighted loss. `scale` is 1/B for a
+/// batch mean; the trainer passes 1 / samples per update, so that a sample's gradient does
+/// not depend on the size of its batch.
 pub fn bce_with_logits(
     z: &[f32],
     labels: &[f32],
     weights: &[f32],
+    scale: f32,
     pred: &mut [f32],
     dz: &mut [f32],
 ) -> f64 {
-    let inv_b = 1.0 / z.len().max(1) as f32;
+    let inv_b = scale;
     let mut loss = 0f64;
     for i in 0..z.len() {
         let (zi, y, w) = (z[i], labels[i], weights[i]);
@@ -772,14 +775,15 @@ mod tests {
         let y: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
         let w: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.5).collect();
         let (mut p, mut dz) = (vec![0f32; n], vec![0f32; n]);
-        bce_with_logits(&z, &y, &w, &mut p, &mut dz);
+        let scale = 1.0 / n as f32;
+        bce_with_logits(&z, &y, &w, scale, &mut p, &mut dz);
         check("bce.z", &mut z, &dz, |v| {
             let (mut p, mut d) = (vec![0f32; n], vec![0f32; n]);
-            bce_with_logits(v, &y, &w, &mut p, &mut d) / n as f64
+            bce_with_logits(v, &y, &w, scale, &mut p, &mut d) / n as f64
         });
         // By hand: z = 0, y = 1: loss ln 2, p = 0.5, grad -0.5.
         let (mut p1, mut d1) = ([0f32], [0f32]);
-        let l = bce_with_logits(&[0.0], &[1.0], &[1.0], &mut p1, &mut d1);
+        let l = bce_with_logits(&[0.0], &[1.0], &[1.0], 1.0, &mut p1, &mut d1);
         assert!((l - std::f64::consts::LN_2).abs() < 1e-6);
         assert_eq!((p1[0], d1[0]), (0.5, -0.5));
         // Large logits stay finite.
@@ -787,6 +791,7 @@ mod tests {
             &[80.0, -80.0],
             &[0.0, 1.0],
             &[1.0, 1.0],
+            0.5,
             &mut [0.0; 2],
             &mut [0.0; 2],
         );

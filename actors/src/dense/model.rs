@@ -193,6 +193,20 @@ pub struct DenseState {
     #[serde(with = "crate::embedding::snapshot::f32_bytes")]
     pub params: Vec<f32>,
     pub optimizer: DenseOptimizer,
+    /// The summed gradient of samples trained since the last dense update, when updates come
+    /// every `n` samples and fewer than `n` have arrived ([`DenseNet::train_step_of`]). A
+    /// version saves it so that a restart continues the update it was part of.
+    #[serde(default)]
+    pub pending: Option<PendingUpdate>,
+}
+
+/// Gradients summed towards the next dense update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingUpdate {
+    /// Samples whose gradients `grads` holds.
+    pub rows: usize,
+    #[serde(with = "crate::embedding::snapshot::f32_bytes")]
+    pub grads: Vec<f32>,
 }
 
 /// Per-batch buffers, grown to the largest batch seen and then reused. (DCN's and DLRM's
@@ -229,6 +243,8 @@ pub struct DenseNet {
     params: Vec<f32>,
     grads: Vec<f32>,
     opt: DenseOptimizer,
+    /// See [`DenseState::pending`].
+    pending: Option<PendingUpdate>,
     lin: Option<Linear>,
     tower: Vec<Linear>,
     cross: Vec<Cross>,
@@ -339,6 +355,7 @@ impl DenseNet {
             grads: vec![0.0; n],
             params,
             opt,
+            pending: None,
             lin,
             tower,
             cross,
@@ -363,8 +380,17 @@ impl DenseNet {
                 && o.v.len() == net.opt.v.len(),
             "saved optimizer state does not match the model's optimizer"
         );
+        if let Some(p) = &state.pending {
+            anyhow::ensure!(
+                p.grads.len() == net.params.len(),
+                "saved pending update has {} gradients for {} parameters",
+                p.grads.len(),
+                net.params.len()
+            );
+        }
         net.params = state.params;
         net.opt = state.optimizer;
+        net.pending = state.pending;
         Ok(net)
     }
 
@@ -374,6 +400,7 @@ impl DenseNet {
             shape: self.shape.clone(),
             params: self.params.clone(),
             optimizer: self.opt.clone(),
+            pending: self.pending.clone(),
         }
     }
 
@@ -459,8 +486,8 @@ impl DenseNet {
         (&mut self.ws.x[..rows * d], &mut self.ws.wide[..rows])
     }
 
-    /// Gradients of the mean loss with respect to `x` and to each sample's wide sum, valid
-    /// after [`Self::train_step`]. Only the embedding columns of `x` are filled.
+    /// Gradients of the summed loss (each sample's own) with respect to `x` and to each
+    /// sample's wide sum, valid after [`Self::train_step`]. Only the embedding columns of `x` are filled.
     pub fn input_grads(&self, rows: usize) -> (&[f32], &[f32]) {
         let d = self.shape.input_dim();
         (&self.ws.dx[..rows * d], &self.ws.dlogit[..rows])
@@ -557,7 +584,8 @@ impl DenseNet {
         }
     }
 
-    /// Forward, loss, backward and the dense update for the batch in the input buffers.
+    /// Forward, loss, backward and the dense update for the batch in the input buffers, the
+    /// batch being one update ([`Self::train_step_of`] with `per_update = rows`).
     /// Afterwards [`Self::input_grads`] holds what the sparse side needs.
     pub fn train_step(
         &mut self,
@@ -566,6 +594,30 @@ impl DenseNet {
         weights: &[f32],
         th: &Threads,
     ) -> StepLoss {
+        self.train_step_of(rows, labels, weights, rows, th)
+    }
+
+    /// Forward, loss and backward for the batch in the input buffers, where the dense
+    /// optimizer updates once per `per_update` samples, however they arrive in batches.
+    ///
+    /// The loss is the sum of the samples' losses, so a sample's gradient does not depend on
+    /// the batch it shares:
+    /// - [`Self::input_grads`] (what the sparse rows receive) is each sample's own loss
+    ///   gradient; a table then sums it per id, as sparse optimizers in this field do;
+    /// - the dense gradients are summed until `per_update` samples have contributed, and the
+    ///   optimizer steps on their mean. A caller that keeps its batches within
+    ///   [`Self::rows_to_update`] makes every update hold exactly `per_update` samples, so an
+    ///   optimizer that normalises its steps (Adam) takes as many of them for the same samples
+    ///   whatever the arrival rate, and a full batch updates as a batch mean always did.
+    pub fn train_step_of(
+        &mut self,
+        rows: usize,
+        labels: &[f32],
+        weights: &[f32],
+        per_update: usize,
+        th: &Threads,
+    ) -> StepLoss {
+        let per_update = per_update.max(1);
         self.forward(rows, th);
         let loss_sum = {
             let ws = &mut self.ws;
@@ -573,13 +625,44 @@ impl DenseNet {
                 &ws.logit[..rows],
                 labels,
                 weights,
+                1.0,
                 &mut ws.pred[..rows],
                 &mut ws.dlogit[..rows],
             )
         };
         self.backward(rows, th);
-        self.opt.apply(&mut self.params, &self.grads);
+        let inv = 1.0 / per_update as f32;
+        match self.pending.take() {
+            // A whole update in one batch: no copy through the pending sum.
+            None if rows >= per_update => {
+                self.grads.iter_mut().for_each(|g| *g *= inv);
+                self.opt.apply(&mut self.params, &self.grads);
+            }
+            pending => {
+                let mut p = pending.unwrap_or_else(|| PendingUpdate {
+                    rows: 0,
+                    grads: vec![0.0; self.grads.len()],
+                });
+                for (a, g) in p.grads.iter_mut().zip(&self.grads) {
+                    *a += g;
+                }
+                p.rows += rows;
+                if p.rows >= per_update {
+                    p.grads.iter_mut().for_each(|g| *g *= inv);
+                    self.opt.apply(&mut self.params, &p.grads);
+                } else {
+                    self.pending = Some(p);
+                }
+            }
+        }
         StepLoss { loss_sum, rows }
+    }
+
+    /// Samples still to train before the next dense update, when updates come every
+    /// `per_update` samples.
+    pub fn rows_to_update(&self, per_update: usize) -> usize {
+        let have = self.pending.as_ref().map_or(0, |p| p.rows);
+        per_update.max(1).saturating_sub(have).max(1)
     }
 
     fn backward(&mut self, rows: usize, th: &Threads) {
@@ -762,7 +845,7 @@ mod tests {
         net.forward(rows, th);
         let logits = net.ws.logit[..rows].to_vec();
         let (mut p, mut d) = (vec![0f32; rows], vec![0f32; rows]);
-        layers::bce_with_logits(&logits, y, w, &mut p, &mut d) / rows as f64
+        layers::bce_with_logits(&logits, y, w, 1.0 / rows as f32, &mut p, &mut d) / rows as f64
     }
 
     /// Whole-model finite differences: every parameter (sampled), every input column and every
@@ -802,9 +885,11 @@ mod tests {
             wi.copy_from_slice(&wide);
             net.train_step(rows, &y, &w, &th);
             let g = net.grads().to_vec();
+            // The input gradients are of the summed loss, the parameters' of the mean.
             let (dx, dwide) = {
                 let (a, b) = net.input_grads(rows);
-                (a.to_vec(), b.to_vec())
+                let mean = |v: &[f32]| v.iter().map(|g| g / rows as f32).collect::<Vec<_>>();
+                (mean(a), mean(b))
             };
             let h = 1e-3f32;
             let tol = |a: f64, n: f64| 1e-3 + 2e-2 * a.abs().max(n.abs());

@@ -222,6 +222,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         } => (*trainer, shards.into_iter().map(Some).collect()),
         Begin::Fresh(f) => (Trainer::new(f.schema, f.model)?, Vec::new()),
     };
+    trainer.set_samples_per_update(batch);
 
     // Checked before the data is read, so a bad value fails at once.
     if let Some(n) = job.reserve_rows {
@@ -368,11 +369,14 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
     for epoch in 1..=job.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
-        for s in (0..n).step_by(batch) {
+        // A model restored with part of a dense update pending completes it first.
+        let first = trainer.rows_to_update().unwrap_or(batch).min(batch);
+        let ranges = step_ranges(n, first, batch);
+        for (i, rows) in ranges.iter().enumerate() {
             // The next step's keys are deduplicated while this one waits for its rows.
-            let next = (s + batch < n).then(|| s + batch..(s + 2 * batch).min(n));
+            let next = ranges.get(i + 1).cloned();
             let rep = trainer
-                .train_batch_ahead(&train_block, s..(s + batch).min(n), next, &router, &threads)
+                .train_batch_ahead(&train_block, rows.clone(), next, &router, &threads)
                 .await?;
             steps += 1;
             loss_sum += rep.loss_sum;
@@ -492,6 +496,19 @@ enum Begin {
 
 /// Refuses arguments no run can use, before anything is opened: a caller that must take a lock
 /// or open a log for the run checks them first too.
+/// Steps over `n` rows: `first` rows, then `batch` at a time.
+fn step_ranges(n: usize, first: usize, batch: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::with_capacity(n / batch.max(1) + 2);
+    let mut s = 0;
+    let mut len = first.max(1);
+    while s < n {
+        out.push(s..(s + len).min(n));
+        s += len;
+        len = batch.max(1);
+    }
+    out
+}
+
 pub fn check_args(batch: usize, epochs: u32, from_log: bool, holdout: f64) -> anyhow::Result<()> {
     if batch == 0 {
         bail!("invalid value 0 for `--batch`: expected a positive batch size");

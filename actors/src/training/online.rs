@@ -194,9 +194,14 @@ impl TrainerActorState {
 
     async fn step(&mut self, myself: &ActorRef<TrainerMsg>) -> anyhow::Result<()> {
         self.args.faults.check("trainer.batch");
+        // Up to the next dense update, so updates fall at the same samples at any rate.
+        let want = self
+            .trainer
+            .rows_to_update()
+            .map_or(self.args.batch, |n| n.min(self.args.batch));
         let pulled = self
             .feed
-            .pull(&*self.args.samples, self.args.batch, &mut self.block)
+            .pull(&*self.args.samples, want, &mut self.block)
             .context("reading the sample log")?;
         let consumed = pulled.rows + pulled.rejected.len();
         self.samples_rejected += pulled.rejected.len() as u64;
@@ -320,6 +325,8 @@ impl Actor for TrainerActor {
                 (t, f.tables.clone(), 0, 0, BTreeMap::new())
             }
         };
+        let mut trainer = trainer;
+        trainer.set_samples_per_update(args.batch);
         let schema = trainer.schema().clone();
         let feed = SampleFeed::new(
             &schema,

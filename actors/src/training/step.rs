@@ -7,8 +7,14 @@
 //! 2. look the unique keys up through the ShardOwner handles (`lookup_for_training`, which
 //!    admits and counts them);
 //! 3. pool each field's rows into the model input, run forward and backward;
-//! 4. make the dense update;
+//! 4. make the dense update (once per `train.batch` samples, see below);
 //! 5. push the summed sparse gradient of every unique key back to its shard.
+//!
+//! **The loss is a sum over samples.** A key's gradient is the sum of its samples' own
+//! gradients, never divided by the batch size, and the dense net steps on the mean gradient of
+//! every `train.batch` samples, summed across batches when they come smaller. So what a sample
+//! teaches does not depend on how many others shared its batch, and the online trainer, which
+//! takes whatever the log holds, learns the same model at 100 samples/s as at 10,000.
 //!
 //! Steps 1 and 3's forward half are the [`Scorer`]'s, which the trainer wraps. A table row
 //! holds a field's embedding followed, for models with a wide part, by the id's wide weight:
@@ -52,6 +58,8 @@ pub struct Trainer {
     ahead: Gathered,
     ahead_rows: Option<Range<usize>>,
     step: u64,
+    /// Samples per dense update (`train.batch`); `None` makes each batch one update.
+    per_update: Option<usize>,
     /// The last step's gradients, in the shard owners' mailboxes; their answers are awaited by
     /// the next step (after it has sent its lookup, which queues behind them) or by
     /// [`Trainer::flush`].
@@ -74,6 +82,7 @@ impl Trainer {
             ahead_rows: None,
             scorer,
             step: 0,
+            per_update: None,
             pending: Vec::new(),
         }
     }
@@ -94,6 +103,23 @@ impl Trainer {
         self.step
     }
 
+    /// Makes the dense net update once per `n` samples, on their mean gradient, whatever the
+    /// size of the batches they come in ([`DenseNet::train_step_of`]); the sparse rows get each
+    /// sample's own gradient either way. Both drivers set it to `train.batch`, so a smaller
+    /// batch (the online trainer takes what the log holds) teaches each of its samples what a
+    /// full one would.
+    pub fn set_samples_per_update(&mut self, n: usize) {
+        self.per_update = Some(n.max(1));
+    }
+
+    /// The most rows the next step may take so that no step spans two dense updates: with
+    /// batches within it, every update holds exactly the samples per update, at the same
+    /// offsets however the samples arrived.
+    pub fn rows_to_update(&self) -> Option<usize> {
+        self.per_update
+            .map(|n| self.scorer.net().rows_to_update(n))
+    }
+
     /// Continues the step count of a loaded model.
     pub fn set_step(&mut self, step: u64) {
         self.step = step;
@@ -104,9 +130,10 @@ impl Trainer {
     /// and the pooling's backward pass into `cur.tables[t].grads`. Returns the batch's loss sum.
     fn train_dense(&mut self, block: &SampleBlock, range: &Range<usize>, threads: &Threads) -> f64 {
         let rows = range.len();
+        let per_update = self.per_update.unwrap_or(rows);
         self.scorer
             .on_dense_threads(block, range, threads, |net, cur, fields| {
-                let loss = net.train_step(rows, &cur.labels, &cur.weights, threads);
+                let loss = net.train_step_of(rows, &cur.labels, &cur.weights, per_update, threads);
                 let (dx, dwide) = net.input_grads(rows);
                 let grads = PoolGrads {
                     fields,
@@ -605,6 +632,66 @@ mod tests {
         }
     }
 
+    /// Trains rows `0..split` of `block` in steps whose sizes `size(i)` picks, each within
+    /// the trainer's [`Trainer::rows_to_update`] as the online trainer keeps them, and returns
+    /// the test AUC on the rest and the dense updates. `per_update: None` makes each step one.
+    async fn auc_with_steps(
+        block: &SampleBlock,
+        per_update: Option<usize>,
+        mut size: impl FnMut() -> usize,
+    ) -> (f64, u64) {
+        let schema = Schema::criteo(8);
+        let model = ModelConfig::new(ModelKind::Deepfm);
+        let router = router_for(&schema, &model, 2).await;
+        let th = Threads::new(1).unwrap();
+        let mut t = Trainer::new(schema, model).unwrap();
+        if let Some(n) = per_update {
+            t.set_samples_per_update(n);
+        }
+        let split = block.len() * 4 / 5;
+        let mut s = 0;
+        while s < split {
+            let room = t.rows_to_update().unwrap_or(usize::MAX);
+            let e = (s + size().min(room).max(1)).min(split);
+            t.train_batch(block, s..e, &router, &th).await.unwrap();
+            s = e;
+        }
+        let p = t
+            .predict_batch(block, split..block.len(), &router, &th)
+            .await
+            .unwrap();
+        let labels: Vec<f32> = block.ctr_labels().skip(split).collect();
+        router.stop();
+        (auc(&p, &labels).unwrap(), t.net().optimizer_step())
+    }
+
+    /// The same samples teach the same model whether they arrive at 100 samples/s or at
+    /// 10,000. The online trainer takes what the log holds when it looks, up to the next
+    /// dense update: at 100 samples/s it polls every 5 ms and finds one to three samples; at
+    /// 10,000 it finds what arrived during its last step, tens of samples. A sample's
+    /// sparse gradient is its own in either, and the dense net updates once per 512 samples.
+    #[tokio::test]
+    async fn a_sample_teaches_the_same_at_100_and_at_10_000_samples_per_second() {
+        let seed = crate::testkit::seed("rate_independence");
+        let block = data(8_000, 7);
+        let mut rng = crate::rng::Xoshiro256::seed_from_u64(seed);
+        let mut r = move |lo: u64, hi: u64| (lo + rng.next_u64() % (hi - lo + 1)) as usize;
+        let (slow, slow_updates) = auc_with_steps(&block, Some(512), || r(1, 3)).await;
+        let (fast, fast_updates) = auc_with_steps(&block, Some(512), || r(16, 128)).await;
+        println!("test auc: steps of 1 to 3 rows {slow:.4}, of 16 to 128 {fast:.4}");
+        assert!(
+            (slow - fast).abs() <= 0.003,
+            "steps of 1 to 3 rows: auc {slow:.4}; of 16 to 128: {fast:.4}"
+        );
+        // The dense optimizer stepped at the same samples: once per 512.
+        assert_eq!(slow_updates, fast_updates);
+        assert_eq!(slow_updates, 6_400 / 512);
+        // Without samples per update, each small step is a dense update of its own: the
+        // optimizer then steps hundreds of times more often for the same samples.
+        let (_, each) = auc_with_steps(&block, None, || r(1, 3)).await;
+        assert!(each > 2_000, "{each}");
+    }
+
     /// Two dense threads compute what one does, bit for bit: the pooling is split by rows and
     /// its backward pass by tables, the GEMMs by row blocks or independent halves, each piece
     /// summed in the same order as on one thread. Steps of 256 rows, so that the split is taken.
@@ -694,8 +781,9 @@ mod tests {
             .lookup(&TableName::new("emb"), 1, &[42])
             .await
             .unwrap()[0];
-        // d mean-loss / d w = (1/3) Σ (p0 - y) = (3 p0 - 2) / 3; SGD lr 1 moves w by minus that.
-        let want = -(3.0 * p0 - 2.0) / 3.0;
+        // d loss / d w = Σ (p0 - y) = 3 p0 - 2 (the loss is a sum); SGD lr 1 moves w by minus
+        // that.
+        let want = -(3.0 * p0 - 2.0);
         assert!((w - want).abs() < 1e-5, "{w} vs {want}");
         router.stop();
     }
