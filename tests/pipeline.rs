@@ -16,7 +16,7 @@ use freshet_actors::event::{
 };
 use freshet_actors::fault::Faults;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
-use freshet_actors::online::gate::GateConfig;
+use freshet_actors::online::gate::{GateConfig, Publish};
 use freshet_actors::online::pipeline::{Logs, PipelineConfig, PipelineHandle};
 use freshet_actors::sample::Schema;
 use freshet_actors::scorer::Scorer;
@@ -174,7 +174,11 @@ fn validated(store: &ModelStore) -> Vec<(u64, freshet_actors::ckpt::Validation)>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_learns_and_serving_follows_validated_versions() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), loose_gate(), Faults::new());
+    let gate = GateConfig {
+        publish: Publish::AfterValidation,
+        ..loose_gate()
+    };
+    let cfg = config(dir.path(), gate, Faults::new());
     let mut feed = Feed::start(cfg.logs.events.clone(), 7);
     let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
     let store = pipe.store().clone();
@@ -224,11 +228,13 @@ async fn the_pipeline_learns_and_serving_follows_validated_versions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_gate_blocks_publication_and_raises_the_alert() {
+async fn after_validation_a_failing_gate_blocks_publication_and_raises_the_alert() {
     let dir = tempfile::tempdir().unwrap();
     // No model is ever perfectly calibrated: every version fails.
     let gate = GateConfig {
+        publish: Publish::AfterValidation,
         max_calibration_error: 0.0,
+        calibration_min_clicks: 1,
         alert_after: 2,
         ..loose_gate()
     };
@@ -253,6 +259,91 @@ async fn a_failing_gate_blocks_publication_and_raises_the_alert() {
     assert_eq!(pipe.cells()[0].version(), None, "nothing was published");
     let st = pipe.status().await.unwrap();
     assert_eq!(st.replicas[0].publishes, 0);
+    pipe.shutdown().await.unwrap();
+}
+
+/// Guarded publishing serves each version as it is written, before any verdict: serving
+/// follows training at the delta interval, however long verdicts take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_publishing_serves_each_version_before_its_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    // Verdicts that take far longer than the test: only publication at once can serve.
+    let gate = GateConfig {
+        min_samples: 10_000_000,
+        window_ms: 3_600_000,
+        ..loose_gate()
+    };
+    let cfg = config(dir.path(), gate, Faults::new());
+    let _feed = Feed::start(cfg.logs.events.clone(), 12);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let cell = pipe.cells()[0].clone();
+    let served = until(30, "a version after the fresh model served", || {
+        let cell = cell.clone();
+        async move { cell.version().filter(|&v| v >= 3) }
+    })
+    .await;
+    let status = pipe.validator_status().await.unwrap();
+    assert_eq!(status.evaluated, 0, "no verdict was due");
+    // The fresh model (version 1) is written before the validator starts; each later one is
+    // published as it arrives.
+    assert!(status.published >= 2, "{status:?}");
+    assert!(store.manifest(served).unwrap().validation.is_none());
+    pipe.shutdown().await.unwrap();
+}
+
+/// A gate that fails about every other version (a candidate must beat the last version that
+/// passed on the same samples): each failed version is withdrawn, serving goes back to the
+/// last one that passed, and nothing newer is served until a candidate passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_publishing_withdraws_a_failed_version_until_a_candidate_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = GateConfig {
+        min_samples: 300,
+        max_auc_drop: 0.0,
+        max_logloss_ratio: 1.0,
+        max_calibration_error: 10.0,
+        alert_after: 1_000,
+        ..loose_gate()
+    };
+    let cfg = config(dir.path(), gate, Faults::new());
+    let _feed = Feed::start(cfg.logs.events.clone(), 13);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let cell = pipe.cells()[0].clone();
+    let mut paused_seen = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = pipe.validator_status().await.unwrap();
+        if s.publish_paused {
+            // Withdrawn: serving goes back to the reference (once the replica has the
+            // message), or to a candidate that passed since.
+            let r = s.reference.expect("a withdrawal has a reference");
+            let (c, st) = (cell.clone(), store.clone());
+            until(5, "the withdrawal to reach serving", move || {
+                let (c, st) = (c.clone(), st.clone());
+                async move {
+                    let v = c.version()?;
+                    let passed = st.manifest(v).ok()?.validation.is_some_and(|x| x.passed);
+                    (v == r || passed).then_some(())
+                }
+            })
+            .await;
+            paused_seen += 1;
+        }
+        if s.withdrawn >= 2 && s.published > s.withdrawn + 3 && paused_seen > 0 {
+            break s;
+        }
+        assert!(Instant::now() < end, "timed out: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let vals = validated(&store);
+    assert!(vals.iter().any(|(_, v)| v.passed), "{vals:?}");
+    assert!(vals.iter().any(|(_, v)| !v.passed), "{vals:?}");
+    eprintln!(
+        "withdrawn {} times; {} publications",
+        status.withdrawn, status.published
+    );
     pipe.shutdown().await.unwrap();
 }
 

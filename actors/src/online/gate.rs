@@ -1,10 +1,27 @@
-//! The validation gate: the pure decision whether a candidate version may be served.
+//! The validation gate: the pure decision whether a candidate version may be served, and when
+//! that decision is due.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::embedding::InvalidValue;
 use crate::metrics::Evaluation;
+
+/// How versions reach serving. Configured as `validation.publish`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Publish {
+    /// Each version is served as soon as it is written, and scored against the last version
+    /// that passed on the samples after it. One that fails is withdrawn: serving goes back to
+    /// the last version that passed, and publishing pauses until a candidate passes. So
+    /// freshness does not wait for validation, and a bad version serves for at most one
+    /// verdict's window.
+    #[default]
+    Guarded,
+    /// A version is served only once it has passed: nothing bad ever serves, and serving is
+    /// at least one verdict's window behind training.
+    AfterValidation,
+}
 
 /// Configured under `[validation]`.
 ///
@@ -16,27 +33,39 @@ use crate::metrics::Evaluation;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GateConfig {
-    /// Samples (after the candidate's offsets) before a verdict.
+    pub publish: Publish,
+    /// Samples (after the candidate's offsets) that make a verdict due.
     pub min_samples: u64,
+    /// Milliseconds after a candidate's evaluation began that make its verdict due on the
+    /// samples it has, if it has any: a quiet stream still gets a decision.
+    pub window_ms: u64,
     /// Pass only if `auc >= serving_auc - max_auc_drop`.
     pub max_auc_drop: f64,
     /// Pass only if `logloss <= serving_logloss * max_logloss_ratio`.
     pub max_logloss_ratio: f64,
     /// Pass only if `|calibration - 1| <= max_calibration_error`.
     pub max_calibration_error: f64,
+    /// Clicks the window must hold before its calibration is judged. A calibration measured on
+    /// `c` clicks has a relative standard error near `1 / sqrt(c)`: at the default 50 that is
+    /// 0.14, and 0.3 is twice it. On fewer clicks (a short time window on a quiet stream)
+    /// chance alone would fail good versions; the comparison with the reference still holds.
+    pub calibration_min_clicks: u64,
     /// Consecutive failed versions that raise the alert.
     pub alert_after: u32,
-    /// When the alert is raised, roll back to the newest version that passed.
+    /// When the alert is raised, roll training back to the newest version that passed.
     pub auto_rollback: bool,
 }
 
 impl Default for GateConfig {
     fn default() -> Self {
         Self {
+            publish: Publish::Guarded,
             min_samples: 2000,
+            window_ms: 5000,
             max_auc_drop: 0.01,
             max_logloss_ratio: 1.02,
             max_calibration_error: 0.3,
+            calibration_min_clicks: 50,
             alert_after: 3,
             auto_rollback: false,
         }
@@ -48,6 +77,9 @@ impl GateConfig {
         let key = |k: &str| format!("{prefix}.{k}");
         if self.min_samples == 0 {
             return Err(InvalidValue::new(key("min_samples"), "0", "at least 1"));
+        }
+        if self.window_ms == 0 {
+            return Err(InvalidValue::new(key("window_ms"), "0", "at least 1"));
         }
         for (k, v) in [
             ("max_auc_drop", self.max_auc_drop),
@@ -78,24 +110,31 @@ pub struct GateFailure {
     pub failed: Vec<String>,
 }
 
-/// The gate's decision: `Ok` passes, `Err` names every check that failed.
+/// Whether a verdict is due for an evaluation with `samples` samples, `elapsed_ms` after it
+/// began: at `min_samples`, or at `window_ms` with at least one sample.
+pub fn due(cfg: &GateConfig, samples: u64, elapsed_ms: u64) -> bool {
+    samples >= cfg.min_samples || (samples > 0 && elapsed_ms >= cfg.window_ms)
+}
+
+/// The gate's decision: `Ok` passes, `Err` names every check that failed. `serving` is the
+/// version the candidate is compared with, scored on the same samples.
 pub fn judge(
     cfg: &GateConfig,
     candidate: &Evaluation,
     serving: Option<&Evaluation>,
 ) -> Result<(), GateFailure> {
     let mut failed = Vec::new();
-    if candidate.samples < cfg.min_samples {
-        failed.push(format!(
-            "{} samples < min_samples {}",
-            candidate.samples, cfg.min_samples
-        ));
-    }
+    let clicks = candidate.mean_label * candidate.samples as f64;
     match candidate.calibration {
-        Some(c) if (c - 1.0).abs() > cfg.max_calibration_error => failed.push(format!(
-            "|calibration {c:.4} - 1| > {}",
-            cfg.max_calibration_error
-        )),
+        Some(c)
+            if (c - 1.0).abs() > cfg.max_calibration_error
+                && clicks >= cfg.calibration_min_clicks as f64 =>
+        {
+            failed.push(format!(
+                "|calibration {c:.4} - 1| > {} (on {clicks:.0} clicks)",
+                cfg.max_calibration_error
+            ))
+        }
         _ => {}
     }
     if let Some(s) = serving {
@@ -125,14 +164,15 @@ pub fn judge(
 mod tests {
     use super::*;
 
+    /// An evaluation at a click rate of 0.5: 50 clicks in 100 samples.
     fn ev(samples: u64, auc: f64, logloss: f64, calibration: f64) -> Evaluation {
         Evaluation {
             samples,
             auc: Some(auc),
             logloss,
             calibration: Some(calibration),
-            mean_prediction: 0.0,
-            mean_label: 0.0,
+            mean_prediction: 0.5 * calibration,
+            mean_label: 0.5,
         }
     }
 
@@ -151,7 +191,6 @@ mod tests {
             Ok(())
         );
         let cases = [
-            (ev(99, 0.75, 0.40, 1.0), "min_samples"),
             (ev(100, 0.747, 0.40, 1.0), "serving auc"),
             (ev(100, 0.75, 0.41, 1.0), "serving logloss"),
             (ev(100, 0.75, 0.40, 1.11), "calibration"),
@@ -163,10 +202,35 @@ mod tests {
         }
         // With nothing serving only the candidate's own checks apply.
         assert_eq!(judge(&cfg, &ev(100, 0.5, 9.0, 1.0), None), Ok(()));
-        let two = judge(&cfg, &ev(1, 0.5, 0.40, 2.0), Some(&serving))
+        let two = judge(&cfg, &ev(100, 0.5, 0.40, 2.0), Some(&serving))
             .unwrap_err()
             .to_string();
-        assert!(two.contains("min_samples") && two.contains("auc") && two.contains("calibration"));
+        assert!(two.contains("auc") && two.contains("calibration"), "{two}");
+        // On fewer clicks than calibration_min_clicks the calibration is noise and is not
+        // judged; the comparison with serving still is.
+        let few = ev(100, 0.75, 0.40, 1.5);
+        assert!(judge(&cfg, &few, Some(&serving)).is_err());
+        let cfg = GateConfig {
+            calibration_min_clicks: 51,
+            ..cfg
+        };
+        assert_eq!(judge(&cfg, &few, Some(&serving)), Ok(()));
+        assert!(judge(&cfg, &ev(102, 0.75, 0.40, 1.5), None).is_err());
+    }
+
+    /// A verdict is due at min_samples, or at window_ms on whatever samples arrived, but
+    /// never on none.
+    #[test]
+    fn a_verdict_is_due_by_samples_or_by_time() {
+        let cfg = GateConfig {
+            min_samples: 100,
+            window_ms: 1000,
+            ..GateConfig::default()
+        };
+        assert!(!due(&cfg, 99, 999));
+        assert!(due(&cfg, 100, 0));
+        assert!(due(&cfg, 1, 1000));
+        assert!(!due(&cfg, 0, 1_000_000));
     }
 
     #[test]
@@ -190,6 +254,10 @@ mod tests {
             },
             GateConfig {
                 alert_after: 0,
+                ..GateConfig::default()
+            },
+            GateConfig {
+                window_ms: 0,
                 ..GateConfig::default()
             },
         ];

@@ -6,14 +6,25 @@
 //!   has not trained on, so it never scores a sample it learned from. The version being
 //!   served scores the same samples, so the two are compared on equal terms.
 //! - **Sends out:** the verdict into the version's manifest (`validation`), `Publish(v)` to
-//!   the replicas when it passes, and, with `auto_rollback`, a rollback request once failures
-//!   raise the alert.
+//!   the replicas, and, with `auto_rollback`, a rollback request once failures raise the
+//!   alert. When it publishes depends on `validation.publish`:
+//!   - `guarded` (the default): every version as soon as it arrives, so serving follows
+//!     training whatever the traffic. The candidate is compared with the *reference*, the last
+//!     version that passed. A candidate that fails is withdrawn: the replicas go back to the
+//!     reference, and publishing pauses until a candidate passes, which is then published.
+//!     Before any version has passed there is nothing better to go back to, and serving
+//!     follows the newest version;
+//!   - `after_validation`: a version when it passes; the reference is the version serving
+//!     when its evaluation began.
 //! - **Keeps:** its own weights-only copy of the candidate, the evaluation in progress and its
 //!   counters. Versions that arrive while one is being scored wait; when the verdict is in,
 //!   the copy is brought through each of them (deltas) and only the newest is scored: it holds
 //!   everything the skipped ones trained on, and serving never waits behind a backlog.
-//! - **Restart.** From [`ValidatorArgs`]: the copy is restored from the newest version and
-//!   the consecutive-failure count is recounted from the manifests.
+//! - **Verdicts** are due at `min_samples` samples, or `window_ms` after the evaluation began
+//!   on the samples it has ([`super::gate::due`]), so a quiet stream still gets decisions.
+//! - **Restart.** From [`ValidatorArgs`]: the copy is restored from the newest version, the
+//!   consecutive-failure count is recounted from the manifests, and the reference is read
+//!   from the store; publishing is not paused.
 //!
 //! Fault points: `validator.candidate` (when a version arrives).
 
@@ -25,7 +36,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::gate::{judge, GateConfig};
+use super::gate::{due, judge, GateConfig, Publish};
 use crate::ckpt::writer::CheckpointHandle;
 use crate::ckpt::{Manifest, ModelStore, Validation};
 use crate::dense::Threads;
@@ -76,12 +87,21 @@ pub struct ValidatorStatus {
     /// Raised when `consecutive_failures` reaches `gate.alert_after`.
     pub alert: bool,
     pub auto_rollbacks: u64,
+    /// Versions sent to the replicas, and failed ones withdrawn from them (`guarded`).
+    pub published: u64,
+    pub withdrawn: u64,
+    /// `guarded`: a version was withdrawn and no candidate has passed since, so new versions
+    /// wait for their verdict.
+    pub publish_paused: bool,
+    /// The version candidates are compared with.
+    pub reference: Option<u64>,
     /// The version being scored, and its samples so far.
     pub evaluating: Option<u64>,
     pub evaluating_samples: u64,
     pub last_passed: Option<u64>,
     pub last_verdict: Option<(u64, Validation)>,
-    /// Over the most recent samples: the serving version's metrics and the candidates'.
+    /// Over the most recent samples: the metrics of what the replicas served (the candidate
+    /// while `guarded` publishes, else the reference) and of the candidates.
     pub serving_window: Option<Evaluation>,
     pub candidate_window: Option<Evaluation>,
     pub last_error: Option<String>,
@@ -103,8 +123,11 @@ pub struct Validator;
 struct Eval {
     version: u64,
     feed: SampleFeed,
-    /// The version serving when the evaluation began, scored on the same samples.
+    began: Instant,
+    /// The version the candidate is compared with, scored on the same samples.
     serving: Option<Arc<ServingModel>>,
+    /// Whether the replicas serve the candidate (guarded and published).
+    candidate_served: bool,
     candidate_preds: Vec<f32>,
     serving_preds: Vec<f32>,
     labels: Vec<f32>,
@@ -113,6 +136,9 @@ struct Eval {
 pub struct ValidatorState {
     args: ValidatorArgs,
     candidate: Option<ServingModel>,
+    /// `guarded`: the last version that passed, what a failed candidate is compared with and
+    /// withdrawn to.
+    reference: Option<Arc<ServingModel>>,
     eval: Option<Eval>,
     /// Versions written since the evaluation in progress began, oldest first.
     waiting: std::collections::VecDeque<Manifest>,
@@ -177,6 +203,9 @@ impl ValidatorState {
                 continue;
             }
             if self.waiting.is_empty() {
+                if self.args.gate.publish == Publish::Guarded && self.reference.is_none() {
+                    self.load_reference().await;
+                }
                 self.block = SampleBlock::for_schema(&m.schema);
                 self.begin(&m);
             } else {
@@ -195,13 +224,51 @@ impl ValidatorState {
                 m.sample_offsets.clone(),
                 None,
             ),
-            serving: self.args.replicas.serving(),
+            began: Instant::now(),
+            serving: match self.args.gate.publish {
+                Publish::Guarded => self.reference.clone(),
+                Publish::AfterValidation => self.args.replicas.serving(),
+            },
+            candidate_served: self.args.gate.publish == Publish::Guarded
+                && !self.status.publish_paused,
             candidate_preds: Vec::new(),
             serving_preds: Vec::new(),
             labels: Vec::new(),
         });
         self.status.evaluating = Some(m.version);
         self.status.evaluating_samples = 0;
+        self.status.reference = self.eval.as_ref().and_then(|e| e.serving.as_ref()).map(|s| s.version());
+    }
+
+    /// `guarded`: reads the reference (the newest version that passed) when the validator
+    /// has none in memory, as after a restart.
+    async fn load_reference(&mut self) {
+        let Some(v) = self.status.last_passed else {
+            return;
+        };
+        if self.reference.as_ref().is_some_and(|r| r.version() == v) {
+            return;
+        }
+        let store = self.args.store.clone();
+        let restored = tokio::task::spawn_blocking(move || store.restore(v, None)).await;
+        match restored
+            .map_err(anyhow::Error::from)
+            .and_then(|r| Ok(ServingModel::from_restored(r?)?))
+        {
+            Ok(m) => self.reference = Some(Arc::new(m)),
+            Err(e) => {
+                tracing::error!(version = v, error = %format!("{e:#}"), "could not read the reference version; candidates are compared with nothing");
+                self.status.last_error = Some(format!("reference version {v}: {e:#}"));
+            }
+        }
+    }
+
+    /// Sends `v` to every replica.
+    fn publish(&mut self, v: u64) {
+        self.status.published += 1;
+        for err in self.args.replicas.publish(v) {
+            tracing::warn!(version = v, error = %err, "a replica missed a publication");
+        }
     }
 
     /// Scores the next samples; returns whether any arrived.
@@ -220,14 +287,19 @@ impl ValidatorState {
         let labels: Vec<f32> = self.block.ctr_labels().collect();
         for (&p, &y) in cp.iter().zip(&labels) {
             self.candidate_window.push(p, y);
+            if e.candidate_served {
+                self.serving_window.push(p, y);
+            }
         }
         if let Some(s) = &e.serving {
             // A serving model of another schema cannot score these rows; it is compared on
             // none of them.
             if s.manifest().schema == c.manifest().schema {
                 let sp = s.score_block(&self.block, &self.args.threads)?;
-                for (&p, &y) in sp.iter().zip(&labels) {
-                    self.serving_window.push(p, y);
+                if !e.candidate_served {
+                    for (&p, &y) in sp.iter().zip(&labels) {
+                        self.serving_window.push(p, y);
+                    }
                 }
                 e.serving_preds.extend(sp);
             } else {
@@ -240,12 +312,30 @@ impl ValidatorState {
         Ok(true)
     }
 
+    /// `guarded`: serving goes back to the reference and publishing pauses, unless nothing has
+    /// passed yet.
+    fn withdraw(&mut self, failed: u64) {
+        let Some(to) = self.reference.as_ref().map(|r| r.version()) else {
+            tracing::warn!(
+                version = failed,
+                "no version has passed yet; serving keeps following the newest"
+            );
+            return;
+        };
+        if !self.status.publish_paused {
+            tracing::warn!(version = failed, to, "withdrawing the failed version from serving; publishing pauses until a candidate passes");
+            self.status.withdrawn += 1;
+            self.status.publish_paused = true;
+            self.publish(to);
+        }
+    }
+
     /// Judges the evaluation once it has its samples.
     fn decide(&mut self) -> anyhow::Result<()> {
-        let ready = self
-            .eval
-            .as_ref()
-            .is_some_and(|e| e.labels.len() as u64 >= self.args.gate.min_samples);
+        let ready = self.eval.as_ref().is_some_and(|e| {
+            let elapsed = e.began.elapsed().as_millis() as u64;
+            due(&self.args.gate, e.labels.len() as u64, elapsed)
+        });
         if !ready {
             return Ok(());
         }
@@ -302,15 +392,29 @@ impl ValidatorState {
                 self.status.alert = false;
                 if m.rolled_back.is_none() {
                     self.status.last_passed = Some(e.version);
-                    for err in self.args.replicas.publish(e.version) {
-                        tracing::warn!(version = e.version, error = %err, "a replica missed a publication");
+                    match self.args.gate.publish {
+                        Publish::AfterValidation => self.publish(e.version),
+                        Publish::Guarded => {
+                            if !e.candidate_served {
+                                self.status.publish_paused = false;
+                                tracing::info!(version = e.version, "a candidate passed; publishing resumes");
+                                self.publish(e.version);
+                            }
+                            // A copy, not the candidate itself: the candidate moves on with
+                            // the next deltas, the reference stays this version.
+                            self.reference = self.candidate.clone().map(Arc::new);
+                            self.status.reference = Some(e.version);
+                        }
                     }
                 }
             }
             Err(reason) => {
                 self.status.failed += 1;
                 self.status.consecutive_failures += 1;
-                tracing::warn!(version = e.version, %reason, consecutive = self.status.consecutive_failures, "version failed validation; not published");
+                tracing::warn!(version = e.version, %reason, consecutive = self.status.consecutive_failures, "version failed validation");
+                if self.args.gate.publish == Publish::Guarded {
+                    self.withdraw(e.version);
+                }
                 if self.status.consecutive_failures >= self.args.gate.alert_after {
                     if !self.status.alert {
                         tracing::error!(
@@ -387,6 +491,7 @@ impl Actor for Validator {
         Ok(ValidatorState {
             block: SampleBlock::new(0, 0, 0),
             candidate: None,
+            reference: None,
             eval: None,
             waiting: std::collections::VecDeque::new(),
             status,
@@ -409,6 +514,9 @@ impl Actor for Validator {
                 if m.rolled_back.is_some() {
                     return Ok(());
                 }
+                if st.args.gate.publish == Publish::Guarded && !st.status.publish_paused {
+                    st.publish(m.version);
+                }
                 st.waiting.push_back(*m);
                 if st.eval.is_none() {
                     st.next().await;
@@ -424,9 +532,18 @@ impl Actor for Validator {
                 // Score until the verdict or until the log has nothing new, within a bound so
                 // status requests are not kept waiting.
                 while st.eval.is_some() && started.elapsed() < Duration::from_millis(50) {
-                    match st.score_more() {
+                    let more = st.score_more();
+                    match more {
                         Ok(true) => progressed = true,
-                        Ok(false) => break,
+                        Ok(false) => {
+                            // Nothing new, but the window's time may be up.
+                            st.decide()?;
+                            if st.eval.is_none() {
+                                st.next().await;
+                                continue;
+                            }
+                            break;
+                        }
                         Err(e) => {
                             tracing::error!(error = %format!("{e:#}"), "validation failed to score; dropping this candidate");
                             st.status.last_error = Some(format!("{e:#}"));
