@@ -6,6 +6,11 @@
 //! finishes the batch in progress, writes a last version and closes the logs; starting again
 //! on the same data directory resumes where it stopped.
 //!
+//! When actors fail faster than `[supervisor]` allows, the supervisor gives up and the node
+//! stops training for good. It keeps answering predictions from the last version served, while
+//! `/healthz` and `POST /v1/events` answer 503 with the reason (no event is accepted that
+//! nothing would train), until Ctrl-C; it then exits with that reason.
+//!
 //! Endpoints besides the serving ones (`src/http/serving.rs`), from `src/http/node.rs`:
 //! - `POST /v1/events`: JSON lines (or one JSON object) of impressions and actions, appended to
 //!   the event log; refused lines are dead-lettered to `ingest-rejects` and reported.
@@ -148,6 +153,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         max_in_flight: args.http.max_in_flight,
         counters: Counters::default(),
         metrics: vec![node.clone()],
+        stopped: pipe.gave_up_slot(),
     });
     let node_data = web::Data::from(node.clone());
     let (server, addrs) = bind(state.clone(), &args.http, move |cfg| {
@@ -167,12 +173,24 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let every = Duration::from_secs(args.status_every.max(1));
     let mut last = (Instant::now(), total(&*events), total(&*samples));
-    let mut sup_join = sup_join;
+    let mut sup_join = Some(sup_join);
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
-            r = &mut sup_join => {
-                break Err(anyhow::anyhow!("the node's supervisor stopped ({r:?}): restarts exceeded their limit; see the log above"));
+            _ = tokio::signal::ctrl_c() => match pipe.gave_up() {
+                None => break Ok(()),
+                Some(why) => break Err(anyhow::anyhow!("the node stopped training for good: {why}")),
+            },
+            r = async { sup_join.as_mut().expect("polled only while some").await }, if sup_join.is_some() => {
+                sup_join = None;
+                stop_sim.store(true, Ordering::SeqCst);
+                let why = pipe.gave_up().map_or_else(|| format!("its supervisor stopped ({r:?})"), str::to_owned);
+                // Predictions go on from the last version served; /healthz and /v1/events
+                // say why training stopped until the operator stops the node.
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("the node stopped training for good: {why}");
+                eprintln!("  serving goes on from the last version; /healthz and /v1/events answer 503; Ctrl-C to exit");
             }
             _ = tokio::time::sleep(every) => {
                 let now = (Instant::now(), total(&*events), total(&*samples));
@@ -201,7 +219,13 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     }
     http.stop(true).await;
     let _ = server.await;
-    outcome?;
+    if let Err(e) = outcome {
+        // Nothing trains to finish a version; the logs still flush.
+        if let Err(f) = pipe.shutdown().await {
+            tracing::warn!(error = %format!("{f:#}"), "shutting down a node that stopped training");
+        }
+        return Err(e);
+    }
     let last = pipe.shutdown().await?;
     println!(
         "{}",
@@ -237,6 +261,12 @@ async fn status_line(
         ),
         Err(_) => (None, false),
     };
+    if let Some(why) = n.pipe.gave_up() {
+        return format!(
+            "TRAINING STOPPED ({why}); serving v{}",
+            serving.map_or("-".into(), |m| m.version().to_string())
+        );
+    }
     let trained = n.pipe.trainer_status().await.ok();
     format!(
         "events {events_per_s:.0}/s, samples {samples_per_s:.0}/s, trained {}/s, serving v{}, \

@@ -106,6 +106,7 @@ async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
         max_in_flight: args.http.max_in_flight,
         counters: Counters::default(),
         metrics: Vec::new(),
+        stopped: Default::default(),
     });
     let (server, addrs) = crate::http::bind(state, &args.http, |_| {})?;
     for a in addrs {

@@ -15,6 +15,7 @@ use freshet_actors::embedding::{
     AdmissionConfig, EvictionConfig, Initializer, InvalidValue, OptimizerConfig, TableConfig,
 };
 use freshet_actors::event::SAMPLE_REJECTS_TOPIC;
+use freshet_actors::fault::Faults;
 use freshet_actors::joiner::{CheckpointEvery, JoinConfig};
 use freshet_actors::online::gate::GateConfig;
 use freshet_actors::online::pipeline::{Logs, PipelineConfig};
@@ -40,8 +41,10 @@ pub(crate) struct Settings {
     pub(crate) joiner: JoinerSettings,
     /// When the CheckpointWriter takes versions and how many it keeps.
     pub(crate) checkpoint: CheckpointSettings,
-    /// The gate a new version must pass before it is served (`freshet dev`).
+    /// How new versions reach serving and the gate that judges them (`freshet dev`).
     pub(crate) validation: GateConfig,
+    /// How often the node's supervisor restarts failed actors before it gives up.
+    pub(crate) supervisor: SupervisorSettings,
     /// Every key a file, the environment or a flag gave (dotted, as `joiner.window.window_ms`),
     /// so that a command's own default never beats a value the user set.
     #[serde(skip)]
@@ -84,6 +87,64 @@ impl CheckpointSettings {
                 .then(|| std::time::Duration::from_secs_f64(self.every_secs)),
             full_every: self.full_every,
             keep_full: self.keep_full,
+        }
+    }
+}
+
+/// The restart intensity of `freshet dev`'s supervisor: at most `max_restarts` failure restarts
+/// within `within_secs`; one more and the node stops training (it keeps serving its last version
+/// and says so on `/healthz`). Each restart of a child waits a backoff that doubles with its
+/// recent failures, from `backoff_min_ms` to `backoff_max_ms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct SupervisorSettings {
+    pub(crate) max_restarts: u32,
+    pub(crate) within_secs: f64,
+    pub(crate) backoff_min_ms: u64,
+    pub(crate) backoff_max_ms: u64,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        let i = Intensity::default();
+        Self {
+            max_restarts: i.max_restarts,
+            within_secs: i.within.as_secs_f64(),
+            backoff_min_ms: i.backoff_min.as_millis() as u64,
+            backoff_max_ms: i.backoff_max.as_millis() as u64,
+        }
+    }
+}
+
+impl SupervisorSettings {
+    fn validate(&self) -> Result<(), InvalidValue> {
+        if !(self.within_secs.is_finite() && self.within_secs > 0.0 && self.within_secs <= 86_400.0)
+        {
+            return Err(InvalidValue::new(
+                "supervisor.within_secs",
+                self.within_secs,
+                "seconds in (0, 86400]",
+            ));
+        }
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
+            return Err(InvalidValue::new(
+                "supervisor.backoff_min_ms",
+                self.backoff_min_ms,
+                format!(
+                    "at least 1 and at most supervisor.backoff_max_ms ({})",
+                    self.backoff_max_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn intensity(&self) -> Intensity {
+        Intensity {
+            max_restarts: self.max_restarts,
+            within: Duration::from_secs_f64(self.within_secs),
+            backoff_min: Duration::from_millis(self.backoff_min_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
         }
     }
 }
@@ -326,6 +387,7 @@ impl Settings {
         }
         self.log.validate("log")?;
         self.joiner.window.validate("joiner.window")?;
+        self.supervisor.validate()?;
         self.validation.validate("validation")?;
         if self.joiner.batch > 1 << 20 {
             return Err(InvalidValue::new(
@@ -588,9 +650,22 @@ pub(crate) fn pipeline_config(
         threads: settings.train.threads,
         gate: settings.validation.clone(),
         replicas,
-        intensity: Intensity::default(),
-        faults: Default::default(),
+        intensity: settings.supervisor.intensity(),
+        faults: faults_from_env()?,
     })
+}
+
+/// The fault points `FRESHET_FAULTS` arms, for fault-injection tests of a whole process
+/// ([`Faults::parse`]); unset, none. A node with armed points says so in its log.
+fn faults_from_env() -> anyhow::Result<Faults> {
+    match std::env::var("FRESHET_FAULTS") {
+        Ok(spec) if !spec.trim().is_empty() => {
+            let f = Faults::parse(&spec).context("FRESHET_FAULTS")?;
+            tracing::warn!(faults = %spec, "FRESHET_FAULTS armed fault points: actors will panic on purpose");
+            Ok(f)
+        }
+        _ => Ok(Faults::new()),
+    }
 }
 
 #[cfg(test)]
@@ -770,6 +845,18 @@ mod tests {
             (
                 "[joiner.window]\nnegative_rate = 1.5\n",
                 ["joiner.window.negative_rate", "1.5", "(0, 1]"],
+            ),
+            (
+                "[supervisor]\nbackoff_min_ms = 500\nbackoff_max_ms = 100\n",
+                ["supervisor.backoff_min_ms", "500", "at most supervisor.backoff_max_ms (100)"],
+            ),
+            (
+                "[supervisor]\nwithin_secs = 0\n",
+                ["supervisor.within_secs", "0", "(0, 86400]"],
+            ),
+            (
+                "[validation]\npublish = \"sometimes\"\n",
+                ["sometimes", "guarded", ""],
             ),
             (
                 "[joiner.window]\nkinds = []\n",

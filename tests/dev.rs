@@ -335,3 +335,46 @@ fn admin_endpoints_need_the_token_when_one_is_set() {
     let o = ctl(d.path(), &addr, &["--token", "s3cret", "status"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A trainer that fails at every step (`FRESHET_FAULTS`, the fault-injection hook for whole
+/// processes) exhausts the supervisor's restarts: the node then says on `/healthz` and on
+/// `POST /v1/events` that it stopped training for good, accepts no event, and exits with the
+/// reason on Ctrl-C.
+#[test]
+fn a_trainer_that_fails_for_good_stops_the_node_taking_events() {
+    let d = setup();
+    let mut config = std::fs::read_to_string(d.path().join("freshet.toml")).unwrap();
+    config.push_str("[supervisor]\nmax_restarts = 2\nbackoff_min_ms = 10\nbackoff_max_ms = 20\n");
+    std::fs::write(d.path().join("freshet.toml"), config).unwrap();
+    let mut cmd = freshet(d.path());
+    cmd.env("FRESHET_FAULTS", "trainer.batch")
+        .args(["dev", "--listen", "127.0.0.1:0", "--status-every", "1"])
+        .args(["--window-ms", "1000", "--delta-ms", "400", "--no-simulate"]);
+    let mut node = spawn_listening(cmd);
+    let addr = node.addr.clone();
+    let body = wait(30, "/healthz to say training stopped", || {
+        let (code, body) = get(&addr, "/healthz");
+        (code == 503 && body["status"] == "down").then_some(body)
+    });
+    let why = body["error"].as_str().unwrap();
+    assert!(why.contains("stopped training for good"), "{body}");
+    assert!(why.contains("trainer"), "{body}");
+    let event = r#"{"type":"impression","request_id":"r1","user":"u","item":"i","time_ms":1700000000000,"features":{}}"#;
+    let (code, body) = post(&addr, "/v1/events", event);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("accepts no event"),
+        "{body}"
+    );
+    // SAFETY: the child is ours and alive; SIGINT is what Ctrl-C sends.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let status = node.child.wait().unwrap();
+    assert!(!status.success(), "a node that stopped training exits with an error");
+    let log: Vec<String> = node.log.try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("stopped training for good")),
+        "{log:?}"
+    );
+}

@@ -92,6 +92,9 @@ pub struct SupervisorArgs {
     pub name: String,
     pub children: Vec<ChildSpec>,
     pub intensity: Intensity,
+    /// Set to the reason when the supervisor gives up (intensity exceeded), before it stops:
+    /// its owner reads it after the join handle completes.
+    pub gave_up: Arc<std::sync::OnceLock<String>>,
 }
 
 /// One child as the supervisor sees it.
@@ -227,15 +230,16 @@ impl SupervisorState {
         }
         let n = mine.len() as u32;
         if self.recent.len() > self.args.intensity.max_restarts as usize {
-            return Err(format!(
+            let why = format!(
                 "supervisor {}: {} restarts within {:?} (limit {}); last: {} failed: {reason}",
                 self.args.name,
                 self.recent.len(),
                 within,
                 self.args.intensity.max_restarts,
                 self.args.children[i].name
-            )
-            .into());
+            );
+            let _ = self.args.gave_up.set(why.clone());
+            return Err(why.into());
         }
         let wait = self.args.intensity.backoff(n);
         tracing::warn!(supervisor = %self.args.name, child = %self.args.children[i].name, reason = %reason, restart_in_ms = wait.as_millis() as u64, "restarting a failed child");

@@ -370,6 +370,7 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         max_in_flight: http.max_in_flight,
         counters: Counters::default(),
         metrics: Vec::new(),
+        stopped: Default::default(),
     });
     let (server, addrs) = crate::http::bind(state, &http, |_| {})?;
     let addr = *addrs.first().context("the server listens nowhere")?;

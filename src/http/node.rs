@@ -131,8 +131,16 @@ struct Refused {
 
 /// `POST /v1/events`: JSON lines of events. Each valid line is appended; each invalid one is
 /// dead-lettered and reported with its line number. 200 when any line was accepted or the
-/// body held none; 400 when every line was refused.
+/// body held none; 400 when every line was refused; 503, accepting nothing, once the node has
+/// stopped training for good.
 async fn events(n: web::Data<NodeState>, body: web::Bytes) -> HttpResponse {
+    // Nothing would ever train them: the client must keep them or send them elsewhere.
+    if let Some(why) = n.pipe.gave_up() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the node stopped training for good, so it accepts no events: {why}"),
+        );
+    }
     let log = n.pipe.logs().events.clone();
     let rejects = n.ingest_rejects.clone();
     let parts = log.partitions();

@@ -9,7 +9,8 @@
 //! - `POST /v1/predict`: a [`PredictRequest`] as JSON, or msgpack with
 //!   `Content-Type: application/msgpack`; the answer comes in the same encoding.
 //! - `GET /v1/models`: every version in the store, its validation, and which one is served.
-//! - `GET /healthz`: 200 once a version is served, 503 before.
+//! - `GET /healthz`: 200 once a version is served, 503 before, and 503 with the reason once the
+//!   node behind it has stopped training for good.
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Limits: the body size (413 beyond it), the candidates per request (400), and the requests
@@ -59,6 +60,10 @@ pub(crate) struct ServingState {
     pub(crate) counters: Counters,
     /// What else reports on `/metrics` (a node: its events, validation, trainer, supervisor).
     pub(crate) metrics: Vec<Arc<dyn MetricsSource>>,
+    /// Why the node behind this server stopped training for good, once it has (its
+    /// supervisor gave up): `/healthz` then answers 503 with the reason, while predictions
+    /// go on from the last version served. Never set under `freshet serve`.
+    pub(crate) stopped: Arc<std::sync::OnceLock<String>>,
 }
 
 /// The serving routes, shared by `freshet serve` and `freshet dev`.
@@ -198,6 +203,13 @@ async fn models(s: web::Data<ServingState>) -> HttpResponse {
 }
 
 async fn healthz(s: web::Data<ServingState>) -> HttpResponse {
+    if let Some(why) = s.stopped.get() {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "down",
+            "serving": s.cell.version(),
+            "error": format!("the node stopped training for good: {why}"),
+        }));
+    }
     match s.cell.version() {
         Some(v) => HttpResponse::Ok().json(serde_json::json!({"status": "ok", "serving": v})),
         None => error(

@@ -8,8 +8,11 @@ use crate::embedding::InvalidValue;
 use crate::metrics::Evaluation;
 
 /// How versions reach serving. Configured as `validation.publish`.
+///
+/// Read from a string with its own error, which names both choices (the configuration
+/// loader's error for an unknown unit variant names neither).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum Publish {
     /// Each version is served as soon as it is written, and scored against the last version
     /// that passed on the samples after it. One that fails is withdrawn: serving goes back to
@@ -21,6 +24,35 @@ pub enum Publish {
     /// A version is served only once it has passed: nothing bad ever serves, and serving is
     /// at least one verdict's window behind training.
     AfterValidation,
+}
+
+impl Publish {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Guarded => "guarded",
+            Self::AfterValidation => "after_validation",
+        }
+    }
+}
+
+impl TryFrom<String> for Publish {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "guarded" => Ok(Self::Guarded),
+            "after_validation" => Ok(Self::AfterValidation),
+            _ => Err(format!(
+                "unknown publication {s:?}: expected guarded or after_validation"
+            )),
+        }
+    }
+}
+
+impl From<Publish> for String {
+    fn from(p: Publish) -> Self {
+        p.name().to_owned()
+    }
 }
 
 /// Configured under `[validation]`.

@@ -143,6 +143,8 @@ struct Ctx {
     plan: Mutex<Plan>,
     /// The supervisor, for the validator's automatic rollback.
     sup: Mutex<Option<SupervisorHandle>>,
+    /// Why the supervisor gave up, once it has.
+    gave_up: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Ctx {
@@ -512,6 +514,7 @@ impl PipelineHandle {
             }),
             plan: Mutex::new(Plan::default()),
             sup: Mutex::new(None),
+            gave_up: Arc::default(),
             cfg,
         });
         let mut children = Vec::new();
@@ -555,6 +558,7 @@ impl PipelineHandle {
             name: "node".into(),
             children,
             intensity: ctx.cfg.intensity,
+            gave_up: ctx.gave_up.clone(),
         })
         .await?;
         *ctx.sup.lock().unwrap_or_else(|p| p.into_inner()) = Some(sup.clone());
@@ -563,6 +567,18 @@ impl PipelineHandle {
 
     pub fn store(&self) -> &ModelStore {
         &self.ctx.cfg.store
+    }
+
+    /// Why the supervisor gave up (restarts beyond its intensity), once it has: the node then
+    /// trains no more, and its replicas' cells keep the last version they served.
+    pub fn gave_up(&self) -> Option<&str> {
+        self.ctx.gave_up.get().map(String::as_str)
+    }
+
+    /// Where [`Self::gave_up`]'s reason is set, for holders that outlive a borrow (the HTTP
+    /// state).
+    pub fn gave_up_slot(&self) -> Arc<std::sync::OnceLock<String>> {
+        self.ctx.gave_up.clone()
     }
 
     pub fn logs(&self) -> &Logs {

@@ -109,6 +109,7 @@ async fn one_for_one_restarts_only_the_failed_child() {
         name: "t".into(),
         children: specs,
         intensity: fast(),
+        gave_up: Default::default(),
     })
     .await
     .unwrap();
@@ -132,6 +133,7 @@ async fn rest_for_one_restarts_the_failed_child_and_those_after_it() {
         name: "t".into(),
         children: specs,
         intensity: fast(),
+        gave_up: Default::default(),
     })
     .await
     .unwrap();
@@ -185,6 +187,7 @@ async fn a_child_failing_too_often_escalates_to_the_parent() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (parent, _pj) = Actor::spawn(None, Parent, tx).await.unwrap();
     let (k, specs) = kids(&[Strategy::OneForOne, Strategy::OneForOne]);
+    let gave_up: Arc<std::sync::OnceLock<String>> = Arc::default();
     let (sup, _j) = SupervisorHandle::spawn_linked(
         SupervisorArgs {
             name: "inner".into(),
@@ -193,6 +196,7 @@ async fn a_child_failing_too_often_escalates_to_the_parent() {
                 max_restarts: 2,
                 ..fast()
             },
+            gave_up: gave_up.clone(),
         },
         parent.get_cell(),
     )
@@ -209,6 +213,8 @@ async fn a_child_failing_too_often_escalates_to_the_parent() {
         .expect("the parent hears of it")
         .unwrap();
     assert!(why.contains("3 restarts"), "{why}");
+    // Its owner can read the same reason.
+    assert_eq!(gave_up.get().map(String::as_str), Some(why.as_str()));
     // The supervisor took its children down with it.
     let sibling = k.refs[1].lock().unwrap().clone().unwrap();
     for _ in 0..1000 {
