@@ -848,7 +848,11 @@ mod tests {
             ),
             (
                 "[supervisor]\nbackoff_min_ms = 500\nbackoff_max_ms = 100\n",
-                ["supervisor.backoff_min_ms", "500", "at most supervisor.backoff_max_ms (100)"],
+                [
+                    "supervisor.backoff_min_ms",
+                    "500",
+                    "at most supervisor.backoff_max_ms (100)",
+                ],
             ),
             (
                 "[supervisor]\nwithin_secs = 0\n",

@@ -371,7 +371,10 @@ fn a_trainer_that_fails_for_good_stops_the_node_taking_events() {
     let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0);
     let status = node.child.wait().unwrap();
-    assert!(!status.success(), "a node that stopped training exits with an error");
+    assert!(
+        !status.success(),
+        "a node that stopped training exits with an error"
+    );
     let log: Vec<String> = node.log.try_iter().collect();
     assert!(
         log.iter().any(|l| l.contains("stopped training for good")),

@@ -1,13 +1,16 @@
 //! `freshet bench freshness`: how long after a click is appended does serving answer with a
-//! version that has learned from it.
+//! version that has learned from it, at several event rates.
 //!
-//! A node runs as `freshet dev` does, in a temporary data directory, while the simulator plays
-//! `--events-per-sec` live. For every click the bench records when its event was appended; a
+//! For each rate of `--rates` (100, 1,000 and 10,000 events/s by default), a node runs as
+//! `freshet dev` does, on the configured defaults, in a temporary data directory, while the
+//! simulator plays that rate live. For every click the bench records when its event was appended; a
 //! watcher records when the replica's cell first served each version. Afterwards each click is
 //! followed to its sample (the joiner writes the positive when the click arrives), the sample's
 //! offset to the first version whose offsets include it, and that version to the first time a
 //! version at least as new was served. Freshness is that time minus the click's append time.
-//! The first `--warmup-secs` are left out (the first versions wait for a first verdict).
+//! The first `--warmup-secs` are left out (the node starting, the first versions). The watcher
+//! also samples, every 20 ms, how many samples the log holds beyond the served version's
+//! offsets: the serving lag in samples.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,26 +32,32 @@ type ClickTimes = HashMap<(String, String), i64>;
 
 #[derive(Debug, Args)]
 pub(crate) struct FreshnessArgs {
-    /// Events (impressions and clicks) appended per second.
-    #[arg(long, default_value_t = 10_000.0)]
-    events_per_sec: f64,
-    /// Version interval (the delta interval), in milliseconds.
+    /// Events (impressions and clicks) appended per second: one run per rate.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    rates: Vec<f64>,
+    /// Version interval (the delta interval), in milliseconds; `freshet dev`'s default.
     #[arg(long, default_value_t = 1000)]
     delta_ms: u64,
-    #[arg(long, default_value_t = 30)]
+    /// Seconds of each run, warm-up included.
+    #[arg(long, default_value_t = 25)]
     secs: u64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     warmup_secs: u64,
-    /// Samples the validator scores before each verdict (fewer: fresher, noisier verdicts).
-    #[arg(long, default_value_t = 500)]
-    min_samples: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Debug, Serialize)]
+struct Report {
+    cpu: String,
+    publish: &'static str,
+    runs: Vec<FreshnessReport>,
+}
+
+#[derive(Debug, Serialize)]
 struct FreshnessReport {
+    rate_asked: f64,
     events_per_sec: f64,
     clicks_per_event: f64,
     delta_ms: u64,
@@ -59,14 +68,18 @@ struct FreshnessReport {
     freshness_p99_ms: Option<f64>,
     versions_written: usize,
     versions_served: usize,
-    min_samples: u64,
+    /// Samples the log held beyond the served version's offsets, over the measured time.
+    serving_lag_samples_p50: Option<u64>,
+    serving_lag_samples_p99: Option<u64>,
     samples_per_sec_trained: f64,
+    /// Samples per training step: what the trainer found in the log each time it looked.
+    trainer_rows_per_step: f64,
 }
 
 pub(crate) fn run(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.events_per_sec > 0.0,
-        "--events-per-sec must be positive"
+        !args.rates.is_empty() && args.rates.iter().all(|r| r.is_finite() && *r > 0.0),
+        "--rates must be positive event rates, as 100,1000,10000"
     );
     anyhow::ensure!(
         args.secs > args.warmup_secs,
@@ -77,33 +90,80 @@ pub(crate) fn run(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(bench(args, settings))
+    let mut runs = Vec::new();
+    for &rate in &args.rates {
+        super::progress(&format!(
+            "freshness at {rate} events/s for {} s ({} s warm-up)",
+            args.secs, args.warmup_secs
+        ));
+        let r = rt.block_on(bench(rate, &args, settings))?;
+        super::progress(&format!(
+            "  p50 {} ms, p99 {} ms over {} clicks; serving lag p99 {} samples",
+            r.freshness_p50_ms.map_or("-".into(), |x| format!("{x:.0}")),
+            r.freshness_p99_ms.map_or("-".into(), |x| format!("{x:.0}")),
+            r.clicks_measured,
+            r.serving_lag_samples_p99
+                .map_or("-".into(), |x| x.to_string()),
+        ));
+        runs.push(r);
+    }
+    let report = Report {
+        cpu: super::cpu_model(),
+        publish: settings.validation.publish.name(),
+        runs,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
 }
 
-async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
+async fn bench(
+    rate: f64,
+    args: &FreshnessArgs,
+    settings: &Settings,
+) -> anyhow::Result<FreshnessReport> {
     let dir = tempfile::tempdir().context("a temporary data directory")?;
     let mut s = settings.clone();
     s.node.data_dir = dir.path().to_path_buf();
-    s.validation.min_samples = args.min_samples;
     // The join window only delays negatives; clicks join at once whatever it is.
     let cfg = crate::settings::pipeline_config(&s, 5_000, args.delta_ms, 1)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let (pipe, _join) = PipelineHandle::start(cfg).await?;
 
-    // The watcher: when each version was first served.
+    // The watcher: when each version was first served, and every 20 ms the served version
+    // beside the samples the log held.
     let served: Arc<Mutex<BTreeMap<u64, i64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (cell, served, stop) = (pipe.cells()[0].clone(), served.clone(), stop.clone());
+        let samples = samples.clone();
         std::thread::spawn(move || {
+            let mut lag_points: Vec<(i64, u64, u64)> = Vec::new();
+            let mut next_lag = now_ms();
             while !stop.load(Ordering::Relaxed) {
-                if let Some(v) = cell.version() {
-                    let mut m = served.lock().unwrap_or_else(|p| p.into_inner());
-                    m.entry(v).or_insert_with(now_ms);
+                if let Some(m) = cell.current() {
+                    let now = now_ms();
+                    served
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(m.version())
+                        .or_insert(now);
+                    if now >= next_lag {
+                        next_lag = now + 20;
+                        let held: u64 = (0..samples.partitions())
+                            .map(|p| samples.high_watermark(p).unwrap_or(0))
+                            .sum();
+                        let consumed: u64 = m.manifest().sample_offsets.values().sum();
+                        lag_points.push((now, held, consumed));
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
+            lag_points
         })
     };
     // The producer: the simulator at the requested rate; clicks' append times recorded.
@@ -111,7 +171,7 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
         let (log, stop) = (events.clone(), stop.clone());
         // Impressions set the simulator's pace; at its default click rates about one event
         // in six is a click (the report gives the measured rate).
-        let rate = args.events_per_sec / 1.2;
+        let rate = rate / 1.2;
         std::thread::spawn(move || -> anyhow::Result<(u64, ClickTimes)> {
             let mut sim = Simulator::new(SimConfig {
                 seed: 99,
@@ -158,16 +218,20 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
     };
     let started = now_ms();
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
-    let trained = pipe
-        .trainer_status()
-        .await
-        .map(|t| t.samples_per_sec)
-        .unwrap_or(0.0);
+    let (trained, rows_per_step) = match pipe.trainer_status().await {
+        Ok(t) => (
+            t.samples_per_sec,
+            t.rows_trained as f64 / t.steps.max(1) as f64,
+        ),
+        Err(_) => (0.0, 0.0),
+    };
     stop.store(true, Ordering::SeqCst);
     let (appended, clicks) = producer
         .join()
         .map_err(|_| anyhow::anyhow!("the producer panicked"))??;
-    let _ = watcher.join();
+    let lag_points = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
     pipe.shutdown().await?;
     let elapsed_s = (now_ms() - started) as f64 / 1000.0;
 
@@ -220,7 +284,17 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
     let q = |f: f64| -> Option<f64> {
         (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * f).round() as usize])
     };
-    let report = FreshnessReport {
+    let mut lags: Vec<u64> = lag_points
+        .iter()
+        .filter(|(t, _, _)| *t >= warm_end)
+        .map(|&(_, held, consumed)| held.saturating_sub(consumed))
+        .collect();
+    lags.sort_unstable();
+    let lag_q = |f: f64| -> Option<u64> {
+        (!lags.is_empty()).then(|| lags[((lags.len() - 1) as f64 * f).round() as usize])
+    };
+    Ok(FreshnessReport {
+        rate_asked: rate,
         events_per_sec: appended as f64 / elapsed_s.max(1e-9),
         clicks_per_event: clicks.len() as f64 / appended.max(1) as f64,
         delta_ms: args.delta_ms,
@@ -231,13 +305,9 @@ async fn bench(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
         freshness_p99_ms: q(0.99),
         versions_written: offsets.len(),
         versions_served: served.len(),
-        min_samples: args.min_samples,
+        serving_lag_samples_p50: lag_q(0.5),
+        serving_lag_samples_p99: lag_q(0.99),
         samples_per_sec_trained: trained,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+        trainer_rows_per_step: rows_per_step,
+    })
 }

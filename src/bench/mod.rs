@@ -59,3 +59,16 @@ pub(super) fn best(xs: &[f64]) -> f64 {
 pub(super) fn progress(msg: &str) {
     eprintln!("{msg}");
 }
+
+/// The CPU the figures were measured on, from `/proc/cpuinfo` (`unknown` elsewhere).
+pub(super) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -237,7 +237,11 @@ impl ValidatorState {
         });
         self.status.evaluating = Some(m.version);
         self.status.evaluating_samples = 0;
-        self.status.reference = self.eval.as_ref().and_then(|e| e.serving.as_ref()).map(|s| s.version());
+        self.status.reference = self
+            .eval
+            .as_ref()
+            .and_then(|e| e.serving.as_ref())
+            .map(|s| s.version());
     }
 
     /// `guarded`: reads the reference (the newest version that passed) when the validator
@@ -397,7 +401,10 @@ impl ValidatorState {
                         Publish::Guarded => {
                             if !e.candidate_served {
                                 self.status.publish_paused = false;
-                                tracing::info!(version = e.version, "a candidate passed; publishing resumes");
+                                tracing::info!(
+                                    version = e.version,
+                                    "a candidate passed; publishing resumes"
+                                );
                                 self.publish(e.version);
                             }
                             // A copy, not the candidate itself: the candidate moves on with

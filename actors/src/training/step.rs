@@ -116,8 +116,7 @@ impl Trainer {
     /// batches within it, every update holds exactly the samples per update, at the same
     /// offsets however the samples arrived.
     pub fn rows_to_update(&self) -> Option<usize> {
-        self.per_update
-            .map(|n| self.scorer.net().rows_to_update(n))
+        self.per_update.map(|n| self.scorer.net().rows_to_update(n))
     }
 
     /// Continues the step count of a loaded model.
