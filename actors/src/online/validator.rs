@@ -3,8 +3,8 @@
 //!
 //! - **Takes in:** each version's manifest as the CheckpointWriter writes it.
 //! - **Reads:** the sample log from the candidate's `sample_offsets` on: samples the candidate
-//!   has not trained on, so it never scores a sample it learned from. The version being
-//!   served scores the same samples, so the two are compared on equal terms.
+//!   has not trained on, so it never scores a sample it learned from. The reference version
+//!   (below) scores the same samples, so the two are compared on equal terms.
 //! - **Sends out:** the verdict into the version's manifest (`validation`), `Publish(v)` to
 //!   the replicas, and, with `auto_rollback`, a rollback request once failures raise the
 //!   alert. When it publishes depends on `validation.publish`:
