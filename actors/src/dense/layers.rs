@@ -444,8 +444,8 @@ pub fn sigmoid(z: f32) -> f32 {
 /// Binary cross-entropy on logits, weighted and scaled:
 /// `L = scale · Σ w_i (max(z,0) - z y + ln(1 + e^{-|z|}))`. Writes `dL/dz` into `dz` and the
 /// predictions into `pred`; returns the summed (unscaled) weighted loss. `scale` is 1/B for a
-/// batch mean; the trainer passes 1 / samples per update, so that a sample's gradient does
-/// not depend on the size of its batch.
+/// batch mean; the trainer passes 1 (a sum), so that a sample's gradient does not depend on
+/// the size of its batch, and takes the dense update's mean itself.
 pub fn bce_with_logits(
     z: &[f32],
     labels: &[f32],
