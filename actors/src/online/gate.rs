@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::embedding::InvalidValue;
-use crate::metrics::Evaluation;
+use crate::metrics::{auc_standard_error, Evaluation};
 
 /// How versions reach serving. Configured as `validation.publish`.
 ///
@@ -71,9 +71,11 @@ pub struct GateConfig {
     /// Milliseconds after a candidate's evaluation began that make its verdict due on the
     /// samples it has, if it has any: a quiet stream still gets a decision.
     pub window_ms: u64,
-    /// Pass only if `auc >= serving_auc - max_auc_drop`.
+    /// Pass only if `auc >= serving_auc - max_auc_drop`, or the drop is within the noise of
+    /// the window's clicks (see [`judge`]).
     pub max_auc_drop: f64,
-    /// Pass only if `logloss <= serving_logloss * max_logloss_ratio`.
+    /// Pass only if `logloss <= serving_logloss * max_logloss_ratio`, or the rise is within
+    /// the noise of the window's clicks (see [`judge`]).
     pub max_logloss_ratio: f64,
     /// Pass only if `|calibration - 1| <= max_calibration_error`.
     pub max_calibration_error: f64,
@@ -150,6 +152,16 @@ pub fn due(cfg: &GateConfig, samples: u64, elapsed_ms: u64) -> bool {
 
 /// The gate's decision: `Ok` passes, `Err` names every check that failed. `serving` is the
 /// version the candidate is compared with, scored on the same samples.
+///
+/// The comparisons with `serving` are never tighter than chance. An AUC on `c` clicks moves by
+/// chance by its standard error ([`auc_standard_error`], about 0.04 at 50 clicks), and a
+/// logloss, which the clicks dominate at CTR-like rates, by about `1 / sqrt(c)` of itself. Both
+/// versions score the same samples, so their difference moves less: at a correlation of 0.875
+/// between their scores, two standard errors of the difference are one of either metric. So
+/// the allowed AUC drop is `max(max_auc_drop, se(auc))` and the allowed logloss ratio
+/// `max(max_logloss_ratio, 1 + 1 / sqrt(c))`. A window of a quiet stream (ten clicks, say) then
+/// still fails a version that ranks or calibrates far worse, but not one that differs by
+/// what ten clicks make of chance. With thousands of clicks the configured tolerances rule.
 pub fn judge(
     cfg: &GateConfig,
     candidate: &Evaluation,
@@ -170,18 +182,24 @@ pub fn judge(
         _ => {}
     }
     if let Some(s) = serving {
+        let negatives = candidate.samples as f64 - clicks;
         if let (Some(a), Some(sa)) = (candidate.auc, s.auc) {
-            if a < sa - cfg.max_auc_drop {
+            let drop = cfg
+                .max_auc_drop
+                .max(auc_standard_error(sa, clicks, negatives));
+            if a < sa - drop {
                 failed.push(format!(
-                    "auc {a:.4} < serving auc {sa:.4} - {}",
-                    cfg.max_auc_drop
+                    "auc {a:.4} < serving auc {sa:.4} - {drop:.4} (on {clicks:.0} clicks)"
                 ));
             }
         }
-        if candidate.logloss > s.logloss * cfg.max_logloss_ratio {
+        let ratio = cfg
+            .max_logloss_ratio
+            .max(1.0 + 1.0 / clicks.max(1.0).sqrt());
+        if candidate.logloss > s.logloss * ratio {
             failed.push(format!(
-                "logloss {:.5} > serving logloss {:.5} * {}",
-                candidate.logloss, s.logloss, cfg.max_logloss_ratio
+                "logloss {:.5} > serving logloss {:.5} * {ratio:.4} (on {clicks:.0} clicks)",
+                candidate.logloss, s.logloss
             ));
         }
     }
@@ -217,29 +235,32 @@ mod tests {
             max_calibration_error: 0.1,
             ..GateConfig::default()
         };
-        let serving = ev(100, 0.75, 0.40, 1.0);
+        // Half a million clicks: the configured tolerances are far above the noise.
+        let n = 1_000_000;
+        let serving = ev(n, 0.75, 0.40, 1.0);
         assert_eq!(
-            judge(&cfg, &ev(100, 0.749, 0.403, 1.05), Some(&serving)),
+            judge(&cfg, &ev(n, 0.749, 0.403, 1.05), Some(&serving)),
             Ok(())
         );
         let cases = [
-            (ev(100, 0.747, 0.40, 1.0), "serving auc"),
-            (ev(100, 0.75, 0.41, 1.0), "serving logloss"),
-            (ev(100, 0.75, 0.40, 1.11), "calibration"),
-            (ev(100, 0.75, 0.40, 0.89), "calibration"),
+            (ev(n, 0.747, 0.40, 1.0), "serving auc"),
+            (ev(n, 0.75, 0.41, 1.0), "serving logloss"),
+            (ev(n, 0.75, 0.40, 1.11), "calibration"),
+            (ev(n, 0.75, 0.40, 0.89), "calibration"),
         ];
         for (c, want) in cases {
             let e = judge(&cfg, &c, Some(&serving)).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
         // With nothing serving only the candidate's own checks apply.
-        assert_eq!(judge(&cfg, &ev(100, 0.5, 9.0, 1.0), None), Ok(()));
-        let two = judge(&cfg, &ev(100, 0.5, 0.40, 2.0), Some(&serving))
+        assert_eq!(judge(&cfg, &ev(n, 0.5, 9.0, 1.0), None), Ok(()));
+        let two = judge(&cfg, &ev(n, 0.5, 0.40, 2.0), Some(&serving))
             .unwrap_err()
             .to_string();
         assert!(two.contains("auc") && two.contains("calibration"), "{two}");
         // On fewer clicks than calibration_min_clicks the calibration is noise and is not
         // judged; the comparison with serving still is.
+        let serving = ev(100, 0.75, 0.40, 1.0);
         let few = ev(100, 0.75, 0.40, 1.5);
         assert!(judge(&cfg, &few, Some(&serving)).is_err());
         let cfg = GateConfig {
@@ -248,6 +269,29 @@ mod tests {
         };
         assert_eq!(judge(&cfg, &few, Some(&serving)), Ok(()));
         assert!(judge(&cfg, &ev(102, 0.75, 0.40, 1.5), None).is_err());
+    }
+
+    /// On a quiet window the comparisons allow what chance does, and still catch a version
+    /// that is far worse.
+    #[test]
+    fn on_few_clicks_the_comparisons_allow_the_noise_and_no_more() {
+        let cfg = GateConfig::default();
+        // 20 clicks in 4,000 samples, a CTR of 0.5%.
+        let at = |auc: f64, logloss: f64| Evaluation {
+            samples: 4_000,
+            auc: Some(auc),
+            logloss,
+            calibration: Some(1.0),
+            mean_prediction: 0.005,
+            mean_label: 0.005,
+        };
+        let serving = at(0.70, 0.030);
+        // An AUC on 20 clicks has a standard error near 0.06, a logloss moves by a fifth.
+        assert_eq!(judge(&cfg, &at(0.66, 0.034), Some(&serving)), Ok(()));
+        let e = judge(&cfg, &at(0.55, 0.030), Some(&serving)).unwrap_err();
+        assert!(e.to_string().contains("serving auc"), "{e}");
+        let e = judge(&cfg, &at(0.70, 0.045), Some(&serving)).unwrap_err();
+        assert!(e.to_string().contains("serving logloss"), "{e}");
     }
 
     /// A verdict is due at min_samples, or at window_ms on whatever samples arrived, but
