@@ -298,3 +298,92 @@ fn the_schema_example_in_the_docs_trains() {
     assert_eq!(r["rejected_rows"].as_u64(), Some(0), "{stdout}");
     assert!(r["test_logloss"].as_f64().is_some_and(f64::is_finite));
 }
+
+/// `bench online --data` on the docs' schema example, each sample given a time: every row is
+/// accounted for (the malformed lines refused and counted), every model scores the second
+/// half, and the online run scored every impression with a served version.
+#[test]
+fn bench_online_replays_a_timed_stream_through_a_node() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    let cfg = docs.join("newsfeed.toml");
+    let samples = std::fs::read_to_string(docs.join("newsfeed-samples.jsonl")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("timed.jsonl");
+    let mut timed = String::new();
+    for (i, line) in samples.lines().enumerate() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        // One impression a minute, a click 30 s after its impression.
+        v["time_ms"] = (1_700_000_000_000i64 + 60_000 * i as i64).into();
+        if v["labels"]["click"] == 1 {
+            v["label_delay_ms"] = 30_000.into();
+        }
+        timed.push_str(&format!("{v}\n"));
+    }
+    timed.push_str("{\"time_ms\": \"noon\", \"labels\": {\"click\": 0}}\n{\"labels\":\n");
+    std::fs::write(&data, timed).unwrap();
+    let data_dir = dir.path().join("node");
+    let o = freshet(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "bench",
+            "online",
+            "--data",
+            data.to_str().unwrap(),
+            "--rates",
+            "20000",
+            "--period-ms",
+            "3600000",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["rows"], 400, "{stdout}");
+    assert_eq!(r["rejected_rows"], 2, "{stdout}");
+    let (history, evaluated) = (
+        r["history_rows"].as_u64().unwrap(),
+        r["evaluated_rows"].as_u64().unwrap(),
+    );
+    assert_eq!(history + evaluated, 400);
+    // 400 minutes split at an hour boundary near the middle: 180 or 240 rows of history.
+    assert!([180, 240].contains(&history), "{history}");
+    assert!(r["periods_evaluated"].as_u64().unwrap() >= 3, "{stdout}");
+    let periods: u64 = r["periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(periods, evaluated);
+    for key in [
+        "static_auc",
+        "daily_auc",
+        "zero_lag_auc",
+        "zero_lag_logistic_auc",
+    ] {
+        let a = r[key].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "{key}: {stdout}");
+    }
+    let run = &r["online"][0];
+    assert!(
+        run["auc"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a)),
+        "{stdout}"
+    );
+    assert_eq!(run["unserved_predictions"], 0, "{stdout}");
+    assert!(run["versions_served"].as_u64().unwrap() >= 1, "{stdout}");
+    assert!(
+        run["lag_ms_p99"].as_f64().is_some_and(|l| l >= 0.0),
+        "{stdout}"
+    );
+    // Without --data the simulator plays; a file that is not there is an error naming it.
+    let o = freshet(&["bench", "online", "--data", "/nonexistent/s.jsonl"], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("/nonexistent/s.jsonl"), "{}", text(&o));
+}

@@ -9,6 +9,7 @@ mod dense;
 mod embedding;
 mod freshness;
 mod join;
+mod online;
 mod serve;
 
 use clap::Subcommand;
@@ -30,6 +31,10 @@ pub(crate) enum BenchCommand {
     /// Time from a click being appended to serving answering with a version that learned
     /// from it, with the whole pipeline running live.
     Freshness(freshness::FreshnessArgs),
+    /// What online learning buys on a time-ordered stream: the progressive AUC of static,
+    /// daily-batch and online training (through a live node, at several event rates) and of a
+    /// zero-lag learner, with the serving lag in samples and in milliseconds.
+    Online(online::OnlineArgs),
     /// Closed-loop load on POST /v1/predict: latency and items scored/s, against the dense
     /// forward pass's FLOP limit on the same cores.
     Serve(serve::ServeBenchArgs),
@@ -42,6 +47,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Join(a) => join::run(a, settings),
         BenchCommand::Checkpoint(a) => checkpoint::run(a, settings),
         BenchCommand::Freshness(a) => freshness::run(a, settings),
+        BenchCommand::Online(a) => online::run(a, settings),
         BenchCommand::Serve(a) => serve::run(a, settings),
     }
 }
