@@ -62,7 +62,7 @@ pub(crate) struct DevArgs {
     #[arg(long)]
     window_ms: Option<u64>,
     /// A version (delta) every this many milliseconds, unless checkpoint.every_secs is set.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 250)]
     delta_ms: u64,
     /// Serving replicas.
     #[arg(long, default_value_t = 1)]

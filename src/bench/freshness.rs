@@ -36,7 +36,7 @@ pub(crate) struct FreshnessArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     rates: Vec<f64>,
     /// Version interval (the delta interval), in milliseconds; `freshet dev`'s default.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 250)]
     delta_ms: u64,
     /// Seconds of each run, warm-up included.
     #[arg(long, default_value_t = 25)]
