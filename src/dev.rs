@@ -174,9 +174,13 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let every = Duration::from_secs(args.status_every.max(1));
     let mut last = (Instant::now(), total(&*events), total(&*samples));
     let mut sup_join = Some(sup_join);
+    // One listener for the whole loop: a listener made afresh each turn would miss a Ctrl-C
+    // that came while another branch ran (the status line awaits the actors).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => match pipe.gave_up() {
+            _ = &mut ctrl_c => match pipe.gave_up() {
                 None => break Ok(()),
                 Some(why) => break Err(anyhow::anyhow!("the node stopped training for good: {why}")),
             },

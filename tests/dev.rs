@@ -52,6 +52,23 @@ fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits for `child` to exit after a signal; a node that ignores it fails the test (and is
+/// killed) instead of hanging the suite.
+fn exits_within(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node had not exited {secs} s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
     let d = setup();
@@ -204,7 +221,7 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0);
-    let status = node.child.wait().unwrap();
+    let status = exits_within(&mut node.child, 60);
     assert!(status.success());
     let mut out = String::new();
     std::io::Read::read_to_string(node.child.stdout.as_mut().unwrap(), &mut out).unwrap();
@@ -370,7 +387,7 @@ fn a_trainer_that_fails_for_good_stops_the_node_taking_events() {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0);
-    let status = node.child.wait().unwrap();
+    let status = exits_within(&mut node.child, 60);
     assert!(
         !status.success(),
         "a node that stopped training exits with an error"
