@@ -298,11 +298,13 @@ async fn guarded_publishing_serves_each_version_before_its_verdict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guarded_publishing_withdraws_a_failed_version_until_a_candidate_passes() {
     let dir = tempfile::tempdir().unwrap();
+    // The comparisons with the reference allow for chance, so failures come from a calibration
+    // check tighter than a 300-sample window's noise (about 0.1 on its 80-odd clicks): some
+    // versions pass it, most fail.
     let gate = GateConfig {
         min_samples: 300,
-        max_auc_drop: 0.0,
-        max_logloss_ratio: 1.0,
-        max_calibration_error: 10.0,
+        max_calibration_error: 0.05,
+        calibration_min_clicks: 1,
         alert_after: 1_000,
         ..loose_gate()
     };
