@@ -479,7 +479,6 @@ fn simulate(args: &OnlineArgs, schema: &Schema) -> anyhow::Result<Dataset> {
     }
     sim.finish(&mut recs);
     take(&mut recs, &mut impressions);
-    drop(take);
     let mut rows = Vec::with_capacity(impressions.len());
     let mut truths = Vec::with_capacity(impressions.len());
     let label = schema
