@@ -263,7 +263,7 @@ pub(crate) fn run(args: OnlineArgs, settings: &Settings) -> anyhow::Result<()> {
     let fastest = args.rates.iter().copied().fold(0.0, f64::max);
     for &rate in &args.rates {
         super::progress(&format!(
-            "online at {rate} events/s ({} events of history at {fastest} events/s first)",
+            "online at {rate} events/s (the {} rows of history at {fastest} events/s first)",
             ds.split
         ));
         let r = rt.block_on(online_run(&ds, rate, fastest, &args, settings))?;
