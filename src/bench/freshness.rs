@@ -281,18 +281,14 @@ async fn bench(
         }
     }
     lat.sort_by(f64::total_cmp);
-    let q = |f: f64| -> Option<f64> {
-        (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * f).round() as usize])
-    };
+    let q = |f: f64| super::quantile(&lat, f);
     let mut lags: Vec<u64> = lag_points
         .iter()
         .filter(|(t, _, _)| *t >= warm_end)
         .map(|&(_, held, consumed)| held.saturating_sub(consumed))
         .collect();
     lags.sort_unstable();
-    let lag_q = |f: f64| -> Option<u64> {
-        (!lags.is_empty()).then(|| lags[((lags.len() - 1) as f64 * f).round() as usize])
-    };
+    let lag_q = |f: f64| super::quantile(&lags, f);
     Ok(FreshnessReport {
         rate_asked: rate,
         events_per_sec: appended as f64 / elapsed_s.max(1e-9),

@@ -58,6 +58,12 @@ fn median(xs: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The `f` quantile (0 to 1) of `sorted`, the element nearest its rank; `None` when empty.
+pub(super) fn quantile<T: Copy>(sorted: &[T], f: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get((last as f64 * f).round() as usize).copied()
+}
+
 pub(super) fn best(xs: &[f64]) -> f64 {
     xs.iter().copied().fold(0.0, f64::max)
 }

@@ -976,8 +976,7 @@ async fn online_run(
     pipe.shutdown().await?;
     lag_samples.sort_unstable();
     lag_ms.sort_by(f64::total_cmp);
-    let q = |v: &[u64], f: f64| v.get(((v.len().max(1) - 1) as f64 * f) as usize).copied();
-    let qf = |v: &[f64], f: f64| v.get(((v.len().max(1) - 1) as f64 * f) as usize).copied();
+    let (q, qf) = (super::quantile::<u64>, super::quantile::<f64>);
     Ok((
         scores,
         OnlineRun {
