@@ -17,7 +17,8 @@
 //! - `GET /v1/admin/status`, `POST /v1/admin/rollback`, `POST /v1/admin/replay`,
 //!   `POST /v1/admin/calibrate`: the supervisor's commands (`freshet ctl` calls them). They
 //!   need `Authorization: Bearer <token>` when `--admin-token` is given; `freshet dev` is a
-//!   development node, so by default they are open (and it listens on loopback).
+//!   development node, so by default they are open, and it listens on loopback. Beyond
+//!   loopback it refuses to start without a token, unless `--insecure-admin`.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,9 +68,14 @@ pub(crate) struct DevArgs {
     /// Serving replicas.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Require this bearer token on the admin endpoints.
+    /// Require this bearer token on the admin endpoints. Needed to listen on an address other
+    /// than loopback, unless --insecure-admin.
     #[arg(long, env = "FRESHET_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Listen beyond loopback with the admin API (rollback, replay, calibrate) open to anyone
+    /// who can reach the port, and no token. A warning says so at every start.
+    #[arg(long)]
+    insecure_admin: bool,
     /// Seconds between status lines.
     #[arg(long, default_value_t = 5)]
     status_every: u64,
@@ -98,6 +104,15 @@ pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
 async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
     let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet dev")?;
+    // Before the pipeline starts: a taken address must stop the node before it writes a version.
+    check_admin_exposure(&args)?;
+    let listener = crate::http::listen(&args.http)?;
+    let bases_dir = match &settings.node.bases_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir().context("reading the working directory")?,
+    };
+    let bases_dir = std::fs::canonicalize(&bases_dir)
+        .with_context(|| format!("resolving node.bases_dir {}", bases_dir.display()))?;
     let cfg = crate::settings::pipeline_config(settings, window_ms, args.delta_ms, args.replicas)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
@@ -142,6 +157,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         pipe: pipe.clone(),
         ingest_rejects,
         token: args.admin_token.clone(),
+        bases_dir,
         events_accepted: AtomicU64::new(0),
         events_rejected: AtomicU64::new(0),
     });
@@ -156,10 +172,16 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         stopped: pipe.gave_up_slot(),
     });
     let node_data = web::Data::from(node.clone());
-    let (server, addrs) = bind(state.clone(), &args.http, move |cfg| {
-        cfg.app_data(node_data.clone());
-        crate::http::node::routes(cfg);
-    })?;
+    let (server, addrs) = bind(
+        state.clone(),
+        &args.http,
+        &settings.http,
+        listener,
+        move |cfg| {
+            cfg.app_data(node_data.clone());
+            crate::http::node::routes(cfg);
+        },
+    )?;
     for a in addrs {
         eprintln!("listening on http://{a}");
         eprintln!("  predict: POST http://{a}/v1/predict   models: GET http://{a}/v1/models");
@@ -235,6 +257,38 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"last_version": last, "events": total(&*events), "samples": total(&*samples)})
     );
+    Ok(())
+}
+
+/// Refuses an address beyond loopback while the admin API needs no token, unless
+/// `--insecure-admin`, and then warns. Decided on the resolved addresses, before binding, so a
+/// refused node never listens at all.
+fn check_admin_exposure(args: &DevArgs) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    if args.admin_token.is_some() {
+        return Ok(());
+    }
+    let addrs: Vec<std::net::SocketAddr> = args
+        .http
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("resolving --listen {}", args.http.listen))?
+        .collect();
+    let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) else {
+        return Ok(());
+    };
+    if !args.insecure_admin {
+        anyhow::bail!(
+            "refusing to listen on {open} with an open admin API: anyone who reaches it could \
+             roll back, replay or calibrate the node. Give a token (--admin-token or \
+             FRESHET_ADMIN_TOKEN), listen on loopback, or pass --insecure-admin"
+        );
+    }
+    eprintln!(
+        "WARNING: the admin API on {open} needs no token (--insecure-admin): anyone who can \
+         reach this port can roll back, replay or calibrate the node"
+    );
+    tracing::warn!(address = %open, "the admin API is open to the network (--insecure-admin)");
     Ok(())
 }
 

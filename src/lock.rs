@@ -1,15 +1,21 @@
-//! The data directory's lock: one process at a time opens a node's embedded logs.
+//! The data directory's lock: one process at a time opens a node's embedded logs, joiner
+//! checkpoints and model store.
 //!
 //! Opening the embedded log recovers it: a torn tail left by a crash is truncated. Done by a
-//! second process while `freshet dev` appends, that recovery could cut a record being written,
-//! so `freshet dev` holds this lock for its lifetime and `freshet train --from-log` takes it
-//! before opening the logs. The OS drops the lock when the holder exits, however it exits.
+//! second process while `freshet dev` appends, that recovery could cut a record being written
+//! (and two appenders would interleave frames), so every command that opens them takes this
+//! lock first: `dev` for its lifetime, `join` always (its checkpoints live in the directory
+//! too), and `simulate`, `ingest` and `train --from-log` when the log is the embedded one.
+//! Events reach a running node through `POST /v1/events`. The OS drops the lock when the
+//! holder exits, however it exits.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 use anyhow::Context;
+
+use crate::settings::Settings;
 
 /// Held while the process uses the data directory; released on drop or exit.
 #[derive(Debug)]
@@ -18,6 +24,20 @@ pub(crate) struct DataDirLock {
 }
 
 impl DataDirLock {
+    /// The lock when the settings' stream log is the embedded one (inside the data directory);
+    /// none for Kafka, whose broker serializes its own appenders.
+    pub(crate) fn for_embedded_log(
+        settings: &Settings,
+        what: &str,
+    ) -> anyhow::Result<Option<Self>> {
+        match settings.log.backend {
+            freshet_actors::stream::LogBackend::Embedded => {
+                Self::acquire(&settings.node.data_dir, what).map(Some)
+            }
+            freshet_actors::stream::LogBackend::Kafka => Ok(None),
+        }
+    }
+
     /// Takes `<data_dir>/node.lock`, or fails naming the process that holds it.
     pub(crate) fn acquire(data_dir: &Path, what: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)

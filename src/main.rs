@@ -5,8 +5,10 @@ mod bench;
 mod ckpt;
 mod ctl;
 mod dev;
+mod fdlimit;
 mod http;
 mod lock;
+mod resume;
 mod serve;
 mod settings;
 mod stream;
@@ -68,10 +70,24 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes, `: `-separated, each cause once: an error whose message already ends
+/// with its cause's (as `LogError::Io`'s "context: os error") does not repeat it.
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.ends_with(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -80,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         overrides.push(("node.data_dir", d.display().to_string()));
     }
     let settings = settings::load(cli.config.as_deref(), &overrides)?;
-    init_tracing(&settings.node.log);
+    init_tracing(&settings.node.log, settings.node.log_format)?;
     match cli.command {
         Command::Bench { what } => bench::run(what, &settings),
         Command::Train(args) => train::run(args, &settings),
@@ -99,12 +115,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logs to stderr through `filter` (`FRESHET_LOG` when set, else `node.log`). Colour only on a
+/// terminal: escape codes in a file or a log shipper are noise. A filter that does not parse is
+/// refused rather than replaced: a typo would otherwise hide the logs that were asked for.
+fn init_tracing(filter: &str, format: settings::LogFormat) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("FRESHET_LOG") {
+        Ok(f) => tracing_subscriber::EnvFilter::try_new(&f)
+            .map_err(|e| anyhow::anyhow!("invalid value {f:?} for FRESHET_LOG: {e}"))?,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid value {filter:?} for `node.log`: {e} (expected a tracing filter such \
+                 as `info` or `freshet=debug,info`)"
+            )
+        })?,
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        settings::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        settings::LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_its_error_s_message_is_told_once() {
+        let os = std::io::Error::from_raw_os_error(30);
+        let e = anyhow::Error::from(freshet_actors::stream::LogError::Io {
+            context: "appending to events".into(),
+            source: os,
+        })
+        .context("writing version 1");
+        let text = describe(&e);
+        assert_eq!(text.matches("os error 30").count(), 1, "{text}");
+        assert!(
+            text.starts_with("writing version 1: appending to events: "),
+            "{text}"
+        );
+        // A cause not in the message is still told.
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(2)).context("opening x");
+        assert!(describe(&e).contains("opening x: ") && describe(&e).contains("os error 2"));
+    }
 }

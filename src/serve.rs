@@ -65,14 +65,20 @@ pub(crate) fn run(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let store = ModelStore::open_existing(&root)
         .with_context(|| format!("opening the model store {}", root.display()))?;
     args.http.check()?;
+    let listener = crate::http::listen(&args.http)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(args, store))
+    rt.block_on(serve(args, store, &settings.http, listener))
 }
 
-async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
+async fn serve(
+    args: ServeArgs,
+    store: ModelStore,
+    limits: &crate::settings::HttpSettings,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<()> {
     let cell = Arc::new(ModelCell::new());
     let (replica, _join) = ReplicaHandle::spawn(ReplicaArgs {
         name: "serve".into(),
@@ -108,7 +114,7 @@ async fn serve(args: ServeArgs, store: ModelStore) -> anyhow::Result<()> {
         metrics: Vec::new(),
         stopped: Default::default(),
     });
-    let (server, addrs) = crate::http::bind(state, &args.http, |_| {})?;
+    let (server, addrs) = crate::http::bind(state, &args.http, limits, listener, |_| {})?;
     for a in addrs {
         eprintln!("listening on http://{a}");
     }

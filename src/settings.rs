@@ -45,6 +45,9 @@ pub(crate) struct Settings {
     pub(crate) validation: GateConfig,
     /// How often the node's supervisor restarts failed actors before it gives up.
     pub(crate) supervisor: SupervisorSettings,
+    /// What the HTTP server (`dev`, `serve`) allows a client: time to send a request, idle
+    /// time, connections.
+    pub(crate) http: HttpSettings,
     /// Every key a file, the environment or a flag gave (dotted, as `joiner.window.window_ms`),
     /// so that a command's own default never beats a value the user set.
     #[serde(skip)]
@@ -54,6 +57,59 @@ pub(crate) struct Settings {
 /// `freshet dev`'s join window when `--window-ms` is not given: shorter than a production
 /// window, so that negatives arrive while one watches.
 pub(crate) const DEV_WINDOW_MS: u64 = 5000;
+
+/// The HTTP server's bounds on its clients. A client that sends slowly, or not at all, holds a
+/// connection and a file descriptor; these bound how long and how many, so that no client can
+/// take the descriptors the pipeline needs (`src/fdlimit.rs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HttpSettings {
+    /// A request's line and headers must arrive within this many milliseconds of its
+    /// connection's first byte, else 408 and the connection is closed.
+    pub(crate) header_timeout_ms: u64,
+    /// Its body must arrive whole within this many milliseconds of its headers, else 408 and
+    /// the connection is closed.
+    pub(crate) body_timeout_ms: u64,
+    /// A kept-alive connection with no request is closed after this many milliseconds.
+    pub(crate) keep_alive_ms: u64,
+    /// Connections open at once, over all workers; more wait in the listen queue. Capped at half
+    /// the process's file-descriptor limit (raised to its hard limit at start), which leaves the
+    /// other half to the pipeline.
+    pub(crate) max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
+            keep_alive_ms: 5_000,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl HttpSettings {
+    fn validate(&self) -> Result<(), InvalidValue> {
+        for (key, v) in [
+            ("http.header_timeout_ms", self.header_timeout_ms),
+            ("http.body_timeout_ms", self.body_timeout_ms),
+            ("http.keep_alive_ms", self.keep_alive_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(InvalidValue::new(key, v, "milliseconds in 1..=3600000"));
+            }
+        }
+        if self.max_connections == 0 || self.max_connections > 1 << 20 {
+            return Err(InvalidValue::new(
+                "http.max_connections",
+                self.max_connections,
+                "an integer in 1..=1048576",
+            ));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +246,21 @@ pub(crate) struct NodeSettings {
     pub(crate) data_dir: PathBuf,
     /// A `tracing` filter, such as `info` or `freshet=debug,info`.
     pub(crate) log: String,
+    /// How log lines are written: `text` (coloured on a terminal only) or `json` (one object
+    /// per line, for log shippers).
+    pub(crate) log_format: LogFormat,
+    /// Where `ctl calibrate` may open base stores: under this directory and nowhere else
+    /// (default: the directory the node was started in).
+    pub(crate) bases_dir: Option<PathBuf>,
+}
+
+/// `node.log_format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -305,6 +376,8 @@ impl Default for NodeSettings {
         Self {
             data_dir: PathBuf::from("freshet-data"),
             log: "info".into(),
+            log_format: LogFormat::Text,
+            bases_dir: None,
         }
     }
 }
@@ -325,6 +398,14 @@ impl Default for EmbeddingSettings {
 impl Settings {
     /// Checks what types alone cannot.
     pub(crate) fn validate(&self) -> Result<(), InvalidValue> {
+        // Else every command would fail later with the OS's bare "File exists".
+        if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
+            return Err(InvalidValue::new(
+                "node.data_dir",
+                self.node.data_dir.display(),
+                "a directory, or a path where one can be made (it is a file)",
+            ));
+        }
         if self.embedding.shards == 0 || self.embedding.shards > 4096 {
             return Err(InvalidValue::new(
                 "embedding.shards",
@@ -388,6 +469,7 @@ impl Settings {
         self.log.validate("log")?;
         self.joiner.window.validate("joiner.window")?;
         self.supervisor.validate()?;
+        self.http.validate()?;
         self.validation.validate("validation")?;
         if self.joiner.batch > 1 << 20 {
             return Err(InvalidValue::new(

@@ -178,6 +178,7 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
         ..SimConfig::default()
     };
     let mut sim = Simulator::new(cfg)?;
+    let _lock = crate::lock::DataDirLock::for_embedded_log(settings, "running freshet simulate")?;
     let root = settings.log_dir();
     let events = open_topic(&root, EVENTS_TOPIC, &settings.log)
         .with_context(|| topic_context(EVENTS_TOPIC, &root, &settings.log))?;
@@ -295,14 +296,23 @@ pub(crate) struct IngestArgs {
     /// arrive).
     #[arg(long, default_value_t = 200)]
     linger_ms: u64,
-    /// After each append, print {"acked": N} on stdout: the events read so far are durable.
+    /// After each append, print {"acked": LINES, "appended": EVENTS, "dead_lettered": N} on
+    /// stdout: every line read so far is in the logs, and the counts are exact.
     #[arg(long)]
     ack: bool,
+    /// Ingest the file from its first line even if an earlier run ingested part of it. By
+    /// default a rerun of the same file continues after the last line an earlier run appended
+    /// (the mark lives in `<data_dir>/ingest/`); standard input always starts afresh.
+    #[arg(long)]
+    from_start: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
 struct IngestReport {
+    /// Lines read, counting those an earlier run of the same file read.
     lines: u64,
+    /// Lines an earlier run had ingested, skipped.
+    skipped_lines: u64,
     events: u64,
     rejected: u64,
     rejected_by_reason: std::collections::BTreeMap<String, u64>,
@@ -310,40 +320,102 @@ struct IngestReport {
 
 pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    let _lock = crate::lock::DataDirLock::for_embedded_log(settings, "running freshet ingest")?;
     let root = settings.log_dir();
     let events_log = open_topic(&root, EVENTS_TOPIC, &settings.log)
         .with_context(|| topic_context(EVENTS_TOPIC, &root, &settings.log))?;
     let rejects_log = open_topic(&root, INGEST_REJECTS_TOPIC, &settings.log)
         .with_context(|| topic_context(INGEST_REJECTS_TOPIC, &root, &settings.log))?;
-    let input: Box<dyn BufRead> = if args.input == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let f =
-            std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input))?;
-        Box::new(std::io::BufReader::with_capacity(1 << 20, f))
-    };
+    let mut report = IngestReport::default();
+    // Bytes of the input before the next line to read.
+    let mut offset = 0u64;
+    let (mut input, resume): (Box<dyn BufRead>, Option<crate::resume::Resume>) =
+        if args.input == "-" {
+            (Box::new(std::io::stdin().lock()), None)
+        } else {
+            let (resume, start) = crate::resume::Resume::open(
+                &settings.node.data_dir,
+                std::path::Path::new(&args.input),
+                args.from_start,
+            )?;
+            let mut f = std::fs::File::open(&args.input)
+                .with_context(|| format!("opening {}", args.input))?;
+            match start {
+                crate::resume::Start::Beginning => {}
+                crate::resume::Start::Continue { offset: at, lines } => {
+                    use std::io::Seek;
+                    f.seek(std::io::SeekFrom::Start(at))
+                        .with_context(|| format!("seeking {} to byte {at}", args.input))?;
+                    eprintln!(
+                        "continuing {} after line {lines} (byte {at}), where an earlier run \
+                         stopped; --from-start ingests it all again",
+                        args.input
+                    );
+                    report.lines = lines;
+                    report.skipped_lines = lines;
+                    offset = at;
+                }
+                crate::resume::Start::Changed { why } => {
+                    tracing::warn!(file = %args.input, "{why}: ingesting it from its first line");
+                }
+            }
+            (
+                Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+                Some(resume),
+            )
+        };
     let source = format!("ingest:{}", args.input);
     let mut events = Batcher::new(&*events_log);
     let mut dead = Batcher::new(&*rejects_log);
-    let mut report = IngestReport::default();
     let mut oldest: Option<Instant> = None;
     let stdout = std::io::stdout();
-    let flush =
-        |events: &mut Batcher<'_>, dead: &mut Batcher<'_>, lines: u64| -> anyhow::Result<()> {
-            events.flush()?;
-            dead.flush()?;
-            if args.ack {
-                let mut out = stdout.lock();
-                writeln!(out, "{{\"acked\": {lines}}}")?;
-                out.flush()?;
+    let flush = |events: &mut Batcher<'_>,
+                 dead: &mut Batcher<'_>,
+                 report: &IngestReport,
+                 offset: u64|
+     -> anyhow::Result<()> {
+        let queued = events.queued + dead.queued;
+        dead.flush()?;
+        events.flush()?;
+        if let Some(r) = &resume {
+            if queued > 0 {
+                // Durable before the mark says so, whatever the log's fsync policy.
+                events_log
+                    .flush()
+                    .context("making the appended events durable")?;
+                rejects_log
+                    .flush()
+                    .context("making the dead letters durable")?;
             }
-            Ok(())
-        };
-    for line in input.split(b'\n') {
-        let line = line.with_context(|| format!("reading {}", args.input))?;
+            r.save(offset, report.lines)?;
+        }
+        if args.ack {
+            let mut out = stdout.lock();
+            writeln!(
+                out,
+                "{{\"acked\": {}, \"appended\": {}, \"dead_lettered\": {}}}",
+                report.lines, events.appended, dead.appended
+            )?;
+            out.flush()?;
+        }
+        Ok(())
+    };
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = input
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("reading {}", args.input))?;
+        if n == 0 {
+            break;
+        }
+        offset += n as u64;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
         report.lines += 1;
         match admit(&line, report.lines, &source, events_log.partitions()) {
-            Intake::Blank => continue,
+            Intake::Blank => {}
             Intake::Event { partition, record } => {
                 report.events += 1;
                 events.push_to(partition, record);
@@ -361,11 +433,11 @@ pub(crate) fn ingest(args: IngestArgs, settings: &Settings) -> anyhow::Result<()
         if events.queued + dead.queued >= args.batch
             || started.elapsed() >= Duration::from_millis(args.linger_ms)
         {
-            flush(&mut events, &mut dead, report.lines)?;
+            flush(&mut events, &mut dead, &report, offset)?;
             oldest = None;
         }
     }
-    flush(&mut events, &mut dead, report.lines)?;
+    flush(&mut events, &mut dead, &report, offset)?;
     if report.rejected > 0 {
         tracing::warn!(
             rejected = report.rejected,
@@ -403,6 +475,7 @@ pub(crate) fn join(args: JoinArgsCli, settings: &Settings) -> anyhow::Result<()>
 }
 
 async fn join_async(args: JoinArgsCli, settings: &Settings) -> anyhow::Result<()> {
+    let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet join")?;
     let topics = open_topics(&settings.log_dir(), &settings.log)?;
     let started = Instant::now();
     let mut joiners = Vec::new();

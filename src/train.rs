@@ -11,7 +11,6 @@ use clap::Args;
 use freshet_actors::dense::ModelKind;
 use freshet_actors::metrics::auc;
 use freshet_actors::sample::Format;
-use freshet_actors::stream::LogBackend;
 use freshet_actors::training::offline::{self, OfflineJob, OfflineOut, OfflineStart};
 use freshet_actors::training::FreshModel;
 
@@ -107,12 +106,11 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         holdout(&args),
     )?;
     // Opening the embedded log recovers it: never while a node appends to it.
-    let _lock = match (args.from_log, &settings.log.backend) {
-        (true, LogBackend::Embedded) => Some(crate::lock::DataDirLock::acquire(
-            &settings.node.data_dir,
-            "training from its sample log",
-        )?),
-        _ => None,
+    let _lock = match args.from_log {
+        true => {
+            crate::lock::DataDirLock::for_embedded_log(settings, "training from its sample log")?
+        }
+        false => None,
     };
     let job = job(args, settings)?;
     let report = rt.block_on(offline::run(job, &mut Progress::new()))?;

@@ -187,7 +187,23 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
         assert_eq!(code, 400, "{path} {body}: {r}");
         assert!(r["error"].as_str().unwrap().contains("bad request body"));
     }
-    let (code, r) = post(&addr, "/v1/admin/calibrate", "{\"base\": \"/nonexistent\"}");
+    // A base outside node.bases_dir (the node's working directory here) gets one answer,
+    // whether the path exists or not: the endpoint tells nothing of the file system.
+    let (code, r) = post(
+        &addr,
+        "/v1/admin/calibrate",
+        "{\"base\": \"/nonexistent/x\"}",
+    );
+    assert_eq!(code, 403, "{r}");
+    let (code, etc) = post(&addr, "/v1/admin/calibrate", "{\"base\": \"/etc\"}");
+    assert_eq!((code, &etc), (403, &r));
+    // Inside it, a missing store is named.
+    let missing = d.path().join("no-such-base");
+    let (code, r) = post(
+        &addr,
+        "/v1/admin/calibrate",
+        &serde_json::json!({"base": missing}).to_string(),
+    );
     assert_eq!(code, 404, "{r}");
     let (_, metrics) = http(&addr, "GET", "/metrics", "text/plain", b"");
     let metrics = String::from_utf8(metrics).unwrap();
@@ -205,16 +221,32 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
             .find(|l| l.starts_with("events ") && l.contains("serving v"))
     });
 
-    // Training from the log needs the node stopped: it would open the logs the node writes.
-    let o = freshet(d.path())
-        .args(["train", "--from-log"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("in use by another Freshet process"),
-        "{err}"
-    );
+    // Every other command that opens the logs is refused while the node runs, naming the
+    // lock and the node's PID, before it touches a file: a second appender or a recovery of
+    // the log under the node's feet would corrupt it.
+    let events = d.path().join("more.jsonl");
+    std::fs::write(
+        &events,
+        "{\"type\": \"impression\", \"request_id\": \"x\", \"time_ms\": 1, \"user\": \"u\", \"item\": \"i\"}\n",
+    )
+    .unwrap();
+    let pid = format!("pid {}", node.child.id());
+    for args in [
+        vec!["train", "--from-log"],
+        vec!["ingest", events.to_str().unwrap()],
+        vec!["join", "--until-caught-up"],
+        vec!["simulate", "--impressions", "10"],
+    ] {
+        let o = freshet(d.path()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && err.contains("in use by another Freshet process")
+                && err.contains(&pid)
+                && err.contains("node.lock"),
+            "{args:?}: {err}"
+        );
+    }
 
     // Ctrl-C: a last version, a clean exit.
     // SAFETY: the child is ours and alive; SIGINT is what Ctrl-C sends.

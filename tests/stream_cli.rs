@@ -133,6 +133,99 @@ fn ingest_takes_json_lines_and_dead_letters_bad_ones() {
     assert_eq!(dead[0].payload, b"not json");
 }
 
+/// A line too large for any record is a dead letter like any other, and a rerun of the same
+/// file appends nothing twice: the first run's mark says where it stopped.
+#[test]
+fn ingest_dead_letters_a_huge_line_and_a_rerun_continues_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let impression = |i: usize| {
+        format!(
+            r#"{{"type":"impression","request_id":"r{i}","time_ms":1700000000000,"user":"u","item":"a"}}"#
+        )
+    };
+    let mut text = String::new();
+    for i in 0..100 {
+        text.push_str(&impression(i));
+        text.push('\n');
+    }
+    text.push_str(&"{".repeat(2 << 20));
+    text.push('\n');
+    for i in 100..200 {
+        text.push_str(&impression(i));
+        text.push('\n');
+    }
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let file = file.to_str().unwrap();
+
+    let out = freshet(dir.path())
+        .args(["ingest", file, "--batch", "64", "--ack"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (acks, report) = lines.split_at(lines.len() - 1);
+    let last = acks.last().expect("acks");
+    assert_eq!(
+        (last["acked"].as_u64(), last["appended"].as_u64()),
+        (Some(201), Some(200))
+    );
+    assert_eq!(last["dead_lettered"], 1);
+    assert!(
+        acks.windows(2)
+            .all(|w| w[0]["appended"].as_u64() <= w[1]["appended"].as_u64()),
+        "{acks:?}"
+    );
+    assert_eq!(report[0]["events"], 200);
+    assert_eq!(report[0]["rejected_by_reason"]["too_large"], 1);
+    assert_eq!(read_all(&open(dir.path(), EVENTS_TOPIC)).len(), 200);
+    let dead = read_all(&open(dir.path(), INGEST_REJECTS_TOPIC));
+    assert_eq!(dead.len(), 1);
+    let d = DeadLetter::from_msgpack(&dead[0]).unwrap();
+    assert_eq!((d.offset, d.reason.as_str()), (101, "too_large"));
+    assert!(
+        d.payload.len() < 1 << 20,
+        "cut to fit a record: {}",
+        d.payload.len()
+    );
+
+    // The same file again: nothing new, nothing appended.
+    let again = ok(&freshet(dir.path()).args(["ingest", file]).output().unwrap());
+    assert_eq!(
+        (again["events"].as_u64(), again["skipped_lines"].as_u64()),
+        (Some(0), Some(201))
+    );
+    assert_eq!(read_all(&open(dir.path(), EVENTS_TOPIC)).len(), 200);
+
+    // Grown: only the new lines, numbered after the old ones.
+    let mut f = std::fs::OpenOptions::new().append(true).open(file).unwrap();
+    writeln!(f, "{}", impression(200)).unwrap();
+    writeln!(f, "not json").unwrap();
+    drop(f);
+    let more = ok(&freshet(dir.path()).args(["ingest", file]).output().unwrap());
+    assert_eq!(
+        (more["events"].as_u64(), more["rejected"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(read_all(&open(dir.path(), EVENTS_TOPIC)).len(), 201);
+    let dead = read_all(&open(dir.path(), INGEST_REJECTS_TOPIC));
+    assert_eq!(DeadLetter::from_msgpack(&dead[1]).unwrap().offset, 203);
+
+    // --from-start is the explicit way to append it all again.
+    let all = ok(&freshet(dir.path())
+        .args(["ingest", file, "--from-start"])
+        .output()
+        .unwrap());
+    assert_eq!(all["events"], 201);
+}
+
 /// A writer killed at a random moment loses nothing it acknowledged, and the log it leaves
 /// opens (truncating any torn tail) and takes appends again.
 #[test]

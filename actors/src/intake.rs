@@ -8,7 +8,7 @@
 //! dead letters go.
 
 use crate::event::{DeadLetter, Event};
-use crate::stream::partition_of;
+use crate::stream::{partition_of, MAX_RECORD_BYTES};
 
 /// What one input line becomes.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,34 +34,87 @@ pub struct Refusal {
     pub dead_letter: Vec<u8>,
 }
 
+/// The most of a refused line its dead letter keeps. A line can be larger than any record the
+/// log takes; its dead letter must still fit, or the refusal itself would fail the batch.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 64 * 1024;
+
+/// The most of an error's text a dead letter keeps.
+const DETAIL_MAX: usize = 4 * 1024;
+
 /// Admits line number `line_no` (from 1) of the input `source` (`ingest:FILE`,
 /// `http:/v1/events`), for an event log of `partitions` partitions.
 pub fn admit(line: &[u8], line_no: u64, source: &str, partitions: u32) -> Intake {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Intake::Blank;
     }
+    if line.len() > MAX_RECORD_BYTES {
+        // Not parsed at all: no event that large could be appended, and parsing megabytes
+        // only to refuse them would let one client's line cost every other client time.
+        let error = format!(
+            "the line is {} bytes, more than the {MAX_RECORD_BYTES} an event may take",
+            line.len()
+        );
+        return refuse(line, line_no, source, "too_large", error);
+    }
     match Event::from_json(line).and_then(|e| e.validate().map(|()| e)) {
-        Ok(e) => Intake::Event {
-            partition: partition_of(e.request_id(), partitions),
-            record: e.to_msgpack(),
-        },
-        Err(e) => {
-            let dead_letter = DeadLetter {
-                topic: source.to_owned(),
-                partition: 0,
-                offset: line_no,
-                reason: e.kind().to_owned(),
-                detail: e.to_string(),
-                payload: line.to_vec(),
+        Ok(e) => {
+            let record = e.to_msgpack();
+            if record.len() > MAX_RECORD_BYTES {
+                let error = format!(
+                    "the event encodes to {} bytes, more than the log's record limit of \
+                     {MAX_RECORD_BYTES}",
+                    record.len()
+                );
+                return refuse(line, line_no, source, "too_large", error);
             }
-            .to_msgpack();
-            Intake::Refused(Refusal {
-                line: line_no,
-                reason: e.kind(),
-                error: e.to_string(),
-                dead_letter,
-            })
+            Intake::Event {
+                partition: partition_of(e.request_id(), partitions),
+                record,
+            }
         }
+        Err(e) => refuse(line, line_no, source, e.kind(), e.to_string()),
+    }
+}
+
+/// The refusal of `line`, with a dead letter that fits a record: the line's first
+/// [`DEAD_LETTER_PAYLOAD_MAX`] bytes, and its full size in the detail when it was cut.
+fn refuse(line: &[u8], line_no: u64, source: &str, reason: &'static str, error: String) -> Intake {
+    let mut detail = error.clone();
+    truncate_utf8(&mut detail, DETAIL_MAX);
+    let payload = if line.len() > DEAD_LETTER_PAYLOAD_MAX {
+        detail.push_str(&format!(
+            " (the line was {} bytes; its first {DEAD_LETTER_PAYLOAD_MAX} are kept)",
+            line.len()
+        ));
+        line[..DEAD_LETTER_PAYLOAD_MAX].to_vec()
+    } else {
+        line.to_vec()
+    };
+    let dead_letter = DeadLetter {
+        topic: source.to_owned(),
+        partition: 0,
+        offset: line_no,
+        reason: reason.to_owned(),
+        detail,
+        payload,
+    }
+    .to_msgpack();
+    Intake::Refused(Refusal {
+        line: line_no,
+        reason,
+        error,
+        dead_letter,
+    })
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -108,5 +161,41 @@ mod tests {
             assert_eq!((d.topic.as_str(), d.offset), ("ingest:x.jsonl", 7));
             assert_eq!((d.reason.as_str(), d.payload.as_slice()), (reason, line));
         }
+    }
+
+    #[test]
+    fn a_line_too_large_for_a_record_is_refused_with_a_dead_letter_that_fits() {
+        // Valid JSON that no record could hold, and garbage of the same size.
+        let huge_item = "x".repeat(MAX_RECORD_BYTES);
+        let valid = format!(
+            r#"{{"type": "impression", "request_id": "r", "time_ms": 5, "user": "u", "item": "{huge_item}"}}"#
+        );
+        let garbage = vec![b'{'; 2 << 20];
+        for line in [valid.as_bytes(), &garbage] {
+            let Intake::Refused(r) = admit(line, 3, "http:/v1/events", 4) else {
+                panic!("a {}-byte line is refused", line.len());
+            };
+            assert_eq!(r.reason, "too_large", "{}", r.error);
+            assert!(r.error.contains(&line.len().to_string()), "{}", r.error);
+            assert!(
+                r.dead_letter.len() <= MAX_RECORD_BYTES,
+                "{}",
+                r.dead_letter.len()
+            );
+            let d = DeadLetter::from_msgpack(&r.dead_letter).unwrap();
+            assert_eq!(d.payload, line[..DEAD_LETTER_PAYLOAD_MAX]);
+            assert!(
+                d.detail.contains("its first 65536 are kept"),
+                "{}",
+                d.detail
+            );
+        }
+        // A line at the limit is parsed and refused, and its letter still fits a record.
+        let near = vec![b'a'; MAX_RECORD_BYTES];
+        let Intake::Refused(r) = admit(&near, 1, "t", 1) else {
+            panic!("refused")
+        };
+        assert_eq!(r.reason, "undecodable");
+        assert!(r.dead_letter.len() <= MAX_RECORD_BYTES);
     }
 }

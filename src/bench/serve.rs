@@ -372,7 +372,8 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         metrics: Vec::new(),
         stopped: Default::default(),
     });
-    let (server, addrs) = crate::http::bind(state, &http, |_| {})?;
+    let listener = crate::http::listen(&http)?;
+    let (server, addrs) = crate::http::bind(state, &http, &settings.http, listener, |_| {})?;
     let addr = *addrs.first().context("the server listens nowhere")?;
     let handle = server.handle();
     let server = tokio::spawn(server);

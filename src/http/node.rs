@@ -4,7 +4,7 @@
 //! Admin requests need `Authorization: Bearer <token>` when the node was given a token.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,15 +19,17 @@ use freshet_actors::training::feed::ReplayPlan;
 use serde::{Deserialize, Serialize};
 
 use super::serving::MetricsSource;
-use super::{error, ServingState};
+use super::{error, Body, ServingState};
 
-/// The node behind its routes: the pipeline, where refused events go, the admin token, and
-/// the events counters.
+/// The node behind its routes: the pipeline, where refused events go, the admin token, where
+/// base stores may be, and the events counters.
 #[derive(Debug)]
 pub(crate) struct NodeState {
     pub(crate) pipe: PipelineHandle,
     pub(crate) ingest_rejects: Arc<dyn StreamLog>,
     pub(crate) token: Option<String>,
+    /// Canonical; `calibrate` opens base stores under it and nowhere else.
+    pub(crate) bases_dir: PathBuf,
     pub(crate) events_accepted: AtomicU64,
     pub(crate) events_rejected: AtomicU64,
 }
@@ -122,18 +124,32 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/admin/calibrate", web::post().to(admin_calibrate));
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 struct Refused {
     line: usize,
     reason: String,
     error: String,
 }
 
-/// `POST /v1/events`: JSON lines of events. Each valid line is appended; each invalid one is
-/// dead-lettered and reported with its line number. 200 when any line was accepted or the
-/// body held none; 400 when every line was refused; 503, accepting nothing, once the node has
-/// stopped training for good.
-async fn events(n: web::Data<NodeState>, body: web::Bytes) -> HttpResponse {
+/// `POST /v1/events`: JSON lines of events.
+///
+/// The whole body is checked before anything is appended. Each invalid line (malformed, or too
+/// large for a record) is dead-lettered, in a cut form when it is large, and reported with its
+/// line number; it never fails the good lines. Then:
+/// - 200 says how many events were appended (`accepted`), when any line was good or the body
+///   held none;
+/// - 400, when every line was refused;
+/// - 503 means nothing was appended: the event log refused the append, or the node stopped
+///   training for good. A client may retry the whole body.
+///
+/// The events of one body go to several partitions, one append each. Should the log fail after
+/// some partitions took theirs, the answer is still 200 with the count that was appended, and
+/// the lines that were not are listed as refused with reason `log_unavailable`, for the client
+/// to send again: a retry of the whole body would duplicate the rest.
+async fn events(n: web::Data<NodeState>, body: Body) -> HttpResponse {
+    if let Err(r) = body.json_only() {
+        return *r;
+    }
     // Nothing would ever train them: the client must keep them or send them elsewhere.
     if let Some(why) = n.pipe.gave_up() {
         return error(
@@ -144,47 +160,18 @@ async fn events(n: web::Data<NodeState>, body: web::Bytes) -> HttpResponse {
     let log = n.pipe.logs().events.clone();
     let rejects = n.ingest_rejects.clone();
     let parts = log.partitions();
-    let done = web::block(move || -> Result<(usize, Vec<Refused>), String> {
-        let mut pending: Vec<Vec<Vec<u8>>> = vec![Vec::new(); parts as usize];
-        let mut refused = Vec::new();
-        let mut dead = Vec::new();
-        let mut accepted = 0;
-        for (i, line) in body.split(|&b| b == b'\n').enumerate() {
-            match admit(line, i as u64 + 1, "http:/v1/events", parts) {
-                Intake::Blank => {}
-                Intake::Event { partition, record } => {
-                    accepted += 1;
-                    pending[partition as usize].push(record);
-                }
-                Intake::Refused(r) => {
-                    dead.push(r.dead_letter);
-                    refused.push(Refused {
-                        line: i + 1,
-                        reason: r.reason.to_owned(),
-                        error: r.error,
-                    });
-                }
-            }
-        }
-        for (p, recs) in pending.iter().enumerate() {
-            if !recs.is_empty() {
-                let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
-                log.append(p as u32, &refs).map_err(|e| e.to_string())?;
-            }
-        }
-        if !dead.is_empty() {
-            let refs: Vec<&[u8]> = dead.iter().map(Vec::as_slice).collect();
-            rejects.append(0, &refs).map_err(|e| e.to_string())?;
-        }
-        Ok((accepted, refused))
-    })
-    .await;
+    let bytes = body.bytes;
+    let done = web::block(move || append_events(&bytes, &*log, &*rejects, parts)).await;
     match done {
-        Ok(Ok((accepted, refused))) => {
+        Ok(Ok(Appended {
+            accepted,
+            refused,
+            invalid,
+        })) => {
             n.events_accepted
                 .fetch_add(accepted as u64, Ordering::Relaxed);
             n.events_rejected
-                .fetch_add(refused.len() as u64, Ordering::Relaxed);
+                .fetch_add(invalid as u64, Ordering::Relaxed);
             let status = if accepted == 0 && !refused.is_empty() {
                 StatusCode::BAD_REQUEST
             } else {
@@ -196,11 +183,100 @@ async fn events(n: web::Data<NodeState>, body: web::Bytes) -> HttpResponse {
                 "refused": refused,
             }))
         }
-        Ok(Err(e)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("the event log refused the append: {e}"),
-        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "POST /v1/events appended nothing");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("nothing was appended: {e}"),
+            )
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// What one events body became.
+#[derive(Debug)]
+struct Appended {
+    /// Events appended.
+    accepted: usize,
+    /// Lines not appended, with why: the invalid ones, then any the log did not take.
+    refused: Vec<Refused>,
+    /// Of `refused`, the invalid lines (dead-lettered).
+    invalid: usize,
+}
+
+/// Checks every line of `body`, dead-letters the invalid ones, then appends the events one
+/// partition at a time. `Err` only when nothing at all was appended.
+fn append_events(
+    body: &[u8],
+    log: &dyn StreamLog,
+    rejects: &dyn StreamLog,
+    parts: u32,
+) -> Result<Appended, String> {
+    // Per partition, the line numbers and records of its events, in body order.
+    let mut pending: Vec<(Vec<usize>, Vec<Vec<u8>>)> = vec![Default::default(); parts as usize];
+    let mut refused = Vec::new();
+    let mut dead = Vec::new();
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        match admit(line, i as u64 + 1, "http:/v1/events", parts) {
+            Intake::Blank => {}
+            Intake::Event { partition, record } => {
+                let (lines, recs) = &mut pending[partition as usize];
+                lines.push(i + 1);
+                recs.push(record);
+            }
+            Intake::Refused(r) => {
+                dead.push(r.dead_letter);
+                refused.push(Refused {
+                    line: i + 1,
+                    reason: r.reason.to_owned(),
+                    error: r.error,
+                });
+            }
+        }
+    }
+    let invalid = refused.len();
+    // The dead letters first: a refused line is kept before any good one is appended, so no
+    // answer can leave it lost.
+    if !dead.is_empty() {
+        let refs: Vec<&[u8]> = dead.iter().map(Vec::as_slice).collect();
+        rejects
+            .append(0, &refs)
+            .map_err(|e| format!("the dead-letter log refused the refused lines: {e}"))?;
+    }
+    let mut accepted = 0;
+    let mut failure: Option<String> = None;
+    for (p, (lines, recs)) in pending.iter().enumerate() {
+        if recs.is_empty() {
+            continue;
+        }
+        if failure.is_none() {
+            let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
+            match log.append(p as u32, &refs) {
+                Ok(_) => {
+                    accepted += recs.len();
+                    continue;
+                }
+                Err(e) => failure = Some(format!("the event log refused the append: {e}")),
+            }
+        }
+        let why = failure.clone().unwrap_or_default();
+        refused.extend(lines.iter().map(|&line| Refused {
+            line,
+            reason: "log_unavailable".to_owned(),
+            error: why.clone(),
+        }));
+    }
+    match failure {
+        Some(e) if accepted == 0 => Err(e),
+        _ => {
+            refused.sort_by_key(|r| r.line);
+            Ok(Appended {
+                accepted,
+                refused,
+                invalid,
+            })
+        }
     }
 }
 
@@ -211,22 +287,34 @@ fn admin<'a>(n: &'a NodeState, req: &HttpRequest) -> Result<&'a NodeState, Box<H
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Compared in full whatever the prefix that matches, so timing tells nothing.
-        let ok = given.is_some_and(|g| {
-            g.len() == token.len()
-                && g.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        });
-        if !ok {
+            .and_then(bearer);
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
             return Err(Box::new(HttpResponse::Unauthorized()
                 .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
                 .json(serde_json::json!({"error": "the admin API needs `Authorization: Bearer <token>`"}))));
         }
     }
     Ok(n)
+}
+
+/// The credentials of an `Authorization` value whose scheme is `Bearer`, in any case (RFC 9110
+/// makes auth schemes case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
+/// Whether `given` is `secret`, in a time that depends on the secret's length alone: every
+/// byte of the secret is compared whatever `given` holds, so timing tells nothing of how much
+/// of a guess was right.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != secret.len());
+    for (i, &s) in secret.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ s;
+    }
+    std::hint::black_box(diff) == 0
 }
 
 fn command_error(e: CommandError) -> HttpResponse {
@@ -243,8 +331,8 @@ fn command_error(e: CommandError) -> HttpResponse {
     error(status, &why)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpResponse>> {
-    serde_json::from_slice(body).map_err(|e| {
+fn parse<T: serde::de::DeserializeOwned>(body: &Body) -> Result<T, Box<HttpResponse>> {
+    serde_json::from_slice(body.json_only()?).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("bad request body: {e}"),
@@ -273,7 +361,7 @@ async fn admin_rollback(
     s: web::Data<ServingState>,
     n: web::Data<NodeState>,
     req: HttpRequest,
-    body: web::Bytes,
+    body: Body,
 ) -> HttpResponse {
     let n = match admin(&n, &req) {
         Ok(n) => n,
@@ -302,7 +390,7 @@ struct ReplayBody {
     skip: Option<(u64, u64)>,
 }
 
-async fn admin_replay(n: web::Data<NodeState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn admin_replay(n: web::Data<NodeState>, req: HttpRequest, body: Body) -> HttpResponse {
     let n = match admin(&n, &req) {
         Ok(n) => n,
         Err(r) => return *r,
@@ -332,11 +420,7 @@ struct CalibrateBody {
     version: Option<u64>,
 }
 
-async fn admin_calibrate(
-    n: web::Data<NodeState>,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> HttpResponse {
+async fn admin_calibrate(n: web::Data<NodeState>, req: HttpRequest, body: Body) -> HttpResponse {
     let n = match admin(&n, &req) {
         Ok(n) => n,
         Err(r) => return *r,
@@ -345,8 +429,210 @@ async fn admin_calibrate(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    match n.pipe.calibrate(b.base, b.version).await {
+    let base = match confined(&n.bases_dir, &b.base) {
+        Some(p) => p,
+        // One answer for every path outside, existing or not, so that the endpoint tells
+        // nothing about the rest of the file system.
+        None => {
+            return error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "a base store must lie under {} (node.bases_dir)",
+                    n.bases_dir.display()
+                ),
+            )
+        }
+    };
+    match n.pipe.calibrate(base, b.version).await {
         Ok(v) => HttpResponse::Ok().json(serde_json::json!({"installed_version": v})),
         Err(e) => command_error(e),
+    }
+}
+
+/// `path` if it lies under `root` (canonical), following symbolic links; a path that does not
+/// exist lies under `root` when its absolute form, with `.` and `..` resolved, does.
+fn confined(root: &Path, path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() {
+        return None;
+    }
+    match std::fs::canonicalize(path) {
+        Ok(real) => real.starts_with(root).then_some(real),
+        Err(_) => {
+            let mut lexical = PathBuf::new();
+            for c in path.components() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        lexical.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    c => lexical.push(c),
+                }
+            }
+            lexical.starts_with(root).then_some(lexical)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use freshet_actors::event::DeadLetter;
+    use freshet_actors::stream::{
+        AppendAck, EmbeddedLog, LogConfig, LogError, Offset, Record, MAX_RECORD_BYTES,
+    };
+
+    use super::*;
+
+    /// A log whose partitions from `fail_from` on refuse every append.
+    #[derive(Debug)]
+    struct Failing {
+        inner: EmbeddedLog,
+        fail_from: u32,
+    }
+
+    impl StreamLog for Failing {
+        fn topic(&self) -> &str {
+            self.inner.topic()
+        }
+        fn partitions(&self) -> u32 {
+            self.inner.partitions()
+        }
+        fn append(&self, partition: u32, records: &[&[u8]]) -> Result<AppendAck, LogError> {
+            if partition >= self.fail_from {
+                return Err(LogError::RecordTooLarge { size: 0, max: 0 });
+            }
+            self.inner.append(partition, records)
+        }
+        fn read(&self, p: u32, from: Offset, max: usize) -> Result<Vec<Record>, LogError> {
+            self.inner.read(p, from, max)
+        }
+        fn high_watermark(&self, p: u32) -> Result<Offset, LogError> {
+            self.inner.high_watermark(p)
+        }
+        fn low_watermark(&self, p: u32) -> Result<Offset, LogError> {
+            self.inner.low_watermark(p)
+        }
+        fn wait_for(&self, p: u32, o: Offset, t: Duration) -> Result<Offset, LogError> {
+            self.inner.wait_for(p, o, t)
+        }
+        fn flush(&self) -> Result<(), LogError> {
+            self.inner.flush()
+        }
+        fn commit(&self, g: &str, p: u32, o: Offset) -> Result<(), LogError> {
+            self.inner.commit(g, p, o)
+        }
+        fn committed(&self, g: &str, p: u32) -> Result<Option<Offset>, LogError> {
+            self.inner.committed(g, p)
+        }
+    }
+
+    fn log(dir: &std::path::Path, topic: &str, fail_from: u32) -> Failing {
+        let cfg = LogConfig {
+            partitions: 4,
+            ..LogConfig::default()
+        };
+        Failing {
+            inner: EmbeddedLog::open(dir, topic, cfg).unwrap(),
+            fail_from,
+        }
+    }
+
+    fn body(good: usize, bad_line_bytes: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for i in 0..good {
+            b.extend_from_slice(
+                format!(
+                    r#"{{"type": "impression", "request_id": "r-{i}", "time_ms": 5, "user": "u", "item": "i"}}"#
+                )
+                .as_bytes(),
+            );
+            b.push(b'\n');
+        }
+        b.extend(std::iter::repeat_n(b'x', bad_line_bytes));
+        b
+    }
+
+    fn total(log: &dyn StreamLog) -> u64 {
+        (0..log.partitions())
+            .map(|p| log.high_watermark(p).unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn good_lines_are_appended_and_counted_beside_a_line_too_large_for_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (events, rejects) = (log(dir.path(), "events", 4), log(dir.path(), "rejects", 4));
+        let a = append_events(&body(8, 1 << 20), &events, &rejects, 4).unwrap();
+        assert_eq!((a.accepted, a.invalid, a.refused.len()), (8, 1, 1));
+        assert_eq!(
+            (a.refused[0].line, a.refused[0].reason.as_str()),
+            (9, "too_large")
+        );
+        assert_eq!(total(&events), 8);
+        let kept = rejects.read(0, 0, 10).unwrap();
+        assert_eq!(kept.len(), 1, "the large line is dead-lettered");
+        assert!(kept[0].payload.len() <= MAX_RECORD_BYTES);
+        let d = DeadLetter::from_msgpack(&kept[0].payload).unwrap();
+        assert_eq!((d.offset, d.reason.as_str()), (9, "too_large"));
+        assert!(d.detail.contains("1048576"), "{}", d.detail);
+    }
+
+    #[test]
+    fn a_log_that_takes_nothing_is_an_error_and_a_partial_append_lists_what_it_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rejects = log(dir.path(), "rejects", 4);
+        // Nothing taken: Err, which the route answers 503.
+        let none = log(dir.path(), "none", 0);
+        assert!(append_events(&body(8, 0), &none, &rejects, 4).is_err());
+        assert_eq!(total(&none), 0);
+        // Partitions 0 and 1 take theirs, 2 fails (and 3 is not tried): the count is what was
+        // appended, and every line that was not is listed, to be sent again.
+        let some = log(dir.path(), "some", 2);
+        let a = append_events(&body(40, 0), &some, &rejects, 4).unwrap();
+        assert_eq!(a.accepted as u64, total(&some));
+        assert!(a.accepted > 0 && a.accepted < 40, "{}", a.accepted);
+        assert_eq!(a.accepted + a.refused.len(), 40);
+        assert!(a.refused.iter().all(|r| r.reason == "log_unavailable"));
+        assert!(a.refused.windows(2).all(|w| w[0].line < w[1].line));
+        assert_eq!(a.invalid, 0);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_secrets_in_full() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        for wrong in [&b""[..], b"s", b"s3cre", b"s3cret!", b"S3cret", b"s3creT"] {
+            assert!(!same_secret(wrong, b"s3cret"), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn only_paths_under_the_bases_directory_are_confined_there() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        let base = root.join("base");
+        std::fs::create_dir(&base).unwrap();
+        assert_eq!(confined(&root, &base), Some(base.clone()));
+        assert_eq!(
+            confined(&root, &root.join("missing")),
+            Some(root.join("missing"))
+        );
+        for outside in [
+            PathBuf::from("/etc"),
+            PathBuf::from("/nonexistent/x"),
+            root.join("../elsewhere"),
+            root.join("missing/../../x"),
+            PathBuf::from("relative"),
+        ] {
+            assert_eq!(confined(&root, &outside), None, "{}", outside.display());
+        }
+        // A link inside that leads outside is outside.
+        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        assert_eq!(confined(&root, &root.join("link")), None);
     }
 }

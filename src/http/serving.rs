@@ -23,13 +23,13 @@ use std::sync::Arc;
 
 use actix_web::http::header::ContentType;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::Threads;
 use freshet_actors::serving::{ModelCell, PredictRequest, ReplicaSet, ServingError};
 use serde::Serialize;
 
-use super::{error, is_msgpack, MSGPACK};
+use super::{error, Body, MSGPACK};
 
 /// Counters exported on /metrics.
 #[derive(Debug, Default)]
@@ -83,7 +83,7 @@ impl Drop for Slot<'_> {
     }
 }
 
-async fn predict(s: web::Data<ServingState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn predict(s: web::Data<ServingState>, body: Body) -> HttpResponse {
     let c = &s.counters;
     if c.in_flight.fetch_add(1, Ordering::AcqRel) >= s.max_in_flight {
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -91,11 +91,13 @@ async fn predict(s: web::Data<ServingState>, req: HttpRequest, body: web::Bytes)
         return error(StatusCode::SERVICE_UNAVAILABLE, "overloaded: try again");
     }
     let _slot = Slot(&c.in_flight);
-    let msgpack = is_msgpack(&req);
+    let msgpack = body.msgpack;
     let parsed: Result<PredictRequest, String> = if msgpack {
-        rmp_serde::from_slice(&body).map_err(|e| format!("not a predict request (msgpack): {e}"))
+        rmp_serde::from_slice(&body.bytes)
+            .map_err(|e| format!("not a predict request (msgpack): {e}"))
     } else {
-        serde_json::from_slice(&body).map_err(|e| format!("not a predict request (JSON): {e}"))
+        serde_json::from_slice(&body.bytes)
+            .map_err(|e| format!("not a predict request (JSON): {e}"))
     };
     let request = match parsed {
         Ok(r) => r,
