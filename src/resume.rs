@@ -197,56 +197,51 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_mark_continues_the_same_file_and_not_another_under_its_name() {
+    /// A data directory holding `input` (written with `contents`) and a mark saved at
+    /// `offset` after `lines` lines.
+    fn marked(contents: &str, offset: u64, lines: u64) -> (tempfile::TempDir, PathBuf, Resume) {
         let data = tempfile::tempdir().unwrap();
         let input = data.path().join("events.jsonl");
-        std::fs::write(&input, "line one\nline two\n").unwrap();
+        std::fs::write(&input, contents).unwrap();
         let (r, start) = Resume::open(data.path(), &input, false).unwrap();
-        assert_eq!(start, Start::Beginning);
-        r.save(9, 1).unwrap();
-        let (_, start) = Resume::open(data.path(), &input, false).unwrap();
-        assert_eq!(
-            start,
-            Start::Continue {
-                offset: 9,
-                lines: 1
-            }
-        );
+        assert_eq!(start, Start::Beginning, "no mark yet");
+        r.save(offset, lines).unwrap();
+        (data, input, r)
+    }
+
+    fn start(data: &tempfile::TempDir, input: &Path, from_start: bool) -> Start {
+        Resume::open(data.path(), input, from_start).unwrap().1
+    }
+
+    #[test]
+    fn a_mark_continues_the_same_file_and_not_another_under_its_name() {
+        let (data, input, _) = marked("line one\nline two\n", 9, 1);
+        let continued = Start::Continue {
+            offset: 9,
+            lines: 1,
+        };
+        assert_eq!(start(&data, &input, false), continued);
         // --from-start ignores it.
-        let (_, start) = Resume::open(data.path(), &input, true).unwrap();
-        assert_eq!(start, Start::Beginning);
+        assert_eq!(start(&data, &input, true), Start::Beginning);
         // Grown: the same file, continued.
         std::fs::write(&input, "line one\nline two\nline three\n").unwrap();
-        let (_, start) = Resume::open(data.path(), &input, false).unwrap();
-        assert_eq!(
-            start,
-            Start::Continue {
-                offset: 9,
-                lines: 1
-            }
-        );
+        assert_eq!(start(&data, &input, false), continued);
         // Rewritten with other first bytes, or cut below the offset: another file.
         std::fs::write(&input, "LINE ONE\nline two\n").unwrap();
-        let (_, start) = Resume::open(data.path(), &input, false).unwrap();
-        assert!(matches!(start, Start::Changed { .. }), "{start:?}");
+        let s = start(&data, &input, false);
+        assert!(matches!(s, Start::Changed { .. }), "{s:?}");
         std::fs::write(&input, "line").unwrap();
-        let (_, start) = Resume::open(data.path(), &input, false).unwrap();
+        let s = start(&data, &input, false);
         assert!(
-            matches!(start, Start::Changed { ref why } if why.contains("fewer")),
-            "{start:?}"
+            matches!(s, Start::Changed { ref why } if why.contains("fewer")),
+            "{s:?}"
         );
     }
 
     #[test]
     fn an_unreadable_mark_starts_over() {
-        let data = tempfile::tempdir().unwrap();
-        let input = data.path().join("e.jsonl");
-        std::fs::write(&input, "a\nb\n").unwrap();
-        let (r, _) = Resume::open(data.path(), &input, false).unwrap();
-        r.save(2, 1).unwrap();
+        let (data, input, r) = marked("a\nb\n", 2, 1);
         std::fs::write(r.mark_path(), "{not json").unwrap();
-        let (_, start) = Resume::open(data.path(), &input, false).unwrap();
-        assert_eq!(start, Start::Beginning);
+        assert_eq!(start(&data, &input, false), Start::Beginning);
     }
 }

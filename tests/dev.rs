@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{freshet, get, http, http_with, spawn_listening, Server, SMALL_MODEL_CONFIG};
+use common::{freshet, get, http, http_with, spawn_listening, wait, Server, SMALL_MODEL_CONFIG};
 use serde_json::{json, Value};
 
 /// The small model, a quick and loose gate, and two log partitions.
@@ -39,17 +39,6 @@ fn ctl(d: &Path, addr: &str, args: &[&str]) -> std::process::Output {
 fn post(addr: &str, path: &str, body: &str) -> (u16, Value) {
     let (code, b) = http(addr, "POST", path, "application/json", body.as_bytes());
     (code, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
-
-fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits for `child` to exit after a signal; a node that ignores it fails the test (and is

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{freshet, http, spawn_listening, Server, SMALL_MODEL_CONFIG};
+use common::{freshet, http, spawn_listening, wait, Server, SMALL_MODEL_CONFIG};
 use serde_json::Value;
 
 fn setup(extra: &str) -> tempfile::TempDir {
@@ -39,17 +39,6 @@ fn versions(d: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `GET /healthz` with a short read timeout: `None` while the server does not answer (the

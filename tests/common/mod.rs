@@ -182,3 +182,15 @@ pub(crate) fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// Polls `f` every 50 ms until it yields a value; fails the test, naming `what`, after `secs`.
+pub(crate) fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
