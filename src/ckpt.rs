@@ -19,7 +19,7 @@ pub(crate) struct CkptArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum CkptCommand {
-    /// List the versions, oldest first.
+    /// List the versions, oldest first, then the versions set aside in quarantine/.
     Ls {
         /// One JSON object per version instead of a table.
         #[arg(long)]
@@ -96,6 +96,25 @@ pub(crate) fn run(args: CkptArgs, settings: &Settings) -> anyhow::Result<()> {
                         m.rows_trained,
                         m.bytes(),
                         pinned.join(",")
+                    );
+                }
+            }
+            // Versions set aside are listed after the store's own, each with its reason.
+            for q in store.quarantined()? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "version": q.version, "quarantined": true, "dir": q.dir,
+                            "reason": q.reason, "at_unix_ms": q.at_unix_ms,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{:>8}  quarantined in {}: {}",
+                        q.version,
+                        q.dir.display(),
+                        q.reason
                     );
                 }
             }

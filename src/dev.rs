@@ -116,11 +116,23 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let cfg = crate::settings::pipeline_config(settings, window_ms, args.delta_ms, args.replicas)?;
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
-    let resumed = cfg.store.latest_live()?;
     let (pipe, sup_join) = PipelineHandle::start(cfg)
         .await
         .context("starting the node")?;
-    match resumed {
+    // What the trainer restored: the newest live version, or an older one when that one
+    // failed verification and was set aside.
+    let store = pipe.store().clone();
+    let quarantined = tokio::task::spawn_blocking(move || store.quarantined()).await??;
+    if let Some(q) = quarantined.last() {
+        eprintln!(
+            "{} version(s) set aside in {}; the newest, version {}: {}",
+            quarantined.len(),
+            q.dir.parent().unwrap_or(&q.dir).display(),
+            q.version,
+            q.reason
+        );
+    }
+    match pipe.status().await?.trainer.and_then(|t| t.started_from) {
         Some(v) => eprintln!("resuming from version {v}"),
         None => eprintln!("starting a fresh model"),
     }

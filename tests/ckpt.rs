@@ -136,7 +136,8 @@ fn versions_during_training_list_verify_export_and_restore_resharded() {
 
     // A flipped byte in the middle of the chain is named, and every version on it is refused.
     let p = d.join("store/v000000000002/shard-1.delta.msgpack");
-    let mut bytes = std::fs::read(&p).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let mut bytes = good.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&p, bytes).unwrap();
@@ -170,6 +171,36 @@ fn versions_during_training_list_verify_export_and_restore_resharded() {
             "1",
         ],
     ));
+
+    // One digit of a manifest's sample offsets changed: the version would retrain or skip
+    // samples, so verify and restore refuse it by its checksum.
+    std::fs::write(&p, &good).unwrap();
+    let o = run(d, &["ckpt", "--store", "store", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mpath = d.join("store/v000000000003/manifest.json");
+    let manifest = std::fs::read_to_string(&mpath).unwrap();
+    let at = manifest.find("\"sample_offsets\"").unwrap();
+    let digit = at + manifest[at..].find(|c: char| c.is_ascii_digit()).unwrap();
+    let mut edited = manifest.clone().into_bytes();
+    edited[digit] = if edited[digit] == b'9' {
+        b'1'
+    } else {
+        edited[digit] + 1
+    };
+    std::fs::write(&mpath, edited).unwrap();
+    let o = run(d, &["ckpt", "--store", "store", "verify"]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("v000000000003/manifest.json is corrupt: checksum"),
+        "{out}"
+    );
+    let o = run(d, &["train", "--data", "train.tsv", "--init", "store"]);
+    assert!(
+        !o.status.success() && text(&o).contains("checksum"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! A node against hostile clients and operator mistakes, as real processes on 127.0.0.1: slow
 //! clients that hold connections, an admin API asked to face the network without a token,
-//! bodies of the wrong type or with a line too large for a record, and start-up mistakes.
+//! bodies of the wrong type or with a line too large for a record, start-up mistakes, and a
+//! corrupt version on disk.
 
 mod common;
 
@@ -312,4 +313,133 @@ fn start_up_mistakes_are_named() {
     assert_eq!(logged.len(), 1, "{err}");
     let v: Value = serde_json::from_str(logged[0]).unwrap_or_else(|e| panic!("{e}: {err}"));
     assert_eq!(v["level"], "WARN", "{v}");
+}
+
+/// Sends Ctrl-C to `node` and returns its summary (the last stdout line).
+fn interrupt(mut node: Server) -> Value {
+    // SAFETY: the child is ours and alive; SIGINT is what Ctrl-C sends.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = node.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the node ignored Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    node.child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    serde_json::from_str(out.trim().lines().last().unwrap()).unwrap()
+}
+
+fn manifest(d: &Path, v: u64) -> Value {
+    let p = d.join(format!("data/models/v{v:012}/manifest.json"));
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn corrupt_versions_are_set_aside_and_the_node_resumes_from_the_newest_good_one() {
+    let d = setup("");
+    let node = {
+        let mut cmd = freshet(d.path());
+        dev_args(&mut cmd, &["--sim-rate", "1500", "--sim-seed", "3"]);
+        spawn_listening(cmd)
+    };
+    wait(60, "six versions", || {
+        (versions(d.path()) >= 6).then_some(())
+    });
+    let last = interrupt(node)["last_version"].as_u64().unwrap();
+    let good = last - 1;
+    // The newest version's dense state gets a flipped byte: it must be set aside, and the
+    // node resume from the one before it. (Missing manifests, truncated deltas and a bad
+    // full version under deltas are set aside the same way: `actors/src/ckpt/tests.rs`.)
+    let dense = d
+        .path()
+        .join(format!("data/models/v{last:012}/dense.msgpack"));
+    let mut bytes = std::fs::read(&dense).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&dense, bytes).unwrap();
+    assert!(manifest(d.path(), good)["rolled_back"].is_null());
+
+    let node = {
+        let mut cmd = freshet(d.path());
+        dev_args(&mut cmd, &["--sim-rate", "1500", "--sim-seed", "4"]);
+        spawn_listening(cmd)
+    };
+    let resumed = wait(60, "the resume line", || {
+        node.log
+            .try_iter()
+            .find(|l| l.starts_with("resuming from version"))
+    });
+    assert_eq!(resumed, format!("resuming from version {good}"));
+    // It trains on, numbering new versions past the ones set aside.
+    wait(60, "a version past the quarantined ones", || {
+        let (_, m) = common::get(&node.addr, "/v1/models");
+        let newest = m["versions"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v["version"].as_u64())
+            .max()?;
+        (newest > last).then_some(())
+    });
+    let newest = interrupt(node)["last_version"].as_u64().unwrap();
+
+    // `ckpt ls` names it, with the file and both checksums; nothing was deleted.
+    let o = freshet(d.path())
+        .args(["ckpt", "ls", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let set_aside: Vec<&Value> = rows.iter().filter(|r| r["quarantined"] == true).collect();
+    assert_eq!(set_aside.len(), 1, "{rows:?}");
+    let reason = |v: u64| {
+        set_aside
+            .iter()
+            .find(|r| r["version"] == v)
+            .map(|r| r["reason"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason(last).contains("dense.msgpack is corrupt: CRC32C")
+            && reason(last).contains("the manifest says"),
+        "{}",
+        reason(last)
+    );
+    for r in &set_aside {
+        // (Relative to the node's directory, as its data directory is.)
+        let dir = d.path().join(r["dir"].as_str().unwrap());
+        assert!(dir.join("QUARANTINED").is_file(), "{r}");
+    }
+    assert!(!rows
+        .iter()
+        .any(|r| r["version"] == last && r["quarantined"].is_null()));
+
+    // Exactly once: the newest version accounts for every sample offset it consumed, once.
+    // The first run had trained the samples after version `good` into the versions now set
+    // aside; the second trained them again from `good`'s offsets, into this chain only.
+    let m = manifest(d.path(), newest);
+    let consumed: u64 = m["sample_offsets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|o| o.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        m["rows_trained"].as_u64().unwrap() + m["samples_rejected"].as_u64().unwrap(),
+        consumed,
+        "{m}"
+    );
 }

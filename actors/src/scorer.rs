@@ -528,3 +528,35 @@ impl Pool<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::dense::ModelKind;
+
+    #[test]
+    fn tables_that_do_not_give_the_rows_the_model_reads_are_refused() {
+        let (schema, model) = (Schema::criteo(8), ModelConfig::new(ModelKind::Wdl));
+        let mut tables: BTreeMap<String, TableConfig> = Scorer::required_tables(&schema, &model)
+            .into_iter()
+            .map(|(name, dim)| (name, TableConfig::with_dim(dim)))
+            .collect();
+        Scorer::check_tables(&schema, &model, &tables).unwrap();
+        let (name, c) = tables.iter_mut().next().unwrap();
+        let name = name.clone();
+        c.dim += 1;
+        let e = Scorer::check_tables(&schema, &model, &tables).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("table {name} with dim")),
+            "{e}"
+        );
+        tables.remove(&name);
+        let e = Scorer::check_tables(&schema, &model, &tables).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("lacks table {name}")),
+            "{e}"
+        );
+    }
+}

@@ -190,7 +190,10 @@ pub(crate) fn wait<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -
         if let Some(t) = f() {
             return t;
         }
-        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -32,9 +32,12 @@ use crate::sample::Schema;
 pub use store::{load_serving, ModelStore, Payload, Restored};
 
 pub const FORMAT: &str = "freshet-model-store";
-/// Version 2 writes full shard files with their float blocks outside the msgpack header
-/// (`shard_file.rs`); version 1 wrote each as one msgpack value. Both are read.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 seals every manifest with a checksum of its own text. Version 2 wrote full shard
+/// files with their float blocks outside the msgpack header (`shard_file.rs`); version 1 wrote
+/// each as one msgpack value. All three are read.
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format version whose manifests must carry a checksum.
+pub const CHECKSUMMED_FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -58,6 +61,28 @@ pub enum CkptError {
     NoGoodVersion { store: PathBuf, tried: usize },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl CkptError {
+    /// Whether the version itself is at fault (a file missing or corrupt, a broken chain),
+    /// not the disk or the caller: such a version is set aside, and an older one used.
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self,
+            CkptError::Corrupt { .. } | CkptError::Missing { .. } | CkptError::Chain { .. }
+        )
+    }
+}
+
+/// A version set aside by [`ModelStore::quarantine`]: kept, never read as a version again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Quarantined {
+    pub version: u64,
+    /// Where it now lies.
+    pub dir: PathBuf,
+    /// Why: the error that refused it, with the file and the checksums it names.
+    pub reason: String,
+    pub at_unix_ms: u64,
 }
 
 /// An I/O error on `path`, with a missing file told apart: restore falls back on it.
@@ -140,6 +165,11 @@ pub struct Manifest {
     pub shards: u32,
     /// Every data file of this version: size and CRC32C (Castagnoli).
     pub files: BTreeMap<String, FileSum>,
+    /// CRC32C of this manifest's own text with this field's value written as 0. It is the
+    /// last field, so that a reader can find it in the text; `None` in memory (the store
+    /// seals a manifest as it writes it and checks and clears the seal as it reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<u32>,
 }
 
 impl Manifest {

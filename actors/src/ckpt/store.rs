@@ -12,8 +12,9 @@ use serde::Serialize;
 use super::merge::{apply_deltas, reshard};
 use super::shard_file::{self, ShardFileReader};
 use super::{
-    io, CkptError, FileSum, Manifest, RolledBack, ServingShard, ServingTable, Validation,
-    VersionKind, VersionMeta, FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
+    io, CkptError, FileSum, Manifest, Quarantined, RolledBack, ServingShard, ServingTable,
+    Validation, VersionKind, VersionMeta, CHECKSUMMED_FORMAT_VERSION, FORMAT, FORMAT_VERSION,
+    OLDEST_FORMAT_VERSION,
 };
 use crate::dense::DenseState;
 use crate::embedding::{EmbeddingShard, ShardDelta, ShardSnapshot};
@@ -22,6 +23,10 @@ use crate::ids::TableName;
 const MANIFEST: &str = "manifest.json";
 const DENSE: &str = "dense.msgpack";
 const PINS: &str = "pins";
+/// Versions set aside because they failed verification: `quarantine/v<12 digits>-<unix ms>/`.
+const QUARANTINE: &str = "quarantine";
+/// In a quarantined version's directory: why it was set aside.
+const QUARANTINE_REASON: &str = "QUARANTINED";
 /// Fault injection for the crash test: with `FRESHET_FAULT_CKPT_STALL=<version>`, the writer
 /// of that version stops after its first data file, as a process killed mid-write would.
 const STALL_ENV: &str = "FRESHET_FAULT_CKPT_STALL";
@@ -161,7 +166,8 @@ impl ModelStore {
         Ok(m)
     }
 
-    /// Writes a new version (numbered one past the newest) and returns its manifest.
+    /// Writes a new version (numbered one past the newest, quarantined ones included) and
+    /// returns its manifest.
     ///
     /// Files go to a temporary directory and are fsynced; the directory is renamed into
     /// place and the store directory fsynced. A crash at any point leaves every earlier
@@ -172,7 +178,7 @@ impl ModelStore {
         dense: &DenseState,
         payload: &Payload,
     ) -> Result<Manifest, CkptError> {
-        let version = self.latest()?.map_or(1, |v| v + 1);
+        let version = self.next_version()?;
         let (kind, parent, base, shards) = match payload {
             Payload::Full(s) => (VersionKind::Full, None, version, s.len()),
             Payload::Delta { parent, shards } => {
@@ -247,6 +253,7 @@ impl ModelStore {
             tables: meta.tables,
             shards: shards as u32,
             files,
+            checksum: None,
         };
         write_manifest(&tmp, &manifest)?;
         sync_dir(&tmp)?;
@@ -254,6 +261,134 @@ impl ModelStore {
         std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
         sync_dir(&self.root)?;
         Ok(manifest)
+    }
+
+    /// One past the newest version ever written here: version numbers are never reused, not
+    /// even those of versions set aside in quarantine.
+    fn next_version(&self) -> Result<u64, CkptError> {
+        let newest = self.latest()?.unwrap_or(0);
+        let set_aside = self.quarantined()?.iter().map(|q| q.version).max();
+        Ok(newest.max(set_aside.unwrap_or(0)) + 1)
+    }
+
+    /// Sets version `v` aside: its directory moves to `quarantine/` with a file that says
+    /// why, so that nothing reads it as a version again and nothing of it is lost. Returns
+    /// where it went.
+    pub fn quarantine(&self, v: u64, reason: &str) -> Result<PathBuf, CkptError> {
+        let qdir = self.root.join(QUARANTINE);
+        std::fs::create_dir_all(&qdir).map_err(|e| io(&qdir, e))?;
+        let dir = self.version_dir(v);
+        // The reason goes in first: a crash before the move leaves a version that is set
+        // aside again at the next start, never a quarantined one without its reason.
+        let why = dir.join(QUARANTINE_REASON);
+        std::fs::write(&why, format!("{reason}\n")).map_err(|e| io(&why, e))?;
+        let to = qdir.join(format!("{}-{}", version_dir_name(v), now_unix_ms()));
+        std::fs::rename(&dir, &to).map_err(|e| io(&to, e))?;
+        sync_dir(&qdir)?;
+        sync_dir(&self.root)?;
+        Ok(to)
+    }
+
+    /// Versions set aside, oldest first.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, CkptError> {
+        let qdir = self.root.join(QUARANTINE);
+        let entries = match std::fs::read_dir(&qdir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&qdir, e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| io(&qdir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((v, at)) = name.split_once('-') else {
+                continue;
+            };
+            let (Some(version), Ok(at_unix_ms)) = (parse_version_dir(v), at.parse()) else {
+                continue;
+            };
+            let reason = std::fs::read_to_string(e.path().join(QUARANTINE_REASON))
+                .map(|r| r.trim_end().to_string())
+                .unwrap_or_else(|err| format!("(its reason cannot be read: {err})"));
+            out.push(Quarantined {
+                version,
+                dir: e.path(),
+                reason,
+                at_unix_ms,
+            });
+        }
+        out.sort_by_key(|q| (q.version, q.at_unix_ms));
+        Ok(out)
+    }
+
+    /// Sets aside every version whose manifest cannot be read (missing, corrupt, of an
+    /// unknown format, or failing its checksum): nothing could tell what it holds. Returns
+    /// the versions set aside, each with its error.
+    pub fn set_aside_unreadable(&self) -> Result<Vec<(u64, CkptError)>, CkptError> {
+        let mut out = Vec::new();
+        for v in self.versions()? {
+            match self.manifest(v) {
+                Ok(_) => {}
+                Err(e) if e.is_integrity() => {
+                    self.quarantine(v, &e.to_string())?;
+                    out.push((v, e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// After `err` refused a restore of version `v`: sets aside the version at fault
+    /// (`at_fault`, from [`Self::version_at_fault`]; else `v`), `v`, and every version
+    /// restored through the one at fault. Returns the versions set aside, oldest first.
+    pub fn set_aside_failed_restore(
+        &self,
+        v: u64,
+        at_fault: Option<u64>,
+        err: &str,
+    ) -> Result<Vec<u64>, CkptError> {
+        let at_fault = at_fault.unwrap_or(v);
+        let mut doomed = std::collections::BTreeSet::from([at_fault, v]);
+        for w in self.versions()?.into_iter().filter(|&w| w > at_fault) {
+            // Walk `w`'s parents; a manifest that does not read is not followed.
+            let mut at = self.manifest(w).ok().and_then(|m| m.parent);
+            while let Some(p) = at.filter(|&p| p >= at_fault) {
+                if p == at_fault {
+                    doomed.insert(w);
+                    break;
+                }
+                at = self.manifest(p).ok().and_then(|m| m.parent);
+            }
+        }
+        for &w in &doomed {
+            if !self.version_dir(w).is_dir() {
+                continue;
+            }
+            let reason = if w == at_fault {
+                err.to_string()
+            } else {
+                format!("it restores through version {at_fault}, which failed: {err}")
+            };
+            self.quarantine(w, &reason)?;
+        }
+        Ok(doomed.into_iter().collect())
+    }
+
+    /// The version whose file or chain `e` is about, when it names one of this store's.
+    pub fn version_at_fault(&self, e: &CkptError) -> Option<u64> {
+        match e {
+            CkptError::Chain { version, .. } => Some(*version),
+            CkptError::Corrupt { path, .. } | CkptError::Missing { path } => path
+                .strip_prefix(&self.root)
+                .ok()?
+                .components()
+                .next()?
+                .as_os_str()
+                .to_str()
+                .and_then(parse_version_dir),
+            _ => None,
+        }
     }
 
     /// Removes directories left by writers that died mid-version. Only the store's single
@@ -761,24 +896,77 @@ fn open_full_shard(
     Ok((reader, header, sum))
 }
 
-/// Reads `dir`'s manifest and checks its format.
+/// Reads `dir`'s manifest and checks its format and, from format version 3, its checksum.
 fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
     let path = dir.join(MANIFEST);
     let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| CkptError::Corrupt {
+    let corrupt = |reason: String| CkptError::Corrupt {
         path: path.clone(),
-        reason: format!("not a manifest: {e}"),
-    })?;
+        reason,
+    };
+    let mut m: Manifest =
+        serde_json::from_slice(&text).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
     if m.format != FORMAT || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
-        return Err(CkptError::Corrupt {
-            path,
-            reason: format!(
-                "format {} v{}; this build reads {FORMAT} v{OLDEST_FORMAT_VERSION} to v{FORMAT_VERSION}",
-                m.format, m.format_version
-            ),
-        });
+        return Err(corrupt(format!(
+            "format {} v{}; this build reads {FORMAT} v{OLDEST_FORMAT_VERSION} to v{FORMAT_VERSION}",
+            m.format, m.format_version
+        )));
+    }
+    match (
+        m.checksum.take(),
+        m.format_version >= CHECKSUMMED_FORMAT_VERSION,
+    ) {
+        (Some(recorded), _) => {
+            let computed = manifest_checksum(&text)
+                .ok_or_else(|| corrupt("its checksum field cannot be found in its text".into()))?;
+            if computed != recorded {
+                return Err(corrupt(format!(
+                    "checksum {computed:08x} of its text, it records {recorded:08x} (edited or damaged)"
+                )));
+            }
+        }
+        (None, true) => {
+            return Err(corrupt(format!(
+                "format v{} requires a checksum and it has none",
+                m.format_version
+            )))
+        }
+        (None, false) => {}
     }
     Ok(m)
+}
+
+/// The key of the field that seals a manifest (the last one of the object).
+const CHECKSUM_KEY: &[u8] = b"\"checksum\"";
+
+/// CRC32C of a manifest's text with its checksum's digits replaced by `0`: what
+/// [`write_manifest`] sealed it with. `None` when the text has no checksum field.
+///
+/// The field is found as the last `"checksum"` key of the text, followed by `:` and digits
+/// (whatever the spacing): it is the object's last field, and inside a JSON string the quotes
+/// would be escaped, so no value can fake it.
+fn manifest_checksum(text: &[u8]) -> Option<u32> {
+    let key = text
+        .windows(CHECKSUM_KEY.len())
+        .rposition(|w| w == CHECKSUM_KEY)?;
+    let skip_space = |mut i: usize| {
+        while text.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
+        i
+    };
+    let colon = skip_space(key + CHECKSUM_KEY.len());
+    if text.get(colon) != Some(&b':') {
+        return None;
+    }
+    let at = skip_space(colon + 1);
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut h = crc32c::crc32c(&text[..at]);
+    h = crc32c::crc32c_append(h, b"0");
+    Some(crc32c::crc32c_append(h, &text[at + digits..]))
 }
 
 /// Creates `dir` empty, removing what a writer that died under the same name left there.
@@ -820,10 +1008,22 @@ fn write_encoded<T: Serialize>(
     write_bytes(dir, name, &bytes, files)
 }
 
-/// Replaces `dir`'s manifest atomically (write aside, fsync, rename, fsync the directory).
+/// Replaces `dir`'s manifest atomically (write aside, fsync, rename, fsync the directory),
+/// sealed with its checksum when its format version has one.
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CkptError> {
-    let bytes = serde_json::to_vec_pretty(m)
-        .map_err(|e| CkptError::Invalid(format!("encoding the manifest: {e}")))?;
+    let encode = |m: &Manifest| {
+        serde_json::to_vec_pretty(m)
+            .map_err(|e| CkptError::Invalid(format!("encoding the manifest: {e}")))
+    };
+    let bytes = if m.format_version >= CHECKSUMMED_FORMAT_VERSION {
+        let mut sealed = m.clone();
+        sealed.checksum = Some(0);
+        let unsealed = encode(&sealed)?;
+        sealed.checksum = manifest_checksum(&unsealed);
+        encode(&sealed)?
+    } else {
+        encode(m)?
+    };
     let tmp = dir.join(".manifest.json.tmp");
     let mut unused = BTreeMap::new();
     write_bytes(dir, ".manifest.json.tmp", &bytes, &mut unused)?;

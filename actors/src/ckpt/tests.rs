@@ -342,7 +342,7 @@ fn a_store_written_in_format_1_still_restores() {
     std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     let e = store.restore(full, None).unwrap_err().to_string();
     assert!(
-        e.contains("manifest.json is corrupt") && e.contains("v1 to v2"),
+        e.contains("manifest.json is corrupt") && e.contains("v1 to v3"),
         "{e}"
     );
 }
@@ -662,4 +662,158 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
     assert_eq!(kinds, vec![Full, Delta, Delta, Full]);
     ckpt.stop();
     router.stop();
+}
+
+#[test]
+fn a_manifest_changed_by_one_digit_is_refused_and_an_annotated_one_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 23);
+    let v = *truth.keys().last().unwrap();
+    let path = store.version_dir(v).join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.trim_end().ends_with('}') && text.contains("\"checksum\": "),
+        "{text}"
+    );
+    // Annotating reseals: the manifest still reads, with its verdict.
+    store
+        .set_validation(
+            v,
+            Validation {
+                passed: true,
+                samples: 10,
+                metrics: BTreeMap::new(),
+                at_unix_ms: 1,
+                reason: None,
+            },
+        )
+        .unwrap();
+    assert!(store.manifest(v).unwrap().validation.is_some());
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    // One digit of `step` changed, as an operator's editor or a bad disk might.
+    let at = text.find("\"step\": ").unwrap() + "\"step\": ".len();
+    let mut edited = text.clone().into_bytes();
+    edited[at] = if edited[at] == b'9' {
+        b'1'
+    } else {
+        edited[at] + 1
+    };
+    std::fs::write(&path, &edited).unwrap();
+    for e in [
+        store.manifest(v).unwrap_err(),
+        store.verify(v).unwrap_err(),
+        store.restore(v, None).err().unwrap(),
+    ] {
+        let s = e.to_string();
+        assert!(
+            matches!(e, CkptError::Corrupt { .. })
+                && s.contains("manifest.json")
+                && s.contains("checksum"),
+            "{s}"
+        );
+    }
+    // The checksum itself changed: refused the same way.
+    let seal = text.rfind("\"checksum\": ").unwrap() + "\"checksum\": ".len();
+    let mut edited = text.clone().into_bytes();
+    edited[seal] = if edited[seal] == b'9' {
+        b'1'
+    } else {
+        edited[seal] + 1
+    };
+    std::fs::write(&path, &edited).unwrap();
+    assert!(matches!(store.manifest(v), Err(CkptError::Corrupt { .. })));
+    // Without it, a version-3 manifest is refused too; restored, it reads again.
+    let stripped = text.replace(&text[text.rfind(",\n  \"checksum\"").unwrap()..], "\n}");
+    std::fs::write(&path, stripped).unwrap();
+    let e = store.manifest(v).unwrap_err().to_string();
+    assert!(e.contains("requires a checksum"), "{e}");
+    std::fs::write(&path, &text).unwrap();
+    assert_eq!(store.restore(v, None).unwrap().shards, truth[&v]);
+}
+
+/// Restores the newest live version, setting aside what fails as the trainer does
+/// (`training::restore_newest_good`); returns the version restored.
+fn restore_or_set_aside(store: &ModelStore) -> Option<u64> {
+    let mut v = store.latest_live().unwrap()?;
+    loop {
+        match store.restore(v, None) {
+            Ok(_) => return Some(v),
+            Err(e) => {
+                assert!(e.is_integrity(), "{e}");
+                store
+                    .set_aside_failed_restore(v, store.version_at_fault(&e), &e.to_string())
+                    .unwrap();
+                v = store.latest_live().unwrap()?;
+            }
+        }
+    }
+}
+
+#[test]
+fn versions_that_fail_verification_are_set_aside_with_their_reason_and_never_renumbered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, truth) = write_chain(tmp.path(), 29);
+    let vs: Vec<u64> = truth.keys().copied().collect();
+    let newest = *vs.last().unwrap();
+    // The newest delta's shard file truncated: that version alone goes.
+    let p = store.version_dir(newest).join("shard-2.delta.msgpack");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(restore_or_set_aside(&store), Some(newest - 1));
+    let q = store.quarantined().unwrap();
+    assert_eq!(q.iter().map(|q| q.version).collect::<Vec<_>>(), [newest]);
+    assert!(
+        q[0].reason.contains("shard-2.delta.msgpack is corrupt")
+            && q[0].reason.contains("truncated"),
+        "{}",
+        q[0].reason
+    );
+    assert!(
+        q[0].dir.join("shard-2.delta.msgpack").is_file(),
+        "kept, not deleted"
+    );
+
+    // A manifest missing: set aside before anything reads the store; the versions restored
+    // through it go when a restore reaches them.
+    std::fs::remove_file(store.version_dir(newest - 2).join("manifest.json")).unwrap();
+    let unreadable = store.set_aside_unreadable().unwrap();
+    assert_eq!(
+        unreadable.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+        [newest - 2]
+    );
+    assert_eq!(restore_or_set_aside(&store), Some(newest - 3));
+    let reason = &store
+        .quarantined()
+        .unwrap()
+        .iter()
+        .find(|q| q.version == newest - 1)
+        .unwrap()
+        .reason
+        .clone();
+    assert!(
+        reason.contains(&format!("restores through version {}", newest - 2)),
+        "{reason}"
+    );
+
+    // The full version corrupt: every version on it goes, and none is left.
+    let full = vs[0];
+    let p = store.version_dir(full).join("shard-0.snapshot");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&p, bytes).unwrap();
+    assert_eq!(restore_or_set_aside(&store), None);
+    assert!(store.versions().unwrap().is_empty());
+    assert_eq!(store.quarantined().unwrap().len(), vs.len());
+
+    // The next version written is numbered past every version ever written.
+    let m = store
+        .write(
+            meta(99),
+            &dense(99),
+            &Payload::Full(snap_all(&mut shards(4))),
+        )
+        .unwrap();
+    assert_eq!(m.version, newest + 1);
 }

@@ -290,6 +290,7 @@ async fn start_writer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<r
 /// writer meanwhile.
 fn prepare_start(ctx: &Ctx) -> anyhow::Result<TrainStart> {
     let store = &ctx.cfg.store;
+    set_aside_unreadable(store)?;
     let mut plan = ctx.plan();
     if let Some(to) = plan.rollback_to.take() {
         let at_unix_ms = now_unix_ms();
@@ -322,6 +323,18 @@ fn prepare_start(ctx: &Ctx) -> anyhow::Result<TrainStart> {
         }
     };
     Ok(TrainStart { version, replay })
+}
+
+/// Sets aside (in the store's `quarantine/`) every version whose manifest does not read, and
+/// says so: nothing could tell what such a version holds, so no actor may start from it.
+fn set_aside_unreadable(store: &ModelStore) -> anyhow::Result<()> {
+    let set_aside = store
+        .set_aside_unreadable()
+        .context("setting aside versions whose manifest does not read")?;
+    for (v, e) in set_aside {
+        tracing::error!(version = v, error = %e, "a version's manifest does not read: set aside in the store's quarantine/");
+    }
+    Ok(())
 }
 
 /// Whether a live version newer than `from` records the replay `r`.
@@ -501,6 +514,12 @@ impl PipelineHandle {
                 && cfg.logs.dead_letters.partitions() == partitions,
             "the event, sample and dead-letter topics must have the same partitions"
         );
+        // Before any actor reads the store: a replica looks for what to serve, the trainer
+        // for where to resume.
+        let store = cfg.store.clone();
+        tokio::task::spawn_blocking(move || set_aside_unreadable(&store))
+            .await
+            .context("quarantine task")??;
         let ctx = Arc::new(Ctx {
             threads: Arc::new(Threads::new(cfg.threads)?),
             cells: (0..cfg.replicas)

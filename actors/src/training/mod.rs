@@ -68,7 +68,8 @@ pub fn default_table_config(row_dim: usize) -> TableConfig {
 
 /// The trainer of a restored version: its dense net at its step. Checks first that the
 /// manifest's tables give every row the model reads, at the right dim, before any lookup
-/// slices them (`manifest.json` carries no checksum of its own).
+/// slices them: a manifest of format v1 or v2 carries no checksum of its own, and a sealed
+/// one can still describe tables that another model wrote.
 pub fn trainer_at(manifest: &Manifest, dense: DenseState) -> anyhow::Result<Trainer> {
     Scorer::check_tables(&manifest.schema, &manifest.model, &manifest.tables)?;
     let net = DenseNet::from_state(dense)?;
@@ -138,6 +139,53 @@ pub async fn restore(
         }
     }
     Ok((trainer, manifest))
+}
+
+/// Restores version `first` as [`restore`] does; when the version fails verification (a
+/// file missing or corrupt, a broken chain), sets it aside in the store's quarantine with
+/// every version restored through the one at fault, and tries the newest live version left.
+/// `None` when none is left: the caller starts a fresh model (from offset 0, so that no
+/// sample is counted twice).
+pub async fn restore_newest_good(
+    store: &ModelStore,
+    shards: &ShardRouter,
+    first: u64,
+) -> anyhow::Result<Option<(Trainer, Manifest)>> {
+    let mut v = first;
+    loop {
+        let err = match restore(store, shards, v).await {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) => e,
+        };
+        let Some(cause) = err
+            .chain()
+            .find_map(|c| c.downcast_ref::<crate::ckpt::CkptError>())
+            .filter(|c| c.is_integrity())
+        else {
+            return Err(err);
+        };
+        let why = format!("{err:#}");
+        let at_fault = store.version_at_fault(cause);
+        let s = store.clone();
+        let set_aside = tokio::task::spawn_blocking(move || {
+            s.set_aside_failed_restore(v, at_fault, &why)?;
+            s.latest_live()
+        })
+        .await
+        .context("quarantine task")?
+        .context("setting aside a version that failed verification")?;
+        tracing::error!(
+            version = v,
+            at_fault = at_fault.unwrap_or(v),
+            next = ?set_aside,
+            error = %format!("{err:#}"),
+            "a version failed verification: set aside in the store's quarantine/, resuming from the newest good version"
+        );
+        match set_aside {
+            Some(next) => v = next,
+            None => return Ok(None),
+        }
+    }
 }
 
 /// What a version records of the training behind it, besides the model: the samples it holds.

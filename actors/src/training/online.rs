@@ -9,7 +9,8 @@
 //!   CheckpointWriter when it is due, refused samples to `sample-rejects`.
 //! - **Keeps:** the dense net, the feed's offsets, the rows trained and refused.
 //! - **Restart.** `pre_start` builds everything from [`TrainerArgs`]: it restores *every*
-//!   shard and the dense net to `start.version` (or empties the shards for a fresh model),
+//!   shard and the dense net to `start.version`, or to the newest older version that verifies
+//!   when it does not (setting the bad ones aside), or empties the shards for a fresh model,
 //!   tells the writer its next version is full, and resumes from that version's offsets.
 //!   So samples after those offsets are applied exactly once, whatever state the shards were
 //!   in when the old trainer died.
@@ -298,11 +299,15 @@ impl Actor for TrainerActor {
         }
         // Whatever the writer last wrote, the shards are about to hold another state.
         args.writer.reset().await?;
-        let (trainer, tables, rows, rejected, offsets) = match args.start.version {
-            Some(v) => {
-                let (t, m) = super::restore(&args.store, &args.shards, v).await?;
+        let restored = match args.start.version {
+            Some(v) => super::restore_newest_good(&args.store, &args.shards, v).await?,
+            None => None,
+        };
+        let started_from = restored.as_ref().map(|(_, m)| m.version);
+        let (trainer, tables, rows, rejected, offsets) = match restored {
+            Some((t, m)) => {
                 tracing::info!(
-                    version = v,
+                    version = m.version,
                     step = m.step,
                     rows = m.rows_trained,
                     "trainer resumes"
@@ -346,14 +351,14 @@ impl Actor for TrainerActor {
             rejected_through,
             dirty: false,
             status: TrainerStatus {
-                started_from: args.start.version,
+                started_from,
                 ..TrainerStatus::default()
             },
             rate_since: Instant::now(),
             rate_rows: 0,
             args,
         };
-        if st.args.start.version.is_none() {
+        if started_from.is_none() {
             // The fresh model is a version too: a trainer restarted before its first capture
             // resumes from it instead of from shards that already learned something.
             st.capture().await;
