@@ -678,8 +678,13 @@ mod tests {
         let (slow, slow_updates) = auc_with_steps(&block, Some(512), || r(1, 3)).await;
         let (fast, fast_updates) = auc_with_steps(&block, Some(512), || r(16, 128)).await;
         println!("test auc: steps of 1 to 3 rows {slow:.4}, of 16 to 128 {fast:.4}");
+        // Not identical: in a step of 128 rows every lookup sees the rows as they were before
+        // the step, and a key seen twice takes one Adagrad update of its summed gradient.
+        // Over 21 seeds the 1-3-row steps scored 0.0018 higher on average (standard deviation
+        // 0.0022, largest 0.0054). The bound is that mean plus 3.7 standard deviations; with
+        // the batch-mean loss this replaced, 512-row steps scored 0.6205 against 0.7176.
         assert!(
-            (slow - fast).abs() <= 0.003,
+            (slow - fast).abs() <= 0.01,
             "steps of 1 to 3 rows: auc {slow:.4}; of 16 to 128: {fast:.4}"
         );
         // The dense optimizer stepped at the same samples: once per 512.
