@@ -122,6 +122,9 @@ pub(crate) struct CheckpointSettings {
     pub(crate) full_every: u32,
     /// Full versions (with their deltas) kept; older ones are deleted unless pinned.
     pub(crate) keep_full: usize,
+    /// Bytes the kept versions may take (0: no bound). Past it, whole chains are deleted,
+    /// oldest first; the newest chain and pinned versions' chains are always kept.
+    pub(crate) keep_bytes: u64,
 }
 
 impl Default for CheckpointSettings {
@@ -131,6 +134,7 @@ impl Default for CheckpointSettings {
             every_secs: 0.0,
             full_every: 60,
             keep_full: 3,
+            keep_bytes: 512 << 20,
         }
     }
 }
@@ -143,6 +147,7 @@ impl CheckpointSettings {
                 .then(|| std::time::Duration::from_secs_f64(self.every_secs)),
             full_every: self.full_every,
             keep_full: self.keep_full,
+            keep_bytes: (self.keep_bytes > 0).then_some(self.keep_bytes),
         }
     }
 }

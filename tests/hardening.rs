@@ -361,9 +361,13 @@ fn corrupt_versions_are_set_aside_and_the_node_resumes_from_the_newest_good_one(
     // The newest version's dense state gets a flipped byte: it must be set aside, and the
     // node resume from the one before it. (Missing manifests, truncated deltas and a bad
     // full version under deltas are set aside the same way: `actors/src/ckpt/tests.rs`.)
-    let dense = d
-        .path()
-        .join(format!("data/models/v{last:012}/dense.msgpack"));
+    let dir = d.path().join(format!("data/models/v{last:012}"));
+    // (A delta holds its dense state as a diff from its parent's; a full version whole.)
+    let name = ["dense.diff.msgpack", "dense.msgpack"]
+        .into_iter()
+        .find(|n| dir.join(n).is_file())
+        .unwrap();
+    let dense = dir.join(name);
     let mut bytes = std::fs::read(&dense).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -413,7 +417,7 @@ fn corrupt_versions_are_set_aside_and_the_node_resumes_from_the_newest_good_one(
             .unwrap_or_default()
     };
     assert!(
-        reason(last).contains("dense.msgpack is corrupt: CRC32C")
+        reason(last).contains(&format!("{name} is corrupt: CRC32C"))
             && reason(last).contains("the manifest says"),
         "{}",
         reason(last)

@@ -78,6 +78,7 @@ fn config(dir: &Path, gate: GateConfig, faults: Faults) -> PipelineConfig {
             every: Some(Duration::from_millis(400)),
             full_every: 10,
             keep_full: 100,
+            keep_bytes: None,
         },
         batch: 256,
         threads: 1,

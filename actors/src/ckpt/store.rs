@@ -16,12 +16,14 @@ use super::{
     Validation, VersionKind, VersionMeta, CHECKSUMMED_FORMAT_VERSION, FORMAT, FORMAT_VERSION,
     OLDEST_FORMAT_VERSION,
 };
-use crate::dense::DenseState;
+use crate::dense::{DenseDiff, DenseState, DenseUpdate};
 use crate::embedding::{EmbeddingShard, ShardDelta, ShardSnapshot};
 use crate::ids::TableName;
 
 const MANIFEST: &str = "manifest.json";
 const DENSE: &str = "dense.msgpack";
+/// A delta's dense state as its diff from the parent's (format v3).
+const DENSE_DIFF: &str = "dense.diff.msgpack";
 const PINS: &str = "pins";
 /// Versions set aside because they failed verification: `quarantine/v<12 digits>-<unix ms>/`.
 const QUARANTINE: &str = "quarantine";
@@ -178,6 +180,20 @@ impl ModelStore {
         dense: &DenseState,
         payload: &Payload,
     ) -> Result<Manifest, CkptError> {
+        self.write_after(meta, dense, payload, None)
+    }
+
+    /// [`Self::write`], given a version and its dense state that the caller holds (the
+    /// CheckpointWriter keeps the one it last wrote). A delta stores the dense state as its
+    /// diff from its parent's: from `known` when that is the parent, else restored from the
+    /// store.
+    pub fn write_after(
+        &self,
+        meta: VersionMeta,
+        dense: &DenseState,
+        payload: &Payload,
+        known: Option<(u64, &DenseState)>,
+    ) -> Result<Manifest, CkptError> {
         let version = self.next_version()?;
         let (kind, parent, base, shards) = match payload {
             Payload::Full(s) => (VersionKind::Full, None, version, s.len()),
@@ -210,7 +226,25 @@ impl ModelStore {
         let stall = std::env::var(STALL_ENV)
             .ok()
             .and_then(|s| s.parse::<u64>().ok());
-        write_encoded(&tmp, DENSE, dense, &mut files)?;
+        match payload {
+            Payload::Full(_) => write_encoded(&tmp, DENSE, dense, &mut files)?,
+            Payload::Delta { parent, .. } => {
+                let restored;
+                let base = match known {
+                    Some((v, d)) if v == *parent => d,
+                    _ => {
+                        restored = self.restore_dense(*parent)?.1;
+                        &restored
+                    }
+                };
+                write_encoded(
+                    &tmp,
+                    DENSE_DIFF,
+                    &DenseDiff::between(base, dense),
+                    &mut files,
+                )?
+            }
+        }
         if stall == Some(version) {
             eprintln!("{STALL_ENV}: stalled writing version {version}");
             loop {
@@ -481,7 +515,7 @@ impl ModelStore {
     /// missing or corrupt one is named in the error, and nothing is returned.
     pub fn restore(&self, v: u64, shards: Option<u32>) -> Result<Restored, CkptError> {
         let (chain, last) = self.restore_chain(v)?;
-        let (dense, dense_bytes) = self.read_dense(&last)?;
+        let (dense, dense_bytes) = self.read_dense(&chain)?;
         // Shards are independent: each is read and merged on its own thread.
         let per_shard: Vec<Result<(ShardSnapshot, u64), CkptError>> = (0..last.shards as usize)
             .into_par_iter()
@@ -511,7 +545,10 @@ impl ModelStore {
 
     /// Delta version `v` as written: its manifest, dense state and every shard's changes,
     /// each file checked against its checksum. What a serving replica applies.
-    pub fn read_delta(&self, v: u64) -> Result<(Manifest, DenseState, Vec<ShardDelta>), CkptError> {
+    pub fn read_delta(
+        &self,
+        v: u64,
+    ) -> Result<(Manifest, DenseUpdate, Vec<ShardDelta>), CkptError> {
         let m = self.manifest(v)?;
         if m.kind != VersionKind::Delta {
             return Err(CkptError::Chain {
@@ -520,7 +557,11 @@ impl ModelStore {
             });
         }
         let dir = self.version_dir(v);
-        let (dense, _) = read_decoded(&dir, DENSE, &m)?;
+        let dense = if m.files.contains_key(DENSE_DIFF) {
+            DenseUpdate::Diff(read_decoded(&dir, DENSE_DIFF, &m)?.0)
+        } else {
+            DenseUpdate::Whole(read_decoded(&dir, DENSE, &m)?.0)
+        };
         let shards = (0..m.shards as usize)
             .map(|i| read_decoded(&dir, &shard_file(VersionKind::Delta, i), &m).map(|(d, _)| d))
             .collect::<Result<_, _>>()?;
@@ -532,8 +573,8 @@ impl ModelStore {
     /// With [`ModelStore::restore_shard`], this lets each shard owner restore its own rows
     /// while the others do theirs, so that one shard's reads overlap another's table build.
     pub fn restore_dense(&self, v: u64) -> Result<(Manifest, DenseState), CkptError> {
-        let (_, last) = self.restore_chain(v)?;
-        let (dense, _) = self.read_dense(&last)?;
+        let (chain, last) = self.restore_chain(v)?;
+        let (dense, _) = self.read_dense(&chain)?;
         Ok((last, dense))
     }
 
@@ -580,8 +621,29 @@ impl ModelStore {
         Ok((chain, last))
     }
 
-    fn read_dense(&self, last: &Manifest) -> Result<(DenseState, u64), CkptError> {
-        read_decoded(&self.version_dir(last.version), DENSE, last)
+    /// The dense state at the chain's last version, with the bytes read: the newest whole
+    /// state on the chain (the full version's, or a v1/v2 delta's), then each later diff.
+    fn read_dense(&self, chain: &[Manifest]) -> Result<(DenseState, u64), CkptError> {
+        let start = chain
+            .iter()
+            .rposition(|m| m.files.contains_key(DENSE))
+            .ok_or_else(|| CkptError::Chain {
+                version: chain.last().map_or(0, |m| m.version),
+                reason: "no version of its chain holds a whole dense state".into(),
+            })?;
+        let first = &chain[start];
+        let (mut dense, mut bytes) =
+            read_decoded::<DenseState>(&self.version_dir(first.version), DENSE, first)?;
+        for m in &chain[start + 1..] {
+            let dir = self.version_dir(m.version);
+            let (diff, b) = read_decoded::<DenseDiff>(&dir, DENSE_DIFF, m)?;
+            dense = diff.apply(&dense).map_err(|e| CkptError::Corrupt {
+                path: dir.join(DENSE_DIFF),
+                reason: e.to_string(),
+            })?;
+            bytes += b;
+        }
+        Ok((dense, bytes))
     }
 
     /// Shard `i` of the chain's full version brought forward through each delta.
@@ -736,6 +798,18 @@ impl ModelStore {
     /// version's chain, and every version newer than the oldest kept full one; deletes the
     /// rest, oldest first. Returns the deleted versions.
     pub fn retain(&self, keep_full: usize) -> Result<Vec<u64>, CkptError> {
+        self.retain_within(keep_full, None)
+    }
+
+    /// [`Self::retain`], and then, while the kept versions' files take more than
+    /// `keep_bytes`: deletes the deltas of older chains (each full version restores on its
+    /// own), oldest chain first, then older full versions, oldest first. The newest chain and
+    /// every pinned version's chain are kept whatever their size.
+    pub fn retain_within(
+        &self,
+        keep_full: usize,
+        keep_bytes: Option<u64>,
+    ) -> Result<Vec<u64>, CkptError> {
         let keep_full = keep_full.max(1);
         let versions = self.versions()?;
         let mut manifests = BTreeMap::new();
@@ -759,14 +833,45 @@ impl ModelStore {
             .copied()
             .filter(|&v| v >= oldest_kept)
             .collect();
+        let mut pinned = std::collections::BTreeSet::new();
         for (_, v) in self.pins()? {
             // A pinned version needs its whole chain back to its full version.
             let mut at = Some(v);
             while let Some(x) = at {
-                keep.insert(x);
+                pinned.insert(x);
                 at = manifests.get(&x).and_then(|m| m.parent);
             }
         }
+        if let Some(max) = keep_bytes {
+            let bytes = |v: &u64| manifests.get(v).map_or(0, Manifest::bytes);
+            let mut total: u64 = keep.iter().chain(pinned.difference(&keep)).map(bytes).sum();
+            let newest_full = fulls.last().copied();
+            let older: Vec<u64> = fulls
+                .iter()
+                .copied()
+                .filter(|&f| f >= oldest_kept && Some(f) != newest_full)
+                .collect();
+            // First the deltas of older chains, then their full versions: a full version
+            // alone still restores, and keeps the oldest point to roll back to.
+            for deltas_only in [true, false] {
+                for &full in &older {
+                    if total <= max {
+                        break;
+                    }
+                    let doomed: Vec<u64> = keep
+                        .iter()
+                        .copied()
+                        .filter(|v| manifests.get(v).is_some_and(|m| m.base == full))
+                        .filter(|v| !(pinned.contains(v) || (deltas_only && *v == full)))
+                        .collect();
+                    for v in doomed {
+                        keep.remove(&v);
+                        total -= bytes(&v);
+                    }
+                }
+            }
+        }
+        keep.extend(pinned);
         let mut deleted = Vec::new();
         for v in versions {
             if keep.contains(&v) {

@@ -548,6 +548,51 @@ fn retention_keeps_recent_fulls_their_deltas_and_pinned_chains() {
 }
 
 #[test]
+fn retention_within_bytes_drops_older_deltas_then_older_fulls_never_the_newest_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path()).unwrap();
+    let mut sh = shards(2);
+    let mut rng = Xoshiro256::seed_from_u64(5);
+    let mut last: Option<(u64, TableVersions)> = None;
+    // Chains 1-3, 4-6, 7-9 (a full and two deltas each).
+    for step in 1..=9u64 {
+        train_step(&mut sh, &mut rng, step);
+        let now = snap_all(&mut sh);
+        let payload = match &last {
+            Some((p, v)) if step % 3 != 1 => Payload::Delta {
+                parent: *p,
+                shards: sh
+                    .iter_mut()
+                    .zip(v)
+                    .map(|(s, v)| s.delta_since(v).unwrap())
+                    .collect(),
+            },
+            _ => Payload::Full(now.clone()),
+        };
+        let m = store.write(meta(step), &dense(step), &payload).unwrap();
+        last = Some((m.version, versions_of(&now)));
+    }
+    let size = |vs: &[u64]| -> u64 { vs.iter().map(|&v| store.manifest(v).unwrap().bytes()).sum() };
+    let newest_chain = size(&[7, 8, 9]);
+    // Room for the newest chain and both older fulls: the older deltas go, oldest first.
+    let room = newest_chain + size(&[1, 4]);
+    assert_eq!(
+        store.retain_within(3, Some(room)).unwrap(),
+        vec![2, 3, 5, 6]
+    );
+    assert_eq!(store.versions().unwrap(), vec![1, 4, 7, 8, 9]);
+    store.restore(1, None).unwrap();
+    // Then the older fulls; a pinned one stays, and the newest chain stays whatever the bound.
+    store.pin("replica-0", 4).unwrap();
+    assert_eq!(store.retain_within(3, Some(1)).unwrap(), vec![1]);
+    assert_eq!(store.versions().unwrap(), vec![4, 7, 8, 9]);
+    store.unpin("replica-0").unwrap();
+    assert_eq!(store.retain_within(3, Some(1)).unwrap(), vec![4]);
+    assert_eq!(store.versions().unwrap(), vec![7, 8, 9]);
+    assert_eq!(store.restore(9, None).unwrap().dense, dense(9));
+}
+
+#[test]
 fn serving_export_has_weights_only() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, truth) = write_chain(&tmp.path().join("store"), 9);
@@ -592,6 +637,7 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
             every: None,
             full_every: 2,
             keep_full: 10,
+            keep_bytes: None,
         },
         faults: Default::default(),
     })
@@ -660,6 +706,63 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
     }
     use VersionKind::{Delta, Full};
     assert_eq!(kinds, vec![Full, Delta, Delta, Full]);
+    ckpt.stop();
+    router.stop();
+}
+
+#[tokio::test]
+async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path()).unwrap();
+    let router = ShardRouter::spawn_local(2, tables(), None, vec![])
+        .await
+        .unwrap();
+    // A bound below any version's size: a chain is over after its full version, and
+    // retention keeps the newest chain alone.
+    let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
+        store: store.clone(),
+        shards: router.clone(),
+        schedule: Schedule {
+            every_steps: Some(1),
+            every: None,
+            full_every: 100,
+            keep_full: 10,
+            keep_bytes: Some(2),
+        },
+        faults: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut rng = Xoshiro256::seed_from_u64(19);
+    for step in 1..=4u64 {
+        let keys: Vec<u64> = (0..40).map(|_| rng.below(300)).collect();
+        let ctx = TrainCtx {
+            step,
+            now_ms: 100_000,
+        };
+        for (name, cfg) in tables() {
+            router
+                .lookup_for_training(&name, cfg.dim, &keys, ctx)
+                .await
+                .unwrap();
+        }
+        assert!(ckpt.due(step));
+        ckpt.capture(StepBoundary {
+            meta: meta(step),
+            dense: dense(step),
+            full: false,
+        })
+        .await
+        .unwrap();
+    }
+    let stats = ckpt.flush().await.unwrap();
+    assert_eq!(
+        (stats.full_written, stats.deltas_written),
+        (4, 0),
+        "{stats:?}"
+    );
+    assert_eq!(store.versions().unwrap(), vec![4]);
+    assert_eq!(stats.versions_deleted, 3);
     ckpt.stop();
     router.stop();
 }
@@ -816,4 +919,83 @@ fn versions_that_fail_verification_are_set_aside_with_their_reason_and_never_ren
         )
         .unwrap();
     assert_eq!(m.version, newest + 1);
+}
+
+/// A W&D dense state of the default shape (1024-512-256 over 26 fields of 16 and 13 dense).
+fn wdl_dense() -> DenseState {
+    DenseNet::new(
+        ModelConfig::new(ModelKind::Wdl),
+        InputShape {
+            fields: vec![16; 26],
+            dense: 13,
+        },
+    )
+    .unwrap()
+    .state()
+}
+
+#[test]
+fn a_delta_stores_the_dense_state_as_a_small_diff_and_a_v2_delta_still_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path()).unwrap();
+    let mut sh = shards(2);
+    let base = wdl_dense();
+    let full = store
+        .write(meta(1), &base, &Payload::Full(snap_all(&mut sh)))
+        .unwrap();
+    let since = versions_of(&snap_all(&mut sh));
+    // The next version: the pending gradient sum started, nothing else moved, as between
+    // two dense updates.
+    let mut next = base.clone();
+    next.pending = Some(crate::dense::PendingUpdate {
+        rows: 40,
+        grads: (0..next.params.len())
+            .map(|i| ((i % 11) as f32 - 5.0) * 1e-3)
+            .collect(),
+    });
+    let delta = |sh: &mut Vec<EmbeddingShard>| Payload::Delta {
+        parent: full.version,
+        shards: sh
+            .iter_mut()
+            .zip(&since)
+            .map(|(s, v)| s.delta_since(v).unwrap())
+            .collect(),
+    };
+    let d = store
+        .write_after(meta(2), &next, &delta(&mut sh), Some((full.version, &base)))
+        .unwrap();
+    let whole = full.files["dense.msgpack"].bytes;
+    let diff = d.files["dense.diff.msgpack"].bytes;
+    assert!(!d.files.contains_key("dense.msgpack"));
+    println!("dense: whole {whole} bytes, diff {diff} bytes");
+    assert!(diff * 4 < whole, "diff {diff} of whole {whole}");
+    assert_eq!(store.restore_dense(d.version).unwrap().1, next);
+    // Without the parent's state at hand, the store restores it: the same bytes.
+    let again = store.write(meta(2), &next, &delta(&mut sh)).unwrap();
+    assert_eq!(
+        again.files["dense.diff.msgpack"],
+        d.files["dense.diff.msgpack"]
+    );
+    let (_, update, _) = store.read_delta(d.version).unwrap();
+    assert_eq!(update.apply_to(&base).unwrap(), next);
+
+    // A delta as format v2 wrote it, the whole dense state in dense.msgpack: read as before.
+    let dir = store.version_dir(again.version);
+    let mut m = store.manifest(again.version).unwrap();
+    std::fs::remove_file(dir.join("dense.diff.msgpack")).unwrap();
+    m.files.remove("dense.diff.msgpack");
+    let bytes = rmp_serde::to_vec(&next).unwrap();
+    std::fs::write(dir.join("dense.msgpack"), &bytes).unwrap();
+    m.files.insert(
+        "dense.msgpack".into(),
+        FileSum {
+            bytes: bytes.len() as u64,
+            crc32c: crc32c::crc32c(&bytes),
+        },
+    );
+    m.format_version = 2;
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    assert_eq!(store.restore_dense(again.version).unwrap().1, next);
+    let (_, update, _) = store.read_delta(again.version).unwrap();
+    assert!(matches!(update, crate::dense::DenseUpdate::Whole(_)));
 }

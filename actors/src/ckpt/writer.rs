@@ -49,6 +49,9 @@ pub struct Schedule {
     pub full_every: u32,
     /// Full versions (with their deltas) retention keeps.
     pub keep_full: usize,
+    /// Bytes the kept versions may take: past it, whole chains go, oldest first (never the
+    /// newest chain or a pinned one). `None`: no bound.
+    pub keep_bytes: Option<u64>,
 }
 
 impl Default for Schedule {
@@ -58,6 +61,7 @@ impl Default for Schedule {
             every: Some(Duration::from_secs(10)),
             full_every: 60,
             keep_full: 3,
+            keep_bytes: None,
         }
     }
 }
@@ -187,6 +191,10 @@ struct Durable {
     version: u64,
     tables: Vec<Vec<(TableName, u64)>>,
     deltas_since_full: u32,
+    /// Bytes of its chain: its full version and the deltas after it, itself included.
+    chain_bytes: u64,
+    /// Its dense state: the next delta stores its own as a diff from this one.
+    dense: Arc<DenseState>,
 }
 
 #[derive(Debug)]
@@ -200,11 +208,15 @@ pub struct WriterState {
 impl WriterState {
     async fn capture(&self, at: &StepBoundary) -> Result<Payload, ShardError> {
         let shards = self.args.shards.shards();
-        // A delta needs a durable parent; after `full_every` deltas the chain starts over.
-        let parent = self
-            .last
-            .as_ref()
-            .filter(|d| !at.full && d.deltas_since_full < self.args.schedule.full_every);
+        // A delta needs a durable parent; after `full_every` deltas, or once the chain takes
+        // half of what retention may keep, the chain starts over. (Retention never deletes
+        // the newest chain, so this is what keeps the store within its bytes; the other half
+        // holds older versions to roll back to.)
+        let schedule = &self.args.schedule;
+        let chain_max = schedule.keep_bytes.map_or(u64::MAX, |b| b / 2);
+        let parent = self.last.as_ref().filter(|d| {
+            !at.full && d.deltas_since_full < schedule.full_every && d.chain_bytes < chain_max
+        });
         let Some(last) = parent else {
             let mut snaps = Vec::with_capacity(shards.len());
             for h in shards {
@@ -229,8 +241,14 @@ impl WriterState {
         let tables = payload.table_versions();
         let store = self.args.store.clone();
         let started = Instant::now();
-        let written =
-            tokio::task::spawn_blocking(move || store.write(at.meta, &at.dense, &payload)).await;
+        let dense = Arc::new(at.dense);
+        let parent = self.last.as_ref().map(|d| (d.version, d.dense.clone()));
+        let d = dense.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let parent = parent.as_ref().map(|(v, d)| (*v, &**d));
+            store.write_after(at.meta, &d, &payload, parent)
+        })
+        .await;
         let manifest = match written {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
@@ -254,10 +272,9 @@ impl WriterState {
         } else {
             self.stats.deltas_written += 1;
         }
-        let deltas_since_full = if full {
-            0
-        } else {
-            self.last.as_ref().map_or(0, |d| d.deltas_since_full) + 1
+        let (deltas_since_full, chain_bytes) = match self.last.as_ref().filter(|_| !full) {
+            None => (0, manifest.bytes()),
+            Some(d) => (d.deltas_since_full + 1, d.chain_bytes + manifest.bytes()),
         };
         for (h, through) in self.args.shards.shards().iter().zip(&tables) {
             // Failing to forget only costs memory; the next delta is still correct.
@@ -269,8 +286,15 @@ impl WriterState {
             version: manifest.version,
             tables,
             deltas_since_full,
+            chain_bytes,
+            dense,
         });
-        match self.args.store.retain(self.args.schedule.keep_full) {
+        let schedule = &self.args.schedule;
+        match self
+            .args
+            .store
+            .retain_within(schedule.keep_full, schedule.keep_bytes)
+        {
             Ok(deleted) => self.stats.versions_deleted += deleted.len() as u64,
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint retention failed; will retry after the next version")

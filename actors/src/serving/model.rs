@@ -12,7 +12,7 @@ use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::ckpt::{Manifest, Restored};
-use crate::dense::{DenseNet, DenseState, Threads};
+use crate::dense::{DenseNet, DenseState, DenseUpdate, Threads};
 use crate::embedding::{RowBlock, ShardDelta, TableConfig};
 use crate::ids::TableName;
 use crate::sample::json::{RawField, RawSample, SampleDecoder};
@@ -125,7 +125,8 @@ impl ServingTable {
 #[derive(Debug)]
 pub struct ModelDelta {
     pub manifest: Manifest,
-    pub dense: DenseState,
+    /// The dense state, whole or as a diff from the parent's (the served one).
+    pub dense: DenseUpdate,
     pub shards: Vec<ShardDelta>,
 }
 
@@ -256,6 +257,11 @@ impl ServingModel {
                 parent: d.manifest.parent,
             });
         }
+        // Decoded before any row changes: a diff that does not apply leaves the model whole.
+        let dense = d
+            .dense
+            .apply_to(&self.dense)
+            .map_err(|e| ServingError::Model(format!("version {}: {e}", d.manifest.version)))?;
         for shard in &d.shards {
             for td in &shard.tables {
                 let t = self
@@ -273,7 +279,7 @@ impl ServingModel {
                 }
             }
         }
-        self.dense = d.dense.clone();
+        self.dense = dense;
         self.manifest = d.manifest.clone();
         self.predictors
             .get_mut()
