@@ -179,6 +179,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         replicas,
         max_candidates: args.http.max_candidates,
         max_in_flight: args.http.max_in_flight,
+        scoring: tokio::sync::Semaphore::new(args.http.scoring_threads()),
         counters: Counters::default(),
         metrics: vec![node.clone()],
         stopped: pipe.gave_up_slot(),

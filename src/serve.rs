@@ -110,6 +110,7 @@ async fn serve(
         replicas,
         max_candidates: args.http.max_candidates,
         max_in_flight: args.http.max_in_flight,
+        scoring: tokio::sync::Semaphore::new(args.http.scoring_threads()),
         counters: Counters::default(),
         metrics: Vec::new(),
         stopped: Default::default(),

@@ -447,3 +447,66 @@ fn corrupt_versions_are_set_aside_and_the_node_resumes_from_the_newest_good_one(
         "{m}"
     );
 }
+
+#[test]
+fn a_burst_of_predictions_never_scores_more_at_once_than_the_scoring_threads() {
+    let d = setup("");
+    let node = {
+        let mut cmd = freshet(d.path());
+        dev_args(
+            &mut cmd,
+            &[
+                "--sim-rate",
+                "500",
+                "--scoring-threads",
+                "1",
+                "--max-in-flight",
+                "4",
+            ],
+        );
+        spawn_listening(cmd)
+    };
+    let addr = node.addr.clone();
+    wait(60, "a served version", || {
+        (healthz_within(&addr, Duration::from_secs(5)) == Some(200)).then_some(())
+    });
+    let candidates: Vec<Value> = (0..200)
+        .map(|i| serde_json::json!({"sparse": {"C2": format!("i{i}")}}))
+        .collect();
+    let body = serde_json::json!({
+        "sparse": {"C1": "u1"}, "dense": {"I1": 0.5}, "candidates": candidates,
+    })
+    .to_string();
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|_| {
+                        http(
+                            &addr,
+                            "POST",
+                            "/v1/predict",
+                            "application/json",
+                            body.as_bytes(),
+                        )
+                        .0
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(codes.iter().all(|c| [200, 503].contains(c)), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    let (_, metrics) = http(&addr, "GET", "/metrics", "text/plain", b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    let peak = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("freshet_predict_scoring_peak "))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(peak.trim(), "1", "{metrics}");
+}

@@ -13,6 +13,12 @@
 //!    `--candidates` candidates as soon as the previous answer is in (closed loop), for
 //!    `--secs` after `--warmup-secs`. The load generator runs on the same cores as the server,
 //!    so the figure is conservative.
+//! 4. Overload (`--overload-connections N`, 256 by default; 0 skips it): N connections send
+//!    the same requests in a closed loop for `--overload-secs`, far past what the server admits
+//!    (`--max-in-flight`). Meanwhile a probe opens a new connection every 100 ms for `GET
+//!    /healthz`, and another sends one-candidate predictions on its own connection. The report
+//!    has the shed rate, the probes' latencies, the admitted requests' p99, and the process's
+//!    RSS before the burst, at its peak, and `--settle-secs` after it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -57,6 +63,20 @@ pub(crate) struct ServeBenchArgs {
     /// Cores the FLOP limit is measured on (the machine's scoring capacity).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// The server's scoring threads (default: the cores available, as `freshet serve`).
+    #[arg(long)]
+    scoring_threads: Option<usize>,
+    /// Predict requests the server admits at once; more are shed with 503.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Connections of the overload burst (0: no burst).
+    #[arg(long, default_value_t = 256)]
+    overload_connections: usize,
+    #[arg(long, default_value_t = 15)]
+    overload_secs: u64,
+    /// Seconds after the burst before the last RSS reading.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -83,6 +103,38 @@ struct ServeReport {
     /// `sgemm_peak / forward_flops_per_item`: items/s if every cycle were dense GEMM.
     forward_limit_items_per_sec: f64,
     vs_forward_limit: f64,
+    scoring_threads: usize,
+    max_in_flight: usize,
+    overload: Option<OverloadReport>,
+}
+
+/// What a burst far past the admission limit did.
+#[derive(Debug, Serialize)]
+struct OverloadReport {
+    connections: usize,
+    secs: u64,
+    requests: u64,
+    shed: u64,
+    /// 503s among the burst's answers.
+    shed_rate: f64,
+    /// Other failures: refused connections, timeouts, other statuses.
+    errors: u64,
+    admitted_p50_ms: f64,
+    admitted_p99_ms: f64,
+    /// `GET /healthz` on a fresh connection every 100 ms during the burst.
+    healthz_probes: usize,
+    healthz_p50_ms: f64,
+    healthz_p99_ms: f64,
+    healthz_max_ms: f64,
+    /// One-candidate predictions on their own connection during the burst, answered 200 or 503.
+    small_predict_probes: usize,
+    small_predict_p99_ms: f64,
+    small_predict_shed: u64,
+    rss_before_mb: f64,
+    rss_peak_mb: f64,
+    rss_after_mb: f64,
+    /// `rss_after / rss_before`: target at most 1.2.
+    rss_after_vs_before: f64,
 }
 
 pub(crate) fn run(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -340,6 +392,174 @@ fn load(
     }
 }
 
+/// This process's resident set, in MB (`VmRSS` of `/proc/self/status`).
+fn rss_mb() -> anyhow::Result<f64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kb / 1024.0)
+}
+
+/// `GET /healthz` on a new connection: its latency, when it answered at all.
+fn healthz_once(addr: SocketAddr) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).ok()?;
+    Some(t.elapsed())
+}
+
+/// Nearest-rank quantile of sorted latencies, in ms.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3
+}
+
+/// The burst of `--overload-connections`, with the probes and the RSS readings.
+fn overload(
+    addr: SocketAddr,
+    bodies: Arc<Vec<Vec<u8>>>,
+    small: Vec<u8>,
+    args: &ServeBenchArgs,
+) -> anyhow::Result<OverloadReport> {
+    let rss_before_mb = rss_mb()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0f64;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(rss_mb().unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        })
+    };
+    let healthz = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (Vec::new(), 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                match healthz_once(addr) {
+                    Some(d) => ok.push(d),
+                    None => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (ok, failed)
+        })
+    };
+    let small_probe = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, u64)> {
+            let mut conn = Conn::open(addr)?;
+            let (mut lat, mut shed) = (Vec::new(), 0);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match conn.predict(&small)? {
+                    200 => lat.push(t.elapsed()),
+                    503 => {
+                        shed += 1;
+                        lat.push(t.elapsed());
+                    }
+                    other => anyhow::bail!("a one-candidate predict answered {other}"),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok((lat, shed))
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(args.overload_secs);
+    let burst: Vec<_> = (0..args.overload_connections)
+        .map(|c| {
+            let bodies = bodies.clone();
+            std::thread::spawn(move || {
+                let (mut lat, mut shed, mut errors) = (Vec::new(), 0u64, 0u64);
+                let Ok(mut conn) = Conn::open(addr) else {
+                    return (lat, shed, 1);
+                };
+                let mut i = c * 7;
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    match conn.predict(&bodies[i % bodies.len()]) {
+                        Ok(200) => lat.push(t.elapsed()),
+                        Ok(503) => shed += 1,
+                        Ok(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            match Conn::open(addr) {
+                                Ok(c) => conn = c,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                (lat, shed, errors)
+            })
+        })
+        .collect();
+    let (mut admitted, mut shed, mut errors) = (Vec::new(), 0, 0);
+    for t in burst {
+        let (l, s, e) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a burst thread panicked"))?;
+        admitted.extend(l);
+        shed += s;
+        errors += e;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rss_peak_mb = peak
+        .join()
+        .map_err(|_| anyhow::anyhow!("the RSS thread panicked"))?;
+    let (mut hz, hz_failed) = healthz
+        .join()
+        .map_err(|_| anyhow::anyhow!("the healthz probe panicked"))?;
+    let (mut sp, small_predict_shed) = small_probe
+        .join()
+        .map_err(|_| anyhow::anyhow!("the predict probe panicked"))??;
+    progress(&format!(
+        "burst over; waiting {} s for the last RSS reading",
+        args.settle_secs
+    ));
+    std::thread::sleep(Duration::from_secs(args.settle_secs));
+    let rss_after_mb = rss_mb()?;
+    admitted.sort_unstable();
+    hz.sort_unstable();
+    sp.sort_unstable();
+    let requests = admitted.len() as u64 + shed + errors;
+    Ok(OverloadReport {
+        connections: args.overload_connections,
+        secs: args.overload_secs,
+        requests,
+        shed,
+        shed_rate: shed as f64 / requests.max(1) as f64,
+        errors: errors + hz_failed as u64,
+        admitted_p50_ms: quantile_ms(&admitted, 0.5),
+        admitted_p99_ms: quantile_ms(&admitted, 0.99),
+        healthz_probes: hz.len() + hz_failed,
+        healthz_p50_ms: quantile_ms(&hz, 0.5),
+        healthz_p99_ms: quantile_ms(&hz, 0.99),
+        healthz_max_ms: quantile_ms(&hz, 1.0),
+        small_predict_probes: sp.len(),
+        small_predict_p99_ms: quantile_ms(&sp, 0.99),
+        small_predict_shed,
+        rss_before_mb,
+        rss_peak_mb,
+        rss_after_mb,
+        rss_after_vs_before: rss_after_mb / rss_before_mb,
+    })
+}
+
 async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("a temporary data directory")?;
     let cell = train_a_model(settings, dir.path(), args.train_secs).await?;
@@ -359,7 +579,8 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         listen: "127.0.0.1:0".into(),
         max_candidates: args.candidates.max(1000),
         max_body_bytes: 4 << 20,
-        max_in_flight: 64,
+        max_in_flight: args.max_in_flight,
+        scoring_threads: args.scoring_threads,
         workers: args.workers,
     };
     let state = web::Data::new(ServingState {
@@ -368,6 +589,7 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         replicas: ReplicaSet::with_len(0),
         max_candidates: http.max_candidates,
         max_in_flight: http.max_in_flight,
+        scoring: tokio::sync::Semaphore::new(http.scoring_threads()),
         counters: Counters::default(),
         metrics: Vec::new(),
         stopped: Default::default(),
@@ -399,6 +621,19 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
             .collect::<anyhow::Result<Vec<LoadResult>>>()
     })
     .await??;
+    let overload = if args.overload_connections > 0 {
+        progress(&format!(
+            "overload: {} connections for {} s",
+            args.overload_connections, args.overload_secs
+        ));
+        let small = requests(1, 1)?.remove(0);
+        let (bodies, args) = (bodies.clone(), &args);
+        Some(tokio::task::block_in_place(|| {
+            overload(addr, bodies, small, args)
+        })?)
+    } else {
+        None
+    };
     handle.stop(true).await;
     let _ = server.await;
 
@@ -431,6 +666,9 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         sgemm_shapes: limit.shapes,
         forward_limit_items_per_sec: max_items,
         vs_forward_limit: items_per_sec / max_items,
+        scoring_threads: http.scoring_threads(),
+        max_in_flight: http.max_in_flight,
+        overload,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

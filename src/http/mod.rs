@@ -34,9 +34,15 @@ pub(crate) struct HttpArgs {
     /// Request body size, at most, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub(crate) max_body_bytes: usize,
-    /// Predict requests scored at once; more get 503.
+    /// Predict requests admitted at once (scoring or waiting for a scoring thread); more
+    /// get 503 at once.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_in_flight: usize,
+    /// Predict requests scored at the same time (default: twice the cores this process may
+    /// use). A scoring also waits on memory, so two per core keep the cores busy; more only
+    /// take CPU from the HTTP workers and the pipeline, and each keeps its own buffers.
+    #[arg(long)]
+    pub(crate) scoring_threads: Option<usize>,
     /// HTTP worker threads.
     #[arg(long, default_value_t = 2)]
     pub(crate) workers: usize,
@@ -46,10 +52,23 @@ impl HttpArgs {
     pub(crate) fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
         anyhow::ensure!(
+            self.scoring_threads != Some(0),
+            "--scoring-threads must be at least 1"
+        );
+        anyhow::ensure!(
             self.max_candidates >= 1,
             "--max-candidates must be at least 1"
         );
         Ok(())
+    }
+}
+
+impl HttpArgs {
+    /// Predict requests scored at once: `--scoring-threads`, else twice the cores available.
+    pub(crate) fn scoring_threads(&self) -> usize {
+        self.scoring_threads.unwrap_or_else(|| {
+            2 * std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 }
 

@@ -40,6 +40,9 @@ pub(crate) struct Counters {
     requests_failed: AtomicU64,
     items_scored: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests being scored now, and the most ever at once (at most the scoring threads).
+    scoring: AtomicUsize,
+    scoring_peak: AtomicUsize,
 }
 
 /// Lines a node adds to `/metrics`, beside serving's own.
@@ -57,6 +60,9 @@ pub(crate) struct ServingState {
     pub(crate) replicas: ReplicaSet,
     pub(crate) max_candidates: usize,
     pub(crate) max_in_flight: usize,
+    /// One permit per scoring thread: an admitted request waits here, not on a thread of
+    /// its own, so a burst never runs more scoring threads than there are cores.
+    pub(crate) scoring: tokio::sync::Semaphore,
     pub(crate) counters: Counters,
     /// What else reports on `/metrics` (a node: its events, validation, trainer, supervisor).
     pub(crate) metrics: Vec<Arc<dyn MetricsSource>>,
@@ -114,7 +120,14 @@ async fn predict(s: web::Data<ServingState>, body: Body) -> HttpResponse {
         );
     };
     let max = s.max_candidates;
-    // Scoring is CPU work: off the HTTP worker, on the blocking pool.
+    let Ok(_permit) = s.scoring.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
+    };
+    let now = c.scoring.fetch_add(1, Ordering::AcqRel) + 1;
+    c.scoring_peak.fetch_max(now, Ordering::AcqRel);
+    let _scoring = Slot(&c.scoring);
+    // Scoring is CPU work: off the HTTP worker, on the blocking pool, as many at once as
+    // there are permits.
     let scored = web::block(move || {
         let threads = Threads::new(1).map_err(|e| ServingError::Model(e.to_string()))?;
         model.predict(&request, max, &threads)
@@ -257,8 +270,20 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
     put(
         "freshet_predict_in_flight",
         "gauge",
-        "Predict requests being scored.",
+        "Predict requests admitted: being scored or waiting for a scoring thread.",
         &[("", c.in_flight.load(Ordering::Relaxed) as f64)],
+    );
+    put(
+        "freshet_predict_scoring",
+        "gauge",
+        "Predict requests being scored.",
+        &[("", c.scoring.load(Ordering::Relaxed) as f64)],
+    );
+    put(
+        "freshet_predict_scoring_peak",
+        "gauge",
+        "The most predict requests ever scored at once (at most the scoring threads).",
+        &[("", c.scoring_peak.load(Ordering::Relaxed) as f64)],
     );
     put(
         "freshet_serving_version",
