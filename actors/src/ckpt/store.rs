@@ -301,8 +301,28 @@ impl ModelStore {
     /// even those of versions set aside in quarantine.
     fn next_version(&self) -> Result<u64, CkptError> {
         let newest = self.latest()?.unwrap_or(0);
-        let set_aside = self.quarantined()?.iter().map(|q| q.version).max();
-        Ok(newest.max(set_aside.unwrap_or(0)) + 1)
+        Ok(newest.max(self.newest_quarantined()?.unwrap_or(0)) + 1)
+    }
+
+    /// The newest version number in `quarantine/`, from the directory names alone (this
+    /// runs at every write, so it reads no reason file).
+    fn newest_quarantined(&self) -> Result<Option<u64>, CkptError> {
+        let qdir = self.root.join(QUARANTINE);
+        let entries = match std::fs::read_dir(&qdir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&qdir, e)),
+        };
+        let mut newest = None;
+        for e in entries {
+            let name = e.map_err(|e| io(&qdir, e))?.file_name();
+            let v = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(v, _)| parse_version_dir(v));
+            newest = newest.max(v);
+        }
+        Ok(newest)
     }
 
     /// Sets version `v` aside: its directory moves to `quarantine/` with a file that says
