@@ -400,6 +400,84 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
 }
 
 #[test]
+fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
+    let seed = testkit::seed("joiner_retention_holds");
+    // 10 s of traffic against 1 s windows: most impressions are closed and forgotten long
+    // before the end, so holds move and retention has something to delete.
+    let (recs, _) = traffic(2000, seed % 100);
+    let short = |a: JoinArgs| JoinArgs {
+        config: JoinConfig {
+            window_ms: 1_000,
+            allowed_lateness_ms: 200,
+            remember_closed_ms: 1_000,
+            ..join_cfg()
+        },
+        ..a
+    };
+    let clean_dir = tempfile::tempdir().unwrap();
+    let clean = open_logs(clean_dir.path());
+    append_traffic(&*clean.events, &recs, &mut Xoshiro256::seed_from_u64(seed));
+    let mut t = JoinTask::open(short(args(&clean, clean_dir.path(), 0, 1000, 256))).unwrap();
+    while t.step().unwrap() > 0 {}
+    t.checkpoint().unwrap();
+
+    // Logs far smaller than the traffic: without the joiner's holds, retention would delete
+    // events it has not read, and the impressions a restored window reads back.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(16 << 10),
+        ..log_cfg()
+    };
+    let open = |t: &str| Arc::new(EmbeddedLog::open(dir.path(), t, cfg.clone()).unwrap());
+    let (events, samples, dead) = (open("events"), open("samples"), open("dead-letters"));
+    let logs = Logs {
+        events: events.clone(),
+        samples: samples.clone(),
+        dead: dead.clone(),
+    };
+    let retain = || {
+        for l in [&events, &samples, &dead] {
+            l.enforce_retention().unwrap();
+        }
+    };
+    // Opened before the traffic arrives, so its first checkpoint holds the logs from the start.
+    let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50))).unwrap();
+    append_traffic(&*logs.events, &recs, &mut Xoshiro256::seed_from_u64(seed));
+    let half = events.high_watermark(0).unwrap() / 2;
+    while t.input_next() < half {
+        t.step().unwrap();
+        retain();
+    }
+    assert!(
+        events.low_watermark(0).unwrap() > 0,
+        "retention deleted nothing; the test would prove nothing (seed {seed})"
+    );
+    drop(t);
+    // The restart falls back to the previous checkpoint, the one the holds were kept at.
+    let ck = dir.path().join("ckpt").join("joiner-0.ckpt");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&ck, bytes).unwrap();
+    retain();
+    let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50)))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    while t.step().unwrap() > 0 {
+        retain();
+    }
+    t.checkpoint().unwrap();
+    assert!(t.stats().task.replayed_outputs > 0, "seed {seed}");
+    assert_eq!(t.stats().task.replay_mismatches, 0, "seed {seed}");
+    let low = samples.low_watermark(0).unwrap();
+    assert!(low > 0, "the sample log was never trimmed (seed {seed})");
+    let want = read_all(&*clean.samples, 0);
+    let got = read_all(&*logs.samples, 0);
+    assert_eq!(low as usize + got.len(), want.len(), "seed {seed}");
+    assert!(got == want[low as usize..], "seed {seed}");
+}
+
+#[test]
 fn the_actor_follows_the_log_and_reports_its_counters() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

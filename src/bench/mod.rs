@@ -6,6 +6,7 @@
 
 mod checkpoint;
 mod dense;
+mod disk;
 mod embedding;
 mod freshness;
 mod join;
@@ -38,6 +39,9 @@ pub(crate) enum BenchCommand {
     /// Closed-loop load on POST /v1/predict: latency and items scored/s, against the dense
     /// forward pass's FLOP limit on the same cores.
     Serve(serve::ServeBenchArgs),
+    /// The disk `freshet dev` takes on its defaults: every part of its data directory over a
+    /// run (10 minutes by default), carried to 24 hours.
+    Disk(disk::DiskBenchArgs),
 }
 
 pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
@@ -49,6 +53,7 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Freshness(a) => freshness::run(a, settings),
         BenchCommand::Online(a) => online::run(a, settings),
         BenchCommand::Serve(a) => serve::run(a, settings),
+        BenchCommand::Disk(a) => disk::run(a, settings),
     }
 }
 

@@ -639,6 +639,7 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
             keep_full: 10,
             keep_bytes: None,
         },
+        samples: None,
         faults: Default::default(),
     })
     .await
@@ -717,6 +718,17 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     let router = ShardRouter::spawn_local(2, tables(), None, vec![])
         .await
         .unwrap();
+    let log_dir = tempfile::tempdir().unwrap();
+    let samples = crate::stream::EmbeddedLog::open(
+        log_dir.path(),
+        "samples",
+        crate::stream::LogConfig {
+            partitions: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let samples = std::sync::Arc::new(samples);
     // A bound below any version's size: a chain is over after its full version, and
     // retention keeps the newest chain alone.
     let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
@@ -729,6 +741,7 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
             keep_full: 10,
             keep_bytes: Some(2),
         },
+        samples: Some(samples.clone()),
         faults: Default::default(),
     })
     .await
@@ -763,6 +776,12 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     );
     assert_eq!(store.versions().unwrap(), vec![4]);
     assert_eq!(stats.versions_deleted, 3);
+    // The sample log is held from the only kept version's offsets; partition 2, which no
+    // version names, from its start.
+    assert_eq!(
+        samples.holds()[super::writer::RETENTION_HOLDER],
+        BTreeMap::from([(0, 40), (1, 28), (2, 0)])
+    );
     ckpt.stop();
     router.stop();
 }

@@ -21,10 +21,12 @@
 //!
 //! **Restart.** Built from [`WriterArgs`] alone; a restarted writer starts with a full version.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,7 @@ use crate::envelope::Envelope;
 use crate::fault::Faults;
 use crate::ids::{ShardId, TableName};
 use crate::shard::{ShardError, ShardRouter};
+use crate::stream::StreamLog;
 
 /// When versions are taken. Pure: the trainer asks it at every step boundary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,9 +160,16 @@ pub struct WriterArgs {
     pub store: ModelStore,
     pub shards: ShardRouter,
     pub schedule: Schedule,
+    /// The sample log the versions' offsets point into. After each version the writer holds
+    /// it, against the log's retention, from the oldest kept version's offsets on, so every
+    /// version the store keeps can be restored and trained forward exactly once.
+    pub samples: Option<Arc<dyn StreamLog>>,
     /// Fault points for supervision tests: `writer.write` (before a version is written).
     pub faults: Faults,
 }
+
+/// The retention holder name of the model store on the sample log.
+pub const RETENTION_HOLDER: &str = "model-store";
 
 #[derive(Debug)]
 pub enum WriterRequest {
@@ -203,6 +213,8 @@ pub struct WriterState {
     last: Option<Durable>,
     subscribers: Vec<mpsc::UnboundedSender<Manifest>>,
     stats: WriterStats,
+    /// Sample offsets of the kept versions, read once per version rather than at every hold.
+    kept_offsets: BTreeMap<u64, BTreeMap<u32, u64>>,
 }
 
 impl WriterState {
@@ -300,8 +312,51 @@ impl WriterState {
                 tracing::warn!(error = %e, "checkpoint retention failed; will retry after the next version")
             }
         }
+        self.kept_offsets
+            .insert(manifest.version, manifest.sample_offsets.clone());
+        if let Err(e) = self.hold_samples() {
+            // The hold stays where it was, lower: the log keeps more, never less.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "moving the model store's hold on the sample log failed"
+            );
+        }
         self.subscribers
             .retain(|tx| tx.send(manifest.clone()).is_ok());
+    }
+
+    /// Holds the sample log from the lowest offset of any kept version, per partition.
+    fn hold_samples(&mut self) -> anyhow::Result<()> {
+        let Some(log) = self.args.samples.clone() else {
+            return Ok(());
+        };
+        let kept = self.args.store.versions()?;
+        self.kept_offsets
+            .retain(|v, _| kept.binary_search(v).is_ok());
+        for &v in &kept {
+            if !self.kept_offsets.contains_key(&v) {
+                let m = self
+                    .args
+                    .store
+                    .manifest(v)
+                    .with_context(|| format!("reading the sample offsets of version {v}"))?;
+                self.kept_offsets.insert(v, m.sample_offsets);
+            }
+        }
+        if self.kept_offsets.is_empty() {
+            return Ok(());
+        }
+        for p in 0..log.partitions() {
+            // A version that names no offset for a partition had read nothing of it.
+            let floor = self
+                .kept_offsets
+                .values()
+                .map(|o| o.get(&p).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            log.hold(RETENTION_HOLDER, p, floor)?;
+        }
+        Ok(())
     }
 }
 
@@ -328,6 +383,7 @@ impl Actor for CheckpointWriter {
             last: None,
             subscribers: Vec::new(),
             stats: WriterStats::default(),
+            kept_offsets: BTreeMap::new(),
         })
     }
 

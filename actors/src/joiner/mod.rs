@@ -278,8 +278,25 @@ pub struct JoinTask {
     counters: TaskCounters,
     /// Capacity counters at the last warning, to warn once per rise rather than per event.
     warned: (u64, u64, u64),
+    /// What the checkpoint before the current one needs of the logs: a restart falls back to
+    /// it when the current one is unreadable, so the logs' retention holds stay there.
+    held: Resume,
     fault: Option<FaultHook>,
 }
+
+/// Where a checkpoint resumes each log: the first offsets it reads again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Resume {
+    /// The oldest open or remembered impression (its snapshot is read back), else the input
+    /// offset.
+    events: Offset,
+    /// Outputs are replayed and matched from these on.
+    samples: Offset,
+    dead_letters: Offset,
+}
+
+/// The retention holder name of the joiners, one partition each.
+pub const RETENTION_HOLDER: &str = "joiner";
 
 impl std::fmt::Debug for JoinTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -397,9 +414,15 @@ impl JoinTask {
             last_checkpoint: Instant::now(),
             counters: TaskCounters::default(),
             warned: (0, 0, 0),
+            held: Resume {
+                events: 0,
+                samples: 0,
+                dead_letters: 0,
+            },
             fault: None,
             args,
         };
+        task.held = task.resume();
         if fresh {
             // A crash before the first periodic checkpoint must still find one, or the
             // restart could not tell its own outputs from someone else's.
@@ -570,8 +593,21 @@ impl JoinTask {
         }
     }
 
+    /// Where a checkpoint taken now would resume the logs.
+    fn resume(&self) -> Resume {
+        Resume {
+            events: self
+                .window
+                .oldest_offset()
+                .map_or(self.input_next, |o| o.min(self.input_next)),
+            samples: self.samples_next,
+            dead_letters: self.dead_next,
+        }
+    }
+
     /// Flushes the outputs, then writes the checkpoint atomically (keeping the previous one),
-    /// then commits the input offset for the consumer group.
+    /// then commits the input offset for the consumer group and moves the logs' retention
+    /// holds up to the previous checkpoint.
     pub fn checkpoint(&mut self) -> anyhow::Result<()> {
         let p = self.args.partition;
         // The checkpoint claims the outputs are durable, so they must be first.
@@ -618,6 +654,19 @@ impl JoinTask {
             // The checkpoint is the truth; the group offset only informs operators' tools.
             tracing::warn!(partition = p, error = %e, "committing the joiner's consumer offset failed");
         }
+        // The previous checkpoint is now `.ckpt.prev`, the oldest a restart may resume from.
+        let held = self.held;
+        for (log, at) in [
+            (&self.args.events, held.events),
+            (&self.args.samples, held.samples),
+            (&self.args.dead_letters, held.dead_letters),
+        ] {
+            if let Err(e) = log.hold(RETENTION_HOLDER, p, at) {
+                // The hold stays where it was, lower: retention keeps more, never less.
+                tracing::warn!(partition = p, topic = log.topic(), error = %e, "moving the joiner's retention hold failed");
+            }
+        }
+        self.held = self.resume();
         Ok(())
     }
 }

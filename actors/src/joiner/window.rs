@@ -311,6 +311,19 @@ impl Window {
         v
     }
 
+    /// The lowest event-log offset an entry refers to: a restored window reads the snapshots
+    /// of its impressions back from there on. `None` when no impression is held.
+    pub fn oldest_offset(&self) -> Option<Offset> {
+        self.st
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Open { shown, .. } | Entry::Closed { shown, .. } => Some(shown.offset),
+                Entry::Orphan { .. } => None,
+            })
+            .min()
+    }
+
     /// Puts back the snapshots a checkpoint left out, read from the event log by offset.
     /// Returns how many impressions still lack theirs.
     pub fn hydrate(&mut self, snapshots: &HashMap<Offset, Snapshot>) -> usize {

@@ -275,6 +275,7 @@ async fn start_writer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<r
             store: ctx.cfg.store.clone(),
             shards: router(&ctx)?,
             schedule: ctx.cfg.schedule.clone(),
+            samples: Some(ctx.cfg.logs.samples.clone()),
             faults: ctx.cfg.faults.clone(),
         },
         sup,

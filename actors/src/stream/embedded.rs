@@ -54,7 +54,8 @@ pub struct LogConfig {
     /// Bytes of records between two sparse index entries.
     pub index_interval_bytes: u32,
     pub fsync: FsyncPolicy,
-    /// Delete the oldest sealed segments while a partition holds more than this.
+    /// Delete the oldest sealed segments while a partition holds more than this, except what
+    /// a hold keeps (see [`StreamLog::hold`]).
     pub retention_bytes: Option<u64>,
     /// Delete sealed segments whose newest record is older than this.
     pub retention_ms: Option<u64>,
@@ -67,10 +68,14 @@ impl Default for LogConfig {
         Self {
             backend: LogBackend::Embedded,
             partitions: 4,
-            segment_bytes: 64 << 20,
+            // Retention deletes whole sealed segments, so a partition holds up to
+            // `retention_bytes` plus one segment; small segments keep that overshoot small.
+            segment_bytes: 8 << 20,
             index_interval_bytes: 4096,
             fsync: FsyncPolicy::Interval { ms: 100 },
-            retention_bytes: None,
+            // With 8 MiB segments, at most 40 MiB a partition unless a hold keeps more; see
+            // docs/model-store.md for what a day of `freshet dev` takes.
+            retention_bytes: Some(32 << 20),
             retention_ms: Some(7 * 24 * 3600 * 1000),
             kafka: KafkaConfig::default(),
         }
@@ -138,6 +143,9 @@ pub struct RecoveryReport {
 pub struct RetentionReport {
     pub segments_deleted: u64,
     pub bytes_deleted: u64,
+    /// Bytes past `retention_bytes` kept because a hold still covers them (see
+    /// [`StreamLog::hold`]): a consumer far behind, or stopped.
+    pub held_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -181,6 +189,8 @@ struct Shared {
     cfg: LogConfig,
     parts: Vec<Partition>,
     groups: Mutex<()>,
+    /// Retention holds by holder: partition -> first offset held. Mirrors `holds/*.json`.
+    holds: Mutex<BTreeMap<String, BTreeMap<u32, Offset>>>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
 }
@@ -224,8 +234,13 @@ impl EmbeddedLog {
             });
         }
         let dir = root.join(topic);
-        std::fs::create_dir_all(dir.join("groups"))
-            .map_err(LogError::io(format!("creating {}", dir.display())))?;
+        for sub in ["groups", "holds"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(LogError::io(format!(
+                "creating {}",
+                dir.join(sub).display()
+            )))?;
+        }
+        let holds = read_holds(&dir.join("holds"), cfg.partitions)?;
         let meta_path = dir.join("topic.json");
         match std::fs::read(&meta_path) {
             Ok(bytes) => {
@@ -280,6 +295,7 @@ impl EmbeddedLog {
             cfg,
             parts,
             groups: Mutex::new(()),
+            holds: Mutex::new(holds),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
         });
@@ -324,13 +340,20 @@ impl EmbeddedLog {
     /// [`Self::enforce_retention`] as if the clock read `now_ms`.
     pub fn enforce_retention_at(&self, now_ms: i64) -> Result<RetentionReport, LogError> {
         let mut total = RetentionReport::default();
-        for part in &self.shared.parts {
+        for (p, part) in self.shared.parts.iter().enumerate() {
             let mut st = lock(&part.state);
-            let r = apply_retention(&mut st, &self.shared.cfg, now_ms)?;
+            let floor = self.shared.floor(p as u32);
+            let r = apply_retention(&mut st, &self.shared.cfg, floor, now_ms)?;
             total.segments_deleted += r.segments_deleted;
             total.bytes_deleted += r.bytes_deleted;
+            total.held_bytes += r.held_bytes;
         }
         Ok(total)
+    }
+
+    /// Every hold on this topic: holder -> partition -> first offset held.
+    pub fn holds(&self) -> BTreeMap<String, BTreeMap<u32, Offset>> {
+        lock(&self.shared.holds).clone()
     }
 
     /// Bytes stored in `partition` (all retained segments).
@@ -368,6 +391,17 @@ impl Drop for EmbeddedLog {
                 tracing::error!(topic = %self.shared.topic, error = %e, "final log sync failed");
             }
         }
+    }
+}
+
+impl Shared {
+    /// The lowest offset any holder holds in `partition`; retention deletes nothing at or past
+    /// it.
+    fn floor(&self, partition: u32) -> Option<Offset> {
+        lock(&self.holds)
+            .values()
+            .filter_map(|m| m.get(&partition).copied())
+            .min()
     }
 }
 
@@ -710,7 +744,12 @@ fn recover_partition(
     ))
 }
 
-fn roll(st: &mut PartState, dir: &Path, cfg: &LogConfig) -> Result<(), LogError> {
+fn roll(
+    st: &mut PartState,
+    dir: &Path,
+    cfg: &LogConfig,
+    floor: Option<Offset>,
+) -> Result<(), LogError> {
     let active = st.segs.last().expect("at least one segment");
     // Synced whatever the policy: `flush` then only has the active segment to sync.
     active
@@ -733,13 +772,24 @@ fn roll(st: &mut PartState, dir: &Path, cfg: &LogConfig) -> Result<(), LogError>
     });
     st.writer = writer;
     st.since_index = u64::MAX;
-    apply_retention(st, cfg, now_ms())?;
+    let r = apply_retention(st, cfg, floor, now_ms())?;
+    if r.held_bytes > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            held_bytes = r.held_bytes,
+            floor,
+            "a retention hold keeps this partition past log.retention_bytes; a consumer is behind or stopped"
+        );
+    }
     Ok(())
 }
 
+/// Deletes the oldest sealed segments while the partition is too big or they are too old,
+/// stopping at the first segment that holds a record at or past `floor`.
 fn apply_retention(
     st: &mut PartState,
     cfg: &LogConfig,
+    floor: Option<Offset>,
     now_ms: i64,
 ) -> Result<RetentionReport, LogError> {
     let mut report = RetentionReport::default();
@@ -751,6 +801,12 @@ fn apply_retention(
         let too_big = cfg.retention_bytes.is_some_and(|max| total > max);
         let too_old = cutoff.is_some_and(|c| oldest.max_ts < c);
         if !(too_big || too_old) {
+            break;
+        }
+        if floor.is_some_and(|f| oldest.end > f) {
+            if let Some(max) = cfg.retention_bytes {
+                report.held_bytes = total.saturating_sub(max);
+            }
             break;
         }
         let seg = st.segs.remove(0);
@@ -806,7 +862,8 @@ impl StreamLog for EmbeddedLog {
         }
         let active_len = st.segs.last().expect("segment").len;
         if active_len > 0 && active_len + bytes as u64 > cfg.segment_bytes {
-            roll(&mut st, &part.dir, cfg)?;
+            let floor = self.shared.floor(partition);
+            roll(&mut st, &part.dir, cfg, floor)?;
         }
         let interval = u64::from(cfg.index_interval_bytes);
         let start_len = st.segs.last().expect("segment").len;
@@ -992,7 +1049,7 @@ impl StreamLog for EmbeddedLog {
         self.part(partition)?;
         let _g = lock(&self.shared.groups);
         let path = self.group_path(group);
-        let mut map = read_group(&path)?;
+        let mut map = read_offsets(&path, "committed offsets")?;
         map.insert(partition, offset);
         let bytes = serde_json::to_vec(&map).expect("map serialises");
         write_atomic(&path, &bytes)
@@ -1002,19 +1059,68 @@ impl StreamLog for EmbeddedLog {
         check_group(group)?;
         self.part(partition)?;
         let _g = lock(&self.shared.groups);
-        Ok(read_group(&self.group_path(group))?
+        Ok(read_offsets(&self.group_path(group), "committed offsets")?
             .get(&partition)
             .copied())
     }
+
+    fn hold(&self, holder: &str, partition: u32, offset: Offset) -> Result<(), LogError> {
+        check_group(holder)?;
+        self.part(partition)?;
+        let mut holds = lock(&self.shared.holds);
+        let mine = holds.entry(holder.to_owned()).or_default();
+        if mine.get(&partition) == Some(&offset) {
+            return Ok(());
+        }
+        let mut next = mine.clone();
+        next.insert(partition, offset);
+        // On disk first: a hold the file does not have would be gone after a restart, and
+        // retention could then delete what the holder resumes from.
+        let path = self.shared.dir.join("holds").join(format!("{holder}.json"));
+        let bytes = serde_json::to_vec(&next).expect("map serialises");
+        write_atomic(&path, &bytes)?;
+        *mine = next;
+        Ok(())
+    }
 }
 
-fn read_group(path: &Path) -> Result<BTreeMap<u32, Offset>, LogError> {
+/// Reads every `<holder>.json` under `dir`. An unreadable one holds every partition from
+/// offset 0 until its holder moves it: deleting too little costs disk, too much costs data.
+fn read_holds(
+    dir: &Path,
+    partitions: u32,
+) -> Result<BTreeMap<String, BTreeMap<u32, Offset>>, LogError> {
+    let mut holds = BTreeMap::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(LogError::io(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(LogError::io(format!("listing {}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(holder) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            // `write_atomic`'s staging files and anything else an operator left there.
+            continue;
+        };
+        let held = match read_offsets(&entry.path(), "held offsets") {
+            Ok(h) => h,
+            Err(e @ LogError::Corrupt { .. }) => {
+                tracing::warn!(error = %e, "a retention hold is unreadable; holding every partition from offset 0 until its holder moves it");
+                (0..partitions).map(|p| (p, 0)).collect()
+            }
+            Err(e) => return Err(e),
+        };
+        holds.insert(holder.to_owned(), held);
+    }
+    Ok(holds)
+}
+
+/// Reads a map of partition -> offset (committed offsets, or a hold); `what` names it in errors.
+fn read_offsets(path: &Path, what: &str) -> Result<BTreeMap<u32, Offset>, LogError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt {
             topic: path.display().to_string(),
             partition: 0,
             offset: 0,
-            detail: format!("committed offsets are unreadable: {e}"),
+            detail: format!("{what} are unreadable: {e}"),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
         Err(e) => Err(LogError::io(format!("reading {}", path.display()))(e)),
@@ -1229,6 +1335,78 @@ mod tests {
             log.low_watermark(0).unwrap(),
             log.high_watermark(0).unwrap() - log.recovery()[0].records
         );
+    }
+
+    #[test]
+    fn a_hold_keeps_its_records_past_the_size_limit_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(1);
+        c.retention_bytes = Some(10_000);
+        {
+            let log = EmbeddedLog::open(dir.path(), "t", c.clone()).unwrap();
+            log.hold("joiner", 0, 300).unwrap();
+            // A second holder further on does not lift the first one's hold.
+            log.hold("model-store", 0, 1500).unwrap();
+            fill(&log, 2000);
+            let low = log.low_watermark(0).unwrap();
+            assert!(
+                low > 0 && low <= 300,
+                "low watermark {low} past the hold at 300"
+            );
+            let r = log.enforce_retention().unwrap();
+            assert_eq!(r.segments_deleted, 0);
+            assert!(r.held_bytes > 0, "{r:?}");
+            assert!(log.partition_bytes(0).unwrap() > 10_000 + 4096);
+        }
+        let log = EmbeddedLog::open(dir.path(), "t", c).unwrap();
+        assert_eq!(log.holds()["joiner"][&0], 300);
+        assert!(log.low_watermark(0).unwrap() <= 300);
+        // Moving the hold lets retention go on, up to the lowest hold left.
+        log.hold("joiner", 0, 1900).unwrap();
+        let r = log.enforce_retention().unwrap();
+        assert!(r.segments_deleted > 0);
+        let low = log.low_watermark(0).unwrap();
+        assert!(low > 300 && low <= 1500, "low watermark {low}");
+        assert!(log.read(0, 1500, 1).unwrap()[0].offset == 1500);
+        // Only the byte limit is exceeded now, by what the model store's hold keeps.
+        log.hold("model-store", 0, 1900).unwrap();
+        let r = log.enforce_retention().unwrap();
+        assert_eq!(r.held_bytes, 0);
+        assert!(log.partition_bytes(0).unwrap() <= 10_000 + 4096);
+    }
+
+    #[test]
+    fn holds_are_checked_and_an_unreadable_one_holds_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(2);
+        c.retention_bytes = Some(10_000);
+        {
+            let log = EmbeddedLog::open(dir.path(), "t", c.clone()).unwrap();
+            assert!(matches!(
+                log.hold("joiner", 2, 0),
+                Err(LogError::NoSuchPartition { .. })
+            ));
+            assert!(log.hold("../x", 0, 0).is_err());
+            assert!(log.hold("", 0, 0).is_err());
+            log.hold("joiner", 1, 5).unwrap();
+        }
+        std::fs::write(dir.path().join("t/holds/joiner.json"), b"{\"0\": 12,").unwrap();
+        // A staging file left by a crash is not a hold.
+        std::fs::write(dir.path().join("t/holds/other.tmp"), b"garbage").unwrap();
+        let log = EmbeddedLog::open(dir.path(), "t", c).unwrap();
+        let holds = log.holds();
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert_eq!(holds["joiner"], BTreeMap::from([(0, 0), (1, 0)]));
+        fill(&log, 2000);
+        assert_eq!(log.low_watermark(0).unwrap(), 0);
+        // The holder's next move rewrites the file whole.
+        log.hold("joiner", 0, 2000).unwrap();
+        log.hold("joiner", 1, 0).unwrap();
+        assert!(log.enforce_retention().unwrap().segments_deleted > 0);
+        let on_disk: BTreeMap<u32, Offset> =
+            serde_json::from_slice(&std::fs::read(dir.path().join("t/holds/joiner.json")).unwrap())
+                .unwrap();
+        assert_eq!(on_disk, BTreeMap::from([(0, 2000), (1, 0)]));
     }
 
     #[test]

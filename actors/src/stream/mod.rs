@@ -306,6 +306,17 @@ pub trait StreamLog: Send + Sync + std::fmt::Debug {
 
     /// The offset `group` last committed for `partition`, if any.
     fn committed(&self, group: &str, partition: u32) -> Result<Option<Offset>, LogError>;
+
+    /// Keeps `partition`'s records from `offset` on out of retention's reach, on behalf of
+    /// `holder`, until the holder moves its hold. Size and age limits never delete a record
+    /// that some holder still holds: a consumer that resumes from a checkpoint (the joiner, the
+    /// trainer restoring a kept version) must find every record after it. The hold outlives
+    /// the process. The default does nothing: a Kafka topic keeps the retention its cluster
+    /// gives it.
+    fn hold(&self, holder: &str, partition: u32, offset: Offset) -> Result<(), LogError> {
+        let _ = (holder, partition, offset);
+        Ok(())
+    }
 }
 
 pub(crate) fn check_group(group: &str) -> Result<(), LogError> {

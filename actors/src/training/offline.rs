@@ -328,6 +328,8 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
                 store,
                 shards: router.clone(),
                 schedule: out.schedule.clone(),
+                // Offline training reads a fixed range; nothing resumes from these offsets.
+                samples: None,
                 faults: Default::default(),
             })
             .await
