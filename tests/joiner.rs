@@ -137,6 +137,15 @@ fn read_all(log: &dyn StreamLog, p: u32) -> Vec<Vec<u8>> {
     out
 }
 
+/// Flips a byte in the middle of partition `p`'s current joiner checkpoint.
+fn corrupt_checkpoint(dir: &Path, p: u32) {
+    let ck = dir.join("ckpt").join(format!("joiner-{p}.ckpt"));
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&ck, bytes).unwrap();
+}
+
 /// Runs every partition's joiner to the end of its input, without faults.
 fn join_clean(logs: &Logs, dir: &Path) {
     for p in 0..PARTITIONS {
@@ -381,11 +390,7 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
         t.step().unwrap();
     }
     drop(t);
-    let ck = dir.path().join("ckpt").join("joiner-0.ckpt");
-    let mut bytes = std::fs::read(&ck).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&ck, bytes).unwrap();
+    corrupt_checkpoint(dir.path(), 0);
     let mut t = JoinTask::open(args(&logs, dir.path(), 0, 100, 50)).unwrap();
     while t.step().unwrap() > 0 {}
     assert!(
@@ -455,11 +460,7 @@ fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
     );
     drop(t);
     // The restart falls back to the previous checkpoint, the one the holds were kept at.
-    let ck = dir.path().join("ckpt").join("joiner-0.ckpt");
-    let mut bytes = std::fs::read(&ck).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&ck, bytes).unwrap();
+    corrupt_checkpoint(dir.path(), 0);
     retain();
     let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50)))
         .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
