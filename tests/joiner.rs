@@ -479,6 +479,91 @@ fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
 }
 
 #[test]
+fn a_joiner_whose_hold_files_are_gone_holds_its_checkpoints_before_it_reads() {
+    let seed = testkit::seed("joiner_holds_lost");
+    let (recs, _) = traffic(2000, seed % 100);
+    let (first, second) = recs.split_at(recs.len() / 2);
+    let short = |a: JoinArgs| JoinArgs {
+        config: JoinConfig {
+            window_ms: 1_000,
+            allowed_lateness_ms: 200,
+            remember_closed_ms: 1_000,
+            ..join_cfg()
+        },
+        ..a
+    };
+    let clean_dir = tempfile::tempdir().unwrap();
+    let clean = open_logs(clean_dir.path());
+    append_traffic(&*clean.events, &recs, &mut Xoshiro256::seed_from_u64(seed));
+    let mut t = JoinTask::open(short(args(&clean, clean_dir.path(), 0, 1000, 256))).unwrap();
+    while t.step().unwrap() > 0 {}
+    t.checkpoint().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(16 << 10),
+        ..log_cfg()
+    };
+    let open = |t: &str| Arc::new(EmbeddedLog::open(dir.path(), t, cfg.clone()).unwrap());
+    let topics = ["events", "samples", "dead-letters"];
+    let mut rng = Xoshiro256::seed_from_u64(seed);
+    {
+        let logs = Logs {
+            events: open("events"),
+            samples: open("samples"),
+            dead: open("dead-letters"),
+        };
+        let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50))).unwrap();
+        append_traffic(&*logs.events, first, &mut rng);
+        while t.step().unwrap() > 0 {}
+        t.checkpoint().unwrap();
+    }
+    // A data directory from before retention holds, or one whose hold files were removed.
+    for topic in topics {
+        std::fs::remove_file(dir.path().join(topic).join("holds").join("joiner.json")).unwrap();
+    }
+    let (events, samples, dead) = (open("events"), open("samples"), open("dead-letters"));
+    assert!(events.holds().is_empty(), "{:?}", events.holds());
+    let logs = Logs {
+        events: events.clone(),
+        samples: samples.clone(),
+        dead: dead.clone(),
+    };
+    let t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50))).unwrap();
+    for log in [&events, &samples, &dead] {
+        assert!(
+            log.holds()
+                .contains_key(freshet_actors::joiner::RETENTION_HOLDER),
+            "opening held nothing of {}",
+            log.topic()
+        );
+    }
+    drop(t);
+    // More traffic, retained to its bound; then the newest checkpoint is lost, and the
+    // restart falls back to the previous one, which the open held.
+    append_traffic(&*logs.events, second, &mut rng);
+    for l in [&events, &samples, &dead] {
+        l.enforce_retention().unwrap();
+    }
+    assert!(
+        events.low_watermark(0).unwrap() > 0,
+        "retention deleted nothing; the test would prove nothing (seed {seed})"
+    );
+    corrupt_checkpoint(dir.path(), 0);
+    let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 100, 50)))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    while t.step().unwrap() > 0 {}
+    t.checkpoint().unwrap();
+    assert_eq!(t.stats().task.replay_mismatches, 0, "seed {seed}");
+    let low = samples.low_watermark(0).unwrap() as usize;
+    let want = read_all(&*clean.samples, 0);
+    let got = read_all(&*logs.samples, 0);
+    assert_eq!(low + got.len(), want.len(), "seed {seed}");
+    assert!(got == want[low..], "seed {seed}");
+}
+
+#[test]
 fn the_actor_follows_the_log_and_reports_its_counters() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -731,7 +731,7 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     let samples = std::sync::Arc::new(samples);
     // A bound below any version's size: a chain is over after its full version, and
     // retention keeps the newest chain alone.
-    let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
+    let (ckpt, first) = CheckpointHandle::spawn(WriterArgs {
         store: store.clone(),
         shards: router.clone(),
         schedule: Schedule {
@@ -746,6 +746,11 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     })
     .await
     .unwrap();
+    // Before its first version: an empty store trains from the start of the log.
+    assert_eq!(
+        samples.holds()[super::writer::RETENTION_HOLDER],
+        BTreeMap::from([(0, 0), (1, 0), (2, 0)])
+    );
     let mut rng = Xoshiro256::seed_from_u64(19);
     for step in 1..=4u64 {
         let keys: Vec<u64> = (0..40).map(|_| rng.below(300)).collect();
@@ -778,6 +783,30 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     assert_eq!(stats.versions_deleted, 3);
     // The sample log is held from the only kept version's offsets; partition 2, which no
     // version names, from its start.
+    assert_eq!(
+        samples.holds()[super::writer::RETENTION_HOLDER],
+        BTreeMap::from([(0, 40), (1, 28), (2, 0)])
+    );
+    ckpt.stop();
+    first.await.unwrap();
+    // A restarted writer holds the log from the store's versions before it writes one, even
+    // where the hold it finds is stale.
+    crate::stream::StreamLog::hold(&*samples, super::writer::RETENTION_HOLDER, 0, 0).unwrap();
+    let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
+        store: store.clone(),
+        shards: router.clone(),
+        schedule: Schedule {
+            every_steps: Some(1),
+            every: None,
+            full_every: 100,
+            keep_full: 10,
+            keep_bytes: Some(2),
+        },
+        samples: Some(samples.clone()),
+        faults: Default::default(),
+    })
+    .await
+    .unwrap();
     assert_eq!(
         samples.holds()[super::writer::RETENTION_HOLDER],
         BTreeMap::from([(0, 40), (1, 28), (2, 0)])

@@ -343,11 +343,9 @@ impl WriterState {
                 self.kept_offsets.insert(v, m.sample_offsets);
             }
         }
-        if self.kept_offsets.is_empty() {
-            return Ok(());
-        }
         for p in 0..log.partitions() {
-            // A version that names no offset for a partition had read nothing of it.
+            // A version that names no offset for a partition had read nothing of it, and an
+            // empty store trains from the start of the log.
             let floor = self
                 .kept_offsets
                 .values()
@@ -378,13 +376,22 @@ impl Actor for CheckpointWriter {
                 "removed checkpoint directories left by an interrupted write"
             );
         }
-        Ok(WriterState {
+        let mut st = WriterState {
             args,
             last: None,
             subscribers: Vec::new(),
             stats: WriterStats::default(),
             kept_offsets: BTreeMap::new(),
-        })
+        };
+        // Before the first version: the trainer is restoring from what the store holds now,
+        // and a hold file left by a crash may name versions that are gone.
+        if let Err(e) = st.hold_samples() {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "holding the sample log for the model store's versions failed"
+            );
+        }
+        Ok(st)
     }
 
     async fn handle(

@@ -295,8 +295,43 @@ struct Resume {
     dead_letters: Offset,
 }
 
+impl Resume {
+    fn of(window: &Window, input_next: Offset, samples: Offset, dead_letters: Offset) -> Self {
+        Resume {
+            events: window
+                .oldest_offset()
+                .map_or(input_next, |o| o.min(input_next)),
+            samples,
+            dead_letters,
+        }
+    }
+
+    fn min(self, other: Resume) -> Resume {
+        Resume {
+            events: self.events.min(other.events),
+            samples: self.samples.min(other.samples),
+            dead_letters: self.dead_letters.min(other.dead_letters),
+        }
+    }
+}
+
 /// The retention holder name of the joiners, one partition each.
 pub const RETENTION_HOLDER: &str = "joiner";
+
+/// Holds the joiner's three logs from `at` on, against their retention.
+fn hold_logs(args: &JoinArgs, at: Resume) {
+    let p = args.partition;
+    for (log, offset) in [
+        (&args.events, at.events),
+        (&args.samples, at.samples),
+        (&args.dead_letters, at.dead_letters),
+    ] {
+        if let Err(e) = log.hold(RETENTION_HOLDER, p, offset) {
+            // The hold stays where it was, lower: retention keeps more, never less.
+            tracing::warn!(partition = p, topic = log.topic(), error = %e, "moving the joiner's retention hold failed");
+        }
+    }
+}
 
 impl std::fmt::Debug for JoinTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -381,6 +416,20 @@ impl JoinTask {
             }
         };
         let mut window = window;
+        // Hold the logs before reading them: events are appended (and retention runs) while
+        // this joiner hydrates, and its hold file may be missing (a data directory from before
+        // holds) or name a later checkpoint than the one that loaded.
+        let mut held = Resume::of(&window, input_next, samples_next, dead_next);
+        if let Ok(Some(prev)) = load_checkpoint(&path.with_extension("ckpt.prev")) {
+            let prev_window = Window::restore(args.config.clone(), prev.state);
+            held = held.min(Resume::of(
+                &prev_window,
+                prev.input_next,
+                prev.samples_next,
+                prev.dead_letters_next,
+            ));
+        }
+        hold_logs(&args, held);
         hydrate(&mut window, &*args.events, p, input_next)?;
         let low = args.events.low_watermark(p)?;
         if input_next < low {
@@ -414,11 +463,7 @@ impl JoinTask {
             last_checkpoint: Instant::now(),
             counters: TaskCounters::default(),
             warned: (0, 0, 0),
-            held: Resume {
-                events: 0,
-                samples: 0,
-                dead_letters: 0,
-            },
+            held,
             fault: None,
             args,
         };
@@ -595,14 +640,12 @@ impl JoinTask {
 
     /// Where a checkpoint taken now would resume the logs.
     fn resume(&self) -> Resume {
-        Resume {
-            events: self
-                .window
-                .oldest_offset()
-                .map_or(self.input_next, |o| o.min(self.input_next)),
-            samples: self.samples_next,
-            dead_letters: self.dead_next,
-        }
+        Resume::of(
+            &self.window,
+            self.input_next,
+            self.samples_next,
+            self.dead_next,
+        )
     }
 
     /// Flushes the outputs, then writes the checkpoint atomically (keeping the previous one),
@@ -633,7 +676,8 @@ impl JoinTask {
         crate::stream::write_atomic(&staged, &bytes)
             .with_context(|| format!("writing {}", staged.display()))?;
         self.fault(Phase::CheckpointStaged)?;
-        if path.exists() {
+        let rotated = path.exists();
+        if rotated {
             std::fs::rename(&path, path.with_extension("ckpt.prev"))
                 .with_context(|| format!("keeping the previous {}", path.display()))?;
         }
@@ -654,17 +698,11 @@ impl JoinTask {
             // The checkpoint is the truth; the group offset only informs operators' tools.
             tracing::warn!(partition = p, error = %e, "committing the joiner's consumer offset failed");
         }
-        // The previous checkpoint is now `.ckpt.prev`, the oldest a restart may resume from.
-        let held = self.held;
-        for (log, at) in [
-            (&self.args.events, held.events),
-            (&self.args.samples, held.samples),
-            (&self.args.dead_letters, held.dead_letters),
-        ] {
-            if let Err(e) = log.hold(RETENTION_HOLDER, p, at) {
-                // The hold stays where it was, lower: retention keeps more, never less.
-                tracing::warn!(partition = p, topic = log.topic(), error = %e, "moving the joiner's retention hold failed");
-            }
+        // The checkpoint that was `.ckpt` is now `.ckpt.prev`, the oldest a restart may
+        // resume from. Without a rotation, `.ckpt.prev` (if any) is still the older file the
+        // hold already covers.
+        if rotated {
+            hold_logs(&self.args, self.held);
         }
         self.held = self.resume();
         Ok(())
