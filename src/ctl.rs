@@ -117,7 +117,7 @@ pub(crate) fn run(args: CtlArgs) -> anyhow::Result<()> {
 }
 
 /// One request; returns the status and the body.
-fn request(
+pub(crate) fn request(
     url: &str,
     method: &str,
     path: &str,

@@ -30,12 +30,16 @@ use anyhow::Context;
 use clap::Args;
 use freshet_actors::event::INGEST_REJECTS_TOPIC;
 use freshet_actors::online::pipeline::PipelineHandle;
-use freshet_actors::simulate::{play_live, SimConfig, Simulator};
+use freshet_actors::simulate::{play_live, resume_clock, SimConfig, Simulator};
 use freshet_actors::stream::{open_topic, StreamLog};
 
 use crate::http::node::NodeState;
 use crate::http::{bind, Counters, HttpArgs, ServingState};
 use crate::settings::Settings;
+
+/// How old the newest event of the log may be for a restarted simulator to continue it (see
+/// [`resume_clock`]): a minute of backlog plays in seconds; a longer stop starts the clock now.
+const SIM_RESUME_MAX_GAP_MS: i64 = 60_000;
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
@@ -145,14 +149,27 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let sim = if args.no_simulate {
         None
     } else {
-        let seed = args
-            .sim_seed
-            .or(settings.train.seed)
-            .unwrap_or_else(|| freshet_actors::stream::now_ms() as u64);
+        let now = freshet_actors::stream::now_ms();
+        let (start_ms, resumed) =
+            resume_clock(&*events, now, SIM_RESUME_MAX_GAP_MS).context("reading the event log")?;
+        let seed = args.sim_seed.or(settings.train.seed).unwrap_or(now as u64);
+        // A simulator that continues a log draws requests of its own (their ids name the
+        // seed), not the ones the joiner has seen and would drop as duplicates.
+        let seed = if resumed {
+            seed ^ start_ms as u64
+        } else {
+            seed
+        };
+        if resumed {
+            eprintln!(
+                "the simulator continues the event log from {:.1} s ago",
+                (now - start_ms) as f64 / 1e3
+            );
+        }
         let mut sim = Simulator::new(SimConfig {
             seed,
             rate: args.sim_rate,
-            start_ms: freshet_actors::stream::now_ms(),
+            start_ms,
             click_delay_median_ms: (window_ms as f64 / 5.0).min(5000.0),
             click_delay_sigma: 0.7,
             ..SimConfig::default()

@@ -98,7 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = settings::load(cli.config.as_deref(), &overrides)?;
     init_tracing(&settings.node.log, settings.node.log_format)?;
     match cli.command {
-        Command::Bench { what } => bench::run(what, &settings),
+        Command::Bench { what } => bench::run(what, &settings, cli.config.as_deref()),
         Command::Train(args) => train::run(args, &settings),
         Command::Gen(args) => train::gen(args),
         Command::Simulate(args) => stream::simulate(args, &settings),

@@ -358,6 +358,41 @@ impl Simulator {
     }
 }
 
+/// Records read from the end of each partition to find the newest event time: more than the
+/// disorder of one append batch.
+const TAIL_RECORDS: u64 = 256;
+
+/// Where a simulator playing into `log` starts its clock, and whether it continues the log.
+///
+/// A node that stops (kill -9 or Ctrl-C) stops its simulated application with it. If the
+/// newest event in the log is at most `max_gap_ms` from `now_ms`, the clock starts just after
+/// it and [`play_live`] plays the events of the downtime at once, as the backlog a live
+/// application would have left in its log: event time has no gap, so the joiner's watermark
+/// does not jump over the open windows and close them all at once (a burst of negatives, then
+/// a window's length of clicks without their negatives, which miscalibrates whatever trains on
+/// it). Beyond `max_gap_ms` that backlog would be too long to play, and the clock starts now.
+/// Undecodable records (dead letters to be) are skipped.
+pub fn resume_clock(
+    log: &dyn crate::stream::StreamLog,
+    now_ms: i64,
+    max_gap_ms: i64,
+) -> Result<(i64, bool), crate::stream::LogError> {
+    let mut newest: Option<i64> = None;
+    for p in 0..log.partitions() {
+        let high = log.high_watermark(p)?;
+        let from = high.saturating_sub(TAIL_RECORDS).max(log.low_watermark(p)?);
+        for r in log.read(p, from, TAIL_RECORDS as usize)? {
+            if let Ok(e) = Event::from_msgpack(&r.payload) {
+                newest = Some(newest.map_or(e.time_ms(), |n| n.max(e.time_ms())));
+            }
+        }
+    }
+    Ok(match newest {
+        Some(t) if (now_ms - t).abs() <= max_gap_ms => (t + 1, true),
+        _ => (now_ms, false),
+    })
+}
+
 /// Plays `sim` into the event log at wall-clock pace (its clock must start near now) until
 /// `stop` is set, appending what is due every few milliseconds. Returns the records appended.
 ///
@@ -409,6 +444,44 @@ mod tests {
         }
         s.finish(&mut out);
         (out, truth, s.stats().clone())
+    }
+
+    #[test]
+    fn a_restarted_simulator_continues_the_log_s_event_time_when_it_is_recent() {
+        use crate::stream::StreamLog;
+        let dir = tempfile::tempdir().unwrap();
+        let log = crate::stream::EmbeddedLog::open(
+            dir.path(),
+            "events",
+            crate::stream::LogConfig {
+                partitions: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let now = 1_700_000_100_000;
+        assert_eq!(resume_clock(&log, now, 60_000).unwrap(), (now, false));
+        let (recs, _, _) = run(SimConfig::default(), 300);
+        let newest = recs
+            .iter()
+            .filter_map(|r| Event::from_msgpack(&r.payload).ok())
+            .map(|e| e.time_ms())
+            .max()
+            .unwrap();
+        for r in &recs {
+            let p = crate::stream::partition_of(&r.key, 2);
+            log.append(p, &[&r.payload]).unwrap();
+        }
+        // Malformed records at the end are passed over.
+        log.append(0, &[b"not an event"]).unwrap();
+        assert_eq!(
+            resume_clock(&log, newest + 5_000, 60_000).unwrap(),
+            (newest + 1, true)
+        );
+        assert_eq!(
+            resume_clock(&log, newest + 61_000, 60_000).unwrap(),
+            (newest + 61_000, false)
+        );
     }
 
     #[test]

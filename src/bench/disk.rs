@@ -1,13 +1,13 @@
 //! `freshet bench disk`: the disk `freshet dev` takes on its defaults, measured over a run and
 //! extrapolated to a day.
 //!
-//! The bench starts this binary as `freshet dev` (defaults, its simulator, a temporary data
-//! directory), measures every part of the data directory every `--every-secs`, and stops the
+//! The bench starts this binary as `freshet dev` (defaults or the bench's own `--config`, its
+//! simulator, a temporary data directory), measures every part of the data directory every `--every-secs`, and stops the
 //! node with SIGINT after `--secs`. Each part is either bounded by a setting (a partition of
 //! the log by `log.retention_bytes` plus a segment, the model store by
 //! `checkpoint.keep_bytes`) or not. The day's figure for a part is its size at the end plus
-//! its growth over the second half of the run, carried to 24 hours, and for a bounded part no
-//! more than its bound. The growth of a bounded part in a short run says whether the bound is
+//! its growth over the second half of the run, carried to 24 hours, and for a part that stayed
+//! within its bound no more than the bound (one that went past it is carried as unbounded). The growth of a bounded part in a short run says whether the bound is
 //! reached: the report shows both, and the peak each part reached.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
+use super::node::Node;
 use crate::settings::Settings;
 
 #[derive(Debug, Args)]
@@ -50,7 +51,10 @@ struct Report {
     cpu: String,
     secs: f64,
     events_appended: Option<u64>,
-    /// `FRESHET__*` overrides the node ran with (none: the defaults).
+    /// The configuration file the node ran with, beside `./freshet.toml` (none: the defaults
+    /// unless `./freshet.toml` exists), and the `FRESHET__*` overrides.
+    config_file: Option<PathBuf>,
+    default_config_present: bool,
     overrides: Vec<String>,
     parts: Vec<Part>,
     end_bytes: u64,
@@ -58,28 +62,22 @@ struct Report {
     day_bytes: u64,
 }
 
-pub(crate) fn run(args: DiskBenchArgs, settings: &Settings) -> anyhow::Result<()> {
+pub(crate) fn run(
+    args: DiskBenchArgs,
+    settings: &Settings,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.every_secs >= 1 && args.secs >= 4 * args.every_secs,
         "--secs must hold at least four measurements of --every-secs"
     );
     let dir = tempfile::tempdir().context("a temporary data directory")?;
     let data = dir.path().join("data");
-    let exe = std::env::current_exe().context("finding this binary")?;
     let log = dir.path().join("node.log");
-    let log_file = std::fs::File::create(&log).context("creating the node's log file")?;
-    let mut child = std::process::Command::new(&exe)
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["dev", "--listen", "127.0.0.1:0"])
-        .stdin(std::process::Stdio::null())
-        .stdout(log_file.try_clone().context("the node's log file")?)
-        .stderr(log_file)
-        .spawn()
-        .with_context(|| format!("starting {} dev", exe.display()))?;
-    let pid = child.id();
+    let mut node = Node::start(config, &data, &log)?;
     super::progress(&format!(
-        "freshet dev (pid {pid}) in {} for {} s; its log is {}",
+        "freshet dev (pid {}) in {} for {} s; its log is {}",
+        node.pid(),
         data.display(),
         args.secs,
         log.display()
@@ -89,7 +87,7 @@ pub(crate) fn run(args: DiskBenchArgs, settings: &Settings) -> anyhow::Result<()
     let every = Duration::from_secs(args.every_secs);
     let mut next = started;
     let outcome = loop {
-        if let Some(status) = child.try_wait().context("watching the node")? {
+        if let Some(status) = node.exited()? {
             break Err(anyhow::anyhow!(
                 "the node exited early ({status}); see {}",
                 log.display()
@@ -113,36 +111,22 @@ pub(crate) fn run(args: DiskBenchArgs, settings: &Settings) -> anyhow::Result<()
         }
         std::thread::sleep(Duration::from_millis(200).min(next.saturating_duration_since(now)));
     };
-    interrupt(pid);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     outcome?;
+    node.stop(Duration::from_secs(60))?;
     let node_log = std::fs::read_to_string(&log).unwrap_or_default();
     let events_appended = node_log
         .lines()
         .find_map(|l| l.strip_prefix("the simulator appended "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok());
-    let report = report(settings, &samples, events_appended)?;
+    let mut report = report(settings, &samples, events_appended)?;
+    report.config_file = config.map(Path::to_path_buf);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
-}
-
-/// Sends SIGINT to `pid`: the node writes a last version and stops, as after Ctrl-C.
-#[allow(unsafe_code)] // kill(2) has no safe wrapper in std.
-fn interrupt(pid: u32) {
-    // SAFETY: plain syscall on a pid of our own child, not yet reaped.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
 }
 
 /// Bytes of each part of a node's data directory: each topic of the log, the model store, the
@@ -230,9 +214,10 @@ fn report(
             .unwrap_or(0);
         let bound_bytes = bound(settings, name);
         let grown = end_bytes as f64 + growth.max(0.0) * (day - end_t).max(0.0);
+        // A part past its bound is not held by it: it is carried like an unbounded one.
         let day_bytes = match bound_bytes {
-            Some(b) => grown.min(b as f64).max(peak_bytes as f64),
-            None => grown.max(peak_bytes as f64),
+            Some(b) if peak_bytes <= b => grown.min(b as f64).max(peak_bytes as f64),
+            _ => grown.max(peak_bytes as f64),
         } as u64;
         parts.push(Part {
             name: name.clone(),
@@ -257,6 +242,8 @@ fn report(
         cpu: super::cpu_model(),
         secs: *end_t,
         events_appended,
+        config_file: None,
+        default_config_present: Path::new("freshet.toml").exists(),
         overrides,
         end_bytes: last.values().sum(),
         peak_bytes,
@@ -292,6 +279,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = crate::settings::load(None, &[("node.data_dir", dir.path().display().to_string())])
             .unwrap();
+        let keep = s.checkpoint.schedule().keep_bytes.unwrap();
         let samples: Vec<(f64, BTreeMap<String, u64>)> = (0..=10)
             .map(|i| {
                 let t = f64::from(i) * 60.0;
@@ -299,6 +287,8 @@ mod tests {
                     ("log/events".to_string(), 1_000_000 * i as u64),
                     ("joiner".to_string(), 1_000 * i as u64),
                     ("node.lock".to_string(), 10),
+                    // Past its bound from the start: the bound does not hold it.
+                    ("models".to_string(), keep + 60 * i as u64),
                 ]);
                 (t, m)
             })
@@ -313,7 +303,9 @@ mod tests {
         let joiner = by["joiner"].day_bytes as f64;
         assert!((joiner - (10_000.0 + 1_000.0 / 60.0 * (86_400.0 - 600.0))).abs() < 2.0);
         assert_eq!(by["node.lock"].day_bytes, 10);
-        assert_eq!(r.end_bytes, 10_000_000 + 10_000 + 10);
+        let models = by["models"].day_bytes as f64;
+        assert!((models - (keep as f64 + 600.0 + (86_400.0 - 600.0))).abs() < 2.0);
+        assert_eq!(r.end_bytes, 10_000_000 + 10_000 + 10 + keep + 600);
         assert_eq!(
             r.day_bytes,
             r.parts.iter().map(|p| p.day_bytes).sum::<u64>()

@@ -10,7 +10,9 @@ mod disk;
 mod embedding;
 mod freshness;
 mod join;
+mod node;
 mod online;
+mod restarts;
 mod serve;
 
 use clap::Subcommand;
@@ -42,9 +44,18 @@ pub(crate) enum BenchCommand {
     /// The disk `freshet dev` takes on its defaults: every part of its data directory over a
     /// run (10 minutes by default), carried to 24 hours.
     Disk(disk::DiskBenchArgs),
+    /// `freshet dev` killed with SIGKILL and started again on its data, several times: the
+    /// validation verdicts of each run (passed, failed, calibrations) and how far serving
+    /// fell behind the newest version.
+    Restarts(restarts::RestartsArgs),
 }
 
-pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> {
+/// `config`: the configuration file given with `--config`, for a bench that starts a node.
+pub(crate) fn run(
+    cmd: BenchCommand,
+    settings: &Settings,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Embedding(a) => embedding::run(a, settings),
         BenchCommand::Dense(a) => dense::run(a),
@@ -53,7 +64,8 @@ pub(crate) fn run(cmd: BenchCommand, settings: &Settings) -> anyhow::Result<()> 
         BenchCommand::Freshness(a) => freshness::run(a, settings),
         BenchCommand::Online(a) => online::run(a, settings),
         BenchCommand::Serve(a) => serve::run(a, settings),
-        BenchCommand::Disk(a) => disk::run(a, settings),
+        BenchCommand::Disk(a) => disk::run(a, settings, config),
+        BenchCommand::Restarts(a) => restarts::run(a, config),
     }
 }
 

@@ -169,15 +169,30 @@ pub fn judge(
 ) -> Result<(), GateFailure> {
     let mut failed = Vec::new();
     let clicks = candidate.mean_label * candidate.samples as f64;
+    let err = cfg.max_calibration_error;
     match candidate.calibration {
-        Some(c)
-            if (c - 1.0).abs() > cfg.max_calibration_error
-                && clicks >= cfg.calibration_min_clicks as f64 =>
-        {
-            failed.push(format!(
-                "|calibration {c:.4} - 1| > {} (on {clicks:.0} clicks)",
-                cfg.max_calibration_error
-            ))
+        Some(c) if (c - 1.0).abs() > err && clicks >= cfg.calibration_min_clicks as f64 => {
+            // Samples are written when their label is known: a click at once, a negative when
+            // the join window closes. For a window's length after a start or a restart the
+            // samples are therefore no fair mix (clicks first, or a burst of negatives the
+            // restart closed), and every model looks miscalibrated on them. The version the
+            // candidate is compared with, off by as much on the same samples, says so; the
+            // candidate is then judged by its predictions against that version's (their
+            // ratio does not depend on the labels), or passes for being no further off than
+            // it: withdrawing to a version as far off would gain nothing.
+            let misleading = serving
+                .and_then(|s| s.calibration)
+                .filter(|s| (s - 1.0).abs() > err && *s > 0.0);
+            match misleading {
+                Some(sc) if (c / sc - 1.0).abs() <= err || (c - 1.0).abs() <= (sc - 1.0).abs() => {}
+                Some(sc) => failed.push(format!(
+                    "|calibration {c:.4} - 1| > {err} and |calibration / serving calibration \
+                     {sc:.4} - 1| > {err} (on {clicks:.0} clicks)"
+                )),
+                None => failed.push(format!(
+                    "|calibration {c:.4} - 1| > {err} (on {clicks:.0} clicks)"
+                )),
+            }
         }
         _ => {}
     }
@@ -269,6 +284,36 @@ mod tests {
         };
         assert_eq!(judge(&cfg, &few, Some(&serving)), Ok(()));
         assert!(judge(&cfg, &ev(102, 0.75, 0.40, 1.5), None).is_err());
+    }
+
+    /// On samples that mislead every model (the first window after a start or a restart), a
+    /// candidate is judged against the reference's calibration on the same samples.
+    #[test]
+    fn on_samples_every_model_misreads_calibration_is_judged_against_the_reference() {
+        let cfg = GateConfig::default();
+        let n = 100_000;
+        // A burst of negatives: both predict three times the clicks.
+        let serving = ev(n, 0.75, 0.40, 3.0);
+        assert_eq!(judge(&cfg, &ev(n, 0.75, 0.40, 3.3), Some(&serving)), Ok(()));
+        let e = judge(&cfg, &ev(n, 0.75, 0.40, 4.5), Some(&serving))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("serving calibration 3.0000"), "{e}");
+        // Better calibrated than the reference on them passes, however far the ratio.
+        assert_eq!(judge(&cfg, &ev(n, 0.75, 0.40, 1.8), Some(&serving)), Ok(()));
+        // Clicks first: both predict a fifth of them.
+        let serving = ev(n, 0.75, 0.40, 0.2);
+        assert_eq!(
+            judge(&cfg, &ev(n, 0.75, 0.40, 0.22), Some(&serving)),
+            Ok(())
+        );
+        assert!(judge(&cfg, &ev(n, 0.75, 0.40, 0.1), Some(&serving)).is_err());
+        // A reference calibrated on these samples, or none, leaves the plain check.
+        let e = judge(&cfg, &ev(n, 0.75, 0.40, 1.5), Some(&ev(n, 0.75, 0.40, 1.0)))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("serving calibration"), "{e}");
+        assert!(judge(&cfg, &ev(n, 0.75, 0.40, 3.3), None).is_err());
     }
 
     /// On a quiet window the comparisons allow what chance does, and still catch a version

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 
 use super::gate::{due, judge, GateConfig, Publish};
 use crate::ckpt::writer::CheckpointHandle;
-use crate::ckpt::{Manifest, ModelStore, Validation};
+use crate::ckpt::{CkptError, Manifest, ModelStore, Validation};
 use crate::dense::Threads;
 use crate::envelope::Envelope;
 use crate::fault::Faults;
@@ -157,6 +157,18 @@ impl std::fmt::Debug for ValidatorState {
     }
 }
 
+/// The validator's pins in the model store: the version it scores, so that retention does not
+/// delete it (and the chain it restores from) mid-evaluation, and the newest version that
+/// passed, the reference in `guarded` and the target of `auto_rollback`.
+pub const PIN_EVALUATING: &str = "validator";
+pub const PIN_PASSED: &str = "validator-passed";
+
+/// Whether `e` says a version's files are gone: retention deleted it after it was announced.
+fn deleted(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<CkptError>()
+        .is_some_and(|e| matches!(e, CkptError::Missing { .. }))
+}
+
 /// Samples read per poll.
 const POLL_RECORDS: usize = 4096;
 /// Wait before reading again when no new sample had arrived.
@@ -197,6 +209,14 @@ impl ValidatorState {
     async fn next(&mut self) {
         while let Some(m) = self.waiting.pop_front() {
             if let Err(e) = self.follow(&m).await {
+                self.candidate = None;
+                if deleted(&e) {
+                    // The writer moved on faster than the validator scores; a newer version
+                    // is on its way.
+                    tracing::warn!(version = m.version, error = %format!("{e:#}"), "a candidate was deleted by retention before it was scored");
+                    self.status.skipped += 1;
+                    continue;
+                }
                 tracing::error!(version = m.version, error = %format!("{e:#}"), "could not load the candidate; waiting for the next version");
                 self.status.last_error = Some(format!("version {}: {e:#}", m.version));
                 self.candidate = None;
@@ -215,6 +235,7 @@ impl ValidatorState {
     }
 
     fn begin(&mut self, m: &Manifest) {
+        pin(&self.args.store, PIN_EVALUATING, m.version);
         let schema = &m.schema;
         self.eval = Some(Eval {
             version: m.version,
@@ -384,10 +405,21 @@ impl ValidatorState {
         self.status.evaluating = None;
         self.status.evaluating_samples = 0;
         // A version rolled back while it was scored keeps its mark and is not published.
-        let m = self
+        let m = match self
             .args
             .store
-            .set_validation(e.version, validation.clone())?;
+            .set_validation(e.version, validation.clone())
+        {
+            Ok(m) => m,
+            Err(err @ CkptError::Missing { .. }) => {
+                // Retention read the pins before this version's was written: its files are
+                // gone, and so is any use of its verdict.
+                tracing::warn!(version = e.version, error = %err, "a version was deleted while it was scored; its verdict is dropped");
+                self.status.skipped += 1;
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        };
         self.status.last_verdict = Some((e.version, validation));
         match verdict {
             Ok(()) => {
@@ -396,6 +428,7 @@ impl ValidatorState {
                 self.status.alert = false;
                 if m.rolled_back.is_none() {
                     self.status.last_passed = Some(e.version);
+                    pin(&self.args.store, PIN_PASSED, e.version);
                     match self.args.gate.publish {
                         Publish::AfterValidation => self.publish(e.version),
                         Publish::Guarded => {
@@ -449,11 +482,24 @@ impl ValidatorState {
     }
 }
 
+/// Pins `v` for `holder`. A pin that fails to be written leaves the version to retention: the
+/// validator then finds it gone and moves on, which is better than not validating.
+fn pin(store: &ModelStore, holder: &str, v: u64) {
+    if let Err(e) = store.pin(holder, v) {
+        tracing::warn!(version = v, holder, error = %e, "pinning a version against retention failed");
+    }
+}
+
 /// From the manifests: the failures since the newest passing version, and that version.
 fn history(store: &ModelStore) -> anyhow::Result<(u32, Option<u64>)> {
     let mut failures = 0;
     for v in store.versions()?.into_iter().rev() {
-        let m = store.manifest(v)?;
+        let m = match store.manifest(v) {
+            Ok(m) => m,
+            // Deleted by retention between the listing and the read.
+            Err(CkptError::Missing { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if m.rolled_back.is_some() {
             continue;
         }
@@ -488,7 +534,14 @@ impl Actor for Validator {
                 }
             }
         });
+        // A pin left by an evaluation that a crash ended; the next candidate pins its own.
+        if let Err(e) = args.store.unpin(PIN_EVALUATING) {
+            tracing::warn!(error = %e, "removing the validator's previous pin failed");
+        }
         let (failures, last_passed) = history(&args.store)?;
+        if let Some(v) = last_passed {
+            pin(&args.store, PIN_PASSED, v);
+        }
         let status = ValidatorStatus {
             consecutive_failures: failures,
             alert: failures >= args.gate.alert_after,
