@@ -789,3 +789,58 @@ fn walk(p: &Path) -> u64 {
         Err(_) => std::fs::metadata(p).map_or(0, |m| m.len()),
     }
 }
+
+/// A byte bound below any version's size: retention keeps only the newest version and the
+/// pinned ones, and deletes versions while the validator reads and scores them. The validator
+/// pins what it scores and what passed, takes a version deleted under it as skipped, and is
+/// never restarted for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_validator_keeps_judging_while_retention_deletes_versions_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), loose_gate(), Faults::new());
+    cfg.schedule = Schedule {
+        every_steps: None,
+        every: Some(Duration::from_millis(100)),
+        full_every: 3,
+        keep_full: 1,
+        keep_bytes: Some(1),
+    };
+    let mut feed = Feed::start(cfg.logs.events.clone(), 23);
+    let (pipe, _j) = PipelineHandle::start(cfg).await.unwrap();
+    let store = pipe.store().clone();
+    let p = pipe.clone();
+    let st = until(90, "ten verdicts with versions deleted", move || {
+        let (p, store) = (p.clone(), store.clone());
+        async move {
+            let s = p.validator_status().await.ok()?;
+            let oldest = *store.versions().ok()?.first()?;
+            (s.passed + s.failed >= 10 && oldest > 5).then_some(s)
+        }
+    })
+    .await;
+    let status = pipe.status().await.unwrap();
+    let validator = status
+        .children
+        .iter()
+        .find(|c| c.name == "validator")
+        .unwrap();
+    assert_eq!(validator.restarts, 0, "{validator:?}");
+    let store = pipe.store();
+    let pins = store.pins().unwrap();
+    let passed = st.last_passed.expect("a version passed");
+    assert!(
+        pins.get("validator-passed").is_some_and(|&v| v >= passed),
+        "{pins:?} {st:?}"
+    );
+    // The newest version that passed is still there to withdraw or roll back to.
+    let v = pins["validator-passed"];
+    assert!(store.manifest(v).unwrap().validation.unwrap().passed);
+    eprintln!(
+        "{} verdicts, {} skipped; the store holds {:?}",
+        st.passed + st.failed,
+        st.skipped,
+        store.versions().unwrap()
+    );
+    feed.stop();
+    pipe.shutdown().await.unwrap();
+}
