@@ -2,13 +2,14 @@
 //! extrapolated to a day.
 //!
 //! The bench starts this binary as `freshet dev` (defaults or the bench's own `--config`, its
-//! simulator, a temporary data directory), measures every part of the data directory every `--every-secs`, and stops the
-//! node with SIGINT after `--secs`. Each part is either bounded by a setting (a partition of
-//! the log by `log.retention_bytes` plus a segment, the model store by
-//! `checkpoint.keep_bytes`) or not. The day's figure for a part is its size at the end plus
-//! its growth over the second half of the run, carried to 24 hours, and for a part that stayed
-//! within its bound no more than the bound (one that went past it is carried as unbounded). The growth of a bounded part in a short run says whether the bound is
-//! reached: the report shows both, and the peak each part reached.
+//! simulator, a temporary data directory), measures every part of the data directory every
+//! `--every-secs`, and stops the node with SIGINT after `--secs`. Each part is either bounded
+//! by a setting (a partition of the log by `log.retention_bytes` plus a segment, the model
+//! store by `checkpoint.keep_bytes`) or not. The day's figure for a part is its size at the end
+//! plus its growth over the second half of the run, carried to 24 hours, and for a part that
+//! stayed within its bound no more than the bound (one that went past it is carried as
+//! unbounded). The growth of a bounded part in a short run says whether the bound is reached:
+//! the report shows both, and the peak each part reached.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,8 +52,9 @@ struct Report {
     cpu: String,
     secs: f64,
     events_appended: Option<u64>,
-    /// The configuration file the node ran with, beside `./freshet.toml` (none: the defaults
-    /// unless `./freshet.toml` exists), and the `FRESHET__*` overrides.
+    /// The configuration the node ran with: the file given with `--config` (passed on to
+    /// it), whether `./freshet.toml` (which it reads without one) exists, and the
+    /// `FRESHET__*` overrides.
     config_file: Option<PathBuf>,
     default_config_present: bool,
     overrides: Vec<String>,
