@@ -404,13 +404,10 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
     );
 }
 
-#[test]
-fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
-    let seed = testkit::seed("joiner_retention_holds");
-    // 10 s of traffic against 1 s windows: most impressions are closed and forgotten long
-    // before the end, so holds move and retention has something to delete.
-    let (recs, _) = traffic(2000, seed % 100);
-    let short = |a: JoinArgs| JoinArgs {
+/// Windows of 1 s, forgotten 1 s after they close: over 10 s of traffic most impressions are
+/// closed and forgotten long before the end, so holds move and retention has work.
+fn short(a: JoinArgs) -> JoinArgs {
+    JoinArgs {
         config: JoinConfig {
             window_ms: 1_000,
             allowed_lateness_ms: 200,
@@ -418,22 +415,42 @@ fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
             ..join_cfg()
         },
         ..a
-    };
-    let clean_dir = tempfile::tempdir().unwrap();
-    let clean = open_logs(clean_dir.path());
-    append_traffic(&*clean.events, &recs, &mut Xoshiro256::seed_from_u64(seed));
-    let mut t = JoinTask::open(short(args(&clean, clean_dir.path(), 0, 1000, 256))).unwrap();
+    }
+}
+
+/// `recs` joined in one go with [`short`] windows, on logs without retention: what a joiner
+/// under retention and restarts must write.
+fn joined_with_short_windows(recs: &[(String, Vec<u8>)], seed: u64) -> (tempfile::TempDir, Logs) {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = open_logs(dir.path());
+    append_traffic(&*logs.events, recs, &mut Xoshiro256::seed_from_u64(seed));
+    let mut t = JoinTask::open(short(args(&logs, dir.path(), 0, 1000, 256))).unwrap();
     while t.step().unwrap() > 0 {}
     t.checkpoint().unwrap();
+    (dir, logs)
+}
+
+/// Logs far smaller than the traffic: 4 KiB segments, 16 KiB a partition.
+fn small_retention() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(16 << 10),
+        ..log_cfg()
+    }
+}
+
+#[test]
+fn retention_by_bytes_never_deletes_what_a_restarted_joiner_reads_again() {
+    let seed = testkit::seed("joiner_retention_holds");
+    // 10 s of traffic against 1 s windows: most impressions are closed and forgotten long
+    // before the end, so holds move and retention has something to delete.
+    let (recs, _) = traffic(2000, seed % 100);
+    let (_clean_dir, clean) = joined_with_short_windows(&recs, seed);
 
     // Logs far smaller than the traffic: without the joiner's holds, retention would delete
     // events it has not read, and the impressions a restored window reads back.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = LogConfig {
-        segment_bytes: 4096,
-        retention_bytes: Some(16 << 10),
-        ..log_cfg()
-    };
+    let cfg = small_retention();
     let open = |t: &str| Arc::new(EmbeddedLog::open(dir.path(), t, cfg.clone()).unwrap());
     let (events, samples, dead) = (open("events"), open("samples"), open("dead-letters"));
     let logs = Logs {
@@ -483,28 +500,10 @@ fn a_joiner_whose_hold_files_are_gone_holds_its_checkpoints_before_it_reads() {
     let seed = testkit::seed("joiner_holds_lost");
     let (recs, _) = traffic(2000, seed % 100);
     let (first, second) = recs.split_at(recs.len() / 2);
-    let short = |a: JoinArgs| JoinArgs {
-        config: JoinConfig {
-            window_ms: 1_000,
-            allowed_lateness_ms: 200,
-            remember_closed_ms: 1_000,
-            ..join_cfg()
-        },
-        ..a
-    };
-    let clean_dir = tempfile::tempdir().unwrap();
-    let clean = open_logs(clean_dir.path());
-    append_traffic(&*clean.events, &recs, &mut Xoshiro256::seed_from_u64(seed));
-    let mut t = JoinTask::open(short(args(&clean, clean_dir.path(), 0, 1000, 256))).unwrap();
-    while t.step().unwrap() > 0 {}
-    t.checkpoint().unwrap();
+    let (_clean_dir, clean) = joined_with_short_windows(&recs, seed);
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = LogConfig {
-        segment_bytes: 4096,
-        retention_bytes: Some(16 << 10),
-        ..log_cfg()
-    };
+    let cfg = small_retention();
     let open = |t: &str| Arc::new(EmbeddedLog::open(dir.path(), t, cfg.clone()).unwrap());
     let topics = ["events", "samples", "dead-letters"];
     let mut rng = Xoshiro256::seed_from_u64(seed);

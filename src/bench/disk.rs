@@ -123,12 +123,7 @@ pub(crate) fn run(
         .and_then(|n| n.parse().ok());
     let mut report = report(settings, &samples, events_appended)?;
     report.config_file = config.map(Path::to_path_buf);
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }
 
 /// Bytes of each part of a node's data directory: each topic of the log, the model store, the

@@ -112,12 +112,7 @@ pub(crate) fn run(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()
         publish: settings.validation.publish.name(),
         runs,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }
 
 async fn bench(

@@ -385,10 +385,5 @@ pub(crate) fn run(args: JoinBenchArgs, settings: &Settings) -> anyhow::Result<()
         latency_p99_ms: pct(0.99),
         latency_max_ms: lat.last().copied().unwrap_or(f64::NAN),
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }

@@ -85,6 +85,16 @@ pub(super) fn best(xs: &[f64]) -> f64 {
     xs.iter().copied().fold(0.0, f64::max)
 }
 
+/// Prints a bench's report on stdout: one line of JSON with `--json`, else indented.
+pub(super) fn print_report(report: &impl serde::Serialize, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
+}
+
 pub(super) fn progress(msg: &str) {
     eprintln!("{msg}");
 }

@@ -301,12 +301,7 @@ pub(crate) fn run(args: OnlineArgs, settings: &Settings) -> anyhow::Result<()> {
         periods: by_period,
         online,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }
 
 /// Splits `rows` (in time order) at the period boundary nearest the middle row.

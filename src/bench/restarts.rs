@@ -105,12 +105,7 @@ pub(crate) fn run(args: RestartsArgs, config: Option<&Path>) -> anyhow::Result<(
         restarted_max_lag_versions: restarted.iter().map(|r| r.max_lag_versions).max(),
         runs,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }
 
 /// Polls the node for `args.secs`, then reads its log.

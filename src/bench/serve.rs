@@ -670,10 +670,5 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         max_in_flight: http.max_in_flight,
         overload,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    super::print_report(&report, args.json)
 }

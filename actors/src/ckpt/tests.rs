@@ -731,7 +731,7 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     let samples = std::sync::Arc::new(samples);
     // A bound below any version's size: a chain is over after its full version, and
     // retention keeps the newest chain alone.
-    let (ckpt, first) = CheckpointHandle::spawn(WriterArgs {
+    let writer_args = || WriterArgs {
         store: store.clone(),
         shards: router.clone(),
         schedule: Schedule {
@@ -743,9 +743,8 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
         },
         samples: Some(samples.clone()),
         faults: Default::default(),
-    })
-    .await
-    .unwrap();
+    };
+    let (ckpt, first) = CheckpointHandle::spawn(writer_args()).await.unwrap();
     // Before its first version: an empty store trains from the start of the log.
     assert_eq!(
         samples.holds()[super::writer::RETENTION_HOLDER],
@@ -792,21 +791,7 @@ async fn a_writer_within_a_byte_bound_starts_chains_over_and_keeps_only_what_fit
     // A restarted writer holds the log from the store's versions before it writes one, even
     // where the hold it finds is stale.
     crate::stream::StreamLog::hold(&*samples, super::writer::RETENTION_HOLDER, 0, 0).unwrap();
-    let (ckpt, _join) = CheckpointHandle::spawn(WriterArgs {
-        store: store.clone(),
-        shards: router.clone(),
-        schedule: Schedule {
-            every_steps: Some(1),
-            every: None,
-            full_every: 100,
-            keep_full: 10,
-            keep_bytes: Some(2),
-        },
-        samples: Some(samples.clone()),
-        faults: Default::default(),
-    })
-    .await
-    .unwrap();
+    let (ckpt, _join) = CheckpointHandle::spawn(writer_args()).await.unwrap();
     assert_eq!(
         samples.holds()[super::writer::RETENTION_HOLDER],
         BTreeMap::from([(0, 40), (1, 28), (2, 0)])

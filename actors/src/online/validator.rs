@@ -219,7 +219,6 @@ impl ValidatorState {
                 }
                 tracing::error!(version = m.version, error = %format!("{e:#}"), "could not load the candidate; waiting for the next version");
                 self.status.last_error = Some(format!("version {}: {e:#}", m.version));
-                self.candidate = None;
                 continue;
             }
             if self.waiting.is_empty() {
