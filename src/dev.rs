@@ -110,7 +110,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet dev")?;
     // Before the pipeline starts: a taken address must stop the node before it writes a version.
     check_admin_exposure(&args)?;
-    let listener = crate::http::listen(&args.http)?;
+    let listeners = crate::http::listen(&args.http)?;
     let bases_dir = match &settings.node.bases_dir {
         Some(d) => d.clone(),
         None => std::env::current_dir().context("reading the working directory")?,
@@ -202,24 +202,25 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         stopped: pipe.gave_up_slot(),
     });
     let node_data = web::Data::from(node.clone());
-    let (server, addrs) = bind(
+    let servers = bind(
         state.clone(),
         &args.http,
         &settings.http,
-        listener,
-        move |cfg| {
+        listeners,
+        move |cfg, port| {
             cfg.app_data(node_data.clone());
-            crate::http::node::routes(cfg);
+            crate::http::node::routes(cfg, port);
         },
     )?;
-    for a in addrs {
-        eprintln!("listening on http://{a}");
+    servers.announce();
+    for a in &servers.addrs {
         eprintln!("  predict: POST http://{a}/v1/predict   models: GET http://{a}/v1/models");
         eprintln!("  events:  POST http://{a}/v1/events    metrics: GET http://{a}/metrics");
+    }
+    if let Some(a) = servers.ops_addrs.first().or(servers.addrs.first()) {
         eprintln!("  admin:   freshet ctl --url http://{a} status");
     }
-    let http = server.handle();
-    let server = tokio::spawn(server);
+    let http = servers.spawn();
 
     // The status line, until Ctrl-C or the supervisor gives up.
     let tty = std::io::stderr().is_terminal();
@@ -273,8 +274,9 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
             Err(_) => eprintln!("the simulator thread panicked"),
         }
     }
-    http.stop(true).await;
-    let _ = server.await;
+    if let Err(e) = http.stop().await {
+        tracing::warn!(error = %format!("{e:#}"), "stopping the HTTP servers");
+    }
     if let Err(e) = outcome {
         // Nothing trains to finish a version; the logs still flush.
         if let Err(f) = pipe.shutdown().await {
@@ -298,12 +300,18 @@ fn check_admin_exposure(args: &DevArgs) -> anyhow::Result<()> {
     if args.admin_token.is_some() {
         return Ok(());
     }
-    let addrs: Vec<std::net::SocketAddr> = args
+    let mut addrs: Vec<std::net::SocketAddr> = args
         .http
         .listen
         .to_socket_addrs()
         .with_context(|| format!("resolving --listen {}", args.http.listen))?
         .collect();
+    if let Some(ops) = args.http.ops_addr()? {
+        addrs.extend(
+            ops.to_socket_addrs()
+                .with_context(|| format!("resolving the operations port {ops}"))?,
+        );
+    }
     let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) else {
         return Ok(());
     };

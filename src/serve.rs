@@ -65,19 +65,19 @@ pub(crate) fn run(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let store = ModelStore::open_existing(&root)
         .with_context(|| format!("opening the model store {}", root.display()))?;
     args.http.check()?;
-    let listener = crate::http::listen(&args.http)?;
+    let listeners = crate::http::listen(&args.http)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(args, store, &settings.http, listener))
+    rt.block_on(serve(args, store, &settings.http, listeners))
 }
 
 async fn serve(
     args: ServeArgs,
     store: ModelStore,
     limits: &crate::settings::HttpSettings,
-    listener: std::net::TcpListener,
+    listeners: crate::http::Listeners,
 ) -> anyhow::Result<()> {
     let cell = Arc::new(ModelCell::new());
     let (replica, _join) = ReplicaHandle::spawn(ReplicaArgs {
@@ -115,18 +115,17 @@ async fn serve(
         metrics: Vec::new(),
         stopped: Default::default(),
     });
-    let (server, addrs) = crate::http::bind(state, &args.http, limits, listener, |_| {})?;
-    for a in addrs {
-        eprintln!("listening on http://{a}");
-    }
-    let handle = server.handle();
+    let servers = crate::http::bind(state, &args.http, limits, listeners, |_, _| {})?;
+    servers.announce();
+    let running = servers.spawn();
+    let stopper = running.stopper();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("shutting down");
-            handle.stop(true).await;
+            stopper.stop().await;
         }
     });
-    server.await.context("the HTTP server")?;
+    running.join().await?;
     follower.abort();
     replica.stop();
     Ok(())

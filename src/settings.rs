@@ -84,6 +84,10 @@ pub(crate) struct HttpSettings {
     /// the process's file-descriptor limit (raised to its hard limit at start), which leaves the
     /// other half to the pipeline.
     pub(crate) max_connections: usize,
+    /// Connections the operations port (`--ops-listen`) takes at once, apart from
+    /// `max_connections`, so that a flood on the main port never locks out a health probe or
+    /// an operator.
+    pub(crate) ops_max_connections: usize,
 }
 
 impl Default for HttpSettings {
@@ -93,6 +97,7 @@ impl Default for HttpSettings {
             body_timeout_ms: 10_000,
             keep_alive_ms: 5_000,
             max_connections: 1024,
+            ops_max_connections: 64,
         }
     }
 }
@@ -108,12 +113,13 @@ impl HttpSettings {
                 return Err(InvalidValue::new(key, v, "milliseconds in 1..=3600000"));
             }
         }
-        if self.max_connections == 0 || self.max_connections > 1 << 20 {
-            return Err(InvalidValue::new(
-                "http.max_connections",
-                self.max_connections,
-                "an integer in 1..=1048576",
-            ));
+        for (key, v) in [
+            ("http.max_connections", self.max_connections),
+            ("http.ops_max_connections", self.ops_max_connections),
+        ] {
+            if v == 0 || v > 1 << 20 {
+                return Err(InvalidValue::new(key, v, "an integer in 1..=1048576"));
+            }
         }
         Ok(())
     }

@@ -161,6 +161,138 @@ fn node_alive(node: &Server) -> bool {
             .contains(") Z ")
 }
 
+/// The operations port's address, from the node's log line `operations on http://ADDR (…)`,
+/// which follows its `listening on` line.
+fn ops_addr(node: &Server) -> String {
+    loop {
+        let line = node
+            .log
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an `operations on` line after `listening on`");
+        if let Some(rest) = line.strip_prefix("operations on http://") {
+            return rest.split_whitespace().next().unwrap().to_string();
+        }
+    }
+}
+
+/// Slow clients hold every connection the main port takes, so that its `/healthz` waits in
+/// the listen queue; the operations port, on a worker and a connection budget of its own,
+/// still answers health, metrics and the admin API (also through `freshet ctl`). It scores
+/// nothing and takes no events.
+#[test]
+fn the_operations_port_answers_while_slow_clients_hold_every_main_connection() {
+    let d = setup(
+        "[http]\nmax_connections = 4\nops_max_connections = 4\nbody_timeout_ms = 120000\n\
+         header_timeout_ms = 120000\n",
+    );
+    let mut cmd = freshet(d.path());
+    dev_args(&mut cmd, &["--sim-rate", "300", "--workers", "1"]);
+    let node = spawn_listening(cmd);
+    let (addr, ops) = (node.addr.clone(), ops_addr(&node));
+    assert_ne!(addr, ops);
+    wait(60, "a first served version", || {
+        (healthz_within(&ops, Duration::from_secs(2)) == Some(200)).then_some(())
+    });
+
+    let head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 1000\r\n\r\n{";
+    let slow: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // The precondition: the main port is full, so its probe goes unanswered.
+    assert_eq!(
+        healthz_within(&addr, Duration::from_secs(2)),
+        None,
+        "the slow clients hold every connection of the main port"
+    );
+
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(healthz_within(&ops, Duration::from_secs(5)), Some(200));
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "/healthz on the operations port took {:?}",
+            t.elapsed()
+        );
+    }
+    let (code, body) = http(&ops, "GET", "/metrics", "", b"");
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("freshet_events_accepted_total"), "{text}");
+    let (code, body) = http(&ops, "GET", "/v1/models", "", b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let o = freshet(d.path())
+        .args(["ctl", "--url", &format!("http://{ops}"), "status"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Predictions and events belong to the main port alone.
+    let (code, _) = http(
+        &ops,
+        "POST",
+        "/v1/predict",
+        "application/json",
+        b"{\"candidates\": [{}]}",
+    );
+    assert_eq!(code, 404);
+    let (code, _) = http(&ops, "POST", "/v1/events", "application/json", b"{}");
+    assert_eq!(code, 404);
+    assert!(node_alive(&node));
+    drop(slow);
+}
+
+/// `--ops-listen off` leaves the main port alone; an operations port beyond loopback is an
+/// open admin API like any other, and a taken one stops the node before it writes anything.
+#[test]
+fn the_operations_port_is_held_to_the_main_ports_rules() {
+    let d = setup("");
+    let o = freshet(d.path())
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "0.0.0.0:0",
+        ])
+        .arg("--no-simulate")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("refusing to listen on 0.0.0.0"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap().to_string();
+    let o = freshet(d.path())
+        .args(["dev", "--listen", "127.0.0.1:0", "--ops-listen", &at])
+        .arg("--no-simulate")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(&format!("listening on {at} (the operations port")),
+        "{err}"
+    );
+    assert_eq!(versions(d.path()), 0, "{err}");
+
+    let mut cmd = freshet(d.path());
+    dev_args(&mut cmd, &["--no-simulate", "--ops-listen", "off"]);
+    let node = spawn_listening(cmd);
+    let (code, _) = http(&node.addr, "GET", "/healthz", "", b"");
+    assert!(code == 200 || code == 503, "{code}");
+    let announced: Vec<String> =
+        std::iter::from_fn(|| node.log.recv_timeout(Duration::from_millis(500)).ok()).collect();
+    assert!(
+        !announced.iter().any(|l| l.starts_with("operations on")),
+        "{announced:?}"
+    );
+}
+
 #[test]
 fn an_admin_api_beyond_loopback_without_a_token_is_refused_before_anything_is_written() {
     let d = setup("");
@@ -466,7 +598,7 @@ fn a_burst_of_predictions_never_scores_more_at_once_than_the_scoring_threads() {
         );
         spawn_listening(cmd)
     };
-    let addr = node.addr.clone();
+    let (addr, ops) = (node.addr.clone(), ops_addr(&node));
     wait(60, "a served version", || {
         (healthz_within(&addr, Duration::from_secs(5)) == Some(200)).then_some(())
     });
@@ -496,10 +628,38 @@ fn a_burst_of_predictions_never_scores_more_at_once_than_the_scoring_threads() {
             })
         })
         .collect();
+    // The operations port answers health probes all through the burst.
+    let probe = {
+        let ops = ops.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let t = std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            loop {
+                let t = Instant::now();
+                answers.push((healthz_within(&ops, Duration::from_secs(10)), t.elapsed()));
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break answers;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        (done, t)
+    };
     let codes: Vec<u16> = threads
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
+    probe.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = probe.1.join().unwrap();
+    let slowest = probes.iter().map(|p| p.1).max().unwrap();
+    eprintln!(
+        "{} /healthz probes on the operations port during the burst, the slowest {slowest:?}",
+        probes.len()
+    );
+    assert!(probes.iter().all(|p| p.0 == Some(200)), "{probes:?}");
+    // Far above what it takes (milliseconds), far below the seconds a starved worker took.
+    assert!(slowest < Duration::from_secs(2), "{probes:?}");
     assert!(codes.iter().all(|c| [200, 503].contains(c)), "{codes:?}");
     assert!(codes.contains(&200), "{codes:?}");
     let (_, metrics) = http(&addr, "GET", "/metrics", "text/plain", b"");

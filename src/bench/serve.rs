@@ -15,10 +15,11 @@
 //!    so the figure is conservative.
 //! 4. Overload (`--overload-connections N`, 256 by default; 0 skips it): N connections send
 //!    the same requests in a closed loop for `--overload-secs`, far past what the server admits
-//!    (`--max-in-flight`). Meanwhile a probe opens a new connection every 100 ms for `GET
-//!    /healthz`, and another sends one-candidate predictions on its own connection. The report
-//!    has the shed rate, the probes' latencies, the admitted requests' p99, and the process's
-//!    RSS before the burst, at its peak, and `--settle-secs` after it.
+//!    (`--max-in-flight`). Meanwhile two probes open a new connection every 100 ms for `GET
+//!    /healthz`, one on the operations port and one on the port the burst loads, and another
+//!    sends one-candidate predictions on its own connection. The report has the shed rate, the
+//!    probes' latencies, the admitted requests' p99, and the process's RSS before the burst,
+//!    at its peak, and `--settle-secs` after it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -121,11 +122,11 @@ struct OverloadReport {
     errors: u64,
     admitted_p50_ms: f64,
     admitted_p99_ms: f64,
-    /// `GET /healthz` on a fresh connection every 100 ms during the burst.
-    healthz_probes: usize,
-    healthz_p50_ms: f64,
-    healthz_p99_ms: f64,
-    healthz_max_ms: f64,
+    /// `GET /healthz` on the operations port, on a fresh connection every 100 ms during the
+    /// burst.
+    healthz: Probe,
+    /// The same on the main port, which the burst loads.
+    healthz_main_port: Probe,
     /// One-candidate predictions on their own connection during the burst, answered 200 or 503.
     small_predict_probes: usize,
     small_predict_p99_ms: f64,
@@ -135,6 +136,39 @@ struct OverloadReport {
     rss_after_mb: f64,
     /// `rss_after / rss_before`: target at most 1.2.
     rss_after_vs_before: f64,
+}
+
+/// Latencies of `GET /healthz` on fresh connections.
+#[derive(Debug, Serialize)]
+struct Probe {
+    probes: usize,
+    /// Probes that got no 200 within 10 s.
+    failed: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+/// Probes `GET /healthz` on `addr` every 100 ms until `stop`.
+fn probe_healthz(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Probe> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (Vec::new(), 0usize);
+        while !stop.load(Ordering::Relaxed) {
+            match healthz_once(addr) {
+                Some(d) => ok.push(d),
+                None => failed += 1,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok.sort_unstable();
+        Probe {
+            probes: ok.len() + failed,
+            failed,
+            p50_ms: quantile_ms(&ok, 0.5),
+            p99_ms: quantile_ms(&ok, 0.99),
+            max_ms: quantile_ms(&ok, 1.0),
+        }
+    })
 }
 
 pub(crate) fn run(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -404,7 +438,7 @@ fn rss_mb() -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// `GET /healthz` on a new connection: its latency, when it answered at all.
+/// `GET /healthz` on a new connection: its latency, when it answered 200 within 10 s.
 fn healthz_once(addr: SocketAddr) -> Option<Duration> {
     let t = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
@@ -413,7 +447,7 @@ fn healthz_once(addr: SocketAddr) -> Option<Duration> {
         .ok()?;
     let mut first = [0u8; 12];
     s.read_exact(&mut first).ok()?;
-    Some(t.elapsed())
+    (&first == b"HTTP/1.1 200").then(|| t.elapsed())
 }
 
 /// Nearest-rank quantile of sorted latencies, in ms.
@@ -427,6 +461,7 @@ fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
 /// The burst of `--overload-connections`, with the probes and the RSS readings.
 fn overload(
     addr: SocketAddr,
+    ops: SocketAddr,
     bodies: Arc<Vec<Vec<u8>>>,
     small: Vec<u8>,
     args: &ServeBenchArgs,
@@ -444,20 +479,8 @@ fn overload(
             peak
         })
     };
-    let healthz = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (Vec::new(), 0usize);
-            while !stop.load(Ordering::Relaxed) {
-                match healthz_once(addr) {
-                    Some(d) => ok.push(d),
-                    None => failed += 1,
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            (ok, failed)
-        })
-    };
+    let healthz = probe_healthz(ops, stop.clone());
+    let healthz_main = probe_healthz(addr, stop.clone());
     let small_probe = {
         let stop = stop.clone();
         std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, u64)> {
@@ -521,7 +544,10 @@ fn overload(
     let rss_peak_mb = peak
         .join()
         .map_err(|_| anyhow::anyhow!("the RSS thread panicked"))?;
-    let (mut hz, hz_failed) = healthz
+    let healthz = healthz
+        .join()
+        .map_err(|_| anyhow::anyhow!("the healthz probe panicked"))?;
+    let healthz_main_port = healthz_main
         .join()
         .map_err(|_| anyhow::anyhow!("the healthz probe panicked"))?;
     let (mut sp, small_predict_shed) = small_probe
@@ -534,7 +560,6 @@ fn overload(
     std::thread::sleep(Duration::from_secs(args.settle_secs));
     let rss_after_mb = rss_mb()?;
     admitted.sort_unstable();
-    hz.sort_unstable();
     sp.sort_unstable();
     let requests = admitted.len() as u64 + shed + errors;
     Ok(OverloadReport {
@@ -543,13 +568,11 @@ fn overload(
         requests,
         shed,
         shed_rate: shed as f64 / requests.max(1) as f64,
-        errors: errors + hz_failed as u64,
+        errors,
         admitted_p50_ms: quantile_ms(&admitted, 0.5),
         admitted_p99_ms: quantile_ms(&admitted, 0.99),
-        healthz_probes: hz.len() + hz_failed,
-        healthz_p50_ms: quantile_ms(&hz, 0.5),
-        healthz_p99_ms: quantile_ms(&hz, 0.99),
-        healthz_max_ms: quantile_ms(&hz, 1.0),
+        healthz,
+        healthz_main_port,
         small_predict_probes: sp.len(),
         small_predict_p99_ms: quantile_ms(&sp, 0.99),
         small_predict_shed,
@@ -582,6 +605,7 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         max_in_flight: args.max_in_flight,
         scoring_threads: args.scoring_threads,
         workers: args.workers,
+        ops_listen: None,
     };
     let state = web::Data::new(ServingState {
         store,
@@ -594,11 +618,17 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         metrics: Vec::new(),
         stopped: Default::default(),
     });
-    let listener = crate::http::listen(&http)?;
-    let (server, addrs) = crate::http::bind(state, &http, &settings.http, listener, |_| {})?;
-    let addr = *addrs.first().context("the server listens nowhere")?;
-    let handle = server.handle();
-    let server = tokio::spawn(server);
+    let listeners = crate::http::listen(&http)?;
+    let servers = crate::http::bind(state, &http, &settings.http, listeners, |_, _| {})?;
+    let addr = *servers
+        .addrs
+        .first()
+        .context("the server listens nowhere")?;
+    let ops = *servers
+        .ops_addrs
+        .first()
+        .context("the server has no operations port")?;
+    let running = servers.spawn();
     progress(&format!(
         "{} connections, {} candidates per request, {} s after {} s of warm-up",
         args.connections, args.candidates, args.secs, args.warmup_secs
@@ -629,13 +659,12 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         let small = requests(1, 1)?.remove(0);
         let (bodies, args) = (bodies.clone(), &args);
         Some(tokio::task::block_in_place(|| {
-            overload(addr, bodies, small, args)
+            overload(addr, ops, bodies, small, args)
         })?)
     } else {
         None
     };
-    handle.stop(true).await;
-    let _ = server.await;
+    running.stop().await?;
 
     let mut lat: Vec<u32> = results
         .iter()

@@ -4,6 +4,12 @@
 //! Both kinds of server are built by [`bind`]: the serving state always, plus whatever routes
 //! and state the caller adds. The serving routes know a node only through
 //! [`serving::MetricsSource`], the lines it adds to `/metrics`.
+//!
+//! Every server has two ports. `--listen` takes all routes. The operations port
+//! (`--ops-listen`) takes `/healthz`, `/metrics`, `/v1/models` and the admin API again, on an
+//! HTTP worker thread, an accept thread and a connection budget of its own: a probe, a scraper
+//! or an operator's rollback is answered there while predict load, or a flood of connections
+//! that fills `--listen`'s budget, keeps the main workers busy.
 
 pub(crate) mod node;
 pub(crate) mod serving;
@@ -46,6 +52,12 @@ pub(crate) struct HttpArgs {
     /// HTTP worker threads.
     #[arg(long, default_value_t = 2)]
     pub(crate) workers: usize,
+    /// Address of the operations port: `/healthz`, `/metrics`, `/v1/models` and the admin
+    /// API, on a worker and connections of their own, so that predict load on `--listen`
+    /// never delays them. Default: the host of `--listen` and the port after its port (port 0,
+    /// a free one, when `--listen`'s is 0). `off`: no operations port.
+    #[arg(long, value_name = "ADDR|off")]
+    pub(crate) ops_listen: Option<String>,
 }
 
 impl HttpArgs {
@@ -64,6 +76,35 @@ impl HttpArgs {
 }
 
 impl HttpArgs {
+    /// The operations port's address (`--ops-listen`, or the port after `--listen`'s), or
+    /// None when it is `off`.
+    pub(crate) fn ops_addr(&self) -> anyhow::Result<Option<String>> {
+        use std::net::ToSocketAddrs;
+        match self.ops_listen.as_deref() {
+            Some("off") => Ok(None),
+            Some(a) => Ok(Some(a.to_owned())),
+            None => {
+                let main = self
+                    .listen
+                    .to_socket_addrs()
+                    .with_context(|| format!("resolving --listen {}", self.listen))?
+                    .next()
+                    .with_context(|| format!("--listen {} names no address", self.listen))?;
+                let port = match main.port() {
+                    0 => 0,
+                    p => p.checked_add(1).with_context(|| {
+                        format!(
+                            "--listen {} takes the last port, so the operations port cannot \
+                             be the next one: give --ops-listen ADDR, or --ops-listen off",
+                            self.listen
+                        )
+                    })?,
+                };
+                Ok(Some(std::net::SocketAddr::new(main.ip(), port).to_string()))
+            }
+        }
+    }
+
     /// Predict requests scored at once: `--scoring-threads`, else twice the cores available.
     pub(crate) fn scoring_threads(&self) -> usize {
         self.scoring_threads.unwrap_or_else(|| {
@@ -72,68 +113,212 @@ impl HttpArgs {
     }
 }
 
-/// Binds the server's address, before anything else starts, so that a taken address is
-/// refused before a command writes anything.
-pub(crate) fn listen(http: &HttpArgs) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(&http.listen)
-        .with_context(|| format!("listening on {}", http.listen))
+/// The bound sockets of a server: `--listen`'s, and the operations port's unless it is off.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    main: std::net::TcpListener,
+    ops: Option<(String, std::net::TcpListener)>,
 }
 
-/// Builds the HTTP server on `listener` over `state` with the serving routes, plus what `extra`
-/// adds (a node's routes and their state); returns it, not yet running, and the addresses it
-/// listens on. The connection bounds come from `[http]`; the connection cap is at most half of
-/// the process's file-descriptor limit, which is raised to its hard limit first.
+/// Binds the server's addresses, before anything else starts, so that a taken address is
+/// refused before a command writes anything.
+pub(crate) fn listen(http: &HttpArgs) -> anyhow::Result<Listeners> {
+    let main = std::net::TcpListener::bind(&http.listen)
+        .with_context(|| format!("listening on {}", http.listen))?;
+    let ops = match http.ops_addr()? {
+        None => None,
+        Some(a) => {
+            let l = std::net::TcpListener::bind(&a).with_context(|| {
+                format!("listening on {a} (the operations port; --ops-listen moves it)")
+            })?;
+            Some((a, l))
+        }
+    };
+    Ok(Listeners { main, ops })
+}
+
+/// Which of a server's two ports routes are being added to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Port {
+    /// `--listen`: every route.
+    Main,
+    /// `--ops-listen`: health, metrics, models and admin only.
+    Ops,
+}
+
+/// A server's two HTTP servers, built but not yet running.
+pub(crate) struct Servers {
+    main: actix_web::dev::Server,
+    ops: Option<actix_web::dev::Server>,
+    /// The addresses `--listen` took.
+    pub(crate) addrs: Vec<std::net::SocketAddr>,
+    /// The addresses the operations port took.
+    pub(crate) ops_addrs: Vec<std::net::SocketAddr>,
+}
+
+impl Servers {
+    /// Prints where the server listens: the `listening on http://ADDR` lines that scripts
+    /// and tests wait for, then the operations port.
+    pub(crate) fn announce(&self) {
+        for a in &self.addrs {
+            eprintln!("listening on http://{a}");
+        }
+        for a in &self.ops_addrs {
+            eprintln!("operations on http://{a} (/healthz, /metrics, /v1/models, admin)");
+        }
+    }
+
+    /// Runs both servers on the current runtime.
+    pub(crate) fn spawn(self) -> Running {
+        let mut handles = vec![self.main.handle()];
+        let mut joins = vec![tokio::spawn(self.main)];
+        if let Some(ops) = self.ops {
+            handles.push(ops.handle());
+            joins.push(tokio::spawn(ops));
+        }
+        Running { handles, joins }
+    }
+}
+
+/// A server's running HTTP servers.
+pub(crate) struct Running {
+    handles: Vec<actix_web::dev::ServerHandle>,
+    joins: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    /// A handle that stops both servers.
+    pub(crate) fn stopper(&self) -> Stopper {
+        Stopper(self.handles.clone())
+    }
+
+    /// Waits until both servers have stopped.
+    pub(crate) async fn join(self) -> anyhow::Result<()> {
+        for j in self.joins {
+            j.await
+                .context("the HTTP server's task")?
+                .context("the HTTP server")?;
+        }
+        Ok(())
+    }
+
+    /// Stops both servers gracefully (answers in progress finish), and waits for them.
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        self.stopper().stop().await;
+        self.join().await
+    }
+}
+
+/// Stops a server's HTTP servers.
+#[derive(Clone)]
+pub(crate) struct Stopper(Vec<actix_web::dev::ServerHandle>);
+
+impl Stopper {
+    pub(crate) async fn stop(&self) {
+        for h in &self.0 {
+            h.stop(true).await;
+        }
+    }
+}
+
+/// Builds the HTTP servers on `listeners` over `state`: the serving routes, plus what `extra`
+/// adds to each [`Port`] (a node's routes and their state). Returns them not yet running. The
+/// connection bounds come from `[http]`; both ports' connections together are at most half
+/// of the process's file-descriptor limit, which is raised to its hard limit first.
 pub(crate) fn bind(
     state: web::Data<ServingState>,
     http: &HttpArgs,
     limits: &HttpSettings,
-    listener: std::net::TcpListener,
-    extra: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
-) -> anyhow::Result<(actix_web::dev::Server, Vec<std::net::SocketAddr>)> {
-    let max_connections = match crate::fdlimit::raise() {
+    listeners: Listeners,
+    extra: impl Fn(&mut web::ServiceConfig, Port) + Clone + Send + 'static,
+) -> anyhow::Result<Servers> {
+    let ops_wanted = if listeners.ops.is_some() {
+        limits.ops_max_connections
+    } else {
+        0
+    };
+    let configured = limits.max_connections + ops_wanted;
+    let cap = match crate::fdlimit::raise() {
         Ok(l) => {
             if let Some(from) = l.raised_from {
                 tracing::info!(from, to = l.soft, "raised the open-file limit");
             }
-            let cap = crate::fdlimit::connection_cap(limits.max_connections, l.soft);
-            if cap < limits.max_connections {
+            let cap = crate::fdlimit::connection_cap(configured, l.soft);
+            if cap < configured {
                 tracing::warn!(
-                    configured = limits.max_connections,
+                    configured,
                     cap,
                     open_file_limit = l.soft,
-                    "http.max_connections is more than half the open-file limit; capped, so \
-                     that the pipeline keeps the other half"
+                    "http.max_connections and http.ops_max_connections are more than half the \
+                     open-file limit; capped, so that the pipeline keeps the other half"
                 );
             }
             cap
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not read or raise the open-file limit");
-            limits.max_connections
+            configured
         }
     };
-    let max_body = http.max_body_bytes;
-    let body_timeout = BodyTimeout(Duration::from_millis(limits.body_timeout_ms));
+    // Under a cap, the operations port keeps its share but never more than half.
+    let ops_cap = ops_wanted.min(cap / 2).max(1);
+    let main_cap = cap
+        .saturating_sub(if ops_wanted > 0 { ops_cap } else { 0 })
+        .max(1);
+    let app = {
+        let state = state.clone();
+        let max_body = http.max_body_bytes;
+        let body_timeout = BodyTimeout(Duration::from_millis(limits.body_timeout_ms));
+        move |port: Port| {
+            let extra = extra.clone();
+            let app = App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(max_body))
+                .app_data(body_timeout);
+            match port {
+                Port::Main => app.configure(serving::routes),
+                Port::Ops => app.configure(serving::ops_routes),
+            }
+            .configure(move |cfg| extra(cfg, port))
+        }
+    };
     let workers = http.workers;
-    let server = HttpServer::new(move || {
-        let extra = extra.clone();
-        App::new()
-            .app_data(state.clone())
-            .app_data(web::PayloadConfig::new(max_body))
-            .app_data(body_timeout)
-            .configure(serving::routes)
-            .configure(extra)
+    let main = {
+        let app = app.clone();
+        HttpServer::new(move || app(Port::Main))
+            .workers(workers)
+            // Per worker in actix; the total over workers is the cap.
+            .max_connections(main_cap.div_ceil(workers).max(1))
+            .client_request_timeout(Duration::from_millis(limits.header_timeout_ms))
+            .keep_alive(Duration::from_millis(limits.keep_alive_ms))
+            .disable_signals()
+            .listen(listeners.main)
+            .with_context(|| format!("listening on {}", http.listen))?
+    };
+    let addrs = main.addrs();
+    let (ops, ops_addrs) = match listeners.ops {
+        None => (None, Vec::new()),
+        Some((at, listener)) => {
+            let ops = HttpServer::new(move || app(Port::Ops))
+                // One worker of its own: its routes answer in microseconds, and a thread
+                // apart from the main workers is what keeps them answering under load.
+                .workers(1)
+                .max_connections(ops_cap)
+                .client_request_timeout(Duration::from_millis(limits.header_timeout_ms))
+                .keep_alive(Duration::from_millis(limits.keep_alive_ms))
+                .disable_signals()
+                .listen(listener)
+                .with_context(|| format!("listening on {at} (the operations port)"))?;
+            let addrs = ops.addrs();
+            (Some(ops.run()), addrs)
+        }
+    };
+    Ok(Servers {
+        main: main.run(),
+        ops,
+        addrs,
+        ops_addrs,
     })
-    .workers(workers)
-    // Per worker in actix; the total over workers is the cap.
-    .max_connections(max_connections.div_ceil(workers).max(1))
-    .client_request_timeout(Duration::from_millis(limits.header_timeout_ms))
-    .keep_alive(Duration::from_millis(limits.keep_alive_ms))
-    .disable_signals()
-    .listen(listener)
-    .with_context(|| format!("listening on {}", http.listen))?;
-    let addrs = server.addrs();
-    Ok((server.run(), addrs))
 }
 
 /// How long a request body may take to arrive, from `[http] body_timeout_ms`.

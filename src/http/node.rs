@@ -116,9 +116,12 @@ async fn write_metrics(node: &NodeState, out: &mut String) {
     }
 }
 
-pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/events", web::post().to(events))
-        .route("/v1/admin/status", web::get().to(admin_status))
+/// A node's routes on `port`: events on the main port only, the admin API on both.
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, port: super::Port) {
+    if port == super::Port::Main {
+        cfg.route("/v1/events", web::post().to(events));
+    }
+    cfg.route("/v1/admin/status", web::get().to(admin_status))
         .route("/v1/admin/rollback", web::post().to(admin_rollback))
         .route("/v1/admin/replay", web::post().to(admin_replay))
         .route("/v1/admin/calibrate", web::post().to(admin_calibrate));

@@ -74,8 +74,13 @@ pub(crate) struct ServingState {
 
 /// The serving routes, shared by `freshet serve` and `freshet dev`.
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/predict", web::post().to(predict))
-        .route("/v1/models", web::get().to(models))
+    cfg.route("/v1/predict", web::post().to(predict));
+    ops_routes(cfg);
+}
+
+/// The serving routes of the operations port: all but predict.
+pub(crate) fn ops_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/models", web::get().to(models))
         .route("/healthz", web::get().to(healthz))
         .route("/metrics", web::get().to(metrics));
 }
