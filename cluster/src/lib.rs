@@ -7,5 +7,6 @@
 //! crate depends on `freshet-actors` and never the other way round: the actors know nothing of
 //! sockets or frames.
 
+pub mod membership;
 pub mod placement;
 pub mod wire;
