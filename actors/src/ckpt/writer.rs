@@ -152,6 +152,10 @@ pub struct WriterStats {
     pub last_version: Option<u64>,
     pub last_write_ms: f64,
     pub last_error: Option<String>,
+    /// The newest full version takes more than a quarter of `keep_bytes`: the store cannot
+    /// hold two chains within its bound, and goes past it.
+    #[serde(default)]
+    pub store_over_bound: bool,
 }
 
 /// Construction inputs; a restart builds the state from these again.
@@ -166,6 +170,20 @@ pub struct WriterArgs {
     pub samples: Option<Arc<dyn StreamLog>>,
     /// Fault points for supervision tests: `writer.write` (before a version is written).
     pub faults: Faults,
+}
+
+/// The bytes a chain may take before the next version starts a new one, under a bound of
+/// `keep_bytes` on the store and with a full version of `full_bytes` at its head.
+///
+/// Retention never deletes the newest chain, so the chain's bound is what keeps the store
+/// within its bytes: half of `keep_bytes`, the other half for older versions to roll back to.
+/// A full version larger than a quarter of `keep_bytes` leaves no room for that; then a chain
+/// may grow to twice its full version. Starting over at every version instead would write a
+/// whole copy of the tables each time, which on large tables takes the CPU and the disk from
+/// training; this way the full versions cost at most as many bytes as the deltas between
+/// them, and the store stays within about four full versions.
+pub(crate) fn chain_bound(keep_bytes: Option<u64>, full_bytes: u64) -> u64 {
+    keep_bytes.map_or(u64::MAX, |b| (b / 2).max(full_bytes.saturating_mul(2)))
 }
 
 /// The retention holder name of the model store on the sample log.
@@ -203,6 +221,8 @@ struct Durable {
     deltas_since_full: u32,
     /// Bytes of its chain: its full version and the deltas after it, itself included.
     chain_bytes: u64,
+    /// Bytes of its chain's full version.
+    full_bytes: u64,
     /// Its dense state: the next delta stores its own as a diff from this one.
     dense: Arc<DenseState>,
 }
@@ -221,13 +241,12 @@ impl WriterState {
     async fn capture(&self, at: &StepBoundary) -> Result<Payload, ShardError> {
         let shards = self.args.shards.shards();
         // A delta needs a durable parent; after `full_every` deltas, or once the chain takes
-        // half of what retention may keep, the chain starts over. (Retention never deletes
-        // the newest chain, so this is what keeps the store within its bytes; the other half
-        // holds older versions to roll back to.)
+        // its bound, the chain starts over.
         let schedule = &self.args.schedule;
-        let chain_max = schedule.keep_bytes.map_or(u64::MAX, |b| b / 2);
         let parent = self.last.as_ref().filter(|d| {
-            !at.full && d.deltas_since_full < schedule.full_every && d.chain_bytes < chain_max
+            !at.full
+                && d.deltas_since_full < schedule.full_every
+                && d.chain_bytes < chain_bound(schedule.keep_bytes, d.full_bytes)
         });
         let Some(last) = parent else {
             let mut snaps = Vec::with_capacity(shards.len());
@@ -284,10 +303,31 @@ impl WriterState {
         } else {
             self.stats.deltas_written += 1;
         }
-        let (deltas_since_full, chain_bytes) = match self.last.as_ref().filter(|_| !full) {
-            None => (0, manifest.bytes()),
-            Some(d) => (d.deltas_since_full + 1, d.chain_bytes + manifest.bytes()),
-        };
+        let (deltas_since_full, chain_bytes, full_bytes) =
+            match self.last.as_ref().filter(|_| !full) {
+                None => (0, manifest.bytes(), manifest.bytes()),
+                Some(d) => (
+                    d.deltas_since_full + 1,
+                    d.chain_bytes + manifest.bytes(),
+                    d.full_bytes,
+                ),
+            };
+        if full {
+            if let Some(keep) = self.args.schedule.keep_bytes {
+                let over = 4 * full_bytes > keep;
+                if over && !self.stats.store_over_bound {
+                    tracing::warn!(
+                        full_version_bytes = full_bytes,
+                        keep_bytes = keep,
+                        "a full version takes more than a quarter of checkpoint.keep_bytes, so \
+                         the store cannot keep two chains within it: chains grow to twice their \
+                         full version and the store goes past the bound; raise keep_bytes, or \
+                         bound the tables (embedding eviction.capacity)"
+                    );
+                }
+                self.stats.store_over_bound = over;
+            }
+        }
         for (h, through) in self.args.shards.shards().iter().zip(&tables) {
             // Failing to forget only costs memory; the next delta is still correct.
             if let Err(e) = h.forget_changes_through(through.clone()).await {
@@ -299,6 +339,7 @@ impl WriterState {
             tables,
             deltas_since_full,
             chain_bytes,
+            full_bytes,
             dense,
         });
         let schedule = &self.args.schedule;
