@@ -212,7 +212,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
             crate::http::node::routes(cfg, port);
         },
     )?;
-    servers.announce();
+    servers.announce(true);
     for a in &servers.addrs {
         eprintln!("  predict: POST http://{a}/v1/predict   models: GET http://{a}/v1/models");
         eprintln!("  events:  POST http://{a}/v1/events    metrics: GET http://{a}/metrics");

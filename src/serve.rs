@@ -116,7 +116,7 @@ async fn serve(
         stopped: Default::default(),
     });
     let servers = crate::http::bind(state, &args.http, limits, listeners, |_, _| {})?;
-    servers.announce();
+    servers.announce(false);
     let running = servers.spawn();
     let stopper = running.stopper();
     tokio::spawn(async move {

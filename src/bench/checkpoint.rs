@@ -149,9 +149,7 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
     let store = ModelStore::open(tmp.path().join("store"))?;
 
     let name = TableName::new("emb");
-    let mut cfg = default_table_config(a.dim);
-    // The bench sizes its tables itself (`--rows`).
-    cfg.eviction.capacity = None;
+    let cfg = default_table_config(a.dim);
     let row_bytes = 8 + 4 * (a.dim as u64 + cfg.optimizer.state_floats(a.dim) as u64);
     let tables = vec![(name.clone(), cfg.clone())];
     let mut shards: Vec<EmbeddingShard> = (0..a.shards)

@@ -123,11 +123,29 @@ pub(crate) struct Listeners {
 /// Binds the server's addresses, before anything else starts, so that a taken address is
 /// refused before a command writes anything.
 pub(crate) fn listen(http: &HttpArgs) -> anyhow::Result<Listeners> {
-    let main = std::net::TcpListener::bind(&http.listen)
-        .with_context(|| format!("listening on {}", http.listen))?;
+    let main = std::net::TcpListener::bind(&http.listen).with_context(|| {
+        format!(
+            "listening on {} (a server also takes the port after its --listen port for its \
+             operations port, unless --ops-listen says otherwise)",
+            http.listen
+        )
+    })?;
     let ops = match http.ops_addr()? {
         None => None,
         Some(a) => {
+            // The default follows the address the main port took, not a second resolution
+            // of a host name.
+            let a = match (&http.ops_listen, main.local_addr()) {
+                (None, Ok(at)) => {
+                    let port = if a.ends_with(":0") {
+                        0
+                    } else {
+                        at.port().saturating_add(1)
+                    };
+                    std::net::SocketAddr::new(at.ip(), port).to_string()
+                }
+                _ => a,
+            };
             let l = std::net::TcpListener::bind(&a).with_context(|| {
                 format!("listening on {a} (the operations port; --ops-listen moves it)")
             })?;
@@ -158,13 +176,19 @@ pub(crate) struct Servers {
 
 impl Servers {
     /// Prints where the server listens: the `listening on http://ADDR` lines that scripts
-    /// and tests wait for, then the operations port.
-    pub(crate) fn announce(&self) {
+    /// and tests wait for, then the operations port and what it serves (`admin`: whether the
+    /// server has the admin API).
+    pub(crate) fn announce(&self, admin: bool) {
         for a in &self.addrs {
             eprintln!("listening on http://{a}");
         }
+        let routes = if admin {
+            "/healthz, /metrics, /v1/models, admin"
+        } else {
+            "/healthz, /metrics, /v1/models"
+        };
         for a in &self.ops_addrs {
-            eprintln!("operations on http://{a} (/healthz, /metrics, /v1/models, admin)");
+            eprintln!("operations on http://{a} ({routes})");
         }
     }
 
@@ -192,14 +216,19 @@ impl Running {
         Stopper(self.handles.clone())
     }
 
-    /// Waits until both servers have stopped.
+    /// Waits until both servers have stopped; the first error, if any, after both.
     pub(crate) async fn join(self) -> anyhow::Result<()> {
+        let mut first = Ok(());
         for j in self.joins {
-            j.await
-                .context("the HTTP server's task")?
-                .context("the HTTP server")?;
+            let r = match j.await {
+                Ok(r) => r.context("the HTTP server"),
+                Err(e) => Err(e).context("the HTTP server's task"),
+            };
+            if first.is_ok() {
+                first = r;
+            }
         }
-        Ok(())
+        first
     }
 
     /// Stops both servers gracefully (answers in progress finish), and waits for them.
@@ -214,9 +243,33 @@ impl Running {
 pub(crate) struct Stopper(Vec<actix_web::dev::ServerHandle>);
 
 impl Stopper {
+    /// Stops both at once: each `stop` sends its command at the call, so both drain
+    /// together and the stop takes the longer drain, not the sum.
     pub(crate) async fn stop(&self) {
-        for h in &self.0 {
-            h.stop(true).await;
+        let stopping: Vec<_> = self.0.iter().map(|h| h.stop(true)).collect();
+        for s in stopping {
+            s.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_connections;
+
+    #[test]
+    fn connections_split_as_configured_under_a_loose_cap_and_by_share_under_a_tight_one() {
+        assert_eq!(split_connections(8, 64, 72), (8, 64));
+        assert_eq!(split_connections(8, 64, 1 << 20), (8, 64));
+        assert_eq!(split_connections(1024, 0, 512), (512, 0));
+        assert_eq!(split_connections(8, 0, 1 << 20), (8, 0));
+        // A cap of 128 over 1024 + 64: the operations port keeps its share.
+        assert_eq!(split_connections(1024, 64, 128), (121, 7));
+        assert_eq!(split_connections(8, 64, 2), (1, 1));
+        assert_eq!(split_connections(8, 64, 1), (1, 1));
+        for (m, o, c) in [(8, 64, 40), (1024, 64, 300), (5, 5, 6)] {
+            let (a, b) = split_connections(m, o, c);
+            assert!(a <= m && b <= o && a + b <= c, "{m} {o} {c}: {a} {b}");
         }
     }
 }
@@ -260,11 +313,7 @@ pub(crate) fn bind(
             configured
         }
     };
-    // Under a cap, the operations port keeps its share but never more than half.
-    let ops_cap = ops_wanted.min(cap / 2).max(1);
-    let main_cap = cap
-        .saturating_sub(if ops_wanted > 0 { ops_cap } else { 0 })
-        .max(1);
+    let (main_cap, ops_cap) = split_connections(limits.max_connections, ops_wanted, cap);
     let app = {
         let state = state.clone();
         let max_body = http.max_body_bytes;
@@ -319,6 +368,20 @@ pub(crate) fn bind(
         addrs,
         ops_addrs,
     })
+}
+
+/// The connections of the main port and of the operations port (`ops`, 0 when off) under a
+/// cap of `cap` on both: as configured when the cap allows, else each its share of the cap,
+/// never more than configured and at least one.
+fn split_connections(main: usize, ops: usize, cap: usize) -> (usize, usize) {
+    if ops == 0 {
+        return (main.min(cap).max(1), 0);
+    }
+    if cap >= main + ops {
+        return (main, ops);
+    }
+    let ops_cap = (cap * ops / (main + ops)).max(1);
+    (cap.saturating_sub(ops_cap).clamp(1, main), ops_cap)
 }
 
 /// How long a request body may take to arrive, from `[http] body_timeout_ms`.

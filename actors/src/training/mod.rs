@@ -49,24 +49,11 @@ pub struct FreshModel {
     pub tables: BTreeMap<String, TableConfig>,
 }
 
-/// Rows a shard's table keeps at most by default ([`default_table_config`]).
-///
-/// A live stream brings new keys without end (new users, new items, new queries), so an
-/// unbounded table grows for as long as the node runs, and with it every full version: on
-/// `freshet dev`'s simulator the tables passed 2 million rows (300 MB a full version) within
-/// 20 minutes, at which point every version was written full and training fell far behind
-/// the stream. 2^17 rows per shard (4 shards: 524,288 rows, 75 MB at row dim 17 with Adagrad)
-/// keeps the keys seen most recently; a table that needs more says so with
-/// `eviction.capacity`.
-pub const DEFAULT_CAPACITY_ROWS: u64 = 1 << 17;
-
 /// The embedding table config the trainer uses for a schema table when none is configured:
 /// N(0, 0.01²) rows and Adagrad(lr 0.05, initial accumulator 0.1), as the PyTorch peer trains
-/// its embeddings, and at most [`DEFAULT_CAPACITY_ROWS`] rows per shard, the least recently
-/// used evicted first.
+/// its embeddings.
 pub fn default_table_config(row_dim: usize) -> TableConfig {
     let mut c = TableConfig::with_dim(row_dim);
-    c.eviction.capacity = Some(DEFAULT_CAPACITY_ROWS);
     c.init = Initializer::Normal {
         mean: 0.0,
         std: 0.01,
