@@ -375,25 +375,6 @@ fn capacity_eviction_keeps_the_limit_and_prefers_cold_rows() {
     }
 }
 
-/// The table a schema gets when none is configured is bounded: a stream of fresh keys, as a
-/// live application brings without end, never takes it past its capacity.
-#[test]
-fn the_built_in_table_never_grows_past_its_capacity() {
-    let cfg = crate::training::default_table_config(17);
-    let cap = crate::training::DEFAULT_CAPACITY_ROWS;
-    assert_eq!(cfg.eviction.capacity, Some(cap));
-    let mut t = table(cfg);
-    let batch = 4096u64;
-    let steps = cap / batch + 8;
-    for step in 0..steps {
-        let keys: Vec<u64> = (step * batch..(step + 1) * batch).collect();
-        train_lookup(&mut t, &keys, step);
-        assert!(t.len() <= cap, "step {step}: {} rows", t.len());
-    }
-    assert_eq!(t.len(), cap);
-    assert_eq!(t.stats().evicted_capacity, steps * batch - cap);
-}
-
 #[test]
 fn l2_floor_evicts_rows_that_ftrl_zeroes() {
     let cfg = TableConfig {
