@@ -73,9 +73,23 @@ impl FromStr for Role {
 }
 
 /// A set of roles, parsed from a comma-separated list (`shards,trainer`), sorted and without
-/// repeats.
+/// repeats; one read from elsewhere is checked the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<Role>")]
 pub struct Roles(Vec<Role>);
+
+impl TryFrom<Vec<Role>> for Roles {
+    type Error = RoleError;
+
+    fn try_from(mut roles: Vec<Role>) -> Result<Self, Self::Error> {
+        if roles.is_empty() {
+            return Err(RoleError::Empty);
+        }
+        roles.sort_unstable();
+        roles.dedup();
+        Ok(Self(roles))
+    }
+}
 
 impl Roles {
     pub fn all() -> Self {
@@ -95,18 +109,12 @@ impl FromStr for Roles {
     type Err = RoleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut roles = s
-            .split(',')
+        s.split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(Role::from_str)
-            .collect::<Result<Vec<_>, _>>()?;
-        if roles.is_empty() {
-            return Err(RoleError::Empty);
-        }
-        roles.sort_unstable();
-        roles.dedup();
-        Ok(Self(roles))
+            .collect::<Result<Vec<_>, _>>()?
+            .try_into()
     }
 }
 
@@ -133,7 +141,8 @@ pub struct Lease {
 pub enum LeaseError {
     #[error(
         "a heartbeat lease of {lease_ms} ms is not longer than its interval of {interval_ms} ms: \
-         one late heartbeat would mark a node down; give a lease of at least twice the interval"
+         one late heartbeat would mark a node down; give a lease longer than the interval \
+         (three intervals or more rides out two lost heartbeats)"
     )]
     TooShort { interval_ms: u64, lease_ms: u64 },
     #[error("the heartbeat interval must be at least 1 ms")]
@@ -230,7 +239,8 @@ impl Membership {
         self.lease
     }
 
-    /// A heartbeat received at `now_ms`.
+    /// A heartbeat received at `now_ms`. A node that left comes back only as a new
+    /// incarnation: a heartbeat its old process sent before it left may arrive after.
     pub fn heartbeat(&mut self, hb: Heartbeat, now_ms: u64) -> Option<Change> {
         let Some(m) = self.members.get_mut(&hb.node) else {
             let id = hb.node.clone();
@@ -245,7 +255,9 @@ impl Membership {
             );
             return Some(Change::Joined(id));
         };
-        if hb.incarnation < m.last.incarnation {
+        if hb.incarnation < m.last.incarnation
+            || (m.liveness == Liveness::Left && hb.incarnation == m.last.incarnation)
+        {
             self.stale_heartbeats += 1;
             return None;
         }
@@ -346,6 +358,10 @@ mod tests {
             Err(RoleError::Unknown("gpu".into()))
         );
         assert_eq!(" , ".parse::<Roles>(), Err(RoleError::Empty));
+        let read: Roles = serde_json::from_str(r#"["trainer","shards","trainer"]"#).unwrap();
+        assert_eq!(read, r);
+        assert!(serde_json::from_str::<Roles>("[]").is_err());
+        assert!(serde_json::from_str::<Roles>(r#"["gpu"]"#).is_err());
         assert_eq!(Roles::all().to_string(), "shards,trainer,serving,joiner");
     }
 
@@ -412,6 +428,10 @@ mod tests {
         assert_eq!(m.leave("nobody"), None);
         assert!(m.tick(10_000).is_empty());
         assert!(m.up_with(Role::Shards).is_empty());
+        // One sent before it left, arriving after: ignored, and never a later "down".
+        assert_eq!(m.heartbeat(hb("a", 1), 10_050), None);
+        assert!(m.tick(20_000).is_empty());
+        assert_eq!(m.get("a").unwrap().downs, 0);
         assert_eq!(
             m.heartbeat(hb("a", 2), 10_100),
             Some(Change::Up("a".into()))

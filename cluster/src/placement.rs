@@ -31,8 +31,10 @@ pub enum PlacementError {
     EmptyNodeId,
 }
 
-/// Shards spread over nodes by rendezvous hashing, at an epoch.
+/// Shards spread over nodes by rendezvous hashing, at an epoch. It travels (in manifests, to
+/// other nodes) as its membership alone, and is rebuilt and checked from it on arrival.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PlacementWire", into = "PlacementWire")]
 pub struct Placement {
     epoch: u64,
     /// Sorted, so that equal memberships make equal placements.
@@ -40,6 +42,33 @@ pub struct Placement {
     shards: u32,
     /// `owners[s]`: the index in `nodes` of shard `s`'s node.
     owners: Vec<u32>,
+}
+
+/// A placement as it is stored and sent: what it is computed from.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacementWire {
+    epoch: u64,
+    nodes: Vec<String>,
+    shards: u32,
+}
+
+impl TryFrom<PlacementWire> for Placement {
+    type Error = PlacementError;
+
+    fn try_from(w: PlacementWire) -> Result<Self, Self::Error> {
+        Placement::new(w.nodes, w.shards, w.epoch)
+    }
+}
+
+impl From<Placement> for PlacementWire {
+    fn from(p: Placement) -> Self {
+        Self {
+            epoch: p.epoch,
+            nodes: p.nodes,
+            shards: p.shards,
+        }
+    }
 }
 
 /// A 64-bit hash of a node id that every build computes alike: FNV-1a over its bytes, then
@@ -245,6 +274,28 @@ mod tests {
         let p = Placement::new(names(3), 12, 0).unwrap();
         let owners: Vec<&str> = (0..12).map(|s| p.node_of(s)).collect();
         assert_eq!(owners, FROZEN, "{owners:?}");
+    }
+
+    /// A placement read from elsewhere is rebuilt from its membership, so a bad one is an
+    /// error, never a panic later.
+    #[test]
+    fn a_placement_travels_as_its_membership_and_a_bad_one_is_refused() {
+        let p = Placement::new(names(3), 12, 5).unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(
+            json,
+            r#"{"epoch":5,"nodes":["node-0","node-1","node-2"],"shards":12}"#
+        );
+        assert_eq!(serde_json::from_str::<Placement>(&json).unwrap(), p);
+        for bad in [
+            r#"{"epoch":1,"nodes":[],"shards":4}"#,
+            r#"{"epoch":1,"nodes":["a","a"],"shards":4}"#,
+            r#"{"epoch":1,"nodes":["a"],"shards":0}"#,
+            r#"{"epoch":1,"nodes":["a"],"shards":4,"owners":[7,7,7,7]}"#,
+            r#"{"epoch":1,"nodes":"a","shards":4}"#,
+        ] {
+            assert!(serde_json::from_str::<Placement>(bad).is_err(), "{bad}");
+        }
     }
 
     const FROZEN: [&str; 12] = [
