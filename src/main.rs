@@ -3,6 +3,7 @@
 
 mod bench;
 mod ckpt;
+mod cluster;
 mod ctl;
 mod dev;
 mod fdlimit;
@@ -61,6 +62,8 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Serve predictions over HTTP from a model store, following its new versions.
     Serve(serve::ServeArgs),
+    /// One node of a cluster: hosts shard owners for the trainers that join it.
+    Node(cluster::NodeArgs),
     /// Print the effective configuration (all layers applied) as TOML-compatible JSON.
     Config,
 }
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args, &settings),
         Command::Dev(args) => dev::run(args, &settings),
         Command::Ctl(args) => ctl::run(args),
+        Command::Node(args) => cluster::run(args, &settings),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings.effective())?);
             Ok(())

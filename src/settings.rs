@@ -48,6 +48,9 @@ pub(crate) struct Settings {
     /// What the HTTP server (`dev`, `serve`) allows a client: time to send a request, idle
     /// time, connections.
     pub(crate) http: HttpSettings,
+    /// How a node joins a cluster (`freshet node`, `freshet train --join`): its id, roles,
+    /// cluster port, seeds, secret and heartbeat lease.
+    pub(crate) cluster: ClusterSettings,
     /// Every key a file, the environment or a flag gave (dotted, as `joiner.window.window_ms`),
     /// so that a command's own default never beats a value the user set.
     #[serde(skip)]
@@ -120,6 +123,102 @@ impl HttpSettings {
             if v == 0 || v > 1 << 20 {
                 return Err(InvalidValue::new(key, v, "an integer in 1..=1048576"));
             }
+        }
+        Ok(())
+    }
+}
+
+/// `[cluster]`: one node of a cluster. The secret is never a key here that a flag could set
+/// (a flag shows in `ps`): it is read from `cookie_file` or `FRESHET_CLUSTER_COOKIE`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ClusterSettings {
+    /// The node's stable id (`--name`); other nodes and the placement know it by this.
+    pub(crate) name: Option<String>,
+    /// Roles, comma-separated: any of `shards`, `trainer`, `serving`, `joiner`.
+    pub(crate) roles: String,
+    /// Where the cluster port listens (`--cluster-listen`).
+    pub(crate) listen: String,
+    /// Seed nodes to join at start (`--join`).
+    pub(crate) join: Vec<String>,
+    /// A file holding the cluster secret (`--cookie-file`).
+    pub(crate) cookie_file: Option<PathBuf>,
+    /// Milliseconds between heartbeats.
+    pub(crate) heartbeat_ms: u64,
+    /// A node unheard for this many milliseconds is down.
+    pub(crate) lease_ms: u64,
+    /// Requests in flight to one node at most; a caller beyond it waits for an answer.
+    pub(crate) max_in_flight: usize,
+    /// How long joining one seed may take, in milliseconds.
+    pub(crate) join_timeout_ms: u64,
+    /// First delay before dialling a lost node again, doubling up to `reconnect_max_ms`.
+    pub(crate) reconnect_base_ms: u64,
+    pub(crate) reconnect_max_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            name: None,
+            roles: "shards".into(),
+            listen: "127.0.0.1:7400".into(),
+            join: Vec::new(),
+            cookie_file: None,
+            heartbeat_ms: 500,
+            lease_ms: 3_000,
+            max_in_flight: 64,
+            join_timeout_ms: 10_000,
+            reconnect_base_ms: 200,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl ClusterSettings {
+    fn validate(&self) -> Result<(), InvalidValue> {
+        self.roles
+            .parse::<freshet_cluster::membership::Roles>()
+            .map_err(|e| InvalidValue::new("cluster.roles", &self.roles, e.to_string()))?;
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(InvalidValue::new(
+                "cluster.listen",
+                &self.listen,
+                "an IP address and port, as 127.0.0.1:7400",
+            ));
+        }
+        if let Some(name) = &self.name {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !valid {
+                return Err(InvalidValue::new(
+                    "cluster.name",
+                    name,
+                    "1 to 64 letters, digits, '_', '-' and '.'",
+                ));
+            }
+        }
+        freshet_cluster::membership::Lease::new(self.heartbeat_ms, self.lease_ms)
+            .map_err(|e| InvalidValue::new("cluster.lease_ms", self.lease_ms, e.to_string()))?;
+        for (key, v) in [
+            ("cluster.heartbeat_ms", self.heartbeat_ms),
+            ("cluster.lease_ms", self.lease_ms),
+            ("cluster.join_timeout_ms", self.join_timeout_ms),
+            ("cluster.reconnect_base_ms", self.reconnect_base_ms),
+            ("cluster.reconnect_max_ms", self.reconnect_max_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(InvalidValue::new(key, v, "milliseconds in 1..=3600000"));
+            }
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1 << 16 {
+            return Err(InvalidValue::new(
+                "cluster.max_in_flight",
+                self.max_in_flight,
+                "an integer in 1..=65536",
+            ));
         }
         Ok(())
     }
@@ -456,6 +555,7 @@ impl Settings {
                 .validate(&format!("embedding.tables.{name}"))?;
         }
         self.schema.validate("schema")?;
+        self.cluster.validate()?;
         if self.train.batch == 0 || self.train.batch > 1 << 20 {
             return Err(InvalidValue::new(
                 "train.batch",

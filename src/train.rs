@@ -91,6 +91,12 @@ pub(crate) struct TrainArgs {
     /// not pay for fresh memory as the tables fill. Tables still grow past N.
     #[arg(long, value_name = "N")]
     reserve_rows: Option<u64>,
+    /// With --join, the shard owners run on the cluster's nodes with the shards role, placed
+    /// by rendezvous hashing over their ids, instead of in this process; the model is the
+    /// same either way. This process joins as a node with the trainer role (its cluster port
+    /// on an unused port of 127.0.0.1 unless --cluster-listen).
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
 }
 
 pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -112,8 +118,37 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         }
         false => None,
     };
-    let job = job(args, settings)?;
-    let report = rt.block_on(offline::run(job, &mut Progress::new()))?;
+    let cluster = match args.cluster.join.is_empty() {
+        true => None,
+        false => {
+            let mut flags = args.cluster.clone();
+            flags
+                .cluster_listen
+                .get_or_insert_with(|| "127.0.0.1:0".into());
+            let name = format!("train-{}", std::process::id());
+            Some(crate::cluster::node_config(
+                settings,
+                &flags,
+                Some("trainer"),
+                Some(name),
+            )?)
+        }
+    };
+    let mut job = job(args, settings)?;
+    let report = rt.block_on(async {
+        let Some(cfg) = cluster else {
+            return offline::run(job, &mut Progress::new()).await;
+        };
+        let node = crate::cluster::start(&cfg).await?;
+        let placer = freshet_cluster::node::ClusterPlacer::new(node.clone(), 1);
+        job.placer = Some(Arc::new(placer.clone()));
+        let report = offline::run(job, &mut Progress::new()).await;
+        if let Err(e) = placer.release().await {
+            tracing::warn!(error = %crate::describe(&e), "the shard nodes keep this job's owners");
+        }
+        node.stop();
+        report
+    })?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -188,6 +223,7 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
             .unwrap_or_else(|| settings.node.data_dir.join("rejects.tsv")),
         spill_dir: settings.spill_dir(),
         out,
+        placer: None,
     })
 }
 

@@ -521,6 +521,7 @@ async fn calibration_installs_the_base_model_and_its_offsets() {
             model: m.model.clone(),
             schema: m.schema.clone(),
             tables: m.tables.clone(),
+            placement: None,
         },
         &r.dense,
         &freshet_actors::ckpt::Payload::Full(r.shards),
@@ -560,6 +561,7 @@ async fn calibration_installs_the_base_model_and_its_offsets() {
         model: m.model.clone(),
         schema: m.schema.clone(),
         tables: m.tables.clone(),
+        placement: None,
     };
     bare.write(
         meta.clone(),

@@ -67,6 +67,12 @@ pub struct Envelope<T> {
     pub body: T,
 }
 
+// Every actor's mailbox takes an `Envelope`. With ractor's `cluster` feature on (the
+// `freshet-cluster` crate needs it) ractor implements `Message` only for types that say how
+// they serialise; an envelope never crosses nodes as a ractor message (the cluster crate
+// sends Freshet's own frames instead), so it keeps the defaults: local only.
+impl<T: Send + 'static> ractor::Message for Envelope<T> {}
+
 impl<T> Envelope<T> {
     /// A body sent outside any trace.
     pub fn new(body: T) -> Self {

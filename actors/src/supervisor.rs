@@ -135,6 +135,9 @@ pub enum SupervisorMsg {
     Shutdown(RpcReplyPort<()>),
 }
 
+// Local only: it never crosses nodes as a ractor message (see `crate::envelope`).
+impl ractor::Message for SupervisorMsg {}
+
 #[derive(Debug, Default)]
 pub struct Supervisor;
 

@@ -8,5 +8,6 @@
 //! sockets or frames.
 
 pub mod membership;
+pub mod node;
 pub mod placement;
 pub mod wire;

@@ -199,6 +199,7 @@ pub(crate) fn run(a: CheckpointBenchArgs, settings: &Settings) -> anyhow::Result
         model: ModelConfig::new(ModelKind::Wdl),
         schema: Schema::criteo(a.dim),
         tables: BTreeMap::from([(name.to_string(), cfg.clone())]),
+        placement: None,
     };
 
     // The full version.

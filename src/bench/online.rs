@@ -609,6 +609,7 @@ async fn batch(
             store: store.clone(),
             schedule: Default::default(),
         }),
+        placer: None,
     };
     let static_preds = dir.join("static.txt");
     offline::run(

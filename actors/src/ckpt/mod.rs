@@ -163,6 +163,9 @@ pub struct Manifest {
     pub schema: Schema,
     pub tables: BTreeMap<String, TableConfig>,
     pub shards: u32,
+    /// Where the shards ran (a cluster's placement and its epoch); none in one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<ShardPlacement>,
     /// Every data file of this version: size and CRC32C (Castagnoli).
     pub files: BTreeMap<String, FileSum>,
     /// CRC32C of this manifest's own text with this field's value written as 0. It is the
@@ -206,6 +209,15 @@ pub struct CalibrationSource {
     pub version: u64,
 }
 
+/// Where the shard owners ran when a version was taken: the cluster's placement and its
+/// epoch. A version trained in one process has none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlacement {
+    pub epoch: u64,
+    /// `nodes[i]`: the id of the node that hosted shard `i`.
+    pub nodes: Vec<String>,
+}
+
 /// What the caller knows of a version besides its state: the step, the offsets, the model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionMeta {
@@ -219,6 +231,9 @@ pub struct VersionMeta {
     pub model: ModelConfig,
     pub schema: Schema,
     pub tables: BTreeMap<String, TableConfig>,
+    /// Set by the checkpoint writer from its router when the shards run on other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<ShardPlacement>,
 }
 
 /// One table of a serving export: keys and weights only.

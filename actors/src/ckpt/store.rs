@@ -286,6 +286,7 @@ impl ModelStore {
             schema: meta.schema,
             tables: meta.tables,
             shards: shards as u32,
+            placement: meta.placement,
             files,
             checksum: None,
         };

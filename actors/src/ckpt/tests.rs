@@ -72,6 +72,7 @@ fn meta(step: u64) -> VersionMeta {
             .into_iter()
             .map(|(n, c)| (n.to_string(), c))
             .collect(),
+        placement: None,
     }
 }
 

@@ -275,9 +275,13 @@ impl WriterState {
         let dense = Arc::new(at.dense);
         let parent = self.last.as_ref().map(|d| (d.version, d.dense.clone()));
         let d = dense.clone();
+        let mut meta = at.meta;
+        if meta.placement.is_none() {
+            meta.placement = self.args.shards.placement().cloned();
+        }
         let written = tokio::task::spawn_blocking(move || {
             let parent = parent.as_ref().map(|(v, d)| (*v, &**d));
-            store.write_after(at.meta, &d, &payload, parent)
+            store.write_after(meta, &d, &payload, parent)
         })
         .await;
         let manifest = match written {

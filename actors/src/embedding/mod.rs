@@ -124,6 +124,10 @@ pub enum EmbeddingError {
     /// configuration or disk error there); the text is the remote error's message.
     #[error("{0}")]
     Remote(String),
+    /// The owner could not be reached: its node is down or its session lost. A shard handle
+    /// reports it as [`crate::shard::ShardError::Unavailable`].
+    #[error("unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// The tables one shard owns: one [`Table`] per configured name.

@@ -776,6 +776,9 @@ pub enum JoinerMsg {
     Checkpoint(RpcReplyPort<Result<(), CheckpointFailed>>),
 }
 
+// Local only: it never crosses nodes as a ractor message (see `crate::envelope`).
+impl ractor::Message for JoinerMsg {}
+
 /// A joiner checkpoint that was not written; the joiner keeps running from its last one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{reason}")]

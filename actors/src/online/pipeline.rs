@@ -374,6 +374,7 @@ fn install_base(ctx: &Ctx, src: &CalibrationSource) -> anyhow::Result<u64> {
         model: m.model.clone(),
         schema: m.schema.clone(),
         tables: m.tables.clone(),
+        placement: None,
     };
     let written = ctx
         .cfg

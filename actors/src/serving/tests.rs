@@ -59,6 +59,7 @@ fn meta(step: u64) -> VersionMeta {
             .into_iter()
             .map(|(n, c)| (n.to_string(), c))
             .collect(),
+        placement: None,
     }
 }
 

@@ -384,6 +384,10 @@ impl<T> Pending<T> {
     pub async fn wait(self) -> Result<T, ShardError> {
         match self.reply.await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(EmbeddingError::Unreachable(reason))) => Err(ShardError::Unavailable {
+                shard: self.shard,
+                reason,
+            }),
             Ok(Err(source)) => Err(ShardError::Embedding {
                 shard: self.shard,
                 source,

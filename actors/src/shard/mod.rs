@@ -309,7 +309,7 @@ mod handle;
 mod router;
 
 pub use handle::{Pending, ShardHandle};
-pub use router::{PendingGradients, PendingRows, ShardPlan, ShardRouter};
+pub use router::{PendingGradients, PendingRows, ShardPlacer, ShardPlan, ShardRouter};
 
 #[cfg(test)]
 mod tests;

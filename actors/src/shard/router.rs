@@ -28,6 +28,19 @@ impl ShardPlan {
     }
 }
 
+/// Where a job's shard owners run when not in this process: the cluster crate places them on
+/// other nodes and returns a router of handles that reach them over the network. The job
+/// sees the same [`ShardRouter`] either way.
+pub trait ShardPlacer: Send + Sync + std::fmt::Debug {
+    /// Starts `count` owners of `tables`, shard `i` from `restore[i]` when given.
+    fn place(
+        &self,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        restore: Vec<Option<ShardSnapshot>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardRouter>> + Send + '_>>;
+}
+
 /// Gradients of one batch in the shard owners' mailboxes ([`ShardRouter::send_gradients`]).
 #[derive(Debug, Default)]
 pub struct PendingGradients {
@@ -94,6 +107,8 @@ impl PendingRows {
 #[derive(Debug, Clone)]
 pub struct ShardRouter {
     shards: Vec<ShardHandle>,
+    /// Where the owners run, when a cluster placed them.
+    placement: Option<crate::ckpt::ShardPlacement>,
 }
 
 impl ShardRouter {
@@ -103,7 +118,21 @@ impl ShardRouter {
         for (i, h) in shards.iter().enumerate() {
             assert_eq!(h.shard() as usize, i, "shard handles out of order");
         }
-        Self { shards }
+        Self {
+            shards,
+            placement: None,
+        }
+    }
+
+    /// The router, recording where a cluster placed its owners (versions written through it
+    /// record it in their manifests).
+    pub fn with_placement(mut self, placement: crate::ckpt::ShardPlacement) -> Self {
+        self.placement = Some(placement);
+        self
+    }
+
+    pub fn placement(&self) -> Option<&crate::ckpt::ShardPlacement> {
+        self.placement.as_ref()
     }
 
     pub fn shards(&self) -> &[ShardHandle] {

@@ -219,6 +219,7 @@ pub fn boundary(
             model: trainer.net().config().clone(),
             schema: trainer.schema().clone(),
             tables: tables.clone(),
+            placement: None,
         },
         dense: trainer.net().state(),
         full: false,

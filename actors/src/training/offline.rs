@@ -83,6 +83,9 @@ pub struct OfflineJob {
     /// Where tables with a DRAM budget spill.
     pub spill_dir: PathBuf,
     pub out: Option<OfflineOut>,
+    /// Where the shard owners run: `None` in this process, else on the nodes the placer
+    /// chooses (`freshet train --join`).
+    pub placer: Option<Arc<dyn crate::shard::ShardPlacer>>,
 }
 
 /// How a run reports progress: the caller draws it (a line rewritten in place on a terminal,
@@ -311,9 +314,15 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         .iter()
         .any(|(_, c)| c.dram_budget_bytes.is_some())
         .then_some(job.spill_dir.as_path());
-    let router = ShardRouter::spawn_local(job.shards, table_list, spill, restore)
-        .await
-        .context("starting the shard owners")?;
+    let router = match &job.placer {
+        Some(placer) => placer
+            .place(job.shards, table_list, restore)
+            .await
+            .context("placing the shard owners on the cluster")?,
+        None => ShardRouter::spawn_local(job.shards, table_list, spill, restore)
+            .await
+            .context("starting the shard owners")?,
+    };
     if reserving {
         progress.note(&format!(
             "shards reserved their rows in {:.1}s",

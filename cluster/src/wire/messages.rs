@@ -106,6 +106,8 @@ pub enum RemoteEmbeddingError {
         want: ShardId,
         want_count: u32,
     },
+    /// The owner's node could not be reached; the handle reports the shard unavailable.
+    Unreachable(String),
     Other(String),
 }
 
@@ -147,6 +149,7 @@ impl From<EmbeddingError> for RemoteEmbeddingError {
                 want,
                 want_count,
             },
+            EmbeddingError::Unreachable(reason) => Self::Unreachable(reason),
             other @ (EmbeddingError::Config(_)
             | EmbeddingError::Tier { .. }
             | EmbeddingError::Restore { .. }
@@ -193,6 +196,7 @@ impl From<RemoteEmbeddingError> for EmbeddingError {
                 want,
                 want_count,
             },
+            RemoteEmbeddingError::Unreachable(reason) => Self::Unreachable(reason),
             RemoteEmbeddingError::Other(message) => Self::Remote(message),
         }
     }

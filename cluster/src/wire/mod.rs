@@ -187,10 +187,17 @@ pub struct Frame {
 
 /// Cuts a message into frames of at most [`MAX_FRAME`] bytes.
 pub fn frames(id: u64, message: &[u8]) -> Vec<Vec<u8>> {
+    frames_of(id, message, MAX_CHUNK)
+}
+
+/// Cuts a message into frames whose payloads hold at most `chunk` bytes (at most
+/// [`MAX_CHUNK`]).
+pub fn frames_of(id: u64, message: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    let chunk = chunk.clamp(1, MAX_CHUNK);
     let chunks: Vec<&[u8]> = if message.is_empty() {
         vec![&[]]
     } else {
-        message.chunks(MAX_CHUNK).collect()
+        message.chunks(chunk).collect()
     };
     let count = chunks.len() as u32;
     chunks
@@ -222,6 +229,12 @@ fn le_u64(b: &[u8]) -> u64 {
 }
 
 impl Frame {
+    /// The message id in a frame's header, when its magic is right and the id's bytes are
+    /// in, whatever else is wrong with it: a node answers a malformed frame to that id.
+    pub fn peek_id(buf: &[u8]) -> Option<u64> {
+        (buf.len() >= 12 && buf[..4] == MAGIC).then(|| le_u64(&buf[4..12]))
+    }
+
     /// Reads the frame at the start of `buf`: `Ok(None)` while it is incomplete, else the
     /// frame and the bytes it took. Anything malformed is an error: the stream cannot be
     /// resynchronised after it, so the connection must be closed.

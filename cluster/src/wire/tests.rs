@@ -363,6 +363,7 @@ fn version_meta() -> VersionMeta {
             .into_iter()
             .map(|(n, c)| (n.to_string(), c))
             .collect(),
+        placement: None,
     }
 }
 

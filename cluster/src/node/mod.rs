@@ -1,0 +1,813 @@
+//! One Freshet node of a cluster: the `ractor_cluster` node server with its cookie, the
+//! endpoint actor that every other node sends to, the heartbeat lease, and calls to other
+//! nodes with a bound on what is in flight to each.
+//!
+//! What `ractor_cluster` gives and what this module adds:
+//! - Ractor authenticates sessions with the cookie, but `client_connect` returns before the
+//!   handshake. [`ClusterNode::join`] watches the node server's session events and tells a
+//!   seed that refused the cookie (opened, then closed unauthenticated) from one that accepted
+//!   it; the seed logs the refused peer's address.
+//! - Ractor never reconnects and notices a silent peer only when TCP gives up. Each node sends
+//!   a [`Heartbeat`] every `lease.interval_ms`; a peer unheard for longer than the lease is
+//!   down ([`Membership`]), its calls fail at once, and a lost session is dialled again with
+//!   [`Backoff`].
+//! - Ractor drops a message it cannot decode. Every packet here is a cast of raw bytes that
+//!   ractor always accepts; the frame inside is Freshet's, and one that fails its CRC or does
+//!   not decode is counted and answered with a fault (see [`protocol`]).
+//! - Remote actors are found through process groups: each node's endpoint joins the group
+//!   `node:<name>` in the scope `freshet`, so a node is addressed by its stable `--name`, not
+//!   by a per-session `ActorId`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorRef};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::membership::{Backoff, Change, Heartbeat, Lease, Liveness, Member, Membership, Roles};
+use crate::wire::{self, Frame};
+
+mod endpoint;
+pub mod protocol;
+mod remote;
+
+pub use endpoint::Endpoint;
+pub use protocol::{NodeAnswer, NodeCall, Packet, PacketKind, WireAnswer, WireRequest};
+pub use remote::{ClusterPlacer, RemoteShard};
+
+/// The process-group scope of Freshet's endpoints.
+const SCOPE: &str = "freshet";
+
+fn group(node: &str) -> String {
+    format!("node:{node}")
+}
+
+/// How one node joins and talks to the cluster (`freshet node`, `[cluster]`).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The stable node id.
+    pub name: String,
+    pub roles: Roles,
+    /// Where the cluster port listens.
+    pub listen: SocketAddr,
+    /// Seeds to join at start.
+    pub seeds: Vec<String>,
+    /// The cluster secret.
+    pub cookie: String,
+    pub lease: Lease,
+    pub reconnect: Backoff,
+    /// Requests in flight to one node at most; a caller beyond it waits.
+    pub max_in_flight: usize,
+    /// How long joining a seed may take before it is given up.
+    pub join_timeout: Duration,
+    /// Where hosted shard owners with an on-disk tier spill (one directory per shard).
+    pub spill_dir: Option<PathBuf>,
+}
+
+/// What joining and calling other nodes can fail with; callers act on the case.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("the cluster port {addr} cannot be opened: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("seed {seed} cannot be reached: {reason}")]
+    Unreachable { seed: String, reason: String },
+    #[error(
+        "seed {seed} refused authentication: the cluster cookie differs from the seed's, or \
+         one side uses TLS and the other does not"
+    )]
+    AuthRefused { seed: String },
+    #[error("seed {seed} did not finish joining within {secs} s")]
+    JoinTimeout { seed: String, secs: u64 },
+    #[error("node {node} is unavailable: {reason}")]
+    Unavailable { node: String, reason: String },
+    #[error("node {node} answered with a fault: {reason}")]
+    Fault { node: String, reason: String },
+    #[error("starting the node: {0}")]
+    Start(String),
+}
+
+/// Counters of one node's traffic: its observable state.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub requests_sent: AtomicU64,
+    pub answers_received: AtomicU64,
+    pub requests_served: AtomicU64,
+    /// Packets whose frame failed its checks or did not decode, and packets of an unknown
+    /// kind.
+    pub bad_packets: AtomicU64,
+    /// Faults this node answered with.
+    pub faults_sent: AtomicU64,
+    /// Faults other nodes answered this node's requests with.
+    pub faults_received: AtomicU64,
+    /// Calls failed at once because their node was down or its session lost.
+    pub failed_fast: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub heartbeats_received: AtomicU64,
+    /// Sessions opened to this node that closed without authenticating.
+    pub refused_peers: AtomicU64,
+    /// The most requests that were in flight to one node at once.
+    pub in_flight_peak: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A snapshot of [`NodeStats`], for `ctl nodes` and the tests.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeCounters {
+    pub requests_sent: u64,
+    pub answers_received: u64,
+    pub requests_served: u64,
+    pub bad_packets: u64,
+    pub faults_sent: u64,
+    pub faults_received: u64,
+    pub failed_fast: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub heartbeats_sent: u64,
+    pub heartbeats_received: u64,
+    pub refused_peers: u64,
+    pub in_flight_peak: u64,
+}
+
+impl NodeStats {
+    pub fn counters(&self) -> NodeCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NodeCounters {
+            requests_sent: g(&self.requests_sent),
+            answers_received: g(&self.answers_received),
+            requests_served: g(&self.requests_served),
+            bad_packets: g(&self.bad_packets),
+            faults_sent: g(&self.faults_sent),
+            faults_received: g(&self.faults_received),
+            failed_fast: g(&self.failed_fast),
+            bytes_sent: g(&self.bytes_sent),
+            bytes_received: g(&self.bytes_received),
+            heartbeats_sent: g(&self.heartbeats_sent),
+            heartbeats_received: g(&self.heartbeats_received),
+            refused_peers: g(&self.refused_peers),
+            in_flight_peak: g(&self.in_flight_peak),
+        }
+    }
+}
+
+/// Where a call's answer goes: the outcome is an answer, or why none will come.
+type Done = Box<dyn FnOnce(Result<WireAnswer, String>) + Send>;
+
+/// A request sent and not yet answered.
+struct Waiting {
+    node: String,
+    done: Done,
+    /// Held until the answer: the node's in-flight bound.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A session event from the node server, as [`ClusterNode::join`] and the log read it.
+#[derive(Debug, Clone)]
+struct SessionEvent {
+    kind: SessionKind,
+    node_id: u64,
+    peer_addr: String,
+    is_server: bool,
+    /// The peer's node name, once it said it.
+    peer: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionKind {
+    Opened,
+    Authenticated,
+    Ready,
+    Disconnected,
+}
+
+struct Events(broadcast::Sender<SessionEvent>);
+
+impl Events {
+    fn send(&self, kind: SessionKind, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        // Ractor's session name is `name@host`; Freshet's node id is the name.
+        let peer = ses
+            .peer_name
+            .map(|p| p.name.split('@').next().unwrap_or_default().to_owned());
+        // No receiver is normal between joins.
+        let _ = self.0.send(SessionEvent {
+            kind,
+            node_id: ses.node_id,
+            peer_addr: ses.peer_addr,
+            is_server: ses.is_server,
+            peer,
+        });
+    }
+}
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.send(SessionKind::Opened, ses)
+    }
+    fn node_session_disconnected(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.send(SessionKind::Disconnected, ses)
+    }
+    fn node_session_authenticated(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.send(SessionKind::Authenticated, ses)
+    }
+    fn node_session_ready(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.send(SessionKind::Ready, ses)
+    }
+}
+
+/// What the endpoint, the callers and the heartbeat loop of one node share (opaque outside
+/// this module).
+pub struct Shared {
+    name: String,
+    roles: Roles,
+    addr: String,
+    incarnation: u64,
+    max_in_flight: usize,
+    spill_dir: Option<PathBuf>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Waiting>>,
+    /// The in-flight bound of each node; closed (failing its waiters) when the node goes down.
+    permits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    membership: Mutex<Membership>,
+    /// Signalled on every heartbeat received.
+    heard: Notify,
+    pub(crate) stats: NodeStats,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("name", &self.name).finish()
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (each critical section
+/// is one map operation).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The endpoint of node `node`, if a session to it is open.
+    fn endpoint_of(&self, node: &str) -> Option<ActorRef<Packet>> {
+        ractor::pg::get_scoped_members(&SCOPE.to_owned(), &group(node))
+            .into_iter()
+            .find(|c| !c.get_id().is_local())
+            .map(ActorRef::from)
+    }
+
+    fn is_up(&self, node: &str) -> bool {
+        lock(&self.membership)
+            .get(node)
+            .is_some_and(|m| m.liveness == Liveness::Up)
+    }
+
+    /// Sends `message` to `node` as packets of `kind`. Returns the bytes sent.
+    fn send_frames(
+        &self,
+        node: &str,
+        kind: PacketKind,
+        id: u64,
+        message: &[u8],
+    ) -> Result<u64, String> {
+        let to = self
+            .endpoint_of(node)
+            .ok_or_else(|| format!("no session to node {node}"))?;
+        let mut bytes = 0;
+        for frame in wire::frames_of(id, message, protocol::PACKET_CHUNK) {
+            bytes += frame.len() as u64;
+            to.send_message(Packet {
+                from: self.name.clone(),
+                kind: kind.clone(),
+                frame,
+            })
+            .map_err(|e| format!("sending to node {node}: {e}"))?;
+        }
+        self.stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Sends a request to `node`; `done` gets its answer, or why none will come. Waits while
+    /// `max_in_flight` requests to `node` are unanswered: a slow node slows its callers
+    /// rather than growing a queue.
+    pub(crate) async fn request(&self, node: &str, request: &WireRequest, done: Done) {
+        let fail = |done: Done, reason: String| {
+            bump(&self.stats.failed_fast);
+            done(Err(reason));
+        };
+        if !self.is_up(node) {
+            return fail(done, format!("node {node} is down"));
+        }
+        let permits = lock(&self.permits)
+            .entry(node.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_in_flight)))
+            .clone();
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return fail(done, format!("node {node} went down"));
+        };
+        let in_flight = (self.max_in_flight - permits.available_permits()) as u64;
+        self.stats
+            .in_flight_peak
+            .fetch_max(in_flight, Ordering::Relaxed);
+        let bytes = match wire::encode("request", request) {
+            Ok(b) => b,
+            Err(e) => return done(Err(e.to_string())),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(
+            id,
+            Waiting {
+                node: node.to_owned(),
+                done,
+                _permit: permit,
+            },
+        );
+        bump(&self.stats.requests_sent);
+        if let Err(reason) = self.send_frames(node, PacketKind::Request, id, &bytes) {
+            let waiting = lock(&self.pending).remove(&id);
+            if let Some(w) = waiting {
+                fail(w.done, reason);
+            }
+        }
+    }
+
+    /// An answer (or fault) to request `id` arrived.
+    fn answered(&self, id: u64, answer: Result<WireAnswer, String>) {
+        let Some(w) = lock(&self.pending).remove(&id) else {
+            // The request was already failed (its node went down) and the answer is late.
+            tracing::debug!(id, "an answer to a request no longer waited for");
+            return;
+        };
+        match &answer {
+            Ok(WireAnswer::Fault(_)) | Err(_) => bump(&self.stats.faults_received),
+            Ok(_) => bump(&self.stats.answers_received),
+        }
+        (w.done)(answer);
+    }
+
+    /// `node` is down or its session lost: every request waiting on it fails now, and so do
+    /// callers waiting for an in-flight slot.
+    fn fail_node(&self, node: &str, reason: &str) {
+        if let Some(s) = lock(&self.permits).remove(node) {
+            s.close();
+        }
+        let failed: Vec<Waiting> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, w)| w.node == node)
+                .map(|(&id, _)| id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id))
+                .collect()
+        };
+        for w in failed {
+            bump(&self.stats.failed_fast);
+            (w.done)(Err(format!("node {node} {reason}")));
+        }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let (used, available) = memory();
+        Heartbeat {
+            node: self.name.clone(),
+            incarnation: self.incarnation,
+            roles: self.roles.clone(),
+            addr: self.addr.clone(),
+            memory_used_bytes: used,
+            memory_available_bytes: available,
+        }
+    }
+
+    /// A heartbeat arrived from another node.
+    fn heard(&self, hb: Heartbeat) {
+        bump(&self.stats.heartbeats_received);
+        let change = lock(&self.membership).heartbeat(hb, self.now_ms());
+        if let Some(c) = change {
+            log_change(&c);
+        }
+        self.heard.notify_waiters();
+    }
+}
+
+fn log_change(c: &Change) {
+    match c {
+        Change::Joined(n) => tracing::info!(node = %n, "node joined"),
+        Change::Up(n) => tracing::info!(node = %n, "node up"),
+        Change::Down(n) => tracing::warn!(node = %n, "node down: its heartbeat lease ran out"),
+        Change::Left(n) => tracing::info!(node = %n, "node left"),
+    }
+}
+
+/// This process's resident memory and the machine's available memory, in bytes, from
+/// `/proc` (zero where it cannot be read).
+fn memory() -> (u64, u64) {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |p| p * page);
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024);
+    (rss, available)
+}
+
+/// One node, started: its server listens, its endpoint is registered, heartbeats go out.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    shared: Arc<Shared>,
+    server: ActorRef<NodeServerMessage>,
+    endpoint: ActorRef<Packet>,
+    events: broadcast::Sender<SessionEvent>,
+}
+
+/// A node's row in `ctl nodes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub roles: String,
+    pub state: Liveness,
+    pub addr: String,
+    /// Since its last heartbeat; none for this node itself.
+    pub heard_ms_ago: Option<u64>,
+    pub memory_used_bytes: u64,
+    pub memory_available_bytes: u64,
+}
+
+impl ClusterNode {
+    /// Starts the node server on `cfg.listen` with the cookie, the endpoint and the heartbeat
+    /// loop. Joining seeds is [`ClusterNode::join`].
+    pub async fn start(cfg: &NodeConfig) -> Result<Self, ClusterError> {
+        // Bind here first: ractor's listener reports a taken port only in its log.
+        let probe = std::net::TcpListener::bind(cfg.listen).map_err(|e| ClusterError::Listen {
+            addr: cfg.listen,
+            reason: e.to_string(),
+        })?;
+        let listen = probe.local_addr().map_err(|e| ClusterError::Listen {
+            addr: cfg.listen,
+            reason: e.to_string(),
+        })?;
+        drop(probe);
+        let incarnation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let shared = Arc::new(Shared {
+            name: cfg.name.clone(),
+            roles: cfg.roles.clone(),
+            addr: listen.to_string(),
+            incarnation,
+            max_in_flight: cfg.max_in_flight.max(1),
+            spill_dir: cfg.spill_dir.clone(),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            permits: Mutex::new(HashMap::new()),
+            membership: Mutex::new(Membership::new(cfg.lease)),
+            heard: Notify::new(),
+            stats: NodeStats::default(),
+            started: Instant::now(),
+        });
+        let server = NodeServer::new(
+            listen.port(),
+            cfg.cookie.clone(),
+            cfg.name.clone(),
+            listen.ip().to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(listen.ip());
+        let (server, _join) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| ClusterError::Start(format!("the node server: {e}")))?;
+        let (events, _) = broadcast::channel(256);
+        server
+            .send_message(NodeServerMessage::SubscribeToEvents {
+                id: "freshet".into(),
+                subscription: Box::new(Events(events.clone())),
+            })
+            .map_err(|e| ClusterError::Start(format!("subscribing to sessions: {e}")))?;
+        let endpoint = Endpoint::spawn(shared.clone())
+            .await
+            .map_err(|e| ClusterError::Start(format!("the endpoint: {e}")))?;
+        ractor::pg::join_scoped(
+            SCOPE.to_owned(),
+            group(&cfg.name),
+            vec![endpoint.get_cell()],
+        );
+        let node = Self {
+            shared,
+            server,
+            endpoint,
+            events,
+        };
+        node.spawn_session_log();
+        node.spawn_heartbeats(cfg.reconnect);
+        tracing::info!(node = %cfg.name, addr = %listen, roles = %cfg.roles, "cluster port open");
+        Ok(node)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The address the cluster port listens on.
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    pub fn stats(&self) -> NodeCounters {
+        self.shared.stats.counters()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Logs the peers that opened a session here and closed it unauthenticated (a wrong
+    /// cookie, or plaintext against TLS), and fails the requests of a lost session.
+    fn spawn_session_log(&self) {
+        let mut rx = self.events.subscribe();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut authenticated = std::collections::HashSet::new();
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "session events missed");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                match ev.kind {
+                    SessionKind::Authenticated => {
+                        authenticated.insert(ev.node_id);
+                    }
+                    SessionKind::Disconnected if !authenticated.remove(&ev.node_id) => {
+                        if ev.is_server {
+                            bump(&shared.stats.refused_peers);
+                            tracing::warn!(
+                                peer = %ev.peer_addr,
+                                "refused a node that did not authenticate: a wrong cluster \
+                                 cookie, or plaintext against TLS"
+                            );
+                        }
+                    }
+                    SessionKind::Disconnected => {
+                        if let Some(peer) = &ev.peer {
+                            tracing::warn!(node = %peer, addr = %ev.peer_addr, "session lost");
+                            shared.fail_node(peer, "lost its session");
+                        }
+                    }
+                    SessionKind::Opened | SessionKind::Ready => {}
+                }
+            }
+        });
+    }
+
+    /// Every `interval`: a heartbeat to each node with a session, the lease checked, and
+    /// nodes heard from but without a session dialled again with backoff.
+    fn spawn_heartbeats(&self, backoff: Backoff) {
+        let shared = self.shared.clone();
+        let server = self.server.clone();
+        let lease = lock(&shared.membership).lease();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(lease.interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Per node: attempts so far and when the next may start.
+            let mut redial: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+            let mut draw = shared.incarnation;
+            loop {
+                tick.tick().await;
+                let hb = shared.heartbeat();
+                let Ok(bytes) = wire::encode("heartbeat", &hb) else {
+                    continue;
+                };
+                let peers: Vec<String> = ractor::pg::which_scoped_groups(&SCOPE.to_owned())
+                    .into_iter()
+                    .filter_map(|g| g.strip_prefix("node:").map(str::to_owned))
+                    .filter(|n| *n != shared.name)
+                    .collect();
+                for p in &peers {
+                    if shared
+                        .send_frames(p, PacketKind::Heartbeat, 0, &bytes)
+                        .is_ok()
+                    {
+                        bump(&shared.stats.heartbeats_sent);
+                    }
+                }
+                let now = shared.now_ms();
+                let (changes, lost): (Vec<Change>, Vec<(String, String)>) = {
+                    let mut m = lock(&shared.membership);
+                    let changes = m.tick(now);
+                    let lost = m
+                        .members()
+                        .filter(|m| m.liveness != Liveness::Left)
+                        .filter(|m| shared.endpoint_of(&m.last.node).is_none())
+                        .map(|m| (m.last.node.clone(), m.last.addr.clone()))
+                        .collect();
+                    (changes, lost)
+                };
+                for c in &changes {
+                    log_change(c);
+                    if let Change::Down(n) = c {
+                        shared.fail_node(n, "is down: its heartbeat lease ran out");
+                    }
+                }
+                redial.retain(|n, _| lost.iter().any(|(l, _)| l == n));
+                for (node, addr) in lost {
+                    let (attempt, due) = redial.entry(node.clone()).or_insert((0, 0));
+                    if now < *due {
+                        continue;
+                    }
+                    draw = draw
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    *due = now + backoff.delay_ms(*attempt, draw >> 11);
+                    *attempt += 1;
+                    tracing::info!(node = %node, addr = %addr, attempt = *attempt, "reconnecting");
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await
+                        {
+                            tracing::debug!(node = %node, error = %e, "reconnect failed");
+                        }
+                    });
+                }
+            }
+        });
+    }
+
+    /// Joins `seed`: a session is opened and authenticated, and the seed's first heartbeat
+    /// is in. A seed that refuses the cookie is an error naming it, never a retry.
+    pub async fn join(&self, seed: &str, timeout: Duration) -> Result<String, ClusterError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let unreachable = |reason: String| ClusterError::Unreachable {
+            seed: seed.to_owned(),
+            reason,
+        };
+        let addr: SocketAddr = tokio::net::lookup_host(seed)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("the name has no address".into()))?;
+        let mut rx = self.events.subscribe();
+        ractor_cluster::client_connect(&self.server, addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let timed_out = || ClusterError::JoinTimeout {
+            seed: seed.to_owned(),
+            secs: timeout.as_secs(),
+        };
+        let want = addr.to_string();
+        // The first session to this address after the dial is ours.
+        let mut session = None;
+        let mut authenticated = false;
+        let peer = loop {
+            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(ClusterError::Start("the node server stopped".into()))
+                }
+                Ok(Ok(ev)) => ev,
+            };
+            if ev.is_server || ev.peer_addr != want {
+                continue;
+            }
+            if *session.get_or_insert(ev.node_id) != ev.node_id {
+                continue;
+            }
+            match ev.kind {
+                SessionKind::Opened => {}
+                SessionKind::Authenticated => authenticated = true,
+                SessionKind::Ready => match ev.peer {
+                    Some(p) => break p,
+                    None => return Err(unreachable("the seed sent no node name".into())),
+                },
+                SessionKind::Disconnected if authenticated => {
+                    return Err(unreachable("the session closed while joining".into()))
+                }
+                SessionKind::Disconnected => {
+                    return Err(ClusterError::AuthRefused {
+                        seed: seed.to_owned(),
+                    })
+                }
+            }
+        };
+        // Ready: the process groups are exchanged; wait for the seed's first heartbeat.
+        loop {
+            let heard = self.shared.heard.notified();
+            if self.shared.is_up(&peer) {
+                tracing::info!(seed = %seed, node = %peer, "joined");
+                return Ok(peer);
+            }
+            if tokio::time::timeout_at(deadline, heard).await.is_err() {
+                return Err(timed_out());
+            }
+        }
+    }
+
+    /// Every node heard from, and this one.
+    pub fn nodes(&self) -> Vec<NodeRow> {
+        let me = self.shared.heartbeat();
+        let mut rows = vec![NodeRow {
+            node: me.node,
+            roles: me.roles.to_string(),
+            state: Liveness::Up,
+            addr: me.addr,
+            heard_ms_ago: None,
+            memory_used_bytes: me.memory_used_bytes,
+            memory_available_bytes: me.memory_available_bytes,
+        }];
+        let now = self.shared.now_ms();
+        let m = lock(&self.shared.membership);
+        rows.extend(m.members().map(|m: &Member| NodeRow {
+            node: m.last.node.clone(),
+            roles: m.last.roles.to_string(),
+            state: m.liveness,
+            addr: m.last.addr.clone(),
+            heard_ms_ago: Some(now.saturating_sub(m.heard_ms)),
+            memory_used_bytes: m.last.memory_used_bytes,
+            memory_available_bytes: m.last.memory_available_bytes,
+        }));
+        rows
+    }
+
+    /// The nodes up with `role`, sorted.
+    pub fn up_with(&self, role: crate::membership::Role) -> Vec<String> {
+        lock(&self.shared.membership).up_with(role)
+    }
+
+    /// Sends `call` to `node` itself and waits for its answer.
+    pub async fn call_node(&self, node: &str, call: NodeCall) -> Result<NodeAnswer, ClusterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared
+            .request(
+                node,
+                &WireRequest::Node(call),
+                Box::new(move |a| {
+                    let _ = tx.send(a);
+                }),
+            )
+            .await;
+        let unavailable = |reason: String| ClusterError::Unavailable {
+            node: node.to_owned(),
+            reason,
+        };
+        match rx.await {
+            Ok(Ok(WireAnswer::Node(a))) => Ok(a),
+            Ok(Ok(WireAnswer::Fault(reason))) => Err(ClusterError::Fault {
+                node: node.to_owned(),
+                reason,
+            }),
+            Ok(Ok(other)) => Err(ClusterError::Fault {
+                node: node.to_owned(),
+                reason: format!("answered a node call with {other:?}"),
+            }),
+            Ok(Err(reason)) => Err(unavailable(reason)),
+            Err(_) => Err(unavailable("the answer was dropped".into())),
+        }
+    }
+
+    /// Stops the endpoint and the server.
+    pub fn stop(&self) {
+        self.endpoint.stop(None);
+        self.server.stop(None);
+    }
+}
+
+/// Reads a frame from one packet; a packet carries exactly one whole frame.
+fn packet_frame(bytes: &[u8]) -> Result<Frame, String> {
+    match Frame::decode(bytes) {
+        Ok(Some((frame, used))) if used == bytes.len() => Ok(frame),
+        Ok(Some((_, used))) => Err(format!(
+            "a packet of {} bytes holds a frame of {used} and more",
+            bytes.len()
+        )),
+        Ok(None) => Err(format!(
+            "a packet of {} bytes holds a cut frame",
+            bytes.len()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,218 @@
+//! Shard owners on other nodes behind the same [`ShardHandle`] the trainer uses for local
+//! ones: [`RemoteShard`] is a local actor that takes the owner's messages and sends them over
+//! the network, and [`ClusterPlacer`] places a job's shards on the cluster's shard nodes.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::protocol::{NodeAnswer, NodeCall, WireAnswer, WireRequest};
+use super::{lock, ClusterNode, Shared};
+use crate::membership::Role;
+use crate::placement::Placement;
+use crate::wire::Remote;
+use crate::wire::{RemoteEmbeddingError, ShardAnswer};
+use freshet_actors::ckpt::ShardPlacement;
+use freshet_actors::embedding::{ShardSnapshot, TableConfig};
+use freshet_actors::envelope::Envelope;
+use freshet_actors::ids::{ShardId, TableName};
+use freshet_actors::shard::{ShardHandle, ShardMsg, ShardPlacer, ShardRouter};
+
+/// The stand-in for a shard owner on another node.
+#[derive(Debug)]
+pub struct RemoteShard;
+
+#[derive(Debug)]
+pub struct RemoteShardState {
+    shared: Arc<Shared>,
+    node: String,
+    shard: ShardId,
+}
+
+impl RemoteShard {
+    /// A handle to shard `shard`, hosted on `node`.
+    pub async fn handle(
+        cluster: &ClusterNode,
+        node: &str,
+        shard: ShardId,
+    ) -> Result<ShardHandle, ractor::SpawnErr> {
+        let state = RemoteShardState {
+            shared: cluster.shared().clone(),
+            node: node.to_owned(),
+            shard,
+        };
+        let (actor, _join) = Actor::spawn(None, RemoteShard, state).await?;
+        Ok(ShardHandle::new(shard, actor))
+    }
+}
+
+/// The owner's answer for a call's outcome on the wire.
+fn shard_answer(node: &str, outcome: Result<WireAnswer, String>) -> ShardAnswer {
+    match outcome {
+        Ok(WireAnswer::Shard(a)) => a,
+        Ok(WireAnswer::Fault(reason)) => ShardAnswer::Refused(RemoteEmbeddingError::Other(
+            format!("node {node}: {reason}"),
+        )),
+        Ok(WireAnswer::Node(a)) => ShardAnswer::Refused(RemoteEmbeddingError::Other(format!(
+            "node {node} answered a shard call with {a:?}"
+        ))),
+        Err(reason) => ShardAnswer::Refused(RemoteEmbeddingError::Unreachable(reason)),
+    }
+}
+
+impl Actor for RemoteShard {
+    type Msg = ShardMsg;
+    type State = RemoteShardState;
+    type Arguments = RemoteShardState;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        state: RemoteShardState,
+    ) -> Result<RemoteShardState, ActorProcessingErr> {
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        st: &mut RemoteShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Envelope { trace, body } = msg;
+        let (call, responder) = match body.into_call() {
+            Ok(split) => split,
+            Err(e) => {
+                // A local-only request (a restore from this node's store): the caller's port
+                // drops and it sees the owner unavailable.
+                tracing::warn!(shard = st.shard, error = %e, "a request that cannot cross nodes");
+                return Ok(());
+            }
+        };
+        let node = st.node.clone();
+        let shard = st.shard;
+        let done = Box::new(move |outcome: Result<WireAnswer, String>| {
+            if let Some(responder) = responder {
+                if let Err(e) = responder(shard_answer(&node, outcome)) {
+                    tracing::debug!(shard, error = %e, "an answer nobody waits for");
+                }
+            }
+        });
+        let request = WireRequest::Shard {
+            shard,
+            call: Envelope::with_trace(trace, call),
+        };
+        // Awaited here, so that requests leave in mailbox order and a node at its in-flight
+        // bound holds this mailbox, and so the trainer, back.
+        st.shared.request(&st.node, &request, done).await;
+        Ok(())
+    }
+}
+
+/// Places a job's shard owners on the cluster's shard nodes by rendezvous hashing.
+#[derive(Debug, Clone)]
+pub struct ClusterPlacer {
+    cluster: ClusterNode,
+    epoch: u64,
+    placed: Arc<Mutex<Option<Placement>>>,
+}
+
+impl ClusterPlacer {
+    pub fn new(cluster: ClusterNode, epoch: u64) -> Self {
+        Self {
+            cluster,
+            epoch,
+            placed: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The placement of the last [`ShardPlacer::place`].
+    pub fn placement(&self) -> Option<Placement> {
+        lock(&self.placed).clone()
+    }
+
+    /// Stops the owners placed on each node.
+    pub async fn release(&self) -> anyhow::Result<()> {
+        let Some(p) = self.placement() else {
+            return Ok(());
+        };
+        for node in p.nodes() {
+            if p.shards_of(node).is_empty() {
+                continue;
+            }
+            match self.cluster.call_node(node, NodeCall::ReleaseShards).await {
+                Ok(NodeAnswer::Released { .. }) => {}
+                Ok(other) => bail!("node {node} answered the release with {other:?}"),
+                Err(e) => return Err(e).with_context(|| format!("releasing the shards on {node}")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn place_all(
+        &self,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        mut restore: Vec<Option<ShardSnapshot>>,
+    ) -> anyhow::Result<ShardRouter> {
+        let nodes = self.cluster.up_with(Role::Shards);
+        if nodes.is_empty() {
+            bail!(
+                "no node with the shards role is up: start one with `freshet node --roles \
+                 shards` and give its cluster address to --join"
+            );
+        }
+        let placement = Placement::new(nodes, count, self.epoch)?;
+        restore.resize(count as usize, None);
+        let mut handles = Vec::with_capacity(count as usize);
+        for (s, snap) in (0..count).zip(restore) {
+            let node = placement.node_of(s);
+            let call = NodeCall::HostShard {
+                shard: s,
+                shard_count: count,
+                tables: tables.clone(),
+                restore: snap.map(Box::new),
+            };
+            match self.cluster.call_node(node, call).await {
+                Ok(NodeAnswer::Hosted) => {}
+                Ok(NodeAnswer::Refused(reason)) => {
+                    bail!("node {node} refused to host shard {s}: {reason}")
+                }
+                Ok(other) => bail!("node {node} answered hosting shard {s} with {other:?}"),
+                Err(e) => return Err(e).with_context(|| format!("placing shard {s} on {node}")),
+            }
+            handles.push(
+                RemoteShard::handle(&self.cluster, node, s)
+                    .await
+                    .with_context(|| format!("the stand-in of shard {s}"))?,
+            );
+        }
+        tracing::info!(
+            shards = count,
+            nodes = ?placement.nodes(),
+            epoch = placement.epoch(),
+            "shards placed"
+        );
+        let record = ShardPlacement {
+            epoch: placement.epoch(),
+            nodes: (0..count)
+                .map(|s| placement.node_of(s).to_owned())
+                .collect(),
+        };
+        *lock(&self.placed) = Some(placement);
+        Ok(ShardRouter::new(handles).with_placement(record))
+    }
+}
+
+impl ShardPlacer for ClusterPlacer {
+    fn place(
+        &self,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        restore: Vec<Option<ShardSnapshot>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardRouter>> + Send + '_>>
+    {
+        Box::pin(self.place_all(count, tables, restore))
+    }
+}

@@ -1,0 +1,151 @@
+//! `freshet node`: one process of a cluster; and the flags with which `freshet train` joins
+//! one to place its shards there.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use freshet_cluster::membership::{Backoff, Lease, Roles};
+use freshet_cluster::node::{ClusterNode, NodeConfig};
+
+use crate::settings::{ClusterSettings, Settings};
+
+/// The environment variable that may hold the cluster secret.
+pub(crate) const COOKIE_ENV: &str = "FRESHET_CLUSTER_COOKIE";
+
+/// How this process joins a cluster; each flag overrides its `[cluster]` key.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct ClusterArgs {
+    /// This node's stable id [cluster.name].
+    #[arg(long, value_name = "ID")]
+    pub(crate) name: Option<String>,
+    /// Where the cluster port listens, IP:PORT [cluster.listen].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) cluster_listen: Option<String>,
+    /// Seed nodes to join, comma-separated HOST:PORT [cluster.join].
+    #[arg(long, value_delimiter = ',', value_name = "ADDR")]
+    pub(crate) join: Vec<String>,
+    /// A file holding the cluster secret [cluster.cookie_file]; else FRESHET_CLUSTER_COOKIE.
+    /// Never an argument: `ps` shows arguments to every user.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cookie_file: Option<PathBuf>,
+}
+
+/// `freshet node`.
+#[derive(Debug, Args)]
+pub(crate) struct NodeArgs {
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+    /// Roles, comma-separated: any of shards, trainer, serving, joiner [cluster.roles].
+    #[arg(long, value_name = "ROLES")]
+    pub(crate) roles: Option<String>,
+}
+
+/// Reads the secret: the cookie file when one is given, else the environment.
+fn cookie(file: Option<&Path>) -> anyhow::Result<String> {
+    let secret = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the cluster cookie file {}", f.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        None => match std::env::var(COOKIE_ENV) {
+            Ok(s) => s,
+            Err(_) => bail!(
+                "a cluster needs its secret: give --cookie-file FILE (or cluster.cookie_file), \
+                 or set {COOKIE_ENV}"
+            ),
+        },
+    };
+    if secret.is_empty() {
+        bail!(
+            "the cluster secret is empty; every node of a cluster needs the same non-empty secret"
+        );
+    }
+    Ok(secret)
+}
+
+/// The node's configuration from `[cluster]` and the flags over it.
+pub(crate) fn node_config(
+    settings: &Settings,
+    args: &ClusterArgs,
+    roles: Option<&str>,
+    default_name: Option<String>,
+) -> anyhow::Result<NodeConfig> {
+    let c: &ClusterSettings = &settings.cluster;
+    let name = args
+        .name
+        .clone()
+        .or_else(|| c.name.clone())
+        .or(default_name)
+        .context("a node needs its stable id: give --name ID (or cluster.name)")?;
+    let roles: Roles = roles
+        .unwrap_or(&c.roles)
+        .parse()
+        .with_context(|| "--roles".to_string())?;
+    let listen = args.cluster_listen.as_deref().unwrap_or(&c.listen);
+    let listen = listen.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--cluster-listen {listen:?}: expected an IP address and port, as 127.0.0.1:7400"
+        )
+    })?;
+    let seeds = if args.join.is_empty() {
+        c.join.clone()
+    } else {
+        args.join.clone()
+    };
+    let cookie_file = args.cookie_file.as_deref().or(c.cookie_file.as_deref());
+    Ok(NodeConfig {
+        name,
+        roles,
+        listen,
+        seeds,
+        cookie: cookie(cookie_file)?,
+        lease: Lease::new(c.heartbeat_ms, c.lease_ms)?,
+        reconnect: Backoff {
+            base_ms: c.reconnect_base_ms,
+            max_ms: c.reconnect_max_ms,
+        },
+        max_in_flight: c.max_in_flight,
+        join_timeout: Duration::from_millis(c.join_timeout_ms),
+        spill_dir: Some(settings.spill_dir()),
+    })
+}
+
+/// Starts the node and joins every seed; the first seed that refuses stops it.
+pub(crate) async fn start(cfg: &NodeConfig) -> anyhow::Result<ClusterNode> {
+    let node = ClusterNode::start(cfg).await?;
+    for seed in &cfg.seeds {
+        node.join(seed, cfg.join_timeout).await?;
+    }
+    Ok(node)
+}
+
+/// `freshet node`: runs until SIGINT or SIGTERM.
+pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
+    let cfg = node_config(settings, &args.cluster, args.roles.as_deref(), None)?;
+    // The hosted owners spill under the data directory: one process per directory.
+    let _lock =
+        crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running a cluster node")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let node = start(&cfg).await?;
+        // One line on stdout when the node is up and joined: scripts wait for it.
+        println!(
+            "{}",
+            serde_json::json!({"node": node.name(), "cluster": node.addr(), "roles": cfg.roles.to_string()})
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!(node = %node.name(), "stopping");
+        node.stop();
+        Ok(())
+    })
+}

@@ -1,0 +1,322 @@
+//! Nodes joined over the network, as real processes on loopback: shards on other nodes give
+//! the same model, a wrong secret is refused by name, and a stopped node is marked down within
+//! its lease and up again when it resumes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use common::{freshet, ok, small_model_dir};
+use freshet_actors::ckpt::ModelStore;
+
+const COOKIE: &str = "FRESHET_CLUSTER_COOKIE";
+
+/// A `freshet node` process, killed when dropped.
+struct Node {
+    child: Child,
+    /// Its cluster address, from its ready line.
+    addr: String,
+    /// Its stderr lines, as they come.
+    log: Receiver<String>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// Waits up to `within` for a log line that contains every one of `parts`; returns it.
+    fn wait_for(&self, parts: &[&str], within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if parts.iter().all(|p| line.contains(p)) => return Some(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    }
+}
+
+/// `freshet node` in `dir` with its own data directory, on an unused loopback port.
+fn node_command(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
+    c.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FRESHET") {
+            c.env_remove(k);
+        }
+    }
+    c.args([
+        "--data-dir",
+        &format!("data-{name}"),
+        "node",
+        "--name",
+        name,
+    ])
+    .args(["--roles", "shards", "--cluster-listen", "127.0.0.1:0"])
+    .args(extra)
+    .env(COOKIE, cookie)
+    .env("FRESHET_LOG", "info");
+    c
+}
+
+/// Starts a node and waits for its ready line on stdout.
+fn start_node(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Node {
+    let mut child = node_command(dir, name, cookie, extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn freshet node");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("stdout");
+    let ready: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = child.kill();
+            let logs: Vec<String> = log.try_iter().collect();
+            panic!("node {name} did not start: {line:?}\n{}", logs.join("\n"));
+        }
+    };
+    let addr = ready["cluster"]
+        .as_str()
+        .expect("cluster address")
+        .to_owned();
+    Node { child, addr, log }
+}
+
+/// Every file under `dir`, by path relative to it.
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).expect("prefix").display().to_string();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_model_trained_with_its_shards_on_two_nodes_is_bit_identical_to_one_in_process() {
+    let dir = small_model_dir();
+    let d = dir.path();
+    let a = start_node(d, "a", "s3cret", &[]);
+    let b = start_node(d, "b", "s3cret", &[]);
+    let train = ["train", "--data", "train.tsv", "--seed", "7"];
+    let local = ok(&freshet(d)
+        .args(train)
+        .args(["--out", "local"])
+        .output()
+        .expect("run"));
+    let joined = format!("{},{}", a.addr, b.addr);
+    let remote = ok(&freshet(d)
+        .args(train)
+        .args(["--out", "remote", "--join", &joined])
+        .env(COOKIE, "s3cret")
+        .output()
+        .expect("run"));
+    assert_eq!(local["train_rows"], remote["train_rows"]);
+    assert_eq!(local["train_logloss"], remote["train_logloss"]);
+    assert_eq!(local["test_auc"], remote["test_auc"], "{local}\n{remote}");
+
+    // Both nodes hosted shards (rendezvous over "a" and "b" places the 2 shards on both or on
+    // one; either way the shards ran there, not in the trainer).
+    let hosted = |n: &Node| n.wait_for(&["hosting a shard owner"], Duration::from_secs(5));
+    let placed = [hosted(&a), hosted(&b)];
+    assert!(placed.iter().any(Option::is_some), "no node hosted a shard");
+
+    let (l, r) = (files(&d.join("local")), files(&d.join("remote")));
+    assert_eq!(
+        l.keys().collect::<Vec<_>>(),
+        r.keys().collect::<Vec<_>>(),
+        "the two stores hold different files"
+    );
+    let mut versions = 0;
+    for (path, bytes) in &l {
+        if path.ends_with("manifest.json") {
+            // The manifests differ in their creation time and the placement; the model they
+            // describe must not.
+            let m =
+                |b: &[u8]| -> serde_json::Value { serde_json::from_slice(b).expect("manifest") };
+            let (lm, rm) = (m(bytes), m(&r[path]));
+            for key in [
+                "step",
+                "rows_trained",
+                "shards",
+                "tables",
+                "model",
+                "schema",
+            ] {
+                assert_eq!(lm[key], rm[key], "{path}: {key}");
+            }
+            // The remote version says where its shards ran.
+            assert!(lm.get("placement").is_none(), "{lm}");
+            assert_eq!(rm["placement"]["epoch"], 1, "{rm}");
+            let nodes = rm["placement"]["nodes"].as_array().expect("nodes");
+            assert_eq!(nodes.len(), 2);
+            assert!(nodes.iter().all(|n| n == "a" || n == "b"), "{rm}");
+            versions += 1;
+        } else if path.ends_with("dense.msgpack") {
+            assert!(bytes == &r[path], "{path} differs between the two runs");
+        }
+    }
+    assert!(versions >= 1);
+    // A shard file lists its rows in the order of the table's hash index, whose seed is
+    // random per process, and stamps each row's last update in wall-clock seconds; so two
+    // runs in one process differ in those bytes too. Every row's bits must be the same.
+    let (ls, rs) = (
+        ModelStore::open(d.join("local")).expect("store"),
+        ModelStore::open(d.join("remote")).expect("store"),
+    );
+    for v in ls.versions().expect("versions") {
+        let (a, b) = (
+            ls.restore(v, None).expect("local"),
+            rs.restore(v, None).expect("remote"),
+        );
+        assert_eq!(
+            rows_by_key(&a.shards),
+            rows_by_key(&b.shards),
+            "version {v}"
+        );
+        assert!(!rows_by_key(&a.shards).is_empty());
+    }
+}
+
+/// Every row of every table: (table, key) -> its weights and optimizer state as bits, and its
+/// version, update and access steps and frequency.
+type Row = (Vec<u32>, u64, u32, u32, u32);
+
+fn rows_by_key(
+    shards: &[freshet_actors::embedding::ShardSnapshot],
+) -> std::collections::BTreeMap<(String, u64), Row> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in shards {
+        for t in &s.tables {
+            let rf = t.row_floats as usize;
+            let b = &t.rows;
+            for i in 0..b.keys.len() {
+                let bits = b.row(i, rf).iter().map(|f| f.to_bits()).collect();
+                let row = (
+                    bits,
+                    b.versions[i],
+                    b.update_steps[i],
+                    b.access_steps[i],
+                    b.freqs[i],
+                );
+                out.insert((t.name.to_string(), b.keys[i]), row);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_node_with_a_wrong_cookie_is_refused_and_exits_naming_the_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let seed = start_node(d, "seed", "right", &[]);
+    let started = Instant::now();
+    let out = node_command(d, "intruder", "wrong", &["--join", &seed.addr])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "joined with a wrong cookie: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("seed {} refused authentication", seed.addr)),
+        "{stderr}"
+    );
+    // It neither hangs nor retries until the join timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // The seed logs the refused peer's address: 127.0.0.1 and a port.
+    let line = seed
+        .wait_for(
+            &["refused a node that did not authenticate"],
+            Duration::from_secs(5),
+        )
+        .expect("the seed logs the refusal");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+
+    // No secret at all is refused before anything starts.
+    let mut c = node_command(d, "nosecret", "", &[]);
+    c.env_remove(COOKIE);
+    let out = c.output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--cookie-file") && stderr.contains(COOKIE),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_stopped_node_is_marked_down_within_its_lease_and_up_again_when_it_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // interval 200 ms, lease 1000 ms: down within 1.2 s of the last heartbeat.
+    std::fs::write(
+        d.join("freshet.toml"),
+        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1000\n",
+    )
+    .expect("config");
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &["--join", &a.addr]);
+    a.wait_for(&["node joined", "node=b"], Duration::from_secs(5))
+        .expect("a hears b");
+
+    b.signal("-STOP");
+    let stopped = Instant::now();
+    let down = a.wait_for(&["node down", "node=b"], Duration::from_secs(5));
+    let took = stopped.elapsed();
+    b.signal("-CONT");
+    assert!(down.is_some(), "b was never marked down");
+    // Lease plus one interval, and a margin for two processes on a loaded machine.
+    assert!(
+        took <= Duration::from_millis(1200 + 800),
+        "marked down after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(800),
+        "marked down after {took:?}, before its lease"
+    );
+
+    a.wait_for(&["node up", "node=b"], Duration::from_secs(5))
+        .expect("b is up again after SIGCONT");
+}
