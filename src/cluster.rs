@@ -145,7 +145,7 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!(node = %node.name(), "stopping");
-        node.stop();
+        node.leave().await;
         Ok(())
     })
 }

@@ -146,7 +146,7 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
         if let Err(e) = placer.release().await {
             tracing::warn!(error = %crate::describe(&e), "the shard nodes keep this job's owners");
         }
-        node.stop();
+        node.leave().await;
         report
     })?;
     println!("{}", serde_json::to_string(&report)?);

@@ -155,6 +155,11 @@ fn a_model_trained_with_its_shards_on_two_nodes_is_bit_identical_to_one_in_proce
     let hosted = |n: &Node| n.wait_for(&["hosting a shard owner"], Duration::from_secs(5));
     let placed = [hosted(&a), hosted(&b)];
     assert!(placed.iter().any(Option::is_some), "no node hosted a shard");
+    // The trainer said it leaves when it finished: neither node takes it for lost.
+    for n in [&a, &b] {
+        n.wait_for(&["node left", "node=train-"], Duration::from_secs(5))
+            .expect("the trainer's leave is heard");
+    }
 
     let (l, r) = (files(&d.join("local")), files(&d.join("remote")));
     assert_eq!(
@@ -319,4 +324,70 @@ fn a_stopped_node_is_marked_down_within_its_lease_and_up_again_when_it_resumes()
 
     a.wait_for(&["node up", "node=b"], Duration::from_secs(5))
         .expect("b is up again after SIGCONT");
+}
+
+#[test]
+fn a_shard_node_killed_mid_training_fails_the_trainer_fast_naming_the_shard() {
+    let dir = small_model_dir();
+    let d = dir.path();
+    ok(&freshet(d)
+        .args(["gen", "--rows", "100000", "--seed", "5", "--vocab", "5000"])
+        .args(["--out", "big.tsv"])
+        .output()
+        .expect("run"));
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &[]);
+    let mut train = freshet(d)
+        .args(["train", "--data", "big.tsv", "--epochs", "20"])
+        .args(["--join", &format!("{},{}", a.addr, b.addr)])
+        .env(COOKIE, "k")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn train");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(train.stderr.take().expect("stderr"));
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(train.wait().expect("wait"));
+    });
+    // Training is under way once the trainer says so.
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.starts_with("training ")) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("training never started:\n{}", log.join("\n")));
+        log.push(line);
+    }
+    // Kill a node that hosts a shard.
+    let hosts = |n: &Node| n.wait_for(&["hosting a shard owner"], Duration::from_secs(1));
+    let (victim, name) = if hosts(&a).is_some() {
+        (a, "a")
+    } else {
+        (b, "b")
+    };
+    let killed = Instant::now();
+    drop(victim);
+    let status = done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the trainer still runs 10 s after its shard node died");
+    log.extend(std::iter::from_fn(|| {
+        lines.recv_timeout(Duration::from_secs(1)).ok()
+    }));
+    let log = log.join("\n");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("unavailable") && log.contains(&format!("node {name}")),
+        "{log}"
+    );
+    eprintln!(
+        "failed {:?} after the kill: {}",
+        killed.elapsed(),
+        log.lines().last().unwrap_or("")
+    );
 }

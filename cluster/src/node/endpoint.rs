@@ -111,14 +111,18 @@ impl Endpoint {
                 }
             }
             WireRequest::Node(call) => {
-                let a = Self::node_call(st, call).await;
+                let a = Self::node_call(st, from, call).await;
                 answer(&st.shared, from, id, &WireAnswer::Node(a));
             }
         }
     }
 
-    async fn node_call(st: &mut EndpointState, call: NodeCall) -> NodeAnswer {
+    async fn node_call(st: &mut EndpointState, from: &str, call: NodeCall) -> NodeAnswer {
         match call {
+            NodeCall::Leave => {
+                st.shared.left(from);
+                NodeAnswer::Left
+            }
             NodeCall::HostShard {
                 shard,
                 shard_count,

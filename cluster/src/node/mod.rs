@@ -394,6 +394,15 @@ impl Shared {
         }
     }
 
+    /// `node` said it stops.
+    fn left(&self, node: &str) {
+        let change = lock(&self.membership).leave(node);
+        if let Some(c) = change {
+            log_change(&c);
+        }
+        self.fail_node(node, "left");
+    }
+
     /// A heartbeat arrived from another node.
     fn heard(&self, hb: Heartbeat) {
         bump(&self.stats.heartbeats_received);
@@ -573,7 +582,13 @@ impl ClusterNode {
                         }
                     }
                     SessionKind::Disconnected => {
-                        if let Some(peer) = &ev.peer {
+                        let Some(peer) = &ev.peer else { continue };
+                        let left = lock(&shared.membership)
+                            .get(peer)
+                            .is_some_and(|m| m.liveness == Liveness::Left);
+                        if left {
+                            tracing::debug!(node = %peer, "session closed after the node left");
+                        } else {
                             tracing::warn!(node = %peer, addr = %ev.peer_addr, "session lost");
                             shared.fail_node(peer, "lost its session");
                         }
@@ -789,7 +804,25 @@ impl ClusterNode {
         }
     }
 
-    /// Stops the endpoint and the server.
+    /// Tells every node with a session that this one leaves (each answers, or is given up
+    /// after a second), then stops the endpoint and the server.
+    pub async fn leave(&self) {
+        let peers: Vec<String> = ractor::pg::which_scoped_groups(&SCOPE.to_owned())
+            .into_iter()
+            .filter_map(|g| g.strip_prefix("node:").map(str::to_owned))
+            .filter(|n| *n != self.shared.name && self.shared.endpoint_of(n).is_some())
+            .collect();
+        for p in peers {
+            let said =
+                tokio::time::timeout(Duration::from_secs(1), self.call_node(&p, NodeCall::Leave));
+            if !matches!(said.await, Ok(Ok(NodeAnswer::Left))) {
+                tracing::debug!(node = %p, "did not acknowledge the leave");
+            }
+        }
+        self.stop();
+    }
+
+    /// Stops the endpoint and the server at once.
     pub fn stop(&self) {
         self.endpoint.stop(None);
         self.server.stop(None);

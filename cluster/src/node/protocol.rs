@@ -121,6 +121,8 @@ pub enum NodeCall {
     },
     /// Stop every owner this node hosts (the job that placed them finished).
     ReleaseShards,
+    /// The sender stops: it is not waited for, nor counted down, nor dialled again.
+    Leave,
 }
 
 /// Every answer a node gives.
@@ -139,5 +141,6 @@ pub enum WireAnswer {
 pub enum NodeAnswer {
     Hosted,
     Released { shards: u32 },
+    Left,
     Refused(String),
 }
