@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use freshet_cluster::membership::{Backoff, Lease, Roles};
-use freshet_cluster::node::{ClusterNode, NodeConfig};
+use freshet_cluster::node::{ClusterNode, NodeConfig, TlsFiles};
 
 use crate::settings::{ClusterSettings, Settings};
 
@@ -30,6 +30,15 @@ pub(crate) struct ClusterArgs {
     /// Never an argument: `ps` shows arguments to every user.
     #[arg(long, value_name = "FILE")]
     pub(crate) cookie_file: Option<PathBuf>,
+    /// TLS: this node's certificate, PEM [cluster.tls_cert]. With --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// TLS: this node's private key, PEM [cluster.tls_key].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// TLS: the cluster CA, PEM: peers must present a certificate it signed [cluster.tls_ca].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 /// `freshet node`.
@@ -95,6 +104,19 @@ pub(crate) fn node_config(
         args.join.clone()
     };
     let cookie_file = args.cookie_file.as_deref().or(c.cookie_file.as_deref());
+    let pick = |flag: &Option<PathBuf>, key: &Option<PathBuf>| flag.clone().or_else(|| key.clone());
+    let tls = match (
+        pick(&args.tls_cert, &c.tls_cert),
+        pick(&args.tls_key, &c.tls_key),
+        pick(&args.tls_ca, &c.tls_ca),
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+        (None, None, None) => None,
+        _ => bail!(
+            "TLS needs all three of --tls-cert, --tls-key and --tls-ca (or cluster.tls_cert, \
+             tls_key and tls_ca), or none of them"
+        ),
+    };
     Ok(NodeConfig {
         name,
         roles,
@@ -109,6 +131,7 @@ pub(crate) fn node_config(
         max_in_flight: c.max_in_flight,
         join_timeout: Duration::from_millis(c.join_timeout_ms),
         spill_dir: Some(settings.spill_dir()),
+        tls,
     })
 }
 
@@ -134,10 +157,13 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     rt.block_on(async {
         let node = start(&cfg).await?;
         // One line on stdout when the node is up and joined: scripts wait for it.
-        println!(
-            "{}",
-            serde_json::json!({"node": node.name(), "cluster": node.addr(), "roles": cfg.roles.to_string()})
-        );
+        let ready = serde_json::json!({
+            "node": node.name(),
+            "cluster": node.addr(),
+            "roles": cfg.roles.to_string(),
+            "tls": cfg.tls.is_some(),
+        });
+        println!("{ready}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {

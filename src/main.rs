@@ -44,7 +44,7 @@ enum Command {
         what: bench::BenchCommand,
     },
     /// Train a model offline on files (the daily base model), then evaluate it.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Write synthetic Criteo-layout data with known click probabilities.
     Gen(train::GenArgs),
     /// Play a live application (impressions, delayed clicks, faults) into the event log.
@@ -102,7 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&settings.node.log, settings.node.log_format)?;
     match cli.command {
         Command::Bench { what } => bench::run(what, &settings, cli.config.as_deref()),
-        Command::Train(args) => train::run(args, &settings),
+        Command::Train(args) => train::run(*args, &settings),
         Command::Gen(args) => train::gen(args),
         Command::Simulate(args) => stream::simulate(args, &settings),
         Command::Ingest(args) => stream::ingest(args, &settings),

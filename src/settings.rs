@@ -154,6 +154,11 @@ pub(crate) struct ClusterSettings {
     /// First delay before dialling a lost node again, doubling up to `reconnect_max_ms`.
     pub(crate) reconnect_base_ms: u64,
     pub(crate) reconnect_max_ms: u64,
+    /// TLS between nodes: this node's certificate and key, and the cluster CA that signed
+    /// every node's (PEM files). All three, or none for plaintext after the handshake.
+    pub(crate) tls_cert: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 impl Default for ClusterSettings {
@@ -170,6 +175,9 @@ impl Default for ClusterSettings {
             join_timeout_ms: 10_000,
             reconnect_base_ms: 200,
             reconnect_max_ms: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }

@@ -391,3 +391,111 @@ fn a_shard_node_killed_mid_training_fails_the_trainer_fast_naming_the_shard() {
         log.lines().last().unwrap_or("")
     );
 }
+
+/// A CA named `ca` and, for each node, a certificate for 127.0.0.1 that it signed (usable as
+/// server and as client), as PEM files `<ca>.pem`, `<node>.crt` and `<node>.key` in `dir`.
+fn certificates(dir: &Path, ca: &str, nodes: &[&str]) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{ca} cluster CA"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    std::fs::write(dir.join(format!("{ca}.pem")), ca_cert.pem()).expect("write");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    for n in nodes {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        p.distinguished_name.push(DnType::CommonName, *n);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{n}.crt")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{n}.key")), key.serialize_pem()).expect("write");
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn tls_flags(node: &str, ca: &str) -> [String; 6] {
+    [
+        "--tls-cert".into(),
+        format!("{node}.crt"),
+        "--tls-key".into(),
+        format!("{node}.key"),
+        "--tls-ca".into(),
+        format!("{ca}.pem"),
+    ]
+}
+
+#[test]
+fn a_tls_cluster_takes_only_tls_nodes_its_ca_signed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    certificates(d, "ours", &["seed", "friend", "plain-tls"]);
+    certificates(d, "theirs", &["stranger"]);
+    let flags = |n: &str, ca: &str| tls_flags(n, ca).to_vec();
+    let seed = start_node(d, "seed", "k", &strs(&flags("seed", "ours")));
+
+    // A node of the same CA joins.
+    let mut f = flags("friend", "ours");
+    f.extend(["--join".into(), seed.addr.clone()]);
+    let _friend = start_node(d, "friend", "k", &strs(&f));
+    seed.wait_for(&["node joined", "node=friend"], Duration::from_secs(5))
+        .expect("the seed hears its TLS peer");
+
+    // A plaintext node is refused, naming the seed and TLS as a cause.
+    let out = node_command(d, "plain", "k", &["--join", &seed.addr])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a plaintext node joined a TLS cluster: {err}"
+    );
+    assert!(
+        err.contains(&format!("seed {} refused authentication", seed.addr)) && err.contains("TLS"),
+        "{err}"
+    );
+
+    // A node whose certificate another CA signed fails the handshake.
+    let mut f = flags("stranger", "theirs");
+    f.extend(["--join".into(), seed.addr.clone()]);
+    let out = node_command(d, "stranger", "k", &strs(&f))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("TLS handshake with seed"), "{err}");
+
+    // A TLS node cannot join a plaintext seed either.
+    let plain_seed = start_node(d, "plain-seed", "k", &[]);
+    let mut f = flags("plain-tls", "ours");
+    f.extend(["--join".into(), plain_seed.addr.clone()]);
+    let out = node_command(d, "plain-tls", "k", &strs(&f))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("TLS handshake with seed"), "{err}");
+
+    // Only some of the three files is a start-up mistake.
+    let out = node_command(d, "half", "k", &["--tls-cert", "seed.crt"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("all three"), "{err}");
+}

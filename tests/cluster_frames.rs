@@ -115,6 +115,7 @@ async fn probe(name: &str, max_in_flight: usize) -> ClusterNode {
         max_in_flight,
         join_timeout: Duration::from_secs(10),
         spill_dir: None,
+        tls: None,
     };
     ClusterNode::start(&cfg)
         .await

@@ -37,10 +37,12 @@ use crate::wire::{self, Frame};
 mod endpoint;
 pub mod protocol;
 mod remote;
+mod tls;
 
 pub use endpoint::Endpoint;
 pub use protocol::{NodeAnswer, NodeCall, Packet, PacketKind, WireAnswer, WireRequest};
 pub use remote::{ClusterPlacer, RemoteShard};
+pub use tls::TlsFiles;
 
 /// The process-group scope of Freshet's endpoints.
 const SCOPE: &str = "freshet";
@@ -69,6 +71,8 @@ pub struct NodeConfig {
     pub join_timeout: Duration,
     /// Where hosted shard owners with an on-disk tier spill (one directory per shard).
     pub spill_dir: Option<PathBuf>,
+    /// TLS with these files, or plaintext after the handshake.
+    pub tls: Option<TlsFiles>,
 }
 
 /// What joining and calling other nodes can fail with; callers act on the case.
@@ -83,6 +87,13 @@ pub enum ClusterError {
          one side uses TLS and the other does not"
     )]
     AuthRefused { seed: String },
+    #[error(
+        "the TLS handshake with seed {seed} failed: {reason} (does the seed run without TLS, or \
+         with a certificate another CA signed?)"
+    )]
+    TlsHandshake { seed: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("seed {seed} did not finish joining within {secs} s")]
     JoinTimeout { seed: String, secs: u64 },
     #[error("node {node} is unavailable: {reason}")]
@@ -394,6 +405,26 @@ impl Shared {
         }
     }
 
+    /// The nodes with an open session to this one.
+    fn peers(&self) -> Vec<String> {
+        ractor::pg::which_scoped_groups(&SCOPE.to_owned())
+            .into_iter()
+            .filter_map(|g| g.strip_prefix("node:").map(str::to_owned))
+            .filter(|n| *n != self.name && self.endpoint_of(n).is_some())
+            .collect()
+    }
+
+    /// Sends this node's heartbeat to `node`.
+    fn send_heartbeat(&self, node: &str) {
+        let sent = wire::encode("heartbeat", &self.heartbeat())
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| self.send_frames(node, PacketKind::Heartbeat, 0, &bytes));
+        match sent {
+            Ok(_) => bump(&self.stats.heartbeats_sent),
+            Err(e) => tracing::debug!(node = %node, error = %e, "heartbeat not sent"),
+        }
+    }
+
     /// `node` said it stops.
     fn left(&self, node: &str) {
         let change = lock(&self.membership).leave(node);
@@ -448,6 +479,34 @@ pub struct ClusterNode {
     server: ActorRef<NodeServerMessage>,
     endpoint: ActorRef<Packet>,
     events: broadcast::Sender<SessionEvent>,
+    tls: Option<tls::Tls>,
+}
+
+/// Opens a session to `addr`, in TLS when the node has it. Returns before ractor's
+/// authentication: the session events tell how it went.
+async fn dial(
+    server: &ActorRef<NodeServerMessage>,
+    addr: &str,
+    tls: Option<&tls::Tls>,
+) -> Result<(), ClusterError> {
+    let unreachable = |reason: String| ClusterError::Unreachable {
+        seed: addr.to_owned(),
+        reason,
+    };
+    let Some(tls) = tls else {
+        return ractor_cluster::client_connect(server, addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()));
+    };
+    let name = tls::server_name(addr).map_err(unreachable)?;
+    match ractor_cluster::client_connect_enc(server, addr, tls.connector.clone(), name).await {
+        Ok(()) => Ok(()),
+        Err(ractor_cluster::ClientConnectErr::Encryption(e)) => Err(ClusterError::TlsHandshake {
+            seed: addr.to_owned(),
+            reason: e.to_string(),
+        }),
+        Err(e) => Err(unreachable(e.to_string())),
+    }
 }
 
 /// A node's row in `ctl nodes`.
@@ -477,6 +536,7 @@ impl ClusterNode {
             reason: e.to_string(),
         })?;
         drop(probe);
+        let tls = cfg.tls.as_ref().map(tls::Tls::load).transpose()?;
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -500,7 +560,8 @@ impl ClusterNode {
             cfg.cookie.clone(),
             cfg.name.clone(),
             listen.ip().to_string(),
-            None,
+            tls.as_ref()
+                .map(|t| ractor_cluster::IncomingEncryptionMode::Tls(t.acceptor.clone())),
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
         .with_listen_addr(listen.ip());
@@ -527,10 +588,12 @@ impl ClusterNode {
             server,
             endpoint,
             events,
+            tls,
         };
         node.spawn_session_log();
         node.spawn_heartbeats(cfg.reconnect);
-        tracing::info!(node = %cfg.name, addr = %listen, roles = %cfg.roles, "cluster port open");
+        let tls = if node.tls.is_some() { "on" } else { "off" };
+        tracing::info!(node = %cfg.name, addr = %listen, roles = %cfg.roles, tls, "cluster port open");
         Ok(node)
     }
 
@@ -593,7 +656,14 @@ impl ClusterNode {
                             shared.fail_node(peer, "lost its session");
                         }
                     }
-                    SessionKind::Opened | SessionKind::Ready => {}
+                    // A new peer hears from this node at once, not an interval later: a short
+                    // job's leave then finds it known.
+                    SessionKind::Ready => {
+                        if let Some(peer) = &ev.peer {
+                            shared.send_heartbeat(peer);
+                        }
+                    }
+                    SessionKind::Opened => {}
                 }
             }
         });
@@ -604,6 +674,7 @@ impl ClusterNode {
     fn spawn_heartbeats(&self, backoff: Backoff) {
         let shared = self.shared.clone();
         let server = self.server.clone();
+        let tls = self.tls.clone();
         let lease = lock(&shared.membership).lease();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(lease.interval_ms));
@@ -613,22 +684,8 @@ impl ClusterNode {
             let mut draw = shared.incarnation;
             loop {
                 tick.tick().await;
-                let hb = shared.heartbeat();
-                let Ok(bytes) = wire::encode("heartbeat", &hb) else {
-                    continue;
-                };
-                let peers: Vec<String> = ractor::pg::which_scoped_groups(&SCOPE.to_owned())
-                    .into_iter()
-                    .filter_map(|g| g.strip_prefix("node:").map(str::to_owned))
-                    .filter(|n| *n != shared.name)
-                    .collect();
-                for p in &peers {
-                    if shared
-                        .send_frames(p, PacketKind::Heartbeat, 0, &bytes)
-                        .is_ok()
-                    {
-                        bump(&shared.stats.heartbeats_sent);
-                    }
+                for p in shared.peers() {
+                    shared.send_heartbeat(&p);
                 }
                 let now = shared.now_ms();
                 let (changes, lost): (Vec<Change>, Vec<(String, String)>) = {
@@ -661,9 +718,9 @@ impl ClusterNode {
                     *attempt += 1;
                     tracing::info!(node = %node, addr = %addr, attempt = *attempt, "reconnecting");
                     let server = server.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await
-                        {
+                        if let Err(e) = dial(&server, &addr, tls.as_ref()).await {
                             tracing::debug!(node = %node, error = %e, "reconnect failed");
                         }
                     });
@@ -686,9 +743,16 @@ impl ClusterNode {
             .next()
             .ok_or_else(|| unreachable("the name has no address".into()))?;
         let mut rx = self.events.subscribe();
-        ractor_cluster::client_connect(&self.server, addr)
+        dial(&self.server, &addr.to_string(), self.tls.as_ref())
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| match e {
+                ClusterError::Unreachable { reason, .. } => unreachable(reason),
+                ClusterError::TlsHandshake { reason, .. } => ClusterError::TlsHandshake {
+                    seed: seed.to_owned(),
+                    reason,
+                },
+                other => other,
+            })?;
         let timed_out = || ClusterError::JoinTimeout {
             seed: seed.to_owned(),
             secs: timeout.as_secs(),
@@ -807,12 +871,7 @@ impl ClusterNode {
     /// Tells every node with a session that this one leaves (each answers, or is given up
     /// after a second), then stops the endpoint and the server.
     pub async fn leave(&self) {
-        let peers: Vec<String> = ractor::pg::which_scoped_groups(&SCOPE.to_owned())
-            .into_iter()
-            .filter_map(|g| g.strip_prefix("node:").map(str::to_owned))
-            .filter(|n| *n != self.shared.name && self.shared.endpoint_of(n).is_some())
-            .collect();
-        for p in peers {
+        for p in self.shared.peers() {
             let said =
                 tokio::time::timeout(Duration::from_secs(1), self.call_node(&p, NodeCall::Leave));
             if !matches!(said.await, Ok(Ok(NodeAnswer::Left))) {
