@@ -5,6 +5,7 @@
 //! this module only dispatches.
 
 mod checkpoint;
+mod cluster;
 mod dense;
 mod disk;
 mod embedding;
@@ -48,6 +49,10 @@ pub(crate) enum BenchCommand {
     /// validation verdicts of each run (passed, failed, calibrations) and how far serving
     /// fell behind the newest version.
     Restarts(restarts::RestartsArgs),
+    /// Offline training with the shards in process, on one other node process and on two,
+    /// on loopback: samples/s, their ratio to in-process, and bytes per sample against the
+    /// floats that must move.
+    Cluster(cluster::ClusterBenchArgs),
 }
 
 /// `config`: the configuration file given with `--config`, for a bench that starts a node.
@@ -66,6 +71,7 @@ pub(crate) fn run(
         BenchCommand::Serve(a) => serve::run(a, settings),
         BenchCommand::Disk(a) => disk::run(a, settings, config),
         BenchCommand::Restarts(a) => restarts::run(a, config),
+        BenchCommand::Cluster(a) => cluster::run(a, settings),
     }
 }
 

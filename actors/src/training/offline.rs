@@ -133,6 +133,9 @@ pub struct OfflineReport {
     pub steps: u64,
     /// Training only: parsing and evaluation are excluded.
     pub samples_per_sec: f64,
+    /// Floats of the rows every training step looked up, summed: what the lookups must bring
+    /// from the shards, and the pushes take back, at the least.
+    pub row_floats: u64,
     pub train_seconds: f64,
     pub parse_seconds: f64,
     pub train_logloss: f64,
@@ -377,6 +380,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
     let mut last_loss = 0.0;
     let mut steps = 0u64;
     let mut rows_done = 0u64;
+    let mut row_floats = 0u64;
     for epoch in 1..=job.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
@@ -390,6 +394,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
                 .train_batch_ahead(&train_block, rows.clone(), next, &router, &threads)
                 .await?;
             steps += 1;
+            row_floats += rep.row_floats as u64;
             loss_sum += rep.loss_sum;
             seen += rep.rows;
             rows_done += rep.rows as u64;
@@ -481,6 +486,7 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
         shards: job.shards,
         steps,
         samples_per_sec: (n as f64 * f64::from(job.epochs)) / train_secs.max(1e-9),
+        row_floats,
         train_seconds: train_secs,
         parse_seconds,
         train_logloss: last_loss,

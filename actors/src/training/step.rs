@@ -42,6 +42,9 @@ pub struct StepReport {
     pub rows: usize,
     pub loss_sum: f64,
     pub unique_keys: usize,
+    /// Floats of the rows the step looked up (its unique keys times each table's row width);
+    /// its push sends as many gradients back.
+    pub row_floats: usize,
     pub gradients_rejected: u64,
     /// Whether the step's keys were gathered by the step before
     /// ([`Trainer::train_batch_ahead`]).
@@ -267,6 +270,10 @@ impl Trainer {
         }
         report.loss_sum = self.train_dense(block, &range, threads);
         report.unique_keys = self.scorer.cur.tables.iter().map(|tb| tb.keys.len()).sum();
+        report.row_floats = (self.scorer.tables.iter())
+            .zip(&self.scorer.cur.tables)
+            .map(|(t, tb)| tb.keys.len() * t.row_dim)
+            .sum();
         for (t, tb) in self.scorer.tables.iter().zip(&self.scorer.cur.tables) {
             let sent = router
                 .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx)

@@ -115,6 +115,8 @@ impl Actor for RemoteShard {
 pub struct ClusterPlacer {
     cluster: ClusterNode,
     epoch: u64,
+    /// Only these shard nodes, when given.
+    only: Option<Vec<String>>,
     placed: Arc<Mutex<Option<Placement>>>,
 }
 
@@ -123,8 +125,15 @@ impl ClusterPlacer {
         Self {
             cluster,
             epoch,
+            only: None,
             placed: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Places on these of the up shard nodes only.
+    pub fn on_nodes(mut self, nodes: Vec<String>) -> Self {
+        self.only = Some(nodes);
+        self
     }
 
     /// The placement of the last [`ShardPlacer::place`].
@@ -156,7 +165,10 @@ impl ClusterPlacer {
         tables: Vec<(TableName, TableConfig)>,
         mut restore: Vec<Option<ShardSnapshot>>,
     ) -> anyhow::Result<ShardRouter> {
-        let nodes = self.cluster.up_with(Role::Shards);
+        let mut nodes = self.cluster.up_with(Role::Shards);
+        if let Some(only) = &self.only {
+            nodes.retain(|n| only.contains(n));
+        }
         if nodes.is_empty() {
             bail!(
                 "no node with the shards role is up: start one with `freshet node --roles \
