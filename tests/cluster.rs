@@ -56,6 +56,11 @@ impl Node {
 
 /// `freshet node` in `dir` with its own data directory, on an unused loopback port.
 fn node_command(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Command {
+    node_command_at(dir, name, cookie, "127.0.0.1:0", extra)
+}
+
+/// `freshet node` with its cluster port at `listen`.
+fn node_command_at(dir: &Path, name: &str, cookie: &str, listen: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
     c.current_dir(dir);
     for (k, _) in std::env::vars() {
@@ -70,7 +75,7 @@ fn node_command(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Command
         "--name",
         name,
     ])
-    .args(["--roles", "shards", "--cluster-listen", "127.0.0.1:0"])
+    .args(["--roles", "shards", "--cluster-listen", listen])
     .args(extra)
     .env(COOKIE, cookie)
     .env("FRESHET_LOG", "info");
@@ -79,7 +84,11 @@ fn node_command(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Command
 
 /// Starts a node and waits for its ready line on stdout.
 fn start_node(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Node {
-    let mut child = node_command(dir, name, cookie, extra)
+    spawn_node(node_command(dir, name, cookie, extra), name)
+}
+
+fn spawn_node(mut command: Command, name: &str) -> Node {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -498,4 +507,29 @@ fn a_tls_cluster_takes_only_tls_nodes_its_ca_signed() {
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("all three"), "{err}");
+}
+
+#[test]
+fn a_killed_node_started_again_at_its_address_is_dialled_and_up_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(
+        d.join("freshet.toml"),
+        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1000\nreconnect_base_ms = 100\nreconnect_max_ms = 400\n",
+    )
+    .expect("config");
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &["--join", &a.addr]);
+    a.wait_for(&["node joined", "node=b"], Duration::from_secs(5))
+        .expect("a hears b");
+    let at = b.addr.clone();
+    drop(b);
+    a.wait_for(&["session lost", "node=b"], Duration::from_secs(5))
+        .expect("a sees the session close");
+    a.wait_for(&["node down", "node=b"], Duration::from_secs(5))
+        .expect("b is marked down");
+    // b comes back at its address without joining anyone: a dials it.
+    let _b = spawn_node(node_command_at(d, "b", "k", &at, &[]), "b");
+    a.wait_for(&["node up", "node=b"], Duration::from_secs(10))
+        .expect("a reconnects to b and hears it again");
 }

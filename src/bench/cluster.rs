@@ -116,10 +116,18 @@ fn start_node(dir: &Path, name: &str, cookie: &str) -> anyhow::Result<NodeProces
     Ok(NodeProcess { child, addr })
 }
 
-fn job(settings: &Settings, a: &ClusterBenchArgs, data: &Path, dir: &Path) -> anyhow::Result<OfflineJob> {
+fn job(
+    settings: &Settings,
+    a: &ClusterBenchArgs,
+    data: &Path,
+    dir: &Path,
+) -> anyhow::Result<OfflineJob> {
     let schema = settings.schema.clone();
     let model = settings.model.clone();
-    let tables = settings.model_tables(&schema, &model)?.into_iter().collect();
+    let tables = settings
+        .model_tables(&schema, &model)?
+        .into_iter()
+        .collect();
     Ok(OfflineJob {
         start: OfflineStart::Fresh(FreshModel {
             schema,
@@ -150,7 +158,10 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub(super) fn run(a: ClusterBenchArgs, settings: &Settings) -> anyhow::Result<()> {
-    anyhow::ensure!(a.rows > 0 && a.rounds > 0, "--rows and --rounds must be positive");
+    anyhow::ensure!(
+        a.rows > 0 && a.rounds > 0,
+        "--rows and --rounds must be positive"
+    );
     let tmp = tempfile::tempdir().context("a scratch directory")?;
     let dir = tmp.path();
     let data = dir.join("train.tsv");
@@ -199,9 +210,13 @@ pub(super) fn run(a: ClusterBenchArgs, settings: &Settings) -> anyhow::Result<()
         let mut runs: [Vec<(f64, f64)>; 3] = Default::default();
         let mut floor = Vec::new();
         for round in 1..=a.rounds {
-            for (i, on) in [None, Some(vec!["bench-a"]), Some(vec!["bench-a", "bench-b"])]
-                .into_iter()
-                .enumerate()
+            for (i, on) in [
+                None,
+                Some(vec!["bench-a"]),
+                Some(vec!["bench-a", "bench-b"]),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 let mut j = job(settings, &a, &data, dir)?;
                 let placer = on.map(|on| {
