@@ -130,6 +130,7 @@ pub(crate) fn node_config(
         },
         max_in_flight: c.max_in_flight,
         join_timeout: Duration::from_millis(c.join_timeout_ms),
+        request_timeout: Duration::from_millis(c.request_timeout_ms),
         spill_dir: Some(settings.spill_dir()),
         tls,
     })

@@ -151,6 +151,8 @@ pub(crate) struct ClusterSettings {
     pub(crate) max_in_flight: usize,
     /// How long joining one seed may take, in milliseconds.
     pub(crate) join_timeout_ms: u64,
+    /// A request to another node unanswered for this many milliseconds fails.
+    pub(crate) request_timeout_ms: u64,
     /// First delay before dialling a lost node again, doubling up to `reconnect_max_ms`.
     pub(crate) reconnect_base_ms: u64,
     pub(crate) reconnect_max_ms: u64,
@@ -173,6 +175,7 @@ impl Default for ClusterSettings {
             lease_ms: 3_000,
             max_in_flight: 64,
             join_timeout_ms: 10_000,
+            request_timeout_ms: 60_000,
             reconnect_base_ms: 200,
             reconnect_max_ms: 10_000,
             tls_cert: None,
@@ -214,6 +217,7 @@ impl ClusterSettings {
             ("cluster.heartbeat_ms", self.heartbeat_ms),
             ("cluster.lease_ms", self.lease_ms),
             ("cluster.join_timeout_ms", self.join_timeout_ms),
+            ("cluster.request_timeout_ms", self.request_timeout_ms),
             ("cluster.reconnect_base_ms", self.reconnect_base_ms),
             ("cluster.reconnect_max_ms", self.reconnect_max_ms),
         ] {

@@ -326,8 +326,10 @@ fn a_stopped_node_is_marked_down_within_its_lease_and_up_again_when_it_resumes()
         took <= Duration::from_millis(1200 + 800),
         "marked down after {took:?}"
     );
+    // Not before the lease: the last heartbeat came at most one interval (and some jitter)
+    // before the stop.
     assert!(
-        took >= Duration::from_millis(800),
+        took >= Duration::from_millis(500),
         "marked down after {took:?}, before its lease"
     );
 
@@ -390,8 +392,9 @@ fn a_shard_node_killed_mid_training_fails_the_trainer_fast_naming_the_shard() {
     }));
     let log = log.join("\n");
     assert!(!status.success(), "{log}");
+    // Found by the closed session, not by the lease running out (3 s).
     assert!(
-        log.contains("unavailable") && log.contains(&format!("node {name}")),
+        log.contains("unavailable") && log.contains(&format!("node {name} lost its session")),
         "{log}"
     );
     eprintln!(

@@ -114,6 +114,7 @@ async fn probe(name: &str, max_in_flight: usize) -> ClusterNode {
         },
         max_in_flight,
         join_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
         spill_dir: None,
         tls: None,
     };
@@ -251,8 +252,9 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
         "{c:?}"
     );
 
-    // The node stopped for 1 s, well inside its 3 s lease: slow, not down. Of 40 lookups sent
-    // at once, only the bound's worth go out until it resumes; all are answered after.
+    // The node stopped for 1 s, well inside this probe's lease (120 s): slow, not down. Of 40
+    // lookups sent at once, only the bound's worth go out until it resumes; all are answered
+    // after.
     let before = probe.stats().requests_sent;
     node.signal("-STOP");
     let stopped = Instant::now();

@@ -200,6 +200,7 @@ pub(super) fn run(a: ClusterBenchArgs, settings: &Settings) -> anyhow::Result<()
             },
             max_in_flight: settings.cluster.max_in_flight,
             join_timeout: Duration::from_millis(settings.cluster.join_timeout_ms),
+            request_timeout: Duration::from_millis(settings.cluster.request_timeout_ms),
             spill_dir: None,
             tls: None,
         };

@@ -4,7 +4,8 @@
 //!
 //! Architecture invariant: every request that reaches an endpoint is answered, with the
 //! owner's answer or with a [`WireAnswer::Fault`] saying why not, even when its frame is
-//! malformed (the fault goes to the id in the frame header).
+//! malformed, as long as its header still names it (the fault goes to that id). A request
+//! lost otherwise fails at its caller after the request timeout.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -27,8 +28,9 @@ pub struct EndpointState {
     shared: Arc<Shared>,
     /// One reassembler per sending node and kind: ids are the sender's.
     reassembly: HashMap<(String, PacketKind), Reassembler>,
-    /// The shard owners this node hosts.
-    hosted: BTreeMap<ShardId, ShardHandle>,
+    /// The shard owners this node hosts, each with the node (the trainer) that placed it:
+    /// only that node may call it or release it.
+    hosted: BTreeMap<ShardId, (String, ShardHandle)>,
 }
 
 impl std::fmt::Debug for EndpointState {
@@ -83,9 +85,20 @@ impl Endpoint {
         bump(&st.shared.stats.requests_served);
         match request {
             WireRequest::Shard { shard, call } => {
-                let Some(owner) = st.hosted.get(&shard) else {
-                    let reason = format!("shard {shard} is not hosted on node {}", st.shared.name);
-                    return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+                let owner = match st.hosted.get(&shard) {
+                    Some((placer, owner)) if placer == from => owner,
+                    Some((placer, _)) => {
+                        let reason = format!(
+                            "shard {shard} on node {} belongs to node {placer}'s job",
+                            st.shared.name
+                        );
+                        return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+                    }
+                    None => {
+                        let reason =
+                            format!("shard {shard} is not hosted on node {}", st.shared.name);
+                        return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+                    }
                 };
                 let Envelope { trace, body } = call;
                 let (local, pending) = ShardRequest::from_call(body);
@@ -117,10 +130,29 @@ impl Endpoint {
         }
     }
 
+    /// Stops the owners `placer` placed here; returns how many.
+    fn release(st: &mut EndpointState, placer: &str) -> u32 {
+        let mine: Vec<ShardId> = (st.hosted.iter())
+            .filter(|(_, (p, _))| p == placer)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in &mine {
+            if let Some((_, h)) = st.hosted.remove(s) {
+                h.actor().stop(Some("released".into()));
+            }
+        }
+        if !mine.is_empty() {
+            tracing::info!(node = %placer, shards = mine.len(), "released the shard owners");
+        }
+        mine.len() as u32
+    }
+
     async fn node_call(st: &mut EndpointState, from: &str, call: NodeCall) -> NodeAnswer {
         match call {
             NodeCall::Leave => {
                 st.shared.left(from);
+                // A job that leaves takes its owners with it.
+                Self::release(st, from);
                 NodeAnswer::Left
             }
             NodeCall::HostShard {
@@ -135,7 +167,16 @@ impl Endpoint {
                         st.shared.name, st.shared.roles
                     ));
                 }
-                if let Some(old) = st.hosted.remove(&shard) {
+                // Two jobs never share an owner: one placed by a node still up is kept.
+                if let Some((placer, _)) = st.hosted.get(&shard) {
+                    if placer != from && st.shared.is_up(placer) {
+                        return NodeAnswer::Refused(format!(
+                            "node {} hosts shard {shard} for node {placer}, which is up",
+                            st.shared.name
+                        ));
+                    }
+                }
+                if let Some((_, old)) = st.hosted.remove(&shard) {
                     old.actor().stop(Some("placed again".into()));
                 }
                 // A spill directory only for tables with a DRAM budget, as in one process.
@@ -155,7 +196,7 @@ impl Endpoint {
                 match ShardHandle::spawn(args).await {
                     Ok((h, _join)) => {
                         tracing::info!(shard, shard_count, "hosting a shard owner");
-                        st.hosted.insert(shard, h);
+                        st.hosted.insert(shard, (from.to_owned(), h));
                         NodeAnswer::Hosted
                     }
                     Err(e) => {
@@ -163,14 +204,9 @@ impl Endpoint {
                     }
                 }
             }
-            NodeCall::ReleaseShards => {
-                let n = st.hosted.len() as u32;
-                for (_, h) in std::mem::take(&mut st.hosted) {
-                    h.actor().stop(Some("released".into()));
-                }
-                tracing::info!(shards = n, "released the shard owners");
-                NodeAnswer::Released { shards: n }
-            }
+            NodeCall::ReleaseShards => NodeAnswer::Released {
+                shards: Self::release(st, from),
+            },
         }
     }
 }
@@ -264,7 +300,7 @@ impl Actor for Endpoint {
         _myself: ActorRef<Packet>,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
-        for (_, h) in std::mem::take(&mut st.hosted) {
+        for (_, (_, h)) in std::mem::take(&mut st.hosted) {
             h.actor().stop(None);
         }
         Ok(())

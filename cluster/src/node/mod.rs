@@ -67,8 +67,11 @@ pub struct NodeConfig {
     pub reconnect: Backoff,
     /// Requests in flight to one node at most; a caller beyond it waits.
     pub max_in_flight: usize,
-    /// How long joining a seed may take before it is given up.
+    /// How long joining a seed may take before it is given up (the dial included).
     pub join_timeout: Duration,
+    /// A request unanswered for this long fails (its node neither answered nor was found
+    /// down: an endpoint that stopped, an answer lost).
+    pub request_timeout: Duration,
     /// Where hosted shard owners with an on-disk tier spill (one directory per shard).
     pub spill_dir: Option<PathBuf>,
     /// TLS with these files, or plaintext after the handshake.
@@ -178,6 +181,8 @@ type Done = Box<dyn FnOnce(Result<WireAnswer, String>) + Send>;
 /// A request sent and not yet answered.
 struct Waiting {
     node: String,
+    /// When it was sent (`Shared::now_ms`).
+    sent_ms: u64,
     done: Done,
     /// Held until the answer: the node's in-flight bound.
     _permit: OwnedSemaphorePermit,
@@ -244,12 +249,17 @@ pub struct Shared {
     addr: String,
     incarnation: u64,
     max_in_flight: usize,
+    request_timeout_ms: u64,
     spill_dir: Option<PathBuf>,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Waiting>>,
     /// The in-flight bound of each node; closed (failing its waiters) when the node goes down.
     permits: Mutex<HashMap<String, Arc<Semaphore>>>,
     membership: Mutex<Membership>,
+    /// Nodes whose last session closed, until a new one is ready. Ractor takes a lost
+    /// session's actors out of the process groups a moment after it reports the loss, and a
+    /// message sent to one in between goes nowhere.
+    disconnected: Mutex<std::collections::HashSet<String>>,
     /// Signalled on every heartbeat received.
     heard: Notify,
     pub(crate) stats: NodeStats,
@@ -279,6 +289,14 @@ impl Shared {
             .into_iter()
             .find(|c| !c.get_id().is_local())
             .map(ActorRef::from)
+    }
+
+    /// Why a request to `node` cannot go now, if it cannot.
+    fn unreachable(&self, node: &str) -> Option<String> {
+        if lock(&self.disconnected).contains(node) {
+            return Some(format!("node {node} lost its session"));
+        }
+        (!self.is_up(node)).then(|| format!("node {node} is down"))
     }
 
     fn is_up(&self, node: &str) -> bool {
@@ -320,8 +338,8 @@ impl Shared {
             bump(&self.stats.failed_fast);
             done(Err(reason));
         };
-        if !self.is_up(node) {
-            return fail(done, format!("node {node} is down"));
+        if let Some(reason) = self.unreachable(node) {
+            return fail(done, reason);
         }
         let permits = lock(&self.permits)
             .entry(node.to_owned())
@@ -343,10 +361,21 @@ impl Shared {
             id,
             Waiting {
                 node: node.to_owned(),
+                sent_ms: self.now_ms(),
                 done,
                 _permit: permit,
             },
         );
+        // The node may have gone down between the check above and the insert, after its
+        // waiting requests were failed: this one must not wait for an answer that will not
+        // come.
+        if let Some(reason) = self.unreachable(node) {
+            let waiting = lock(&self.pending).remove(&id);
+            if let Some(w) = waiting {
+                fail(w.done, reason);
+            }
+            return;
+        }
         bump(&self.stats.requests_sent);
         if let Err(reason) = self.send_frames(node, PacketKind::Request, id, &bytes) {
             let waiting = lock(&self.pending).remove(&id);
@@ -390,6 +419,29 @@ impl Shared {
         for w in failed {
             bump(&self.stats.failed_fast);
             (w.done)(Err(format!("node {node} {reason}")));
+        }
+    }
+
+    /// Fails the requests unanswered for longer than the request timeout.
+    fn expire(&self) {
+        let now = self.now_ms();
+        let late: Vec<(u64, Waiting)> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = (pending.iter())
+                .filter(|(_, w)| now.saturating_sub(w.sent_ms) > self.request_timeout_ms)
+                .map(|(&id, _)| id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id).map(|w| (id, w)))
+                .collect()
+        };
+        for (id, w) in late {
+            bump(&self.stats.failed_fast);
+            tracing::warn!(node = %w.node, id, "a request timed out");
+            (w.done)(Err(format!(
+                "node {} did not answer within {} ms",
+                w.node, self.request_timeout_ms
+            )));
         }
     }
 
@@ -526,6 +578,15 @@ impl ClusterNode {
     /// Starts the node server on `cfg.listen` with the cookie, the endpoint and the heartbeat
     /// loop. Joining seeds is [`ClusterNode::join`].
     pub async fn start(cfg: &NodeConfig) -> Result<Self, ClusterError> {
+        // Other nodes dial the address this one announces, so it must be one they can reach.
+        if cfg.listen.ip().is_unspecified() {
+            return Err(ClusterError::Listen {
+                addr: cfg.listen,
+                reason: "an unspecified address (0.0.0.0 or ::) cannot be dialled by other \
+                         nodes; listen on the address they reach this node at"
+                    .into(),
+            });
+        }
         // Bind here first: ractor's listener reports a taken port only in its log.
         let probe = std::net::TcpListener::bind(cfg.listen).map_err(|e| ClusterError::Listen {
             addr: cfg.listen,
@@ -546,11 +607,13 @@ impl ClusterNode {
             addr: listen.to_string(),
             incarnation,
             max_in_flight: cfg.max_in_flight.max(1),
+            request_timeout_ms: cfg.request_timeout.as_millis().max(1) as u64,
             spill_dir: cfg.spill_dir.clone(),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             permits: Mutex::new(HashMap::new()),
             membership: Mutex::new(Membership::new(cfg.lease)),
+            disconnected: Mutex::new(std::collections::HashSet::new()),
             heard: Notify::new(),
             stats: NodeStats::default(),
             started: Instant::now(),
@@ -621,6 +684,9 @@ impl ClusterNode {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let mut authenticated = std::collections::HashSet::new();
+            // Per peer, its authenticated sessions: ractor keeps one per pair of nodes and
+            // closes the other, so a peer is lost only when its last one closes.
+            let mut sessions: HashMap<String, std::collections::HashSet<u64>> = HashMap::new();
             loop {
                 let ev = match rx.recv().await {
                     Ok(ev) => ev,
@@ -633,6 +699,9 @@ impl ClusterNode {
                 match ev.kind {
                     SessionKind::Authenticated => {
                         authenticated.insert(ev.node_id);
+                        if let Some(peer) = &ev.peer {
+                            sessions.entry(peer.clone()).or_default().insert(ev.node_id);
+                        }
                     }
                     SessionKind::Disconnected if !authenticated.remove(&ev.node_id) => {
                         if ev.is_server {
@@ -646,13 +715,20 @@ impl ClusterNode {
                     }
                     SessionKind::Disconnected => {
                         let Some(peer) = &ev.peer else { continue };
+                        let others = sessions.get_mut(peer).map_or(0, |s| {
+                            s.remove(&ev.node_id);
+                            s.len()
+                        });
                         let left = lock(&shared.membership)
                             .get(peer)
                             .is_some_and(|m| m.liveness == Liveness::Left);
                         if left {
                             tracing::debug!(node = %peer, "session closed after the node left");
+                        } else if others > 0 {
+                            tracing::debug!(node = %peer, "a second session closed");
                         } else {
                             tracing::warn!(node = %peer, addr = %ev.peer_addr, "session lost");
+                            lock(&shared.disconnected).insert(peer.clone());
                             shared.fail_node(peer, "lost its session");
                         }
                     }
@@ -660,6 +736,8 @@ impl ClusterNode {
                     // job's leave then finds it known.
                     SessionKind::Ready => {
                         if let Some(peer) = &ev.peer {
+                            sessions.entry(peer.clone()).or_default().insert(ev.node_id);
+                            lock(&shared.disconnected).remove(peer);
                             shared.send_heartbeat(peer);
                         }
                     }
@@ -687,13 +765,17 @@ impl ClusterNode {
                 for p in shared.peers() {
                     shared.send_heartbeat(&p);
                 }
+                shared.expire();
                 let now = shared.now_ms();
                 let (changes, lost): (Vec<Change>, Vec<(String, String)>) = {
                     let mut m = lock(&shared.membership);
                     let changes = m.tick(now);
+                    // Only nodes that host state are dialled again: a trainer listens on a
+                    // port of the moment and dials its shard nodes itself.
                     let lost = m
                         .members()
                         .filter(|m| m.liveness != Liveness::Left)
+                        .filter(|m| m.last.roles.has(crate::membership::Role::Shards))
                         .filter(|m| shared.endpoint_of(&m.last.node).is_none())
                         .map(|m| (m.last.node.clone(), m.last.addr.clone()))
                         .collect();
@@ -719,9 +801,15 @@ impl ClusterNode {
                     tracing::info!(node = %node, addr = %addr, attempt = *attempt, "reconnecting");
                     let server = server.clone();
                     let tls = tls.clone();
+                    let within = Duration::from_millis(backoff.max_ms.max(1000));
                     tokio::spawn(async move {
-                        if let Err(e) = dial(&server, &addr, tls.as_ref()).await {
-                            tracing::debug!(node = %node, error = %e, "reconnect failed");
+                        match tokio::time::timeout(within, dial(&server, &addr, tls.as_ref())).await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(node = %node, error = %e, "reconnect failed")
+                            }
+                            Err(_) => tracing::debug!(node = %node, "reconnect timed out"),
                         }
                     });
                 }
@@ -737,14 +825,23 @@ impl ClusterNode {
             seed: seed.to_owned(),
             reason,
         };
-        let addr: SocketAddr = tokio::net::lookup_host(seed)
+        let timed_out = || ClusterError::JoinTimeout {
+            seed: seed.to_owned(),
+            secs: timeout.as_secs(),
+        };
+        let addr: SocketAddr = tokio::time::timeout_at(deadline, tokio::net::lookup_host(seed))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| unreachable(e.to_string()))?
             .next()
             .ok_or_else(|| unreachable("the name has no address".into()))?;
         let mut rx = self.events.subscribe();
-        dial(&self.server, &addr.to_string(), self.tls.as_ref())
+        // Dialled as given, so that a TLS seed is checked against its host name.
+        let dialled =
+            tokio::time::timeout_at(deadline, dial(&self.server, seed, self.tls.as_ref()));
+        dialled
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| match e {
                 ClusterError::Unreachable { reason, .. } => unreachable(reason),
                 ClusterError::TlsHandshake { reason, .. } => ClusterError::TlsHandshake {
@@ -753,10 +850,6 @@ impl ClusterNode {
                 },
                 other => other,
             })?;
-        let timed_out = || ClusterError::JoinTimeout {
-            seed: seed.to_owned(),
-            secs: timeout.as_secs(),
-        };
         let want = addr.to_string();
         // The first session to this address after the dial is ours.
         let mut session = None;

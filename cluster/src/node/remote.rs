@@ -141,20 +141,24 @@ impl ClusterPlacer {
         lock(&self.placed).clone()
     }
 
-    /// Stops the owners placed on each node.
+    /// Stops the owners placed on each node, every node tried; the errors are joined.
     pub async fn release(&self) -> anyhow::Result<()> {
         let Some(p) = self.placement() else {
             return Ok(());
         };
+        let mut failed = Vec::new();
         for node in p.nodes() {
             if p.shards_of(node).is_empty() {
                 continue;
             }
             match self.cluster.call_node(node, NodeCall::ReleaseShards).await {
                 Ok(NodeAnswer::Released { .. }) => {}
-                Ok(other) => bail!("node {node} answered the release with {other:?}"),
-                Err(e) => return Err(e).with_context(|| format!("releasing the shards on {node}")),
+                Ok(other) => failed.push(format!("{node} answered {other:?}")),
+                Err(e) => failed.push(format!("{node}: {e}")),
             }
+        }
+        if !failed.is_empty() {
+            bail!("releasing the shards: {}", failed.join("; "));
         }
         Ok(())
     }
@@ -176,6 +180,8 @@ impl ClusterPlacer {
             );
         }
         let placement = Placement::new(nodes, count, self.epoch)?;
+        // Recorded before any owner starts, so that a placement failing halfway is released.
+        *lock(&self.placed) = Some(placement.clone());
         restore.resize(count as usize, None);
         let mut handles = Vec::with_capacity(count as usize);
         for (s, snap) in (0..count).zip(restore) {
@@ -212,7 +218,6 @@ impl ClusterPlacer {
                 .map(|s| placement.node_of(s).to_owned())
                 .collect(),
         };
-        *lock(&self.placed) = Some(placement);
         Ok(ShardRouter::new(handles).with_placement(record))
     }
 }
