@@ -1,6 +1,7 @@
 //! Frames between this test process, as a node, and a real `freshet node` process: a frame
 //! corrupted on the way is answered with a fault and the session keeps working, messages
-//! larger than one packet cross whole, and requests in flight to a node stay within the bound.
+//! larger than one packet cross whole, requests in flight to a node stay within the bound, and
+//! a second job cannot take a shard this one placed.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -74,6 +75,9 @@ fn start_node(dir: &Path, name: &str) -> Node {
         .args(["--roles", "shards", "--cluster-listen", "127.0.0.1:0"])
         .env("FRESHET_CLUSTER_COOKIE", COOKIE)
         .env("FRESHET_LOG", "info")
+        // The probe heartbeats rarely (see `probe`); with this lease the node never takes it
+        // for down during the test.
+        .env("FRESHET__CLUSTER__LEASE_MS", "120000")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -193,6 +197,31 @@ async fn corrupting_proxy(to: String, armed: Arc<AtomicBool>) -> String {
     addr
 }
 
+/// `freshet train --join` on a few generated rows: a second job placing its shards on `node`.
+fn second_job(dir: &Path, node: &str) -> std::process::Output {
+    let run = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
+        c.current_dir(dir)
+            .args(["--data-dir", "data-job"])
+            .args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FRESHET") {
+                c.env_remove(k);
+            }
+        }
+        c.env("FRESHET_CLUSTER_COOKIE", COOKIE)
+            .output()
+            .expect("run freshet")
+    };
+    let gen = run(&["gen", "--rows", "500", "--out", "job.tsv"]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    run(&["train", "--data", "job.tsv", "--join", node])
+}
+
 /// One session through a corrupting proxy, as one test: a node is one per process (process
 /// groups are global), so the phases share this process's node and its session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +245,20 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     let shard = RemoteShard::handle(&probe, &peer, 0).await.expect("handle");
 
     let rows = shard.lookup(&table, vec![1, 2, 3]).await.expect("lookup");
+    assert_eq!(rows.len(), 12);
+
+    // Another job cannot take the shard this node placed while this node is up.
+    let other = second_job(dir.path(), &node.addr);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{err}");
+    assert!(
+        err.contains("refused to host shard 0") && err.contains("for node probe-frames"),
+        "{err}"
+    );
+    let rows = shard
+        .lookup(&table, vec![1, 2, 3])
+        .await
+        .expect("still ours");
     assert_eq!(rows.len(), 12);
 
     // A corrupted request is answered with a fault naming the check that failed.
