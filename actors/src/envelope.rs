@@ -38,6 +38,20 @@ impl TraceContext {
         })
     }
 
+    /// A context from the two header values, as an HTTP request or a propagator's injector
+    /// gives them: a malformed `traceparent` gives no context at all, and an empty or blank
+    /// `tracestate` is none (an injector writes `""` when there is no vendor state).
+    pub fn from_headers(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
+        let Some(mut ctx) = traceparent.and_then(Self::from_traceparent) else {
+            return Self::none();
+        };
+        ctx.tracestate = tracestate
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        ctx
+    }
+
     pub fn is_sampled(&self) -> bool {
         self.traceparent
             .as_deref()
@@ -49,7 +63,10 @@ impl TraceContext {
 
 fn is_valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    // Lower case only: W3C trace context forbids upper-case hex, and OpenTelemetry's
+    // extractor rejects it, so a context accepted here is one every hop after accepts.
+    let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(lower_hex);
     parts.len() == 4
         && hex(parts[0], 2)
         && parts[0] != "ff"
@@ -109,6 +126,9 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00F067AA0BA902B7-01",
+            "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert!(
                 TraceContext::from_traceparent(bad).is_none(),
@@ -116,5 +136,23 @@ mod tests {
             );
         }
         assert!(!TraceContext::none().is_sampled());
+    }
+
+    #[test]
+    fn an_empty_tracestate_is_none_and_a_bad_traceparent_drops_the_state_too() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for empty in [None, Some(""), Some("  ")] {
+            let ctx = TraceContext::from_headers(Some(tp), empty);
+            assert_eq!(ctx.traceparent.as_deref(), Some(tp));
+            assert_eq!(ctx.tracestate, None, "{empty:?}");
+        }
+        let ctx = TraceContext::from_headers(Some(tp), Some("congo=t61rcWkgMzE"));
+        assert_eq!(ctx.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        // State without a parent it belongs to is not forwarded.
+        let upper = tp.to_uppercase();
+        for bad in [None, Some("garbage"), Some(upper.as_str())] {
+            let ctx = TraceContext::from_headers(bad, Some("congo=t61rcWkgMzE"));
+            assert_eq!(ctx, TraceContext::none(), "{bad:?}");
+        }
     }
 }
