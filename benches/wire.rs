@@ -3,6 +3,10 @@
 //! - `lookup_answer`: a shard's answer of 1M floats (4 MB) encoded, cut into frames, read back
 //!   from the byte stream, reassembled and decoded: what every remote lookup pays;
 //! - `snapshot_answer`: 24M floats (96 MB, six frames) the same way: chunking;
+//! - `.../packets`: the same answers the way nodes send them, one frame per packet
+//!   (`encode_frames`, `Reassembler::push_packet`): a message of one frame is encoded into the
+//!   buffer that is sent and read where it arrived, so the ratio to the stream path is what
+//!   those two copies cost;
 //! - `memcpy_baseline`: copying the same bytes twice (into the stream and out of it), the least
 //!   any encoding that leaves the sender's buffer can cost.
 //!
@@ -10,7 +14,10 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use freshet_actors::envelope::Envelope;
-use freshet_cluster::wire::{decode, encode_message, Frame, Reassembler, ShardAnswer};
+use freshet_cluster::node::protocol::PACKET_CHUNK;
+use freshet_cluster::wire::{
+    decode, encode_frames, encode_message, Frame, Reassembler, ShardAnswer,
+};
 
 fn floats(n: usize) -> Vec<f32> {
     (0..n).map(|i| (i % 1000) as f32 * 0.001 - 0.5).collect()
@@ -31,6 +38,18 @@ fn cross(answer: &Envelope<ShardAnswer>) -> Envelope<ShardAnswer> {
     panic!("the stream ended inside the message")
 }
 
+/// The packet path: what crosses between two nodes' endpoints (ractor's own framing aside).
+fn cross_packets(answer: &Envelope<ShardAnswer>) -> Envelope<ShardAnswer> {
+    let packets = encode_frames("answer", 1, answer, PACKET_CHUNK).expect("encodes");
+    let mut r = Reassembler::default();
+    for p in packets {
+        if let Some((_, m)) = r.push_packet(p).expect("in sequence") {
+            return decode("answer", m.bytes()).expect("decodes");
+        }
+    }
+    panic!("the packets ended inside the message")
+}
+
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("wire_bytes");
     g.sample_size(10);
@@ -38,6 +57,9 @@ fn bench(c: &mut Criterion) {
         let answer = Envelope::new(ShardAnswer::Rows(floats(n)));
         g.throughput(Throughput::Bytes(4 * n as u64));
         g.bench_function(name, |b| b.iter(|| cross(&answer)));
+        g.bench_function(format!("{name}/packets"), |b| {
+            b.iter(|| cross_packets(&answer))
+        });
         let block = floats(n);
         g.bench_function(format!("{name}/memcpy_baseline"), |b| {
             b.iter(|| {

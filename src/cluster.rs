@@ -1,12 +1,17 @@
 //! `freshet node`: one process of a cluster; and the flags with which `freshet train` joins
 //! one to place its shards there.
+//!
+//! A node with only the `shards` role hosts the shard owners other nodes place on it. A node
+//! with the `trainer` role is the coordinator: it runs the pipeline of `freshet dev` (the
+//! supervisor, joiners, trainer, writer, validator, serving replicas and the HTTP API) with
+//! each shard owner on a shard node of the cluster, and takes `freshet dev`'s flags.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use freshet_cluster::membership::{Backoff, Lease, Roles};
+use freshet_cluster::membership::{Backoff, Lease, Role, Roles};
 use freshet_cluster::node::{ClusterNode, NodeConfig, TlsFiles};
 
 use crate::settings::{ClusterSettings, Settings};
@@ -46,9 +51,38 @@ pub(crate) struct ClusterArgs {
 pub(crate) struct NodeArgs {
     #[command(flatten)]
     pub(crate) cluster: ClusterArgs,
-    /// Roles, comma-separated: any of shards, trainer, serving, joiner [cluster.roles].
+    /// Roles, comma-separated: any of shards, trainer, serving, joiner [cluster.roles]. The
+    /// trainer role (with serving and joiner) runs the pipeline, its shards on shard nodes.
     #[arg(long, value_name = "ROLES")]
     pub(crate) roles: Option<String>,
+    /// The pipeline's flags, for a node with the trainer role (as `freshet dev`'s).
+    #[command(flatten)]
+    pub(crate) pipeline: crate::dev::DevArgs,
+}
+
+/// What a node with these roles runs: `true` for the pipeline (the coordinator), `false` for
+/// shard owners only; an error for a mix this release does not split across nodes.
+fn runs_pipeline(roles: &Roles) -> anyhow::Result<bool> {
+    let trainer = roles.has(Role::Trainer);
+    if trainer && roles.has(Role::Shards) {
+        bail!(
+            "--roles {roles}: a node with the trainer role places its shards on other nodes; \
+             for every role in one process, run `freshet dev`"
+        );
+    }
+    if trainer && !(roles.has(Role::Serving) && roles.has(Role::Joiner)) {
+        bail!(
+            "--roles {roles}: the joiners and serving replicas run on the trainer's node: give \
+             --roles trainer,serving,joiner"
+        );
+    }
+    if !trainer && (roles.has(Role::Serving) || roles.has(Role::Joiner)) {
+        bail!(
+            "--roles {roles}: serving replicas and joiners run on the node with the trainer \
+             role; other nodes take --roles shards"
+        );
+    }
+    Ok(trainer)
 }
 
 /// Reads the secret: the cookie file when one is given, else the environment.
@@ -145,9 +179,28 @@ pub(crate) async fn start(cfg: &NodeConfig) -> anyhow::Result<ClusterNode> {
     Ok(node)
 }
 
+/// One line on stdout when the node is up and joined: scripts wait for it.
+pub(crate) fn announce(node: &ClusterNode, cfg: &NodeConfig) {
+    let ready = serde_json::json!({
+        "node": node.name(),
+        "cluster": node.addr(),
+        "roles": cfg.roles.to_string(),
+        "tls": cfg.tls.is_some(),
+    });
+    println!("{ready}");
+}
+
 /// `freshet node`: runs until SIGINT or SIGTERM.
 pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     let cfg = node_config(settings, &args.cluster, args.roles.as_deref(), None)?;
+    if runs_pipeline(&cfg.roles)? {
+        anyhow::ensure!(
+            !cfg.seeds.is_empty(),
+            "a node with the trainer role needs the shard nodes: give --join ADDR (or \
+             cluster.join)"
+        );
+        return crate::dev::run(args.pipeline, settings, Some(cfg));
+    }
     // The hosted owners spill under the data directory: one process per directory.
     let _lock =
         crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running a cluster node")?;
@@ -157,14 +210,7 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let node = start(&cfg).await?;
-        // One line on stdout when the node is up and joined: scripts wait for it.
-        let ready = serde_json::json!({
-            "node": node.name(),
-            "cluster": node.addr(),
-            "roles": cfg.roles.to_string(),
-            "tls": cfg.tls.is_some(),
-        });
-        println!("{ready}");
+        announce(&node, &cfg);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
@@ -175,4 +221,26 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
         node.leave().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trainer_role_runs_the_pipeline_and_mixes_that_cannot_split_are_named() {
+        let roles = |s: &str| s.parse::<Roles>().unwrap();
+        assert!(!runs_pipeline(&roles("shards")).unwrap());
+        assert!(runs_pipeline(&roles("trainer,serving,joiner")).unwrap());
+        for (mix, says) in [
+            ("trainer", "--roles trainer,serving,joiner"),
+            ("trainer,serving", "--roles trainer,serving,joiner"),
+            ("shards,trainer,serving,joiner", "freshet dev"),
+            ("serving", "other nodes take --roles shards"),
+            ("shards,joiner", "other nodes take --roles shards"),
+        ] {
+            let e = runs_pipeline(&roles(mix)).unwrap_err().to_string();
+            assert!(e.contains(says), "{mix}: {e}");
+        }
+    }
 }

@@ -28,8 +28,12 @@ pub(crate) struct CtlArgs {
 
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
-    /// The supervisor's children, the trainer, validator, replicas and joiners.
+    /// The supervisor's children (each with the node it runs on, in a cluster), the trainer,
+    /// validator, replicas and joiners.
     Status,
+    /// Every node of the cluster: roles, state, address, time since its last heartbeat, memory
+    /// in use and available, and the shards it hosts.
+    Nodes,
     /// Every version with its validation, rollback mark and whether it is served.
     Versions,
     /// Serve version V at once, and retrain from it (later versions are kept, marked).
@@ -69,6 +73,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 pub(crate) fn run(args: CtlArgs) -> anyhow::Result<()> {
     let (method, path, body) = match &args.command {
         CtlCommand::Status => ("GET", "/v1/admin/status", None),
+        CtlCommand::Nodes => ("GET", "/v1/admin/nodes", None),
         CtlCommand::Versions => ("GET", "/v1/models", None),
         CtlCommand::Rollback { version } => (
             "POST",

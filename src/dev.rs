@@ -2,9 +2,9 @@
 //!
 //! The embedded log and the model store live under the data directory. The simulator plays a
 //! live application into the event log unless `--no-simulate` is given (then events come
-//! through `POST /v1/events`). A one-line status goes to stderr every few seconds. Ctrl-C
-//! finishes the batch in progress, writes a last version and closes the logs; starting again
-//! on the same data directory resumes where it stopped.
+//! through `POST /v1/events`). A one-line status goes to stderr every few seconds. Ctrl-C (or
+//! SIGTERM) finishes the batch in progress, writes a last version and closes the logs; starting
+//! again on the same data directory resumes where it stopped.
 //!
 //! When actors fail faster than `[supervisor]` allows, the supervisor gives up and the node
 //! stops training for good. It keeps answering predictions from the last version served, while
@@ -32,6 +32,7 @@ use freshet_actors::event::INGEST_REJECTS_TOPIC;
 use freshet_actors::online::pipeline::PipelineHandle;
 use freshet_actors::simulate::{play_live, resume_clock, SimConfig, Simulator};
 use freshet_actors::stream::{open_topic, StreamLog};
+use freshet_cluster::node::{ClusterNode, ClusterPlacer, NodeConfig};
 
 use crate::http::node::NodeState;
 use crate::http::{bind, Counters, HttpArgs, ServingState};
@@ -85,7 +86,13 @@ pub(crate) struct DevArgs {
     status_every: u64,
 }
 
-pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
+/// `freshet dev`, or with `cluster` the coordinator of `freshet node --roles trainer,...`: the
+/// same pipeline with its shard owners on the cluster's shard nodes.
+pub(crate) fn run(
+    args: DevArgs,
+    settings: &Settings,
+    cluster: Option<NodeConfig>,
+) -> anyhow::Result<()> {
     let settings = &settings.seeded(args.seed);
     args.http.check()?;
     anyhow::ensure!(args.replicas >= 1, "--replicas must be at least 1");
@@ -102,12 +109,20 @@ pub(crate) fn run(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(dev(args, settings))
+    rt.block_on(dev(args, settings, cluster))
 }
 
-async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
+async fn dev(
+    args: DevArgs,
+    settings: &Settings,
+    cluster: Option<NodeConfig>,
+) -> anyhow::Result<()> {
     let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
-    let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, "running freshet dev")?;
+    let doing = match cluster {
+        Some(_) => "running a trainer node",
+        None => "running freshet dev",
+    };
+    let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, doing)?;
     // Before the pipeline starts: a taken address must stop the node before it writes a version.
     check_admin_exposure(&args)?;
     let listeners = crate::http::listen(&args.http)?;
@@ -117,7 +132,47 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     };
     let bases_dir = std::fs::canonicalize(&bases_dir)
         .with_context(|| format!("resolving node.bases_dir {}", bases_dir.display()))?;
-    let cfg = crate::settings::pipeline_config(settings, window_ms, args.delta_ms, args.replicas)?;
+    let mut cfg =
+        crate::settings::pipeline_config(settings, window_ms, args.delta_ms, args.replicas)?;
+    let cluster = match cluster {
+        Some(c) => {
+            let node = crate::cluster::start(&c).await?;
+            crate::cluster::announce(&node, &c);
+            // Each start places the shards anew, one epoch after the newest version's.
+            let store = cfg.store.clone();
+            let last = tokio::task::spawn_blocking(move || newest_placement_epoch(&store))
+                .await
+                .context("reading the store")??;
+            let placer = ClusterPlacer::new(node.clone(), last.map_or(1, |e| e + 1));
+            cfg.placer = Some(Arc::new(placer.clone()));
+            Some((node, placer))
+        }
+        None => None,
+    };
+    // Whatever ends the node, it releases its shards and leaves its cluster.
+    let ran = run_node(args, settings, cfg, listeners, bases_dir, cluster.as_ref()).await;
+    leave(cluster.as_ref()).await;
+    ran
+}
+
+/// The epoch of the newest version's shard placement, if it records one.
+fn newest_placement_epoch(store: &freshet_actors::ckpt::ModelStore) -> anyhow::Result<Option<u64>> {
+    let Some(v) = store.latest()? else {
+        return Ok(None);
+    };
+    Ok(store.manifest(v)?.placement.map(|p| p.epoch))
+}
+
+/// The pipeline behind the HTTP API, until Ctrl-C, SIGTERM or a failure.
+async fn run_node(
+    args: DevArgs,
+    settings: &Settings,
+    cfg: freshet_actors::online::pipeline::PipelineConfig,
+    listeners: crate::http::Listeners,
+    bases_dir: std::path::PathBuf,
+    cluster: Option<&(ClusterNode, ClusterPlacer)>,
+) -> anyhow::Result<()> {
+    let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let (pipe, sup_join) = PipelineHandle::start(cfg)
@@ -189,6 +244,7 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         bases_dir,
         events_accepted: AtomicU64::new(0),
         events_rejected: AtomicU64::new(0),
+        cluster: cluster.map(|(n, _)| n.clone()),
     });
     let state = web::Data::new(ServingState {
         store: pipe.store().clone(),
@@ -231,9 +287,11 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
     // that came while another branch ran (the status line awaits the actors).
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = &mut ctrl_c => match pipe.gave_up() {
+            _ = async { tokio::select! { _ = &mut ctrl_c => {}, _ = term.recv() => {} } } => match pipe.gave_up() {
                 None => break Ok(()),
                 Some(why) => break Err(anyhow::anyhow!("the node stopped training for good: {why}")),
             },
@@ -290,6 +348,17 @@ async fn dev(args: DevArgs, settings: &Settings) -> anyhow::Result<()> {
         serde_json::json!({"last_version": last, "events": total(&*events), "samples": total(&*samples)})
     );
     Ok(())
+}
+
+/// Stops the owners this node placed and tells the cluster it leaves.
+async fn leave(cluster: Option<&(ClusterNode, ClusterPlacer)>) {
+    let Some((node, placer)) = cluster else {
+        return;
+    };
+    if let Err(e) = placer.release().await {
+        tracing::warn!(error = %format!("{e:#}"), "releasing the shard owners");
+    }
+    node.leave().await;
 }
 
 /// Refuses an address beyond loopback while the admin API needs no token, unless

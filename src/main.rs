@@ -109,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join(args) => stream::join(args, &settings),
         Command::Ckpt(args) => ckpt::run(args, &settings),
         Command::Serve(args) => serve::run(args, &settings),
-        Command::Dev(args) => dev::run(args, &settings),
+        Command::Dev(args) => dev::run(args, &settings, None),
         Command::Ctl(args) => ctl::run(args),
         Command::Node(args) => cluster::run(args, &settings),
         Command::Config => {

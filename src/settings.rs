@@ -893,6 +893,7 @@ pub(crate) fn pipeline_config(
             tables,
         },
         shards: settings.embedding.shards,
+        placer: None,
         spill_dir: spill,
         schedule,
         batch: settings.train.batch,

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{freshet, ok, small_model_dir};
+use common::{freshet, get, ok, small_model_dir, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
 
 const COOKIE: &str = "FRESHET_CLUSTER_COOKIE";
@@ -22,6 +22,8 @@ struct Node {
     addr: String,
     /// Its stderr lines, as they come.
     log: Receiver<String>,
+    /// The rest of its stdout, after the ready line.
+    stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Drop for Node {
@@ -61,6 +63,36 @@ fn node_command(dir: &Path, name: &str, cookie: &str, extra: &[&str]) -> Command
 
 /// `freshet node` with its cluster port at `listen`.
 fn node_command_at(dir: &Path, name: &str, cookie: &str, listen: &str, extra: &[&str]) -> Command {
+    node_with_roles(dir, name, cookie, "shards", listen, extra)
+}
+
+/// A node with the trainer role: the pipeline, its shards on the nodes at `seeds`, its HTTP
+/// API on an unused loopback port.
+fn coordinator_command(dir: &Path, name: &str, cookie: &str, seeds: &str) -> Command {
+    let pipeline = [
+        "--join",
+        seeds,
+        "--listen",
+        "127.0.0.1:0",
+        "--window-ms",
+        "1000",
+        "--delta-ms",
+        "400",
+        "--status-every",
+        "1",
+    ];
+    let roles = "trainer,serving,joiner";
+    node_with_roles(dir, name, cookie, roles, "127.0.0.1:0", &pipeline)
+}
+
+fn node_with_roles(
+    dir: &Path,
+    name: &str,
+    cookie: &str,
+    roles: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_freshet"));
     c.current_dir(dir);
     for (k, _) in std::env::vars() {
@@ -75,7 +107,7 @@ fn node_command_at(dir: &Path, name: &str, cookie: &str, listen: &str, extra: &[
         "--name",
         name,
     ])
-    .args(["--roles", "shards", "--cluster-listen", listen])
+    .args(["--roles", roles, "--cluster-listen", listen])
     .args(extra)
     .env(COOKIE, cookie)
     .env("FRESHET_LOG", "info");
@@ -115,7 +147,12 @@ fn spawn_node(mut command: Command, name: &str) -> Node {
         .as_str()
         .expect("cluster address")
         .to_owned();
-    Node { child, addr, log }
+    Node {
+        child,
+        addr,
+        log,
+        stdout,
+    }
 }
 
 /// Every file under `dir`, by path relative to it.
@@ -535,4 +572,229 @@ fn a_killed_node_started_again_at_its_address_is_dialled_and_up_again() {
     let _b = spawn_node(node_command_at(d, "b", "k", &at, &[]), "b");
     a.wait_for(&["node up", "node=b"], Duration::from_secs(10))
         .expect("a reconnects to b and hears it again");
+}
+
+/// The pipeline's config for a trainer node: the small model, two log partitions, and a gate
+/// that passes the first versions of a young model.
+const PIPELINE_CONFIG: &str = "\n[log]\npartitions = 2\n[validation]\nmin_samples = 300\n\
+    max_auc_drop = 0.5\nmax_logloss_ratio = 10.0\nmax_calibration_error = 10.0\n";
+
+/// `freshet ctl` against a node's HTTP API; its JSON answer.
+fn ctl(d: &Path, http: &str, args: &[&str]) -> serde_json::Value {
+    ok(&freshet(d)
+        .args(["ctl", "--url", &format!("http://{http}")])
+        .args(args)
+        .output()
+        .expect("run ctl"))
+}
+
+/// The HTTP address a pipeline node announced.
+fn http_addr(n: &Node) -> String {
+    let line = n
+        .wait_for(&["listening on http://"], Duration::from_secs(60))
+        .expect("the trainer node's HTTP API");
+    let at = line.find("http://").expect("address") + "http://".len();
+    line[at..].trim().to_owned()
+}
+
+/// A directory with the pipeline's config, and two shard nodes `a` and `b` with secret `k`;
+/// their addresses as `--join` takes them.
+fn two_shard_nodes() -> (tempfile::TempDir, Node, Node, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}");
+    std::fs::write(dir.path().join("freshet.toml"), config).expect("config");
+    let a = start_node(dir.path(), "a", "k", &[]);
+    let b = start_node(dir.path(), "b", "k", &[]);
+    let seeds = format!("{},{}", a.addr, b.addr);
+    (dir, a, b, seeds)
+}
+
+#[test]
+fn a_trainer_node_trains_online_on_two_shard_nodes_and_accounts_each_sample_once_across_a_kill_9() {
+    let (dir, a, b, seeds) = two_shard_nodes();
+    let d = dir.path();
+    let store = d.join("data-c/models");
+    let c = spawn_node(coordinator_command(d, "c", "k", &seeds), "c");
+    let http = http_addr(&c);
+
+    // `ctl nodes`: all three, up, with their memory, and the two shards on the shard nodes.
+    let nodes = wait(30, "both shards hosted in ctl nodes", || {
+        let v = ctl(d, &http, &["nodes"]);
+        let rows = v["nodes"].as_array()?.clone();
+        let hosted: usize = rows
+            .iter()
+            .map(|r| r["shards"].as_array().map_or(0, Vec::len))
+            .sum();
+        (rows.len() == 3 && hosted == 2).then_some(rows)
+    });
+    let mut host_of = std::collections::BTreeMap::new();
+    for r in &nodes {
+        let name = r["node"].as_str().expect("name");
+        assert_eq!(r["state"], "up", "{r}");
+        assert!(r["memory_used_bytes"].as_u64() > Some(0), "{r}");
+        assert!(r["memory_available_bytes"].as_u64() > Some(0), "{r}");
+        let roles = if name == "c" {
+            "trainer,serving,joiner"
+        } else {
+            "shards"
+        };
+        assert_eq!(r["roles"], roles, "{r}");
+        assert_eq!(r["session"], true, "{r}");
+        if name != "c" {
+            assert!(r["heard_ms_ago"].as_u64() < Some(3000), "{r}");
+        }
+        for s in r["shards"].as_array().expect("shards") {
+            assert_eq!(s["placed_by"], "c", "{r}");
+            host_of.insert(format!("shard-{}", s["shard"]), name.to_owned());
+        }
+    }
+    // `ctl status`: each shard child on the node that hosts it, the rest on the trainer node.
+    let status = ctl(d, &http, &["status"]);
+    for child in status["children"].as_array().expect("children") {
+        let name = child["name"].as_str().expect("name");
+        let on = host_of.get(name).map_or("c", String::as_str);
+        assert_eq!(child["node"], on, "{status}");
+    }
+
+    // Versions come, each recording where its shards were.
+    let first = wait(60, "a version with 500 samples trained", || {
+        let s = ModelStore::open(&store).ok()?;
+        let v = s.latest().ok()??;
+        let m = s.manifest(v).ok()?;
+        (m.rows_trained >= 500).then_some((v, m))
+    });
+    let placement = first.1.placement.clone().expect("the placement");
+    for (i, node) in placement.nodes.iter().enumerate() {
+        assert_eq!(Some(node), host_of.get(&format!("shard-{i}")));
+    }
+
+    // The trainer node dies at once; started again it resumes from its newest version and
+    // places the shards again on the same nodes.
+    drop(c);
+    let hosts: Vec<&Node> = [("a", &a), ("b", &b)]
+        .into_iter()
+        .filter(|(name, _)| placement.nodes.iter().any(|n| n == name))
+        .map(|(_, n)| n)
+        .collect();
+    for n in &hosts {
+        while n.log.try_recv().is_ok() {}
+    }
+    let c = spawn_node(coordinator_command(d, "c", "k", &seeds), "c");
+    let resumed = c
+        .wait_for(&["resuming from version"], Duration::from_secs(60))
+        .expect("the resume line");
+    let from: u64 = resumed
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("version");
+    assert!(from >= first.0, "{resumed}");
+    // Each of the placement's nodes hosts its shards again: new owners, restored by the trainer.
+    for n in &hosts {
+        n.wait_for(&["hosting a shard owner"], Duration::from_secs(30))
+            .expect("the shards hosted again");
+    }
+    let base = ModelStore::open(&store)
+        .expect("store")
+        .manifest(from)
+        .expect("m");
+    let next = wait(60, "a version trained past the resumed one", || {
+        let s = ModelStore::open(&store).ok()?;
+        let v = s.latest().ok()??;
+        let m = s.manifest(v).ok()?;
+        (v > from && m.rows_trained > base.rows_trained).then_some(m)
+    });
+    // It descends from the resumed version: its step goes on from there.
+    assert!(next.step > base.step, "{} after {}", next.step, base.step);
+
+    // A clean stop writes a last version and releases the shards.
+    c.signal("-INT");
+    let mut c = c;
+    let end = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = c.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "the trainer node did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let mut line = String::new();
+    c.stdout.read_line(&mut line).expect("stdout");
+    let report: serde_json::Value = serde_json::from_str(&line).expect("the final report");
+    let s = ModelStore::open(&store).expect("store");
+    let last = s.latest().expect("latest").expect("a version");
+    assert_eq!(report["last_version"], last, "{report}");
+    let m = s.manifest(last).expect("manifest");
+    let consumed: u64 = m.sample_offsets.values().sum();
+    assert!(m.replays.is_empty());
+    assert_eq!(m.rows_trained + m.samples_rejected, consumed, "{m:?}");
+    assert!(
+        consumed <= report["samples"].as_u64().expect("samples"),
+        "{report}"
+    );
+    // The same nodes, placed anew by the restarted node: one epoch on.
+    let again = m.placement.as_ref().expect("the placement");
+    assert_eq!(again.nodes, placement.nodes);
+    assert_eq!(again.epoch, placement.epoch + 1);
+    for n in hosts {
+        n.wait_for(
+            &["released the shard owners", "node=c"],
+            Duration::from_secs(10),
+        )
+        .expect("the shard owners released");
+    }
+}
+
+#[test]
+fn a_trainer_node_whose_shard_node_dies_stops_training_naming_the_node_and_keeps_serving() {
+    let (dir, a, b, seeds) = two_shard_nodes();
+    let d = dir.path();
+    let mut cmd = coordinator_command(d, "c", "k", &seeds);
+    // Two restarts, then the supervisor gives up: seconds, not a minute.
+    cmd.env("FRESHET__SUPERVISOR__MAX_RESTARTS", "2");
+    let c = spawn_node(cmd, "c");
+    let http = http_addr(&c);
+    let serving = wait(60, "a version served", || {
+        let (_, h) = get(&http, "/healthz");
+        h["serving"].as_u64()
+    });
+    // The node of shard 0 dies (its heartbeats say it hosts it).
+    let hosts_0 = |r: &&serde_json::Value| {
+        (r["shards"].as_array().into_iter().flatten()).any(|s| s["shard"] == 0)
+    };
+    let lost = wait(10, "shard 0 in a heartbeat", || {
+        let nodes = ctl(d, &http, &["nodes"]);
+        let row = nodes["nodes"].as_array()?.iter().find(hosts_0)?;
+        row["node"].as_str().map(str::to_owned)
+    });
+    let (gone, kept) = if lost == "a" { (a, b) } else { (b, a) };
+    drop(gone);
+    let why = wait(60, "/healthz saying training stopped", || {
+        let (code, h) = get(&http, "/healthz");
+        (code == 503).then(|| h["error"].as_str().unwrap_or_default().to_owned())
+    });
+    assert!(why.contains("stopped training for good"), "{why}");
+    assert!(
+        why.contains("unavailable") && why.contains(&format!("node {lost}")),
+        "{why}"
+    );
+    // Predictions go on from the last version served.
+    let (_, h) = get(&http, "/healthz");
+    assert!(h["serving"].as_u64() >= Some(serving), "{h}");
+    // Its session closed at once; its lease (3 s) runs out after.
+    let row = |nodes: &serde_json::Value| {
+        (nodes["nodes"].as_array().expect("rows").iter())
+            .find(|r| r["node"] == lost.as_str())
+            .cloned()
+            .expect("the lost node's row")
+    };
+    assert_eq!(row(&ctl(d, &http, &["nodes"]))["session"], false);
+    wait(10, "the lost node marked down", || {
+        (row(&ctl(d, &http, &["nodes"]))["state"] == "down").then_some(())
+    });
+    drop(kept);
 }

@@ -242,7 +242,9 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     };
     assert_eq!(peer, "frames-a");
     let table = host_one_shard(&probe, &peer).await;
-    let shard = RemoteShard::handle(&probe, &peer, 0).await.expect("handle");
+    let shard = RemoteShard::handle(&probe, &peer, 0, None)
+        .await
+        .expect("handle");
 
     let rows = shard.lookup(&table, vec![1, 2, 3]).await.expect("lookup");
     assert_eq!(rows.len(), 12);

@@ -132,6 +132,15 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
     ] {
         assert!(children.iter().any(|c| c["name"] == kind), "{kind} missing");
     }
+    // One process, every role, every shard here.
+    let o = ctl(d.path(), &addr, &["nodes"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let nodes: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = nodes["nodes"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{nodes}");
+    assert_eq!(rows[0]["roles"], "shards,trainer,serving,joiner", "{nodes}");
+    assert_eq!(rows[0]["shards"].as_array().unwrap().len(), 2, "{nodes}");
+    assert!(rows[0]["memory_used_bytes"].as_u64() > Some(0), "{nodes}");
 
     // Rollback: serving switches, later versions are marked.
     let target = versions[0];
@@ -346,8 +355,9 @@ fn admin_endpoints_need_the_token_when_one_is_set() {
     let d = setup();
     let node = dev(d.path(), &["--no-simulate", "--admin-token", "s3cret"]);
     let addr = node.addr.clone();
-    let (code, _) = get(&addr, "/v1/admin/status");
-    assert_eq!(code, 401);
+    for path in ["/v1/admin/status", "/v1/admin/nodes"] {
+        assert_eq!(get(&addr, path).0, 401, "{path}");
+    }
     let (code, _) = http_with(
         &addr,
         "GET",

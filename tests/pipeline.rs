@@ -72,6 +72,7 @@ fn config(dir: &Path, gate: GateConfig, faults: Faults) -> PipelineConfig {
             tables,
         },
         shards: 2,
+        placer: None,
         spill_dir: None,
         schedule: Schedule {
             every_steps: None,
@@ -393,7 +394,9 @@ async fn rollback_switches_serving_and_rewinds_the_trainer() {
     assert_eq!(cell.version(), Some(target));
     let after = pipe.trainer_status().await.unwrap();
     assert_eq!(after.started_from, Some(target));
-    assert!(after.offsets.values().sum::<u64>() < before.offsets.values().sum::<u64>());
+    // It started where the target stopped, behind where it was; by now it may have caught up.
+    assert_eq!(after.start_offsets, target_offsets);
+    assert!(target_offsets.values().sum::<u64>() < before.offsets.values().sum::<u64>());
     for (p, o) in &after.offsets {
         assert!(*o >= target_offsets[p]);
     }

@@ -106,6 +106,9 @@ pub struct ChildStatus {
     /// Restarts after failures (not those asked for by a command).
     pub restarts: u64,
     pub last_failure: Option<String>,
+    /// The cluster node it runs on, where its owner knows it; none in a single process.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// Why a command restart ([`SupervisorHandle::restart_from`]) did not bring its children up.
@@ -271,6 +274,7 @@ impl Actor for Supervisor {
                 running: false,
                 restarts: 0,
                 last_failure: None,
+                node: None,
             })
             .collect();
         let mut st = SupervisorState {

@@ -179,6 +179,10 @@ pub struct Heartbeat {
     pub addr: String,
     pub memory_used_bytes: u64,
     pub memory_available_bytes: u64,
+    /// The shards it hosts, each with the node whose job placed it (absent from a node that
+    /// does not say: none).
+    #[serde(default)]
+    pub shards: Vec<(u32, String)>,
 }
 
 /// Whether a node is alive, as this node sees it.
@@ -345,6 +349,7 @@ mod tests {
             addr: "127.0.0.1:7000".into(),
             memory_used_bytes: 1,
             memory_available_bytes: 2,
+            shards: vec![(0, "trainer".into())],
         }
     }
 

@@ -32,6 +32,9 @@ pub(crate) struct NodeState {
     pub(crate) bases_dir: PathBuf,
     pub(crate) events_accepted: AtomicU64,
     pub(crate) events_rejected: AtomicU64,
+    /// The cluster this node coordinates (`freshet node --roles trainer,...`); none for
+    /// `freshet dev`.
+    pub(crate) cluster: Option<freshet_cluster::node::ClusterNode>,
 }
 
 impl MetricsSource for NodeState {
@@ -122,6 +125,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, port: super::Port) {
         cfg.route("/v1/events", web::post().to(events));
     }
     cfg.route("/v1/admin/status", web::get().to(admin_status))
+        .route("/v1/admin/nodes", web::get().to(admin_nodes))
         .route("/v1/admin/rollback", web::post().to(admin_rollback))
         .route("/v1/admin/replay", web::post().to(admin_replay))
         .route("/v1/admin/calibrate", web::post().to(admin_calibrate));
@@ -352,6 +356,39 @@ async fn admin_status(n: web::Data<NodeState>, req: HttpRequest) -> HttpResponse
         Ok(st) => HttpResponse::Ok().json(st),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
     }
+}
+
+/// Every node of the cluster (`ctl nodes`); for `freshet dev`, the one process with every role.
+async fn admin_nodes(n: web::Data<NodeState>, req: HttpRequest) -> HttpResponse {
+    use freshet_cluster::membership::{Liveness, Roles};
+    use freshet_cluster::node::{memory_now, HostedShard, NodeRow};
+    let n = match admin(&n, &req) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    let rows = match &n.cluster {
+        Some(c) => c.nodes(),
+        None => {
+            let (used, available) = memory_now();
+            vec![NodeRow {
+                node: "dev".into(),
+                roles: Roles::all().to_string(),
+                state: Liveness::Up,
+                addr: String::new(),
+                heard_ms_ago: None,
+                session: true,
+                memory_used_bytes: used,
+                memory_available_bytes: available,
+                shards: (0..n.pipe.shard_count())
+                    .map(|shard| HostedShard {
+                        shard,
+                        placed_by: "dev".into(),
+                    })
+                    .collect(),
+            }]
+        }
+    };
+    HttpResponse::Ok().json(serde_json::json!({ "nodes": rows }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,7 +42,7 @@ use crate::joiner::{CheckpointEvery, JoinArgs, JoinConfig, JoinerHandle, JoinerS
 use crate::serving::replica::{ReplicaArgs, ReplicaHandle, ReplicaStatus};
 use crate::serving::ModelCell;
 use crate::serving::ReplicaSet;
-use crate::shard::{ShardArgs, ShardHandle, ShardRouter};
+use crate::shard::{ShardArgs, ShardHandle, ShardPlacer, ShardRouter};
 use crate::stream::StreamLog;
 use crate::supervisor::{
     ChildSpec, ChildStatus, Intensity, RestartError, StartFn, Strategy, SupervisorArgs,
@@ -72,6 +72,9 @@ pub struct PipelineConfig {
     pub joiner_batch: usize,
     pub fresh: FreshModel,
     pub shards: u32,
+    /// Where the shard owners run: `None` in this process, else on the nodes the placer
+    /// picks; each `shard-i` child is then the owner's stand-in here.
+    pub placer: Option<Arc<dyn ShardPlacer>>,
     pub spill_dir: Option<PathBuf>,
     pub schedule: Schedule,
     pub batch: usize,
@@ -246,6 +249,15 @@ async fn start_shard(
         .iter()
         .map(|(n, t)| (TableName::new(n), t.clone()))
         .collect();
+    if let Some(placer) = &c.placer {
+        let h = placer
+            .place_shard(i, c.shards, tables, sup)
+            .await
+            .with_context(|| format!("placing shard {i}"))?;
+        let cell = h.actor().get_cell();
+        ctx.reg().shards[i as usize] = Some(h);
+        return Ok(cell);
+    }
     let h = ShardHandle::spawn_linked(
         ShardArgs {
             shard: i,
@@ -266,7 +278,12 @@ async fn start_shard(
 fn router(ctx: &Ctx) -> anyhow::Result<ShardRouter> {
     let reg = ctx.reg();
     let shards: Option<Vec<ShardHandle>> = reg.shards.iter().cloned().collect();
-    Ok(ShardRouter::new(shards.context("a shard is not running")?))
+    let router = ShardRouter::new(shards.context("a shard is not running")?);
+    // The versions record where their shards were.
+    Ok(match ctx.cfg.placer.as_ref().and_then(|p| p.placement()) {
+        Some(placement) => router.with_placement(placement),
+        None => router,
+    })
 }
 
 async fn start_writer(ctx: Arc<Ctx>, sup: ractor::ActorCell) -> anyhow::Result<ractor::ActorCell> {
@@ -590,6 +607,10 @@ impl PipelineHandle {
         &self.ctx.cfg.store
     }
 
+    pub fn shard_count(&self) -> u32 {
+        self.ctx.cfg.shards
+    }
+
     /// Why the supervisor gave up (restarts beyond its intensity), once it has: the node then
     /// trains no more, and its replicas' cells keep the last version they served.
     pub fn gave_up(&self) -> Option<&str> {
@@ -642,7 +663,20 @@ impl PipelineHandle {
     }
 
     pub async fn status(&self) -> anyhow::Result<PipelineStatus> {
-        let children = self.sup.status().await?;
+        let mut children = self.sup.status().await?;
+        if let Some(placer) = &self.ctx.cfg.placer {
+            let (here, placement) = (placer.local_node(), placer.placement());
+            for c in &mut children {
+                let shard = c
+                    .name
+                    .strip_prefix("shard-")
+                    .and_then(|i| i.parse::<usize>().ok());
+                c.node = match (shard, &placement) {
+                    (Some(i), Some(p)) => p.nodes.get(i).cloned(),
+                    _ => Some(here.clone()),
+                };
+            }
+        }
         let (joiners, trainer, validator) = {
             let reg = self.ctx.reg();
             (

@@ -39,6 +39,23 @@ pub trait ShardPlacer: Send + Sync + std::fmt::Debug {
         tables: Vec<(TableName, TableConfig)>,
         restore: Vec<Option<ShardSnapshot>>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardRouter>> + Send + '_>>;
+
+    /// Starts the owner of shard `shard` of `count` (empty: the trainer restores it), and a
+    /// handle to it linked to `supervisor`, so that a pipeline supervises each shard as a
+    /// child. The first call fixes the placement; later ones (a restarted child) keep it.
+    fn place_shard(
+        &self,
+        shard: ShardId,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        supervisor: ractor::ActorCell,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardHandle>> + Send + '_>>;
+
+    /// The placement made so far, for the versions' manifests.
+    fn placement(&self) -> Option<crate::ckpt::ShardPlacement>;
+
+    /// The node this placer runs on: where the rest of a job runs.
+    fn local_node(&self) -> String;
 }
 
 /// Gradients of one batch in the shard owners' mailboxes ([`ShardRouter::send_gradients`]).

@@ -79,6 +79,10 @@ pub struct TrainerStatus {
     pub samples_rejected: u64,
     /// Per sample partition, the next offset to consume.
     pub offsets: BTreeMap<u32, Offset>,
+    /// Per sample partition, the offset this incarnation started from: the restored
+    /// version's, or empty for a fresh model.
+    #[serde(default)]
+    pub start_offsets: BTreeMap<u32, Offset>,
     /// Samples in the log not yet consumed; `None` when the log could not say (see
     /// `lag_error`).
     pub lag: Option<u64>,
@@ -300,7 +304,10 @@ impl Actor for TrainerActor {
         // Whatever the writer last wrote, the shards are about to hold another state.
         args.writer.reset().await?;
         let restored = match args.start.version {
-            Some(v) => super::restore_newest_good(&args.store, &args.shards, v).await?,
+            // With its causes: the supervisor's log and /healthz show only this error's text.
+            Some(v) => super::restore_newest_good(&args.store, &args.shards, v)
+                .await
+                .map_err(|e| format!("{e:#}"))?,
             None => None,
         };
         let started_from = restored.as_ref().map(|(_, m)| m.version);
@@ -333,6 +340,7 @@ impl Actor for TrainerActor {
         let mut trainer = trainer;
         trainer.set_samples_per_update(args.batch);
         let schema = trainer.schema().clone();
+        let start_offsets = offsets.clone();
         let feed = SampleFeed::new(
             &schema,
             args.samples.partitions(),
@@ -352,6 +360,7 @@ impl Actor for TrainerActor {
             dirty: false,
             status: TrainerStatus {
                 started_from,
+                start_offsets,
                 ..TrainerStatus::default()
             },
             rate_since: Instant::now(),

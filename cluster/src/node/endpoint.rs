@@ -14,9 +14,9 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::protocol::{NodeAnswer, NodeCall, Packet, PacketKind, WireAnswer, WireRequest};
-use super::{bump, packet_frame, Shared};
+use super::{bump, Shared};
 use crate::membership::Heartbeat;
-use crate::wire::{self, Frame, Reassembler, Remote};
+use crate::wire::{self, Frame, Message, Reassembler, Remote};
 use freshet_actors::envelope::Envelope;
 use freshet_actors::ids::ShardId;
 use freshet_actors::shard::{ShardArgs, ShardHandle, ShardRequest};
@@ -53,9 +53,7 @@ fn answer(shared: &Shared, node: &str, id: u64, answer: &WireAnswer) {
     if matches!(answer, WireAnswer::Fault(_)) {
         bump(&shared.stats.faults_sent);
     }
-    let sent = wire::encode("answer", answer)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| shared.send_frames(node, PacketKind::Answer, id, &bytes));
+    let sent = shared.send_value(node, PacketKind::Answer, id, "answer", answer);
     if let Err(reason) = sent {
         // The caller's node is gone; its requests fail on its side.
         tracing::warn!(node = %node, id, reason = %reason, "an answer could not be sent");
@@ -64,12 +62,16 @@ fn answer(shared: &Shared, node: &str, id: u64, answer: &WireAnswer) {
 
 impl Endpoint {
     /// One packet's frame into its reassembler; the whole message when it is complete.
-    fn reassemble(st: &mut EndpointState, p: &Packet) -> Result<Option<(u64, Vec<u8>)>, String> {
-        let frame = packet_frame(&p.frame)?;
+    fn reassemble(
+        st: &mut EndpointState,
+        from: &str,
+        kind: &PacketKind,
+        frame: Vec<u8>,
+    ) -> Result<Option<(u64, Message)>, String> {
         st.reassembly
-            .entry((p.from.clone(), p.kind.clone()))
+            .entry((from.to_owned(), kind.clone()))
             .or_default()
-            .push(frame)
+            .push_packet(frame)
             .map_err(|e| e.to_string())
     }
 
@@ -130,6 +132,16 @@ impl Endpoint {
         }
     }
 
+    /// Tells the heartbeats what this node hosts now.
+    fn publish_hosted(st: &EndpointState) {
+        let hosted = st
+            .hosted
+            .iter()
+            .map(|(&s, (p, _))| (s, p.clone()))
+            .collect();
+        *super::lock(&st.shared.hosted) = hosted;
+    }
+
     /// Stops the owners `placer` placed here; returns how many.
     fn release(st: &mut EndpointState, placer: &str) -> u32 {
         let mine: Vec<ShardId> = (st.hosted.iter())
@@ -143,6 +155,7 @@ impl Endpoint {
         }
         if !mine.is_empty() {
             tracing::info!(node = %placer, shards = mine.len(), "released the shard owners");
+            Self::publish_hosted(st);
         }
         mine.len() as u32
     }
@@ -197,6 +210,7 @@ impl Endpoint {
                     Ok((h, _join)) => {
                         tracing::info!(shard, shard_count, "hosting a shard owner");
                         st.hosted.insert(shard, (from.to_owned(), h));
+                        Self::publish_hosted(st);
                         NodeAnswer::Hosted
                     }
                     Err(e) => {
@@ -247,18 +261,20 @@ impl Actor for Endpoint {
             }
             return Ok(());
         }
-        let message = match Self::reassemble(st, &p) {
+        let Packet { from, kind, frame } = p;
+        let peeked = Frame::peek_id(&frame);
+        let message = match Self::reassemble(st, &from, &kind, frame) {
             Ok(None) => return Ok(()),
             Ok(Some(m)) => m,
             Err(reason) => {
                 bump(&st.shared.stats.bad_packets);
-                tracing::warn!(node = %p.from, kind = ?p.kind, reason = %reason, "a malformed packet");
+                tracing::warn!(node = %from, kind = ?kind, reason = %reason, "a malformed packet");
                 // Answer what can be answered: the request, or the caller waiting on it here.
-                if let Some(id) = Frame::peek_id(&p.frame) {
-                    match p.kind {
+                if let Some(id) = peeked {
+                    match kind {
                         PacketKind::Request => {
                             let fault = WireAnswer::Fault(format!("malformed request: {reason}"));
-                            answer(&st.shared, &p.from, id, &fault);
+                            answer(&st.shared, &from, id, &fault);
                         }
                         PacketKind::Answer => st
                             .shared
@@ -269,25 +285,26 @@ impl Actor for Endpoint {
                 return Ok(());
             }
         };
-        let (id, bytes) = message;
-        match p.kind {
-            PacketKind::Request => Self::on_request(st, &p.from, id, &bytes).await,
+        let (id, message) = message;
+        let bytes = message.bytes();
+        match kind {
+            PacketKind::Request => Self::on_request(st, &from, id, bytes).await,
             PacketKind::Answer => {
-                let a = wire::decode::<WireAnswer>("answer", &bytes).map_err(|e| {
+                let a = wire::decode::<WireAnswer>("answer", bytes).map_err(|e| {
                     bump(&st.shared.stats.bad_packets);
                     format!("an answer that does not decode: {e}")
                 });
                 st.shared.answered(id, a);
             }
-            PacketKind::Heartbeat => match wire::decode::<Heartbeat>("heartbeat", &bytes) {
-                Ok(hb) if hb.node == p.from => st.shared.heard(hb),
+            PacketKind::Heartbeat => match wire::decode::<Heartbeat>("heartbeat", bytes) {
+                Ok(hb) if hb.node == from => st.shared.heard(hb),
                 Ok(hb) => {
                     bump(&st.shared.stats.bad_packets);
-                    tracing::warn!(from = %p.from, claims = %hb.node, "a heartbeat for another node");
+                    tracing::warn!(from = %from, claims = %hb.node, "a heartbeat for another node");
                 }
                 Err(e) => {
                     bump(&st.shared.stats.bad_packets);
-                    tracing::warn!(node = %p.from, error = %e, "a heartbeat that does not decode");
+                    tracing::warn!(node = %from, error = %e, "a heartbeat that does not decode");
                 }
             },
             PacketKind::Unknown(_) => {}

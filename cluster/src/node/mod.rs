@@ -32,7 +32,8 @@ use thiserror::Error;
 use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::membership::{Backoff, Change, Heartbeat, Lease, Liveness, Member, Membership, Roles};
-use crate::wire::{self, Frame};
+use crate::wire;
+use freshet_actors::ids::ShardId;
 
 mod endpoint;
 pub mod protocol;
@@ -262,6 +263,10 @@ pub struct Shared {
     disconnected: Mutex<std::collections::HashSet<String>>,
     /// Signalled on every heartbeat received.
     heard: Notify,
+    /// The shards the endpoint hosts, each with the node that placed it (for heartbeats).
+    hosted: Mutex<Vec<(ShardId, String)>>,
+    /// Kept for the memory figures of heartbeats.
+    system: Mutex<sysinfo::System>,
     pub(crate) stats: NodeStats,
     started: Instant,
 }
@@ -299,25 +304,42 @@ impl Shared {
         (!self.is_up(node)).then(|| format!("node {node} is down"))
     }
 
+    fn session_open(&self, node: &str) -> bool {
+        !lock(&self.disconnected).contains(node) && self.endpoint_of(node).is_some()
+    }
+
     fn is_up(&self, node: &str) -> bool {
         lock(&self.membership)
             .get(node)
             .is_some_and(|m| m.liveness == Liveness::Up)
     }
 
-    /// Sends `message` to `node` as packets of `kind`. Returns the bytes sent.
-    fn send_frames(
+    /// Sends `value` to `node` as packets of `kind`, message `id`. Returns the bytes sent.
+    fn send_value<T: Serialize>(
         &self,
         node: &str,
         kind: PacketKind,
         id: u64,
-        message: &[u8],
+        what: &'static str,
+        value: &T,
+    ) -> Result<u64, String> {
+        let frames = wire::encode_frames(what, id, value, protocol::PACKET_CHUNK)
+            .map_err(|e| e.to_string())?;
+        self.send_frames(node, kind, frames)
+    }
+
+    /// Sends encoded frames to `node` as packets of `kind`. Returns the bytes sent.
+    fn send_frames(
+        &self,
+        node: &str,
+        kind: PacketKind,
+        frames: Vec<Vec<u8>>,
     ) -> Result<u64, String> {
         let to = self
             .endpoint_of(node)
             .ok_or_else(|| format!("no session to node {node}"))?;
         let mut bytes = 0;
-        for frame in wire::frames_of(id, message, protocol::PACKET_CHUNK) {
+        for frame in frames {
             bytes += frame.len() as u64;
             to.send_message(Packet {
                 from: self.name.clone(),
@@ -341,6 +363,13 @@ impl Shared {
         if let Some(reason) = self.unreachable(node) {
             return fail(done, reason);
         }
+        // Encoded before it waits for a permit: a large request (a shard's snapshot) does not
+        // spend its timeout encoding, and one that cannot be encoded never counts as sent.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frames = match wire::encode_frames("request", id, request, protocol::PACKET_CHUNK) {
+            Ok(f) => f,
+            Err(e) => return done(Err(e.to_string())),
+        };
         let permits = lock(&self.permits)
             .entry(node.to_owned())
             .or_insert_with(|| Arc::new(Semaphore::new(self.max_in_flight)))
@@ -352,11 +381,6 @@ impl Shared {
         self.stats
             .in_flight_peak
             .fetch_max(in_flight, Ordering::Relaxed);
-        let bytes = match wire::encode("request", request) {
-            Ok(b) => b,
-            Err(e) => return done(Err(e.to_string())),
-        };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.pending).insert(
             id,
             Waiting {
@@ -377,7 +401,7 @@ impl Shared {
             return;
         }
         bump(&self.stats.requests_sent);
-        if let Err(reason) = self.send_frames(node, PacketKind::Request, id, &bytes) {
+        if let Err(reason) = self.send_frames(node, PacketKind::Request, frames) {
             let waiting = lock(&self.pending).remove(&id);
             if let Some(w) = waiting {
                 fail(w.done, reason);
@@ -446,7 +470,7 @@ impl Shared {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        let (used, available) = memory();
+        let (used, available) = memory(&mut lock(&self.system));
         Heartbeat {
             node: self.name.clone(),
             incarnation: self.incarnation,
@@ -454,6 +478,7 @@ impl Shared {
             addr: self.addr.clone(),
             memory_used_bytes: used,
             memory_available_bytes: available,
+            shards: lock(&self.hosted).clone(),
         }
     }
 
@@ -466,14 +491,17 @@ impl Shared {
             .collect()
     }
 
-    /// Sends this node's heartbeat to `node`.
-    fn send_heartbeat(&self, node: &str) {
-        let sent = wire::encode("heartbeat", &self.heartbeat())
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| self.send_frames(node, PacketKind::Heartbeat, 0, &bytes));
-        match sent {
-            Ok(_) => bump(&self.stats.heartbeats_sent),
-            Err(e) => tracing::debug!(node = %node, error = %e, "heartbeat not sent"),
+    /// Sends one heartbeat, read once, to each of `nodes`.
+    fn send_heartbeat_to(&self, nodes: &[String]) {
+        if nodes.is_empty() {
+            return;
+        }
+        let hb = self.heartbeat();
+        for node in nodes {
+            match self.send_value(node, PacketKind::Heartbeat, 0, "heartbeat", &hb) {
+                Ok(_) => bump(&self.stats.heartbeats_sent),
+                Err(e) => tracing::debug!(node = %node, error = %e, "heartbeat not sent"),
+            }
         }
     }
 
@@ -506,22 +534,28 @@ fn log_change(c: &Change) {
     }
 }
 
-/// This process's resident memory and the machine's available memory, in bytes, from
-/// `/proc` (zero where it cannot be read).
-fn memory() -> (u64, u64) {
-    let page = 4096u64;
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |p| p * page);
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024);
-    (rss, available)
+/// This process's resident memory and the machine's available memory, in bytes, now.
+pub fn memory_now() -> (u64, u64) {
+    memory(&mut sysinfo::System::new())
+}
+
+/// This process's resident memory and the machine's available memory, in bytes (zero where
+/// the system does not say). `sys` is kept between calls: a refresh then reads only these.
+fn memory(sys: &mut sysinfo::System) -> (u64, u64) {
+    use sysinfo::{MemoryRefreshKind, ProcessRefreshKind, ProcessesToUpdate};
+    sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+    let rss = match sysinfo::get_current_pid() {
+        Ok(pid) => {
+            sys.refresh_processes_specifics(
+                ProcessesToUpdate::Some(&[pid]),
+                true,
+                ProcessRefreshKind::nothing().with_memory(),
+            );
+            sys.process(pid).map_or(0, |p| p.memory())
+        }
+        Err(_) => 0,
+    };
+    (rss, sys.available_memory())
 }
 
 /// One node, started: its server listens, its endpoint is registered, heartbeats go out.
@@ -570,8 +604,32 @@ pub struct NodeRow {
     pub addr: String,
     /// Since its last heartbeat; none for this node itself.
     pub heard_ms_ago: Option<u64>,
+    /// Whether a session to it is open now: a closed one fails calls to it at once, before
+    /// its lease runs out and it is marked down.
+    pub session: bool,
     pub memory_used_bytes: u64,
     pub memory_available_bytes: u64,
+    /// The shards it hosts.
+    pub shards: Vec<HostedShard>,
+}
+
+/// A shard owner a node hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostedShard {
+    pub shard: ShardId,
+    /// The node whose job placed it.
+    pub placed_by: String,
+}
+
+impl HostedShard {
+    fn rows(hosted: &[(ShardId, String)]) -> Vec<Self> {
+        (hosted.iter())
+            .map(|(shard, by)| HostedShard {
+                shard: *shard,
+                placed_by: by.clone(),
+            })
+            .collect()
+    }
 }
 
 impl ClusterNode {
@@ -615,6 +673,8 @@ impl ClusterNode {
             membership: Mutex::new(Membership::new(cfg.lease)),
             disconnected: Mutex::new(std::collections::HashSet::new()),
             heard: Notify::new(),
+            hosted: Mutex::new(Vec::new()),
+            system: Mutex::new(sysinfo::System::new()),
             stats: NodeStats::default(),
             started: Instant::now(),
         });
@@ -738,7 +798,7 @@ impl ClusterNode {
                         if let Some(peer) = &ev.peer {
                             sessions.entry(peer.clone()).or_default().insert(ev.node_id);
                             lock(&shared.disconnected).remove(peer);
-                            shared.send_heartbeat(peer);
+                            shared.send_heartbeat_to(std::slice::from_ref(peer));
                         }
                     }
                     SessionKind::Opened => {}
@@ -762,9 +822,7 @@ impl ClusterNode {
             let mut draw = shared.incarnation;
             loop {
                 tick.tick().await;
-                for p in shared.peers() {
-                    shared.send_heartbeat(&p);
-                }
+                shared.send_heartbeat_to(&shared.peers());
                 shared.expire();
                 let now = shared.now_ms();
                 let (changes, lost): (Vec<Change>, Vec<(String, String)>) = {
@@ -908,19 +966,23 @@ impl ClusterNode {
             state: Liveness::Up,
             addr: me.addr,
             heard_ms_ago: None,
+            session: true,
             memory_used_bytes: me.memory_used_bytes,
             memory_available_bytes: me.memory_available_bytes,
+            shards: HostedShard::rows(&me.shards),
         }];
         let now = self.shared.now_ms();
-        let m = lock(&self.shared.membership);
-        rows.extend(m.members().map(|m: &Member| NodeRow {
+        let members: Vec<Member> = lock(&self.shared.membership).members().cloned().collect();
+        rows.extend(members.iter().map(|m: &Member| NodeRow {
             node: m.last.node.clone(),
             roles: m.last.roles.to_string(),
             state: m.liveness,
             addr: m.last.addr.clone(),
             heard_ms_ago: Some(now.saturating_sub(m.heard_ms)),
+            session: self.shared.session_open(&m.last.node),
             memory_used_bytes: m.last.memory_used_bytes,
             memory_available_bytes: m.last.memory_available_bytes,
+            shards: HostedShard::rows(&m.last.shards),
         }));
         rows
     }
@@ -978,21 +1040,5 @@ impl ClusterNode {
     pub fn stop(&self) {
         self.endpoint.stop(None);
         self.server.stop(None);
-    }
-}
-
-/// Reads a frame from one packet; a packet carries exactly one whole frame.
-fn packet_frame(bytes: &[u8]) -> Result<Frame, String> {
-    match Frame::decode(bytes) {
-        Ok(Some((frame, used))) if used == bytes.len() => Ok(frame),
-        Ok(Some((_, used))) => Err(format!(
-            "a packet of {} bytes holds a frame of {used} and more",
-            bytes.len()
-        )),
-        Ok(None) => Err(format!(
-            "a packet of {} bytes holds a cut frame",
-            bytes.len()
-        )),
-        Err(e) => Err(e.to_string()),
     }
 }

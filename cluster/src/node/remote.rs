@@ -31,18 +31,22 @@ pub struct RemoteShardState {
 }
 
 impl RemoteShard {
-    /// A handle to shard `shard`, hosted on `node`.
+    /// A handle to shard `shard`, hosted on `node`; linked to `supervisor` when given.
     pub async fn handle(
         cluster: &ClusterNode,
         node: &str,
         shard: ShardId,
+        supervisor: Option<ractor::ActorCell>,
     ) -> Result<ShardHandle, ractor::SpawnErr> {
         let state = RemoteShardState {
             shared: cluster.shared().clone(),
             node: node.to_owned(),
             shard,
         };
-        let (actor, _join) = Actor::spawn(None, RemoteShard, state).await?;
+        let (actor, _join) = match supervisor {
+            Some(sup) => Actor::spawn_linked(None, RemoteShard, state, sup).await?,
+            None => Actor::spawn(None, RemoteShard, state).await?,
+        };
         Ok(ShardHandle::new(shard, actor))
     }
 }
@@ -136,14 +140,14 @@ impl ClusterPlacer {
         self
     }
 
-    /// The placement of the last [`ShardPlacer::place`].
-    pub fn placement(&self) -> Option<Placement> {
+    /// The placement made last, with every node it spans.
+    pub fn last_placement(&self) -> Option<Placement> {
         lock(&self.placed).clone()
     }
 
     /// Stops the owners placed on each node, every node tried; the errors are joined.
     pub async fn release(&self) -> anyhow::Result<()> {
-        let Some(p) = self.placement() else {
+        let Some(p) = self.last_placement() else {
             return Ok(());
         };
         let mut failed = Vec::new();
@@ -169,6 +173,24 @@ impl ClusterPlacer {
         tables: Vec<(TableName, TableConfig)>,
         mut restore: Vec<Option<ShardSnapshot>>,
     ) -> anyhow::Result<ShardRouter> {
+        let placement = self.new_placement(count)?;
+        restore.resize(count as usize, None);
+        let mut handles = Vec::with_capacity(count as usize);
+        for (s, snap) in (0..count).zip(restore) {
+            let node = placement.node_of(s);
+            self.host(node, s, count, tables.clone(), snap).await?;
+            handles.push(
+                RemoteShard::handle(&self.cluster, node, s, None)
+                    .await
+                    .with_context(|| format!("the stand-in of shard {s}"))?,
+            );
+        }
+        Ok(ShardRouter::new(handles).with_placement(record(&placement)))
+    }
+
+    /// A placement of `count` shards over the up shard nodes (those of [`Self::on_nodes`]),
+    /// recorded before any owner starts, so that a placement failing halfway is released.
+    fn new_placement(&self, count: u32) -> anyhow::Result<Placement> {
         let mut nodes = self.cluster.up_with(Role::Shards);
         if let Some(only) = &self.only {
             nodes.retain(|n| only.contains(n));
@@ -180,45 +202,68 @@ impl ClusterPlacer {
             );
         }
         let placement = Placement::new(nodes, count, self.epoch)?;
-        // Recorded before any owner starts, so that a placement failing halfway is released.
         *lock(&self.placed) = Some(placement.clone());
-        restore.resize(count as usize, None);
-        let mut handles = Vec::with_capacity(count as usize);
-        for (s, snap) in (0..count).zip(restore) {
-            let node = placement.node_of(s);
-            let call = NodeCall::HostShard {
-                shard: s,
-                shard_count: count,
-                tables: tables.clone(),
-                restore: snap.map(Box::new),
-            };
-            match self.cluster.call_node(node, call).await {
-                Ok(NodeAnswer::Hosted) => {}
-                Ok(NodeAnswer::Refused(reason)) => {
-                    bail!("node {node} refused to host shard {s}: {reason}")
-                }
-                Ok(other) => bail!("node {node} answered hosting shard {s} with {other:?}"),
-                Err(e) => return Err(e).with_context(|| format!("placing shard {s} on {node}")),
-            }
-            handles.push(
-                RemoteShard::handle(&self.cluster, node, s)
-                    .await
-                    .with_context(|| format!("the stand-in of shard {s}"))?,
-            );
-        }
         tracing::info!(
             shards = count,
             nodes = ?placement.nodes(),
             epoch = placement.epoch(),
             "shards placed"
         );
-        let record = ShardPlacement {
-            epoch: placement.epoch(),
-            nodes: (0..count)
-                .map(|s| placement.node_of(s).to_owned())
-                .collect(),
+        Ok(placement)
+    }
+
+    /// Asks `node` to host shard `s` of `count`.
+    async fn host(
+        &self,
+        node: &str,
+        s: ShardId,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        restore: Option<ShardSnapshot>,
+    ) -> anyhow::Result<()> {
+        let call = NodeCall::HostShard {
+            shard: s,
+            shard_count: count,
+            tables,
+            restore: restore.map(Box::new),
         };
-        Ok(ShardRouter::new(handles).with_placement(record))
+        match self.cluster.call_node(node, call).await {
+            Ok(NodeAnswer::Hosted) => Ok(()),
+            Ok(NodeAnswer::Refused(reason)) => {
+                bail!("node {node} refused to host shard {s}: {reason}")
+            }
+            Ok(other) => bail!("node {node} answered hosting shard {s} with {other:?}"),
+            Err(e) => Err(e).with_context(|| format!("placing shard {s} on {node}")),
+        }
+    }
+
+    async fn place_one(
+        &self,
+        s: ShardId,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        supervisor: ractor::ActorCell,
+    ) -> anyhow::Result<ShardHandle> {
+        let kept = lock(&self.placed).clone().filter(|p| p.shards() == count);
+        let placement = match kept {
+            Some(p) => p,
+            None => self.new_placement(count)?,
+        };
+        let node = placement.node_of(s);
+        self.host(node, s, count, tables, None).await?;
+        RemoteShard::handle(&self.cluster, node, s, Some(supervisor))
+            .await
+            .with_context(|| format!("the stand-in of shard {s}"))
+    }
+}
+
+/// What a version's manifest records of a placement.
+fn record(placement: &Placement) -> ShardPlacement {
+    ShardPlacement {
+        epoch: placement.epoch(),
+        nodes: (0..placement.shards())
+            .map(|s| placement.node_of(s).to_owned())
+            .collect(),
     }
 }
 
@@ -231,5 +276,24 @@ impl ShardPlacer for ClusterPlacer {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardRouter>> + Send + '_>>
     {
         Box::pin(self.place_all(count, tables, restore))
+    }
+
+    fn place_shard(
+        &self,
+        shard: ShardId,
+        count: u32,
+        tables: Vec<(TableName, TableConfig)>,
+        supervisor: ractor::ActorCell,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ShardHandle>> + Send + '_>>
+    {
+        Box::pin(self.place_one(shard, count, tables, supervisor))
+    }
+
+    fn placement(&self) -> Option<ShardPlacement> {
+        lock(&self.placed).as_ref().map(record)
+    }
+
+    fn local_node(&self) -> String {
+        self.cluster.name().to_owned()
     }
 }

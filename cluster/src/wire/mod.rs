@@ -204,18 +204,47 @@ pub fn frames_of(id: u64, message: &[u8], chunk: usize) -> Vec<Vec<u8>> {
         .into_iter()
         .enumerate()
         .map(|(i, chunk)| {
-            let mut f = Vec::with_capacity(HEADER + chunk.len());
-            f.extend_from_slice(&MAGIC);
-            f.extend_from_slice(&id.to_le_bytes());
-            f.extend_from_slice(&(i as u32).to_le_bytes());
-            f.extend_from_slice(&count.to_le_bytes());
-            f.extend_from_slice(&(message.len() as u64).to_le_bytes());
-            f.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            f.extend_from_slice(&crc32c::crc32c(chunk).to_le_bytes());
+            let mut f = vec![0; HEADER];
+            let head = FrameHead {
+                id,
+                index: i as u32,
+                count,
+                total: message.len() as u64,
+            };
+            head.write(&mut f, chunk);
             f.extend_from_slice(chunk);
             f
         })
         .collect()
+}
+
+/// `value` encoded and cut into frames of at most `chunk` payload bytes, one per packet.
+///
+/// A message that fits one chunk (every lookup and push of a training step) is encoded
+/// straight after room for its header, which is filled in afterwards: its bytes are written
+/// once, into the buffer that is sent. Only a larger one is cut, and copied once doing so.
+pub fn encode_frames<T: Serialize>(
+    what: &'static str,
+    id: u64,
+    value: &T,
+    chunk: usize,
+) -> Result<Vec<Vec<u8>>, WireError> {
+    let mut buf = vec![0; HEADER];
+    rmp_serde::encode::write_named(&mut buf, value)
+        .map_err(|source| WireError::Encode { what, source })?;
+    let len = buf.len() - HEADER;
+    if len > chunk.clamp(1, MAX_CHUNK) {
+        return Ok(frames_of(id, &buf[HEADER..], chunk));
+    }
+    let (head, payload) = buf.split_at_mut(HEADER);
+    let h = FrameHead {
+        id,
+        index: 0,
+        count: 1,
+        total: len as u64,
+    };
+    h.write(head, payload);
+    Ok(vec![buf])
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -228,17 +257,31 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-impl Frame {
-    /// The message id in a frame's header, when its magic is right and the id's bytes are
-    /// in, whatever else is wrong with it: a node answers a malformed frame to that id.
-    pub fn peek_id(buf: &[u8]) -> Option<u64> {
-        (buf.len() >= 12 && buf[..4] == MAGIC).then(|| le_u64(&buf[4..12]))
+/// A frame's header fields, the payload's length and CRC aside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHead {
+    pub id: u64,
+    pub index: u32,
+    pub count: u32,
+    /// Length of the whole message, the same in every chunk.
+    pub total: u64,
+}
+
+impl FrameHead {
+    /// Writes the header of a frame carrying `payload` into `out[..HEADER]`.
+    fn write(&self, out: &mut [u8], payload: &[u8]) {
+        out[..4].copy_from_slice(&MAGIC);
+        out[4..12].copy_from_slice(&self.id.to_le_bytes());
+        out[12..16].copy_from_slice(&self.index.to_le_bytes());
+        out[16..20].copy_from_slice(&self.count.to_le_bytes());
+        out[20..28].copy_from_slice(&self.total.to_le_bytes());
+        out[28..32].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        out[32..36].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     }
 
-    /// Reads the frame at the start of `buf`: `Ok(None)` while it is incomplete, else the
-    /// frame and the bytes it took. Anything malformed is an error: the stream cannot be
-    /// resynchronised after it, so the connection must be closed.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    /// Checks the frame at the start of `buf` in place: `Ok(None)` while it is incomplete,
+    /// else its header and the bytes it takes (its payload is `buf[HEADER..end]`).
+    fn check(buf: &[u8]) -> Result<Option<(FrameHead, usize)>, WireError> {
         if buf.len() < HEADER {
             // A wrong magic is reported as soon as its bytes are in.
             let n = buf.len().min(4);
@@ -275,22 +318,57 @@ impl Frame {
             return Ok(None);
         }
         let crc = le_u32(&buf[32..36]);
-        let payload = &buf[HEADER..end];
-        if crc32c::crc32c(payload) != crc {
+        if crc32c::crc32c(&buf[HEADER..end]) != crc {
             return Err(WireError::Frame(format!(
                 "checksum mismatch in chunk {index} of message {id}"
             )));
         }
-        Ok(Some((
-            Frame {
-                id,
-                index,
-                count,
-                total,
-                payload: payload.to_vec(),
-            },
-            end,
-        )))
+        let head = FrameHead {
+            id,
+            index,
+            count,
+            total,
+        };
+        Ok(Some((head, end)))
+    }
+}
+
+impl Frame {
+    /// The message id in a frame's header, when its magic is right and the id's bytes are
+    /// in, whatever else is wrong with it: a node answers a malformed frame to that id.
+    pub fn peek_id(buf: &[u8]) -> Option<u64> {
+        (buf.len() >= 12 && buf[..4] == MAGIC).then(|| le_u64(&buf[4..12]))
+    }
+
+    /// Reads the frame at the start of `buf`: `Ok(None)` while it is incomplete, else the
+    /// frame and the bytes it took. Anything malformed is an error: the stream cannot be
+    /// resynchronised after it, so the connection must be closed.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+        let Some((h, end)) = FrameHead::check(buf)? else {
+            return Ok(None);
+        };
+        let frame = Frame {
+            id: h.id,
+            index: h.index,
+            count: h.count,
+            total: h.total,
+            payload: buf[HEADER..end].to_vec(),
+        };
+        Ok(Some((frame, end)))
+    }
+}
+
+/// A whole message as the [`Reassembler`] gives it: a message of one frame stays in the
+/// buffer it arrived in, its bytes after the header.
+#[derive(Debug)]
+pub struct Message {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Message {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 }
 
@@ -345,13 +423,61 @@ impl Reassembler {
 
     /// Takes one frame; returns the message id and bytes when its last frame is in.
     pub fn push(&mut self, frame: Frame) -> Result<Option<(u64, Vec<u8>)>, WireError> {
-        let Frame {
+        let head = FrameHead {
+            id: frame.id,
+            index: frame.index,
+            count: frame.count,
+            total: frame.total,
+        };
+        let whole = self.take(head, frame.payload, 0)?;
+        Ok(whole.map(|(id, m)| (id, m.buf)))
+    }
+
+    /// Takes a buffer that holds exactly one frame (a packet's), checked where it lies;
+    /// returns the message when its last frame is in. A message of one frame is not copied.
+    pub fn push_packet(&mut self, packet: Vec<u8>) -> Result<Option<(u64, Message)>, WireError> {
+        let checked = FrameHead::check(&packet).inspect_err(|_| {
+            // A message with a broken packet never completes: drop what came of it.
+            if let Some(id) = Frame::peek_id(&packet) {
+                self.partial.remove(&id);
+            }
+        })?;
+        let head = match checked {
+            Some((h, end)) if end == packet.len() => h,
+            Some((h, end)) => {
+                self.partial.remove(&h.id);
+                return Err(WireError::Frame(format!(
+                    "a packet of {} bytes holds a frame of {end} and more",
+                    packet.len()
+                )));
+            }
+            None => {
+                if let Some(id) = Frame::peek_id(&packet) {
+                    self.partial.remove(&id);
+                }
+                return Err(WireError::Frame(format!(
+                    "a packet of {} bytes holds a cut frame",
+                    packet.len()
+                )));
+            }
+        };
+        self.take(head, packet, HEADER)
+    }
+
+    /// One frame, its payload at `buf[start..]`.
+    fn take(
+        &mut self,
+        head: FrameHead,
+        buf: Vec<u8>,
+        start: usize,
+    ) -> Result<Option<(u64, Message)>, WireError> {
+        let FrameHead {
             id,
             index,
             count,
             total,
-            payload,
-        } = frame;
+        } = head;
+        let payload = &buf[start..];
         if total > self.limits.max_message {
             self.partial.remove(&id);
             return Err(WireError::TooLarge {
@@ -372,7 +498,7 @@ impl Reassembler {
                     "message {id} restarted while in progress"
                 )));
             }
-            return Ok(Some((id, payload)));
+            return Ok(Some((id, Message { buf, start })));
         }
         let part = match self.partial.get_mut(&id) {
             Some(p) => p,
@@ -409,7 +535,7 @@ impl Reassembler {
                 "message {id}: chunks exceed its {total} bytes"
             )));
         }
-        part.bytes.extend_from_slice(&payload);
+        part.bytes.extend_from_slice(payload);
         part.next += 1;
         if part.next < part.count {
             return Ok(None);
@@ -425,7 +551,13 @@ impl Reassembler {
                 done.len()
             )));
         }
-        Ok(Some((id, done)))
+        Ok(Some((
+            id,
+            Message {
+                buf: done,
+                start: 0,
+            },
+        )))
     }
 }
 

@@ -138,6 +138,58 @@ fn frame_bytes(id: u64, index: u32, count: u32, total: u64, payload: &[u8]) -> V
     f
 }
 
+#[test]
+fn packets_carry_the_same_frames_and_a_one_frame_message_is_read_where_it_arrived() {
+    let call = Envelope::new(ShardCall::Lookup {
+        table: TableName::new("user"),
+        keys: (0..1000).collect(),
+    });
+    let bytes = encode("call", &call).unwrap();
+    // One frame: the bytes the stream path would send, header filled in after encoding.
+    let one = encode_frames("call", 9, &call, MAX_CHUNK).unwrap();
+    assert_eq!(one, frames(9, &bytes));
+    let mut r = Reassembler::default();
+    let (id, m) = r.push_packet(one[0].clone()).unwrap().unwrap();
+    assert_eq!((id, m.bytes()), (9, &bytes[..]));
+    // Several: cut as the stream path cuts, and joined back.
+    let many = encode_frames("call", 10, &call, 1000).unwrap();
+    assert_eq!(many, frames_of(10, &bytes, 1000));
+    assert!(many.len() > 3);
+    let mut got = None;
+    for p in many {
+        got = r.push_packet(p).unwrap();
+    }
+    let (id, m) = got.unwrap();
+    assert_eq!((id, m.bytes()), (10, &bytes[..]));
+    // A packet holds exactly one whole, intact frame.
+    let good = frame_bytes(1, 0, 1, 3, b"abc");
+    let packet_err = |r: &mut Reassembler, p: Vec<u8>| match r.push_packet(p) {
+        Err(e) => e.to_string(),
+        Ok(m) => panic!("accepted: {m:?}"),
+    };
+    assert!(packet_err(&mut r, good[..good.len() - 1].to_vec()).contains("a cut frame"));
+    assert!(packet_err(&mut r, good[..10].to_vec()).contains("a cut frame"));
+    assert!(packet_err(&mut r, [good.clone(), good.clone()].concat()).contains("and more"));
+    let mut flipped = good.clone();
+    flipped[HEADER] ^= 1;
+    assert!(packet_err(&mut r, flipped).contains("checksum mismatch"));
+    assert!(packet_err(&mut r, b"garbage".to_vec()).contains("bad magic"));
+    assert!(packet_err(&mut r, frame_bytes(2, 1, 2, 6, b"abc")).contains("starts at chunk 1"));
+    assert_eq!(r.in_progress(), 0);
+    // A message whose next packet is broken is dropped, not kept waiting for the rest.
+    assert!(r
+        .push_packet(frame_bytes(3, 0, 2, 6, b"abc"))
+        .unwrap()
+        .is_none());
+    assert_eq!(r.in_progress(), 1);
+    let mut broken = frame_bytes(3, 1, 2, 6, b"def");
+    broken[HEADER] ^= 1;
+    assert!(packet_err(&mut r, broken).contains("checksum mismatch"));
+    assert_eq!(r.in_progress(), 0);
+    let (id, m) = r.push_packet(good).unwrap().unwrap();
+    assert_eq!((id, m.bytes()), (1, &b"abc"[..]));
+}
+
 fn frame_err(bytes: &[u8]) -> String {
     match Frame::decode(bytes) {
         Err(e) => e.to_string(),
@@ -753,6 +805,7 @@ async fn every_other_remote_message_round_trips() {
             running: true,
             restarts: 2,
             last_failure: Some("panicked".into()),
+            node: Some("shard-a".into()),
         }],
     )
     .await;
