@@ -13,10 +13,12 @@ mod resume;
 mod serve;
 mod settings;
 mod stream;
+mod telemetry;
 mod train;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -99,19 +101,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         overrides.push(("node.data_dir", d.display().to_string()));
     }
     let settings = settings::load(cli.config.as_deref(), &overrides)?;
-    init_tracing(&settings.node.log, settings.node.log_format)?;
+    let identity = identity(&cli.command, &settings);
+    let telemetry = init_tracing(&settings, identity.as_ref())?;
+    let result = dispatch(cli, &settings);
+    if let Some(t) = telemetry {
+        t.shutdown(std::time::Duration::from_secs(2));
+    }
+    result
+}
+
+/// Who a long-running command exports spans as; `None` for the commands that export none
+/// (they run seconds, or measure without tracing).
+fn identity(command: &Command, settings: &settings::Settings) -> Option<telemetry::Identity> {
+    let host = || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    };
+    let named = |flag: Option<&String>| {
+        flag.cloned()
+            .or_else(|| settings.cluster.name.clone())
+            .unwrap_or_else(host)
+    };
+    let (instance, roles) = match command {
+        Command::Dev(_) => (named(None), "trainer,serving,joiner,shards".to_owned()),
+        Command::Node(args) => (
+            named(args.cluster.name.as_ref()),
+            args.roles
+                .clone()
+                .unwrap_or_else(|| settings.cluster.roles.clone()),
+        ),
+        Command::Serve(_) => (named(None), "serving".to_owned()),
+        _ => return None,
+    };
+    Some(telemetry::Identity { instance, roles })
+}
+
+fn dispatch(cli: Cli, settings: &settings::Settings) -> anyhow::Result<()> {
     match cli.command {
-        Command::Bench { what } => bench::run(what, &settings, cli.config.as_deref()),
-        Command::Train(args) => train::run(*args, &settings),
+        Command::Bench { what } => bench::run(what, settings, cli.config.as_deref()),
+        Command::Train(args) => train::run(*args, settings),
         Command::Gen(args) => train::gen(args),
-        Command::Simulate(args) => stream::simulate(args, &settings),
-        Command::Ingest(args) => stream::ingest(args, &settings),
-        Command::Join(args) => stream::join(args, &settings),
-        Command::Ckpt(args) => ckpt::run(args, &settings),
-        Command::Serve(args) => serve::run(args, &settings),
-        Command::Dev(args) => dev::run(args, &settings, None),
+        Command::Simulate(args) => stream::simulate(args, settings),
+        Command::Ingest(args) => stream::ingest(args, settings),
+        Command::Join(args) => stream::join(args, settings),
+        Command::Ckpt(args) => ckpt::run(args, settings),
+        Command::Serve(args) => serve::run(args, settings),
+        Command::Dev(args) => dev::run(args, settings, None),
         Command::Ctl(args) => ctl::run(args),
-        Command::Node(args) => cluster::run(args, &settings),
+        Command::Node(args) => cluster::run(args, settings),
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&settings.effective())?);
             Ok(())
@@ -119,11 +159,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs to stderr through `filter` (`FRESHET_LOG` when set, else `node.log`). Colour only on a
-/// terminal: escape codes in a file or a log shipper are noise. A filter that does not parse is
-/// refused rather than replaced: a typo would otherwise hide the logs that were asked for.
-fn init_tracing(filter: &str, format: settings::LogFormat) -> anyhow::Result<()> {
+/// Logs to stderr through `filter` (`FRESHET_LOG` when set, else `node.log`), and exports the
+/// flows' spans when `[telemetry]` or the environment names a receiver and `identity` is
+/// given. Colour only on a terminal: escape codes in a file or a log shipper are noise. A
+/// filter that does not parse is refused rather than replaced: a typo would otherwise hide the
+/// logs that were asked for.
+fn init_tracing(
+    settings: &settings::Settings,
+    identity: Option<&telemetry::Identity>,
+) -> anyhow::Result<Option<telemetry::Telemetry>> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let (filter, format) = (settings.node.log.as_str(), settings.node.log_format);
     let filter = match std::env::var("FRESHET_LOG") {
         Ok(f) => tracing_subscriber::EnvFilter::try_new(&f)
             .map_err(|e| anyhow::anyhow!("invalid value {f:?} for FRESHET_LOG: {e}"))?,
@@ -134,16 +183,55 @@ fn init_tracing(filter: &str, format: settings::LogFormat) -> anyhow::Result<()>
             )
         })?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        settings::LogFormat::Text => builder
+    // Flow spans are for the exporter; in the log they would only prefix lines.
+    let filter = filter.add_directive(
+        format!("{}=off", freshet_actors::telemetry::TARGET)
+            .parse()
+            .context("the flow target's directive")?,
+    );
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Boxed = match format {
+        settings::LogFormat::Text => fmt
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        settings::LogFormat::Json => builder.json().with_ansi(false).try_init(),
+            .with_filter(filter)
+            .boxed(),
+        settings::LogFormat::Json => fmt.json().with_ansi(false).with_filter(filter).boxed(),
     };
-    Ok(())
+    let export = match identity {
+        Some(id) => telemetry::ExportConfig::resolve(&settings.telemetry, |k| {
+            std::env::var(k).ok().filter(|v| !v.trim().is_empty())
+        })?
+        .map(|cfg| telemetry::start(&cfg, id).map(|(p, t)| (cfg, p, t)))
+        .transpose()?,
+        None => None,
+    };
+    let (otel, provider): (Option<Boxed>, _) = match export {
+        Some((cfg, provider, tracer)) => {
+            tracing::debug!(url = %cfg.traces_url, "exporting traces");
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_threads(false)
+                .with_location(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target(freshet_actors::telemetry::TARGET, tracing::Level::TRACE),
+                )
+                .boxed();
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    // One list, so both layers sit directly on the registry: a boxed layer is a layer of
+    // `Registry` only.
+    let layers: Vec<Boxed> = std::iter::once(fmt).chain(otel).collect();
+    let installed = tracing_subscriber::registry().with(layers).try_init();
+    Ok(match (provider, installed) {
+        (Some(p), Ok(())) => Some(telemetry::running(p)),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

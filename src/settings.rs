@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     /// How a node joins a cluster (`freshet node`, `freshet train --join`): its id, roles,
     /// cluster port, seeds, secret and heartbeat lease.
     pub(crate) cluster: ClusterSettings,
+    /// Trace export over OTLP: where to, and which traces are kept (docs/observability.md).
+    pub(crate) telemetry: TelemetrySettings,
     /// Every key a file, the environment or a flag gave (dotted, as `joiner.window.window_ms`),
     /// so that a command's own default never beats a value the user set.
     #[serde(skip)]
@@ -161,6 +163,45 @@ pub(crate) struct ClusterSettings {
     pub(crate) tls_cert: Option<PathBuf>,
     pub(crate) tls_key: Option<PathBuf>,
     pub(crate) tls_ca: Option<PathBuf>,
+}
+
+/// `[telemetry]`: spans of every flow, exported over OTLP/HTTP. The standard variables
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`,
+/// `OTEL_SDK_DISABLED`, ...) beat these keys, as in every OpenTelemetry SDK.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TelemetrySettings {
+    /// The receiver's base URL, as `http://127.0.0.1:4318` (`/v1/traces` is appended). None:
+    /// nothing is exported and no span is made.
+    pub(crate) otlp_endpoint: Option<String>,
+    /// How a trace that no caller started is kept: an `OTEL_TRACES_SAMPLER` name.
+    pub(crate) sampler: String,
+    /// The ratio of the `traceidratio` samplers: the share of training steps, predictions and
+    /// events whose trace starts here that are kept. A version's life and supervision events
+    /// are kept whatever the ratio.
+    pub(crate) sampler_arg: f64,
+    /// Ended spans waiting for the exporter at most; beyond it they are dropped and counted.
+    pub(crate) queue_spans: usize,
+    /// Spans sent in one request at most.
+    pub(crate) batch_spans: usize,
+    /// How long an ended span waits for its batch to fill, in milliseconds.
+    pub(crate) export_interval_ms: u64,
+    /// How long one export (connect, send, answer, retries) may take, in milliseconds.
+    pub(crate) export_timeout_ms: u64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampler: "parentbased_traceidratio".into(),
+            sampler_arg: 0.01,
+            queue_spans: 4096,
+            batch_spans: 512,
+            export_interval_ms: 1_000,
+            export_timeout_ms: 5_000,
+        }
+    }
 }
 
 impl Default for ClusterSettings {

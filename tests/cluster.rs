@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{freshet, get, ok, small_model_dir, wait, SMALL_MODEL_CONFIG};
+use common::{freshet, get, ok, otlp, small_model_dir, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
 
 const COOKIE: &str = "FRESHET_CLUSTER_COOKIE";
@@ -797,4 +797,242 @@ fn a_trainer_node_whose_shard_node_dies_stops_training_naming_the_node_and_keeps
         (row(&ctl(d, &http, &["nodes"]))["state"] == "down").then_some(())
     });
     drop(kept);
+}
+
+/// A header's value in a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The span `id` of trace `trace`, if received.
+fn span_of<'a>(spans: &'a [otlp::Span], trace: &str, id: &str) -> Option<&'a otlp::Span> {
+    spans
+        .iter()
+        .find(|s| s.trace_id == trace && s.span_id == id)
+}
+
+/// `child`'s parent, when it is a received span named `name`.
+fn parent_named<'a>(
+    spans: &'a [otlp::Span],
+    child: &otlp::Span,
+    name: &str,
+) -> Option<&'a otlp::Span> {
+    span_of(spans, &child.trace_id, &child.parent_id).filter(|p| p.name == name)
+}
+
+#[test]
+fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
+    let (endpoint, log) = otlp::receiver();
+    // The receiver is shared by the whole run: these names pick this test's spans.
+    let tag = format!("t{}-{}", std::process::id(), now_ms() % 1_000_000);
+    let (shards, coordinator) = (format!("{tag}-s"), format!("{tag}-c"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}");
+    std::fs::write(d.join("freshet.toml"), config).expect("config");
+    let traced = |mut c: Command| {
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+            .env("OTEL_TRACES_SAMPLER_ARG", "1.0");
+        c
+    };
+    let s = spawn_node(traced(node_command(d, &shards, "k", &[])), &shards);
+    let c = spawn_node(
+        traced(coordinator_command(d, &coordinator, "k", &s.addr)),
+        &coordinator,
+    );
+    let http = http_addr(&c);
+    wait(90, "a served version", || {
+        (get(&http, "/healthz").0 == 200).then_some(())
+    });
+
+    // A prediction whose caller is traced: the server span continues the caller's span, and
+    // the response names the server span.
+    let client_trace = format!(
+        "{:032x}",
+        (now_ms() as u128) << 20 | u128::from(std::process::id())
+    );
+    let client_span = "00f067aa0ba902b7";
+    let tp = format!("traceparent: 00-{client_trace}-{client_span}-01");
+    let req = serde_json::json!({
+        "sparse": {"C1": "u1"}, "dense": {"I1": 0.5},
+        "candidates": [{"sparse": {"C2": "i1"}}, {"sparse": {"C2": "i2"}}],
+    });
+    let (code, head, body) = common::http_full(
+        &http,
+        "POST",
+        "/v1/predict",
+        "application/json",
+        &[&tp],
+        req.to_string().as_bytes(),
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let answered = header(&head, "traceparent").expect("the response's traceparent");
+    let parts: Vec<&str> = answered.split('-').collect();
+    assert_eq!(parts.len(), 4, "{answered}");
+    assert_eq!(
+        parts[1], client_trace,
+        "the response is in the caller's trace"
+    );
+    let server_span = parts[2].to_owned();
+    assert_ne!(server_span, client_span);
+
+    // Events in a traced request: an impression and its click.
+    let events_trace = format!("{:032x}", u128::from(std::process::id()) << 64 | 0xe1);
+    let rid = format!("{tag}-r1");
+    let t = now_ms();
+    let events = format!(
+        "{{\"type\":\"impression\",\"request_id\":\"{rid}\",\"time_ms\":{t},\"user\":\"u\",\
+         \"item\":\"a\",\"features\":{{\"dense\":{{\"I1\":1.5}},\"sparse\":{{\"C1\":\"x\"}}}}}}\n\
+         {{\"type\":\"action\",\"request_id\":\"{rid}\",\"item\":\"a\",\"time_ms\":{},\
+         \"kind\":\"click\"}}\n",
+        t + 10
+    );
+    let tp = format!("traceparent: 00-{events_trace}-{client_span}-01");
+    let (code, _, body) = common::http_full(
+        &http,
+        "POST",
+        "/v1/events",
+        "application/json",
+        &[&tp],
+        events.as_bytes(),
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+
+    let found = wait(60, "every flow's spans at the receiver", || {
+        let spans = otlp::spans(&log);
+        let mine = |s: &&otlp::Span| s.instance == shards || s.instance == coordinator;
+        let spans: Vec<otlp::Span> = spans.iter().filter(mine).cloned().collect();
+        // A training step: its shard spans run on the shard node, children of the step's
+        // client spans on the coordinator.
+        let step = spans.iter().find_map(|serve| {
+            (serve.name == "shard.lookup.serve" && serve.instance == shards).then_some(())?;
+            let lookup = parent_named(&spans, serve, "shard.lookup")?;
+            let step = parent_named(&spans, lookup, "train.step")?;
+            (lookup.instance == coordinator && step.instance == coordinator).then_some(())?;
+            let push = spans.iter().find(|p| {
+                p.name == "shard.push" && p.trace_id == step.trace_id && p.parent_id == step.span_id
+            })?;
+            spans.iter().find(|a| {
+                a.name == "shard.push.apply"
+                    && a.instance == shards
+                    && a.trace_id == step.trace_id
+                    && a.parent_id == push.span_id
+            })?;
+            spans
+                .iter()
+                .find(|dense| dense.name == "train.dense" && dense.parent_id == step.span_id)?;
+            Some(step.clone())
+        })?;
+        // A version's life: capture, write, validation and publication, and the replica's
+        // apply, in one trace.
+        let life = spans.iter().find_map(|apply| {
+            (apply.name == "replica.apply").then_some(())?;
+            let publish = parent_named(&spans, apply, "version.publish")?;
+            let capture = spans.iter().find(|c| {
+                c.name == "version.capture"
+                    && c.trace_id == apply.trace_id
+                    && c.parent_id.is_empty()
+            })?;
+            let write = spans.iter().find(|w| {
+                w.name == "version.write"
+                    && w.trace_id == capture.trace_id
+                    && w.parent_id == capture.span_id
+            })?;
+            let validate = spans.iter().find(|v| {
+                v.name == "version.validate"
+                    && v.trace_id == capture.trace_id
+                    && v.parent_id == capture.span_id
+            })?;
+            // Guarded publication publishes at arrival (under the capture), the others after
+            // the verdict (under the validation).
+            (publish.parent_id == capture.span_id || publish.parent_id == validate.span_id)
+                .then_some(())?;
+            let v = write.attr("freshet.version")?;
+            (publish.attr("freshet.version") == Some(v)
+                && apply.attr("freshet.version") == Some(v))
+            .then_some(())?;
+            (write.attr("freshet.bytes")?.parse::<u64>().ok()? > 0).then_some(())?;
+            Some(capture.clone())
+        })?;
+        // The prediction: the server span continues the client's, scoring is its child.
+        let server = span_of(&spans, &client_trace, &server_span)?;
+        let score = spans.iter().find(|s| {
+            s.name == "predict.score" && s.trace_id == client_trace && s.parent_id == server_span
+        })?;
+        // The events: the server span, the append under it, each event's processing by the
+        // joiner under the append, and the sample under its impression, linked to its click.
+        let post = spans.iter().find(|s| {
+            s.trace_id == events_trace && s.parent_id == client_span && s.name == "POST /v1/events"
+        })?;
+        let send = spans.iter().find(|s| {
+            s.name == "events send" && s.trace_id == events_trace && s.parent_id == post.span_id
+        })?;
+        let processed = |kind: &str| {
+            spans.iter().find(|s| {
+                s.name == "events process"
+                    && s.trace_id == events_trace
+                    && s.parent_id == send.span_id
+                    && s.attr("freshet.event") == Some(kind)
+                    && s.attr("freshet.request_id") == Some(rid.as_str())
+            })
+        };
+        let (impression, click) = (processed("impression")?, processed("action")?);
+        let sample = spans.iter().find(|s| {
+            s.name == "samples send"
+                && s.trace_id == events_trace
+                && s.parent_id == impression.span_id
+        })?;
+        Some((
+            step,
+            life,
+            server.clone(),
+            score.clone(),
+            sample.clone(),
+            click.span_id.clone(),
+        ))
+    });
+    let (step, life, server, score, sample, click) = found;
+    assert_eq!(step.roles, "trainer,serving,joiner");
+    assert_eq!(step.service, "freshet");
+    assert_eq!(life.instance, coordinator);
+    assert_eq!(server.kind, "SPAN_KIND_SERVER");
+    assert_eq!(server.attr("http.response.status_code"), Some("200"));
+    assert_eq!(server.attr("http.route"), Some("/v1/predict"));
+    assert!(server.attr("freshet.version").is_some(), "{server:?}");
+    assert_eq!(score.attr("freshet.candidates"), Some("2"));
+    assert_eq!(sample.attr("freshet.sample.kind"), Some("Positive"));
+    assert!(
+        sample
+            .links
+            .iter()
+            .any(|(t, s)| t == &sample.trace_id && s == &click),
+        "the sample links its click: {sample:?}"
+    );
+    // The shard node exports as itself.
+    let remote = otlp::spans(&log)
+        .into_iter()
+        .find(|s| s.instance == shards)
+        .expect("a span of the shard node");
+    assert_eq!(remote.roles, "shards");
+
+    let (code, metrics) = common::http(&http, "GET", "/metrics", "text/plain", b"");
+    assert_eq!(code, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    let exported = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("freshet_trace_spans_exported_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("the export's counter on /metrics");
+    assert!(exported > 0.0, "{metrics}");
+    drop((c, s));
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

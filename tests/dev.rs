@@ -471,3 +471,71 @@ fn through_two_kill_9_restarts_versions_pass_the_default_gate_and_serving_keeps_
         "serving {lag} versions behind after a restart: {r}"
     );
 }
+
+/// A `/metrics` counter's value (the first line that starts with `series`).
+fn counter(addr: &str, series: &str) -> Option<f64> {
+    let (code, body) = http(addr, "GET", "/metrics", "text/plain", b"");
+    assert_eq!(code, 200);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn a_trace_receiver_that_is_down_never_holds_the_pipeline_and_its_drops_are_counted() {
+    let d = setup();
+    // A port nothing listens on: bound, learnt, closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = freshet(d.path());
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--status-every", "1"])
+        .args(["--window-ms", "1000", "--delta-ms", "400"])
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("OTEL_TRACES_SAMPLER", "always_on");
+    let node = spawn_listening(cmd);
+    let addr = node.addr.clone();
+    wait(60, "a served version", || {
+        (get(&addr, "/healthz").0 == 200).then_some(())
+    });
+    let dropped = "freshet_trace_spans_dropped_total{reason=\"export_failed\"} ";
+    wait(30, "spans counted as dropped", || {
+        (counter(&addr, dropped)? > 0.0).then_some(())
+    });
+    assert_eq!(
+        counter(&addr, "freshet_trace_spans_exported_total "),
+        Some(0.0)
+    );
+    // Training and serving go on: new versions keep being served while every export fails.
+    let served = |a: &str| counter(a, "freshet_serving_version ");
+    let first = served(&addr).expect("a served version");
+    wait(60, "a newer version served", || {
+        (served(&addr)? > first).then_some(())
+    });
+    // Predictions are traced all the same, and answer at once.
+    let tp = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = json!({"sparse": {"C1": "u1"}, "candidates": [{"sparse": {"C2": "i1"}}]});
+    let t0 = Instant::now();
+    let (code, head, _) = common::http_full(
+        &addr,
+        "POST",
+        "/v1/predict",
+        "application/json",
+        &[tp],
+        req.to_string().as_bytes(),
+    );
+    assert_eq!(code, 200);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(
+        head.to_lowercase()
+            .contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{head}"
+    );
+    drop(node);
+}

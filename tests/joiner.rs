@@ -83,6 +83,7 @@ fn traffic(requests: u64, seed: u64) -> (Vec<(String, Vec<u8>)>, Vec<Truth>) {
             user: "u".into(),
             item: "end".into(),
             features: Default::default(),
+            traceparent: None,
         });
         recs.push((key, e.to_msgpack()));
     }
@@ -309,6 +310,7 @@ fn malformed_events_and_orphans_are_dead_lettered_with_offsets() {
         user: "u".into(),
         item: "i".into(),
         features: Default::default(),
+        traceparent: None,
     })
     .to_msgpack();
     let p = partition_of("r1", PARTITIONS);
@@ -330,6 +332,7 @@ fn malformed_events_and_orphans_are_dead_lettered_with_offsets() {
         user: "u".into(),
         item: "later".into(),
         features: Default::default(),
+        traceparent: None,
     })
     .to_msgpack();
     let recs: Vec<&[u8]> = vec![&good, b"\xc1garbage", &orphan, &future, &like, &closer];

@@ -61,6 +61,10 @@ pub struct Impression {
     /// The feature values the item was scored with.
     #[serde(default)]
     pub features: Snapshot,
+    /// W3C `traceparent` of the request that showed the item, when it is traced: the
+    /// joiner's spans for this impression and its sample continue that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What the user did with an impression.
@@ -75,6 +79,9 @@ pub struct Action {
     /// An optional amount (order value, watch time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
+    /// W3C `traceparent` of the request that reported the action, when it is traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A feature snapshot: the sample's features without its labels.
@@ -174,6 +181,8 @@ struct Wire {
     kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 /// Why an event was refused.
@@ -230,6 +239,23 @@ fn check_id(field: &'static str, v: &str) -> Result<(), EventError> {
 }
 
 impl Event {
+    /// The event's `traceparent` slot.
+    pub fn traceparent_mut(&mut self) -> &mut Option<String> {
+        match self {
+            Self::Impression(i) => &mut i.traceparent,
+            Self::Action(a) => &mut a.traceparent,
+        }
+    }
+
+    /// The trace the event belongs to; none when it has no well-formed `traceparent`.
+    pub fn trace(&self) -> crate::envelope::TraceContext {
+        let tp = match self {
+            Self::Impression(i) => i.traceparent.as_deref(),
+            Self::Action(a) => a.traceparent.as_deref(),
+        };
+        crate::envelope::TraceContext::from_headers(tp, None)
+    }
+
     pub fn time_ms(&self) -> i64 {
         match self {
             Self::Impression(i) => i.time_ms,
@@ -293,6 +319,7 @@ impl Event {
                 features: Some(i.features),
                 kind: None,
                 value: None,
+                traceparent: i.traceparent,
             },
             Self::Action(a) => Wire {
                 ty: "action".into(),
@@ -303,6 +330,7 @@ impl Event {
                 features: None,
                 kind: Some(a.kind),
                 value: a.value,
+                traceparent: a.traceparent,
             },
         };
         rmp_serde::to_vec_named(&w).expect("events serialise")
@@ -329,6 +357,7 @@ impl Event {
                         .ok_or_else(|| undecodable("missing field `user`".into()))?,
                     item: w.item,
                     features: w.features.unwrap_or_default(),
+                    traceparent: w.traceparent,
                 }))
             }
             "action" => {
@@ -343,6 +372,7 @@ impl Event {
                         .kind
                         .ok_or_else(|| undecodable("missing field `kind`".into()))?,
                     value: w.value,
+                    traceparent: w.traceparent,
                 }))
             }
             other => Err(undecodable(format!(
@@ -481,6 +511,7 @@ mod tests {
             user: "u-3".into(),
             item: "i-9".into(),
             features: Snapshot::encode(&features),
+            traceparent: None,
         })
     }
 
@@ -564,6 +595,7 @@ mod tests {
             user: "u".into(),
             item: "i".into(),
             features: Snapshot(vec![0x93, 1, 2, 3]),
+            traceparent: None,
         });
         let back = Event::from_msgpack(&e.to_msgpack()).unwrap();
         back.validate_header().unwrap();

@@ -7,6 +7,7 @@
 //! keeps it and the reason a person reads. The caller decides when to append and where its
 //! dead letters go.
 
+use crate::envelope::TraceContext;
 use crate::event::{DeadLetter, Event};
 use crate::stream::{partition_of, MAX_RECORD_BYTES};
 
@@ -44,6 +45,20 @@ const DETAIL_MAX: usize = 4 * 1024;
 /// Admits line number `line_no` (from 1) of the input `source` (`ingest:FILE`,
 /// `http:/v1/events`), for an event log of `partitions` partitions.
 pub fn admit(line: &[u8], line_no: u64, source: &str, partitions: u32) -> Intake {
+    admit_traced(line, line_no, source, partitions, None)
+}
+
+/// [`admit`] for a line that came in a traced request, whose append span is `trace` (a
+/// `traceparent`): an event without a `traceparent` of its own joins that trace. An event's
+/// own malformed `traceparent` is dropped and the event kept: trace context is never worth an
+/// event, and W3C trace context forbids passing on a header that does not parse.
+pub fn admit_traced(
+    line: &[u8],
+    line_no: u64,
+    source: &str,
+    partitions: u32,
+    trace: Option<&str>,
+) -> Intake {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Intake::Blank;
     }
@@ -57,7 +72,17 @@ pub fn admit(line: &[u8], line_no: u64, source: &str, partitions: u32) -> Intake
         return refuse(line, line_no, source, "too_large", error);
     }
     match Event::from_json(line).and_then(|e| e.validate().map(|()| e)) {
-        Ok(e) => {
+        Ok(mut e) => {
+            let own = e.traceparent_mut();
+            if own
+                .as_deref()
+                .is_some_and(|t| TraceContext::from_traceparent(t).is_none())
+            {
+                *own = None;
+            }
+            if own.is_none() {
+                *own = trace.map(str::to_owned);
+            }
             let record = e.to_msgpack();
             if record.len() > MAX_RECORD_BYTES {
                 let error = format!(
@@ -133,6 +158,46 @@ mod tests {
         assert_eq!(partition, partition_of("r-1", 4));
         let back = Event::from_msgpack(&record).unwrap();
         assert_eq!(back.request_id(), "r-1");
+    }
+
+    #[test]
+    fn a_traced_request_stamps_its_events_and_a_bad_traceparent_of_their_own_is_dropped() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let decode = |i: Intake| match i {
+            Intake::Event { record, .. } => Event::from_msgpack(&record).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let plain = br#"{"type":"action","request_id":"r","item":"i","time_ms":1,"kind":"click"}"#;
+        assert_eq!(decode(admit(plain, 1, "t", 4)).trace().traceparent, None);
+        let stamped = decode(admit_traced(plain, 1, "t", 4, Some(tp)));
+        assert_eq!(stamped.trace().traceparent.as_deref(), Some(tp));
+        let with_own = format!(
+            r#"{{"type":"action","request_id":"r","item":"i","time_ms":1,"kind":"click","traceparent":"{own}"}}"#
+        );
+        let e = decode(admit_traced(with_own.as_bytes(), 1, "t", 4, Some(tp)));
+        assert_eq!(
+            e.trace().traceparent.as_deref(),
+            Some(own),
+            "its own trace wins"
+        );
+        for bad in [
+            "",
+            "nonsense",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            let line = format!(
+                r#"{{"type":"action","request_id":"r","item":"i","time_ms":1,"kind":"click","traceparent":"{bad}"}}"#
+            );
+            let e = decode(admit(line.as_bytes(), 1, "t", 4));
+            assert_eq!(
+                e.trace().traceparent,
+                None,
+                "{bad:?} is dropped, the event kept"
+            );
+            let e = decode(admit_traced(line.as_bytes(), 1, "t", 4, Some(tp)));
+            assert_eq!(e.trace().traceparent.as_deref(), Some(tp), "{bad:?}");
+        }
     }
 
     #[test]

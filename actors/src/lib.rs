@@ -28,6 +28,7 @@ pub mod shard;
 pub mod simulate;
 pub mod stream;
 pub mod supervisor;
+pub mod telemetry;
 pub mod testkit;
 pub mod topics;
 pub mod training;

@@ -262,6 +262,7 @@ impl Simulator {
                 time_ms: -5,
                 kind: "click".into(),
                 value: None,
+                traceparent: None,
             })
             .to_msgpack(),
         }
@@ -317,6 +318,7 @@ impl Simulator {
                 user,
                 item: item.clone(),
                 features: Snapshot::encode(&features),
+                traceparent: None,
             });
             self.schedule(t, &imp);
             if clicked {
@@ -330,6 +332,7 @@ impl Simulator {
                     time_ms: at,
                     kind: "click".into(),
                     value: None,
+                    traceparent: None,
                 });
                 self.schedule(at, &click);
             }

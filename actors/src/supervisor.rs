@@ -24,6 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::telemetry;
 use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
@@ -235,6 +236,15 @@ impl SupervisorState {
             mine.pop_front();
         }
         let n = mine.len() as u32;
+        // One span per restart decision: a supervision event starts its own trace.
+        let span = if telemetry::enabled() {
+            tracing::info_span!(target: telemetry::TARGET, "supervision.restart",
+                freshet.supervisor = %self.args.name, freshet.child = %self.args.children[i].name,
+                freshet.reason = %reason, freshet.restarts = self.status[i].restarts as i64,
+                freshet.restart_in_ms = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
         if self.recent.len() > self.args.intensity.max_restarts as usize {
             let why = format!(
                 "supervisor {}: {} restarts within {:?} (limit {}); last: {} failed: {reason}",
@@ -244,10 +254,12 @@ impl SupervisorState {
                 self.args.intensity.max_restarts,
                 self.args.children[i].name
             );
+            telemetry::add_event(&span, "gave_up", vec![("reason", why.clone())]);
             let _ = self.args.gave_up.set(why.clone());
             return Err(why.into());
         }
         let wait = self.args.intensity.backoff(n);
+        span.record("freshet.restart_in_ms", wait.as_millis() as i64);
         tracing::warn!(supervisor = %self.args.name, child = %self.args.children[i].name, reason = %reason, restart_in_ms = wait.as_millis() as u64, "restarting a failed child");
         myself.send_after(wait, || SupervisorMsg::Restart);
         Ok(())

@@ -812,6 +812,7 @@ async fn online_run(
                         time_ms: r.label_ms,
                         kind: kind.clone(),
                         value: None,
+                        traceparent: None,
                     });
                     (part, e.to_msgpack())
                 })
@@ -827,6 +828,7 @@ async fn online_run(
                 user: r.user.clone(),
                 item: r.item.clone(),
                 features: Snapshot::encode(&features),
+                traceparent: None,
             });
             vec![(part, e.to_msgpack())]
         }

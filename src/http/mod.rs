@@ -482,3 +482,50 @@ pub(crate) fn error(status: StatusCode, why: &str) -> HttpResponse {
 
 /// The content type of msgpack bodies.
 pub(crate) const MSGPACK: &str = "application/msgpack";
+
+/// The HTTP server span of a request (OpenTelemetry's HTTP conventions), continuing the
+/// caller's `traceparent` and `tracestate` when they are well formed.
+pub(crate) fn server_span(
+    req: &HttpRequest,
+    name: &'static str,
+    route: &'static str,
+) -> tracing::Span {
+    use freshet_actors::telemetry;
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let span = tracing::info_span!(target: telemetry::TARGET, "http.server",
+        otel.name = name, otel.kind = "server", otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(), http.route = route, url.path = req.path(),
+        url.scheme = "http", user_agent.original = header("user-agent").unwrap_or(""),
+        http.response.status_code = tracing::field::Empty);
+    telemetry::continue_from(
+        &span,
+        &freshet_actors::envelope::TraceContext::from_headers(
+            header("traceparent"),
+            header("tracestate"),
+        ),
+    );
+    span
+}
+
+/// Records the response's status on `span` (a 5xx is an error, as the conventions say) and
+/// hands the span's context back in the response's `traceparent`.
+pub(crate) fn end_server_span(span: &tracing::Span, response: &mut HttpResponse) {
+    use actix_web::http::header::{HeaderName, HeaderValue};
+    let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    let cx = freshet_actors::telemetry::context_of(span);
+    let headers = [
+        ("traceparent", cx.traceparent),
+        ("tracestate", cx.tracestate),
+    ];
+    for (name, value) in headers {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), v);
+        }
+    }
+}

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use actix_web::http::header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use freshet_actors::intake::{admit, Intake};
+use freshet_actors::intake::{admit_traced, Intake};
 use freshet_actors::online::pipeline::{CommandError, PipelineHandle};
 use freshet_actors::stream::StreamLog;
+use freshet_actors::telemetry;
 use freshet_actors::training::feed::ReplayPlan;
 use serde::{Deserialize, Serialize};
 
@@ -153,7 +154,17 @@ struct Refused {
 /// some partitions took theirs, the answer is still 200 with the count that was appended, and
 /// the lines that were not are listed as refused with reason `log_unavailable`, for the client
 /// to send again: a retry of the whole body would duplicate the rest.
-async fn events(n: web::Data<NodeState>, body: Body) -> HttpResponse {
+async fn events(req: HttpRequest, n: web::Data<NodeState>, body: Body) -> HttpResponse {
+    if !telemetry::enabled() {
+        return events_in(&n, body, &tracing::Span::none()).await;
+    }
+    let span = super::server_span(&req, "POST /v1/events", "/v1/events");
+    let mut response = events_in(&n, body, &span).await;
+    super::end_server_span(&span, &mut response);
+    response
+}
+
+async fn events_in(n: &NodeState, body: Body, span: &tracing::Span) -> HttpResponse {
     if let Err(r) = body.json_only() {
         return *r;
     }
@@ -168,7 +179,26 @@ async fn events(n: web::Data<NodeState>, body: Body) -> HttpResponse {
     let rejects = n.ingest_rejects.clone();
     let parts = log.partitions();
     let bytes = body.bytes;
-    let done = web::block(move || append_events(&bytes, &*log, &*rejects, parts)).await;
+    // The append is a producer span; each event it appends without a trace of its own joins
+    // it, so the joiner's spans for those events continue this request's trace.
+    let append = if telemetry::is_sampled(span) {
+        tracing::info_span!(target: telemetry::TARGET, parent: span, "events send",
+            otel.kind = "producer", messaging.system = "freshet",
+            messaging.operation.type = "send", messaging.operation.name = "append",
+            messaging.destination.name = log.topic(),
+            messaging.batch.message_count = tracing::field::Empty)
+    } else {
+        tracing::Span::none()
+    };
+    let trace = telemetry::context_of(&append).traceparent;
+    let done = web::block(move || {
+        let r = append_events(&bytes, &*log, &*rejects, parts, trace.as_deref());
+        if let Ok(a) = &r {
+            append.record("messaging.batch.message_count", a.accepted as i64);
+        }
+        r
+    })
+    .await;
     match done {
         Ok(Ok(Appended {
             accepted,
@@ -219,13 +249,14 @@ fn append_events(
     log: &dyn StreamLog,
     rejects: &dyn StreamLog,
     parts: u32,
+    trace: Option<&str>,
 ) -> Result<Appended, String> {
     // Per partition, the line numbers and records of its events, in body order.
     let mut pending: Vec<(Vec<usize>, Vec<Vec<u8>>)> = vec![Default::default(); parts as usize];
     let mut refused = Vec::new();
     let mut dead = Vec::new();
     for (i, line) in body.split(|&b| b == b'\n').enumerate() {
-        match admit(line, i as u64 + 1, "http:/v1/events", parts) {
+        match admit_traced(line, i as u64 + 1, "http:/v1/events", parts, trace) {
             Intake::Blank => {}
             Intake::Event { partition, record } => {
                 let (lines, recs) = &mut pending[partition as usize];
@@ -603,7 +634,7 @@ mod tests {
     fn good_lines_are_appended_and_counted_beside_a_line_too_large_for_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let (events, rejects) = (log(dir.path(), "events", 4), log(dir.path(), "rejects", 4));
-        let a = append_events(&body(8, 1 << 20), &events, &rejects, 4).unwrap();
+        let a = append_events(&body(8, 1 << 20), &events, &rejects, 4, None).unwrap();
         assert_eq!((a.accepted, a.invalid, a.refused.len()), (8, 1, 1));
         assert_eq!(
             (a.refused[0].line, a.refused[0].reason.as_str()),
@@ -624,12 +655,12 @@ mod tests {
         let rejects = log(dir.path(), "rejects", 4);
         // Nothing taken: Err, which the route answers 503.
         let none = log(dir.path(), "none", 0);
-        assert!(append_events(&body(8, 0), &none, &rejects, 4).is_err());
+        assert!(append_events(&body(8, 0), &none, &rejects, 4, None).is_err());
         assert_eq!(total(&none), 0);
         // Partitions 0 and 1 take theirs, 2 fails (and 3 is not tried): the count is what was
         // appended, and every line that was not is listed, to be sent again.
         let some = log(dir.path(), "some", 2);
-        let a = append_events(&body(40, 0), &some, &rejects, 4).unwrap();
+        let a = append_events(&body(40, 0), &some, &rejects, 4, None).unwrap();
         assert_eq!(a.accepted as u64, total(&some));
         assert!(a.accepted > 0 && a.accepted < 40, "{}", a.accepted);
         assert_eq!(a.accepted + a.refused.len(), 40);

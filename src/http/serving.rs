@@ -23,10 +23,11 @@ use std::sync::Arc;
 
 use actix_web::http::header::ContentType;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::dense::Threads;
 use freshet_actors::serving::{ModelCell, PredictRequest, ReplicaSet, ServingError};
+use freshet_actors::telemetry;
 use serde::Serialize;
 
 use super::{error, Body, MSGPACK};
@@ -94,7 +95,19 @@ impl Drop for Slot<'_> {
     }
 }
 
-async fn predict(s: web::Data<ServingState>, body: Body) -> HttpResponse {
+/// `POST /v1/predict`, traced when export is on: the server span continues the caller's
+/// `traceparent`, and the response carries the server span's own.
+async fn predict(req: HttpRequest, s: web::Data<ServingState>, body: Body) -> HttpResponse {
+    if !telemetry::enabled() {
+        return predict_in(&s, body, &tracing::Span::none()).await;
+    }
+    let span = super::server_span(&req, "POST /v1/predict", "/v1/predict");
+    let mut response = predict_in(&s, body, &span).await;
+    super::end_server_span(&span, &mut response);
+    response
+}
+
+async fn predict_in(s: &ServingState, body: Body, span: &tracing::Span) -> HttpResponse {
     let c = &s.counters;
     if c.in_flight.fetch_add(1, Ordering::AcqRel) >= s.max_in_flight {
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -124,6 +137,8 @@ async fn predict(s: web::Data<ServingState>, body: Body) -> HttpResponse {
             "no model version is served yet",
         );
     };
+    telemetry::set_attribute(span, "freshet.version", model.version() as i64);
+    telemetry::set_attribute(span, "freshet.candidates", request.candidates.len() as i64);
     let max = s.max_candidates;
     let Ok(_permit) = s.scoring.acquire().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
@@ -133,7 +148,15 @@ async fn predict(s: web::Data<ServingState>, body: Body) -> HttpResponse {
     let _scoring = Slot(&c.scoring);
     // Scoring is CPU work: off the HTTP worker, on the blocking pool, as many at once as
     // there are permits.
+    let score = if telemetry::is_sampled(span) {
+        tracing::info_span!(target: telemetry::TARGET, parent: span, "predict.score",
+            freshet.version = model.version() as i64,
+            freshet.candidates = request.candidates.len() as i64)
+    } else {
+        tracing::Span::none()
+    };
     let scored = web::block(move || {
+        let _entered = score.enter();
         let threads = Threads::new(1).map_err(|e| ServingError::Model(e.to_string()))?;
         model.predict(&request, max, &threads)
     })
@@ -323,6 +346,7 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
     for m in &s.metrics {
         m.write(&mut out).await;
     }
+    crate::telemetry::write_metrics(&mut out);
     HttpResponse::Ok()
         .content_type(ContentType::plaintext())
         .body(out)

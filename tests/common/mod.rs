@@ -1,6 +1,8 @@
 //! Helpers shared by the process-level tests (each test file includes this module).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub(crate) mod otlp;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -139,6 +141,19 @@ pub(crate) fn http_with(
     headers: &[&str],
     body: &[u8],
 ) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_full(addr, method, path, content_type, headers, body);
+    (status, body)
+}
+
+/// [`http_with`] that also returns the response's head (status line and headers).
+pub(crate) fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
@@ -172,7 +187,7 @@ pub(crate) fn http_with(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code");
-    (status, out[text_end + 4..].to_vec())
+    (status, head, out[text_end + 4..].to_vec())
 }
 
 pub(crate) fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {

@@ -700,7 +700,7 @@ async fn writer_captures_versions_at_step_boundaries_and_announces_them() {
     );
     let mut kinds = Vec::new();
     for (step, snaps) in &expected {
-        let m = announced.recv().await.unwrap();
+        let m = announced.recv().await.unwrap().body;
         assert_eq!(m.step, *step);
         kinds.push(m.kind);
         let r = store.restore(m.version, None).unwrap();

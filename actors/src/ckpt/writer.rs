@@ -40,6 +40,7 @@ use crate::fault::Faults;
 use crate::ids::{ShardId, TableName};
 use crate::shard::{ShardError, ShardRouter};
 use crate::stream::StreamLog;
+use crate::telemetry;
 
 /// When versions are taken. Pure: the trainer asks it at every step boundary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,17 +196,14 @@ pub enum WriterRequest {
         at: Box<StepBoundary>,
         reply: RpcReplyPort<Result<(), CaptureError>>,
     },
+    /// Each new version's manifest, in the envelope of the version's trace.
     Subscribe {
-        tx: mpsc::UnboundedSender<Manifest>,
+        tx: mpsc::UnboundedSender<Envelope<Manifest>>,
     },
     /// Replies once every capture before it is written (or failed).
-    Flush {
-        reply: RpcReplyPort<WriterStats>,
-    },
+    Flush { reply: RpcReplyPort<WriterStats> },
     /// The shards were restored to another state: the next version must be full.
-    Reset {
-        reply: RpcReplyPort<()>,
-    },
+    Reset { reply: RpcReplyPort<()> },
 }
 
 pub type WriterMsg = Envelope<WriterRequest>;
@@ -231,7 +229,7 @@ struct Durable {
 pub struct WriterState {
     args: WriterArgs,
     last: Option<Durable>,
-    subscribers: Vec<mpsc::UnboundedSender<Manifest>>,
+    subscribers: Vec<mpsc::UnboundedSender<Envelope<Manifest>>>,
     stats: WriterStats,
     /// Sample offsets of the kept versions, read once per version rather than at every hold.
     kept_offsets: BTreeMap<u64, BTreeMap<u32, u64>>,
@@ -266,9 +264,17 @@ impl WriterState {
     }
 
     /// Writes a captured version; on success, moves the durable point and lets the shards
-    /// drop the history it covers.
-    async fn write(&mut self, at: StepBoundary, payload: Payload) {
+    /// drop the history it covers. `life` is the span of the version's capture: the write is
+    /// its child, and subscribers get its context with the manifest.
+    async fn write(&mut self, at: StepBoundary, payload: Payload, life: &tracing::Span) {
         let full = matches!(payload, Payload::Full(_));
+        let span = if telemetry::is_sampled(life) {
+            tracing::info_span!(target: telemetry::TARGET, parent: life, "version.write",
+                freshet.kind = if full { "full" } else { "delta" }, freshet.step = at.meta.step as i64,
+                freshet.version = tracing::field::Empty, freshet.bytes = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
         let tables = payload.table_versions();
         let store = self.args.store.clone();
         let started = Instant::now();
@@ -287,6 +293,7 @@ impl WriterState {
         let manifest = match written {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
+                telemetry::set_attribute(&span, "error.type", "write_failed");
                 tracing::error!(error = %e, "checkpoint write failed; the next version is a delta from the last durable one");
                 self.stats.write_failures += 1;
                 self.stats.last_error = Some(e.to_string());
@@ -299,6 +306,8 @@ impl WriterState {
                 return;
             }
         };
+        span.record("freshet.version", manifest.version as i64);
+        span.record("freshet.bytes", manifest.bytes() as i64);
         self.stats.last_write_ms = started.elapsed().as_secs_f64() * 1e3;
         self.stats.bytes_written += manifest.bytes();
         self.stats.last_version = Some(manifest.version);
@@ -366,8 +375,12 @@ impl WriterState {
                 "moving the model store's hold on the sample log failed"
             );
         }
-        self.subscribers
-            .retain(|tx| tx.send(manifest.clone()).is_ok());
+        drop(span);
+        let trace = telemetry::context_of(life);
+        self.subscribers.retain(|tx| {
+            tx.send(Envelope::with_trace(trace.clone(), manifest.clone()))
+                .is_ok()
+        });
     }
 
     /// Holds the sample log from the lowest offset of any kept version, per partition.
@@ -448,14 +461,24 @@ impl Actor for CheckpointWriter {
         match msg.body {
             WriterRequest::Capture { at, reply } => {
                 st.stats.captures += 1;
+                // A version's life is one trace, from this capture to the replicas serving it.
+                let life = if telemetry::enabled() {
+                    tracing::info_span!(target: telemetry::TARGET, "version.capture",
+                        freshet.step = at.meta.step as i64,
+                        freshet.rows_trained = at.meta.rows_trained as i64)
+                } else {
+                    tracing::Span::none()
+                };
+                telemetry::continue_from(&life, &msg.trace);
                 match st.capture(&at).await {
                     Ok(payload) => {
                         // The trainer may go on: the rows are captured.
                         let _ = reply.send(Ok(()));
                         st.args.faults.check("writer.write");
-                        st.write(*at, payload).await;
+                        st.write(*at, payload, &life).await;
                     }
                     Err(e) => {
+                        telemetry::set_attribute(&life, "error.type", "capture_failed");
                         let _ = reply.send(Err(CaptureError::from(&e)));
                     }
                 }
@@ -570,8 +593,9 @@ impl CheckpointHandle {
         r
     }
 
-    /// New versions' manifests, as they are written.
-    pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<Manifest>, WriterError> {
+    /// New versions' manifests, as they are written, each in the envelope of its version's
+    /// trace.
+    pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<Envelope<Manifest>>, WriterError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.actor
             .send_message(Envelope::new(WriterRequest::Subscribe { tx }))

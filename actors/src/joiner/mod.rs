@@ -33,8 +33,10 @@ use serde::{Deserialize, Serialize};
 
 pub use window::{Emit, JoinConfig, JoinCounters, LatePolicy, OnFull, Window, WindowState};
 
-use crate::event::{DeadLetter, Event, EventError};
+use crate::envelope::TraceContext;
+use crate::event::{DeadLetter, Event, EventError, JoinedSample};
 use crate::stream::{Offset, Record, StreamLog};
+use crate::telemetry;
 
 const CHECKPOINT_FORMAT: u32 = 1;
 
@@ -282,6 +284,48 @@ pub struct JoinTask {
     /// it when the current one is unreadable, so the logs' retention holds stay there.
     held: Resume,
     fault: Option<FaultHook>,
+    /// The spans of traced impressions and actions still open in the window, so that their
+    /// sample's span continues the impression's trace and links the action's. Memory only: a
+    /// restarted joiner emits the samples of impressions it saw before untraced.
+    traced: TracedEvents,
+}
+
+/// Traced events of one partition by (request id, item), the newest [`TRACED_EVENTS`] kept.
+#[derive(Debug, Default)]
+struct TracedEvents {
+    impressions: std::collections::HashMap<(String, String), TraceContext>,
+    actions: std::collections::HashMap<(String, String), TraceContext>,
+    order: std::collections::VecDeque<(bool, (String, String))>,
+}
+
+/// Traced events a joiner remembers at most: traces are sampled, so a few per window.
+const TRACED_EVENTS: usize = 4096;
+
+impl TracedEvents {
+    fn remember(&mut self, impression: bool, key: (String, String), cx: TraceContext) {
+        let map = if impression {
+            &mut self.impressions
+        } else {
+            &mut self.actions
+        };
+        if map.insert(key.clone(), cx).is_none() {
+            self.order.push_back((impression, key));
+        }
+        while self.order.len() > TRACED_EVENTS {
+            if let Some((imp, old)) = self.order.pop_front() {
+                let map = if imp {
+                    &mut self.impressions
+                } else {
+                    &mut self.actions
+                };
+                map.remove(&old);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 /// Where a checkpoint resumes each log: the first offsets it reads again.
@@ -463,6 +507,7 @@ impl JoinTask {
             last_checkpoint: Instant::now(),
             counters: TaskCounters::default(),
             warned: (0, 0, 0),
+            traced: TracedEvents::default(),
             held,
             fault: None,
             args,
@@ -550,6 +595,7 @@ impl JoinTask {
                 }
                 Ok(e)
             });
+            let parsed = parsed.inspect(|e| self.trace_received(e, r.offset));
             let result = parsed.and_then(|e| self.window.on_event(r.offset, e, &mut emits));
             if let Err(e) = result {
                 self.window.counters_mut().malformed += 1;
@@ -566,7 +612,10 @@ impl JoinTask {
         let mut samples = Vec::new();
         for e in emits {
             match e {
-                Emit::Sample(s) => samples.push(s.to_msgpack()),
+                Emit::Sample(s) => {
+                    self.trace_emitted(&s);
+                    samples.push(s.to_msgpack());
+                }
                 Emit::Orphan {
                     offset,
                     action,
@@ -620,6 +669,55 @@ impl JoinTask {
             self.checkpoint()?;
         }
         Ok(n)
+    }
+
+    /// A traced event's `process` span, a child of the request that appended it.
+    fn trace_received(&mut self, e: &Event, offset: Offset) {
+        let trace = e.trace();
+        if !telemetry::enabled() || !trace.is_sampled() {
+            return;
+        }
+        let (impression, request_id, item) = match e {
+            Event::Impression(i) => (true, &i.request_id, &i.item),
+            Event::Action(a) => (false, &a.request_id, &a.item),
+        };
+        let span = telemetry::received(&trace, || {
+            tracing::info_span!(target: telemetry::TARGET, "events process",
+                otel.kind = "consumer", messaging.system = "freshet",
+                messaging.operation.type = "process", messaging.operation.name = "join",
+                messaging.destination.name = self.args.events.topic(),
+                messaging.destination.partition.id = self.args.partition as i64,
+                messaging.message.id = offset as i64,
+                freshet.event = if impression { "impression" } else { "action" },
+                freshet.request_id = %request_id, freshet.item = %item)
+        });
+        let key = (request_id.clone(), item.clone());
+        self.traced
+            .remember(impression, key, telemetry::context_of(&span));
+    }
+
+    /// The `send` span of a sample whose impression was traced: a child of the impression's
+    /// `process` span, linked to the traced action that labelled it.
+    fn trace_emitted(&self, s: &JoinedSample) {
+        if self.traced.is_empty() || !telemetry::enabled() {
+            return;
+        }
+        let key = (s.request_id.clone(), s.item.clone());
+        let Some(parent) = self.traced.impressions.get(&key) else {
+            return;
+        };
+        let span = telemetry::received(parent, || {
+            tracing::info_span!(target: telemetry::TARGET, "samples send",
+                otel.kind = "producer", messaging.system = "freshet",
+                messaging.operation.type = "send", messaging.operation.name = "append",
+                messaging.destination.name = self.args.samples.topic(),
+                messaging.destination.partition.id = self.args.partition as i64,
+                freshet.sample.kind = ?s.kind, freshet.request_id = %s.request_id,
+                freshet.item = %s.item)
+        });
+        if let Some(action) = self.traced.actions.get(&key) {
+            telemetry::link_to(&span, action);
+        }
     }
 
     fn warn_on_capacity(&mut self) {

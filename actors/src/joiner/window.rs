@@ -693,6 +693,7 @@ mod tests {
             user: "u".into(),
             item: item.into(),
             features: Snapshot::default(),
+            traceparent: None,
         })
     }
 
@@ -703,6 +704,7 @@ mod tests {
             time_ms: t,
             kind: kind.into(),
             value: None,
+            traceparent: None,
         })
     }
 

@@ -48,6 +48,7 @@ use crate::supervisor::{
     ChildSpec, ChildStatus, Intensity, RestartError, StartFn, Strategy, SupervisorArgs,
     SupervisorHandle,
 };
+use crate::telemetry;
 use crate::training::feed::{ReplayError, ReplayPlan};
 use crate::training::{FreshModel, TrainStart, TrainerActorHandle, TrainerArgs, TrainerStatus};
 
@@ -491,8 +492,18 @@ async fn rollback(ctx: &Ctx, v: u64) -> Result<(), CommandError> {
     store
         .chain(v)
         .map_err(|e| CommandError::Conflict(format!("version {v} cannot be restored: {e}")))?;
+    let span = if telemetry::enabled() {
+        tracing::info_span!(target: telemetry::TARGET, "supervision.rollback",
+            freshet.version = v as i64, freshet.step = m.step as i64,
+            freshet.sample_offsets = ?m.sample_offsets)
+    } else {
+        tracing::Span::none()
+    };
     // Serving first: it switches at once, before training rewinds.
-    for err in ctx.replicas.publish(v) {
+    for err in ctx
+        .replicas
+        .publish_traced(v, &telemetry::context_of(&span))
+    {
         tracing::warn!(version = v, error = %err, "a replica missed the rollback");
     }
     ctx.plan().rollback_to = Some(v);
@@ -729,6 +740,13 @@ impl PipelineHandle {
 
     /// Re-consumes `plan` before live samples; the next version records it.
     pub async fn replay(&self, plan: ReplayPlan) -> Result<(), CommandError> {
+        let _span = if telemetry::enabled() {
+            tracing::info_span!(target: telemetry::TARGET, "supervision.replay",
+                freshet.partition = plan.partition as i64, freshet.from = plan.from as i64,
+                freshet.to = plan.to as i64, freshet.skip = ?plan.skip)
+        } else {
+            tracing::Span::none()
+        };
         plan.check(&*self.ctx.cfg.logs.samples)
             .map_err(|e| match e {
                 ReplayError::Log(e) => CommandError::Failed(
@@ -759,6 +777,28 @@ impl PipelineHandle {
     /// Installs version `version` (default: newest) of the base store as the online model,
     /// and resumes training from its sample-log offsets.
     pub async fn calibrate(
+        &self,
+        base: PathBuf,
+        version: Option<u64>,
+    ) -> Result<u64, CommandError> {
+        let span = if telemetry::enabled() {
+            tracing::info_span!(target: telemetry::TARGET, "supervision.calibrate",
+                freshet.base = %base.display(), freshet.base_version = version.map(|v| v as i64),
+                freshet.version = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let installed = self.calibrate_inner(base, version).await;
+        match &installed {
+            Ok(v) => {
+                span.record("freshet.version", *v as i64);
+            }
+            Err(e) => telemetry::set_attribute(&span, "error.message", e.to_string()),
+        }
+        installed
+    }
+
+    async fn calibrate_inner(
         &self,
         base: PathBuf,
         version: Option<u64>,

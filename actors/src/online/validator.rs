@@ -40,13 +40,14 @@ use super::gate::{due, judge, GateConfig, Publish};
 use crate::ckpt::writer::CheckpointHandle;
 use crate::ckpt::{CkptError, Manifest, ModelStore, Validation};
 use crate::dense::Threads;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TraceContext};
 use crate::fault::Faults;
 use crate::metrics::{evaluate, Evaluation, WindowedAuc};
 use crate::sample::SampleBlock;
 use crate::serving::ReplicaSet;
 use crate::serving::{ModelDelta, ServingModel};
 use crate::stream::StreamLog;
+use crate::telemetry;
 use crate::training::feed::SampleFeed;
 
 /// Called with the version to roll back to when the alert rises and `auto_rollback` is on.
@@ -131,6 +132,8 @@ struct Eval {
     candidate_preds: Vec<f32>,
     serving_preds: Vec<f32>,
     labels: Vec<f32>,
+    /// `version.validate`, a child of the version's life; it ends with the verdict.
+    span: tracing::Span,
 }
 
 pub struct ValidatorState {
@@ -147,7 +150,12 @@ pub struct ValidatorState {
     serving_window: WindowedAuc,
     candidate_window: WindowedAuc,
     polling: bool,
+    /// The trace of each waiting or scored version's life, when it is traced.
+    lives: std::collections::BTreeMap<u64, TraceContext>,
 }
+
+/// Versions whose trace the validator remembers at most (the oldest go first).
+const LIVES: usize = 64;
 
 impl std::fmt::Debug for ValidatorState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -214,6 +222,7 @@ impl ValidatorState {
                     // The writer moved on faster than the validator scores; a newer version
                     // is on its way.
                     tracing::warn!(version = m.version, error = %format!("{e:#}"), "a candidate was deleted by retention before it was scored");
+                    self.lives.remove(&m.version);
                     self.status.skipped += 1;
                     continue;
                 }
@@ -228,6 +237,20 @@ impl ValidatorState {
                 self.block = SampleBlock::for_schema(&m.schema);
                 self.begin(&m);
             } else {
+                if let Some(life) = self.lives.remove(&m.version) {
+                    let span = telemetry::received(&life, || {
+                        tracing::info_span!(target: telemetry::TARGET, "version.validate",
+                            freshet.version = m.version as i64, freshet.skipped = true)
+                    });
+                    telemetry::add_event(
+                        &span,
+                        "skipped",
+                        vec![(
+                            "reason",
+                            "a newer version arrived before it was scored".into(),
+                        )],
+                    );
+                }
                 self.status.skipped += 1;
             }
         }
@@ -236,7 +259,13 @@ impl ValidatorState {
     fn begin(&mut self, m: &Manifest) {
         pin(&self.args.store, PIN_EVALUATING, m.version);
         let schema = &m.schema;
+        let life = self.lives.get(&m.version).cloned().unwrap_or_default();
+        let span = telemetry::received(&life, || {
+            tracing::info_span!(target: telemetry::TARGET, "version.validate",
+                freshet.version = m.version as i64, freshet.publish = ?self.args.gate.publish)
+        });
         self.eval = Some(Eval {
+            span,
             version: m.version,
             feed: SampleFeed::new(
                 schema,
@@ -287,10 +316,20 @@ impl ValidatorState {
         }
     }
 
-    /// Sends `v` to every replica.
-    fn publish(&mut self, v: u64) {
+    /// Sends `v` to every replica; `parent` is the span of the version's life that decided
+    /// it, if traced.
+    fn publish(&mut self, v: u64, parent: &TraceContext, why: &'static str) {
         self.status.published += 1;
-        for err in self.args.replicas.publish(v) {
+        let span = telemetry::received(parent, || {
+            tracing::info_span!(target: telemetry::TARGET, "version.publish",
+                freshet.version = v as i64, freshet.reason = why,
+                freshet.replicas = self.args.replicas.handles().len() as i64)
+        });
+        for err in self
+            .args
+            .replicas
+            .publish_traced(v, &telemetry::context_of(&span))
+        {
             tracing::warn!(version = v, error = %err, "a replica missed a publication");
         }
     }
@@ -350,7 +389,7 @@ impl ValidatorState {
             tracing::warn!(version = failed, to, "withdrawing the failed version from serving; publishing pauses until a candidate passes");
             self.status.withdrawn += 1;
             self.status.publish_paused = true;
-            self.publish(to);
+            self.publish(to, &TraceContext::none(), "withdrawn_to_reference");
         }
     }
 
@@ -366,6 +405,7 @@ impl ValidatorState {
         let Some(e) = self.eval.take() else {
             return Ok(());
         };
+        self.lives.remove(&e.version);
         let cand = evaluate(&e.candidate_preds, &e.labels);
         let serving = e
             .serving
@@ -419,6 +459,27 @@ impl ValidatorState {
             }
             Err(err) => return Err(err.into()),
         };
+        if telemetry::is_sampled(&e.span) {
+            telemetry::set_attribute(&e.span, "freshet.passed", validation.passed);
+            telemetry::set_attribute(&e.span, "freshet.samples", validation.samples as i64);
+            for (k, v) in &validation.metrics {
+                let key = match k.as_str() {
+                    "logloss" => "freshet.logloss",
+                    "auc" => "freshet.auc",
+                    "calibration" => "freshet.calibration",
+                    "serving_version" => "freshet.reference.version",
+                    "serving_logloss" => "freshet.reference.logloss",
+                    "serving_auc" => "freshet.reference.auc",
+                    "serving_calibration" => "freshet.reference.calibration",
+                    _ => continue,
+                };
+                telemetry::set_attribute(&e.span, key, *v);
+            }
+            if let Some(r) = &validation.reason {
+                telemetry::set_attribute(&e.span, "freshet.reason", r.clone());
+            }
+        }
+        let judged = telemetry::context_of(&e.span);
         self.status.last_verdict = Some((e.version, validation));
         match verdict {
             Ok(()) => {
@@ -429,7 +490,7 @@ impl ValidatorState {
                     self.status.last_passed = Some(e.version);
                     pin(&self.args.store, PIN_PASSED, e.version);
                     match self.args.gate.publish {
-                        Publish::AfterValidation => self.publish(e.version),
+                        Publish::AfterValidation => self.publish(e.version, &judged, "passed"),
                         Publish::Guarded => {
                             if !e.candidate_served {
                                 self.status.publish_paused = false;
@@ -437,7 +498,7 @@ impl ValidatorState {
                                     version = e.version,
                                     "a candidate passed; publishing resumes"
                                 );
-                                self.publish(e.version);
+                                self.publish(e.version, &judged, "passed_after_pause");
                             }
                             // A copy, not the candidate itself: the candidate moves on with
                             // the next deltas, the reference stays this version.
@@ -521,14 +582,12 @@ impl Actor for Validator {
         myself: ActorRef<ValidatorMsg>,
         args: ValidatorArgs,
     ) -> Result<ValidatorState, ActorProcessingErr> {
-        let mut rx: mpsc::UnboundedReceiver<Manifest> = args.writer.subscribe()?;
+        let mut rx: mpsc::UnboundedReceiver<Envelope<Manifest>> = args.writer.subscribe()?;
         let me = myself.clone();
         tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if me
-                    .cast(Envelope::new(ValidatorRequest::Candidate(Box::new(m))))
-                    .is_err()
-                {
+                let candidate = ValidatorRequest::Candidate(Box::new(m.body));
+                if me.cast(Envelope::with_trace(m.trace, candidate)).is_err() {
                     break;
                 }
             }
@@ -557,6 +616,7 @@ impl Actor for Validator {
             serving_window: WindowedAuc::new(WINDOW, 10_000),
             candidate_window: WindowedAuc::new(WINDOW, 10_000),
             polling: false,
+            lives: Default::default(),
             args,
         })
     }
@@ -573,8 +633,14 @@ impl Actor for Validator {
                 if m.rolled_back.is_some() {
                     return Ok(());
                 }
+                if msg.trace.is_sampled() {
+                    st.lives.insert(m.version, msg.trace.clone());
+                    while st.lives.len() > LIVES {
+                        st.lives.pop_first();
+                    }
+                }
                 if st.args.gate.publish == Publish::Guarded && !st.status.publish_paused {
-                    st.publish(m.version);
+                    st.publish(m.version, &msg.trace, "guarded");
                 }
                 st.waiting.push_back(*m);
                 if st.eval.is_none() {

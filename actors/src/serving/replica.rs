@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{CellStats, ModelCell, ModelDelta, ServingError, ServingModel};
 use crate::ckpt::ModelStore;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TraceContext};
 use crate::fault::Faults;
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct ReplicaArgs {
@@ -117,8 +118,14 @@ impl Actor for ServingReplica {
         msg: Self::Msg,
         st: &mut ReplicaState,
     ) -> Result<(), ActorProcessingErr> {
+        let trace = msg.trace;
         match msg.body {
             ReplicaRequest::Publish(v) => {
+                let span = telemetry::received(&trace, || {
+                    tracing::info_span!(target: telemetry::TARGET, "replica.apply",
+                        freshet.replica = %st.args.name, freshet.version = v as i64,
+                        freshet.load = tracing::field::Empty)
+                });
                 st.args.faults.check("replica.publish");
                 st.status.publishes += 1;
                 // Reading and applying a version is blocking file and memory work.
@@ -130,10 +137,19 @@ impl Actor for ServingReplica {
                 let r = tokio::task::spawn_blocking(move || bring_to(&store, &cell, &name, v))
                     .await
                     .unwrap_or_else(|e| Err(ServingError::Model(format!("publish task: {e}"))));
+                span.record(
+                    "freshet.load",
+                    match &r {
+                        Ok(true) => "full",
+                        Ok(false) => "delta",
+                        Err(_) => "failed",
+                    },
+                );
                 match r {
                     Ok(true) => st.status.full_loads += 1,
                     Ok(false) => {}
                     Err(e) => {
+                        telemetry::set_attribute(&span, "error.type", "apply_failed");
                         tracing::error!(replica = %st.args.name, version = v, error = %e, "could not serve the published version; still serving the previous one");
                         st.status.failures += 1;
                         st.status.last_error = Some(format!("version {v}: {e}"));
@@ -190,8 +206,14 @@ impl ReplicaHandle {
 
     /// Asks the replica to serve version `v` (applied in the order publishes are sent).
     pub fn publish(&self, v: u64) -> Result<(), ServingError> {
+        self.publish_traced(v, TraceContext::none())
+    }
+
+    /// [`ReplicaHandle::publish`] as part of `trace` (the version's life): the replica's apply
+    /// is a child span of it.
+    pub fn publish_traced(&self, v: u64, trace: TraceContext) -> Result<(), ServingError> {
         self.actor
-            .send_message(Envelope::new(ReplicaRequest::Publish(v)))
+            .send_message(Envelope::with_trace(trace, ReplicaRequest::Publish(v)))
             .map_err(|e| ServingError::Model(format!("the replica is not running: {e}")))
     }
 

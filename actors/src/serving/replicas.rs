@@ -34,9 +34,18 @@ impl ReplicaSet {
 
     /// Sends version `v` to every replica; returns the errors of those that are down.
     pub fn publish(&self, v: u64) -> Vec<ServingError> {
+        self.publish_traced(v, &crate::envelope::TraceContext::none())
+    }
+
+    /// [`ReplicaSet::publish`] as part of `trace`: each replica's apply is a child of it.
+    pub fn publish_traced(
+        &self,
+        v: u64,
+        trace: &crate::envelope::TraceContext,
+    ) -> Vec<ServingError> {
         self.handles()
             .iter()
-            .filter_map(|h| h.publish(v).err())
+            .filter_map(|h| h.publish_traced(v, trace.clone()).err())
             .collect()
     }
 

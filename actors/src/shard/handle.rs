@@ -8,6 +8,7 @@ use crate::ckpt::ModelStore;
 use crate::embedding::{ApplyReport, Changes, EmbeddingError, ShardDelta, ShardSnapshot, TrainCtx};
 use crate::envelope::{Envelope, TraceContext};
 use crate::ids::{FeatureId, ShardId, TableName};
+use crate::telemetry;
 
 use super::*;
 
@@ -185,7 +186,7 @@ impl ShardHandle {
         keys: Vec<FeatureId>,
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
-        self.send_lookup_for_training(table, keys, ctx)?
+        self.send_lookup_for_training(table, keys, ctx, &tracing::Span::none())?
             .wait()
             .await
     }
@@ -205,22 +206,33 @@ impl ShardHandle {
         })
     }
 
-    /// [`ShardHandle::lookup_for_training`], sent now and answered later.
+    /// [`ShardHandle::lookup_for_training`], sent now and answered later. When `step` is a
+    /// sampled span, the request gets a client span under it that ends with the answer, and
+    /// the owner's span, on whichever node it runs, continues it.
     pub fn send_lookup_for_training(
         &self,
         table: &TableName,
         keys: Vec<FeatureId>,
         ctx: TrainCtx,
+        step: &tracing::Span,
     ) -> Result<Pending<Vec<f32>>, ShardError> {
+        let span = if telemetry::is_sampled(step) {
+            tracing::info_span!(target: telemetry::TARGET, parent: step, "shard.lookup",
+                otel.kind = "client", freshet.shard = i64::from(self.shard), freshet.table = %table,
+                freshet.keys = keys.len() as i64, freshet.step = ctx.step as i64)
+        } else {
+            tracing::Span::none()
+        };
         let table = table.clone();
-        self.send(TraceContext::none(), |reply| {
+        let pending = self.send(telemetry::context_of(&span), |reply| {
             ShardRequest::LookupForTraining {
                 table,
                 keys,
                 ctx,
                 reply,
             }
-        })
+        })?;
+        Ok(pending.ending(span))
     }
 
     /// Puts a request in the owner's mailbox now and returns its answer to await later.
@@ -245,6 +257,7 @@ impl ShardHandle {
         Ok(Pending {
             shard: self.shard,
             reply: rx,
+            span: tracing::Span::none(),
         })
     }
 
@@ -255,26 +268,41 @@ impl ShardHandle {
         grads: Vec<f32>,
         ctx: TrainCtx,
     ) -> Result<ApplyReport, ShardError> {
-        self.send_gradients(table, keys, grads, ctx)?.wait().await
+        self.send_gradients(table, keys, grads, ctx, &tracing::Span::none())?
+            .wait()
+            .await
     }
 
     /// The gradients, sent now and answered later: every request sent to this owner after
     /// this returns sees them applied.
+    /// With `step` a sampled span, the push is traced as
+    /// [`ShardHandle::send_lookup_for_training`] is; its span ends when the owner applied it.
     pub fn send_gradients(
         &self,
         table: &TableName,
         keys: Vec<FeatureId>,
         grads: Vec<f32>,
         ctx: TrainCtx,
+        step: &tracing::Span,
     ) -> Result<Pending<ApplyReport>, ShardError> {
+        let span = if telemetry::is_sampled(step) {
+            tracing::info_span!(target: telemetry::TARGET, parent: step, "shard.push",
+                otel.kind = "client", freshet.shard = i64::from(self.shard), freshet.table = %table,
+                freshet.keys = keys.len() as i64, freshet.step = ctx.step as i64)
+        } else {
+            tracing::Span::none()
+        };
         let table = table.clone();
-        self.send(TraceContext::none(), |reply| ShardRequest::ApplyGradients {
-            table,
-            keys,
-            grads,
-            ctx,
-            reply,
-        })
+        let pending = self.send(telemetry::context_of(&span), |reply| {
+            ShardRequest::ApplyGradients {
+                table,
+                keys,
+                grads,
+                ctx,
+                reply,
+            }
+        })?;
+        Ok(pending.ending(span))
     }
 
     pub async fn changes_since(
@@ -377,12 +405,21 @@ impl ShardHandle {
 pub struct Pending<T> {
     shard: ShardId,
     reply: ractor::concurrency::OneshotReceiver<Result<T, EmbeddingError>>,
+    /// The request's client span, if traced: it ends when the answer is in.
+    span: tracing::Span,
 }
 
 impl<T> Pending<T> {
+    fn ending(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
+    }
+
     /// Waits for the owner's answer.
     pub async fn wait(self) -> Result<T, ShardError> {
-        match self.reply.await {
+        let answer = self.reply.await;
+        drop(self.span);
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(EmbeddingError::Unreachable(reason))) => Err(ShardError::Unavailable {
                 shard: self.shard,

@@ -25,6 +25,7 @@ use crate::embedding::{
 use crate::envelope::Envelope;
 use crate::fault::Faults;
 use crate::ids::{FeatureId, ShardId, TableName};
+use crate::telemetry;
 
 /// What a shard request can fail with.
 #[derive(Debug, Error)]
@@ -193,6 +194,7 @@ impl Actor for ShardOwner {
         // A reply that cannot be delivered means the caller gave up (timeout or drop); there
         // is no one left to tell, so the send result is deliberately ignored.
         let c = &mut st.counters;
+        let trace = msg.trace;
         match msg.body {
             ShardRequest::Lookup { table, keys, reply } => {
                 c.lookups += 1;
@@ -212,6 +214,12 @@ impl Actor for ShardOwner {
             } => {
                 c.training_lookups += 1;
                 c.keys_looked_up += keys.len() as u64;
+                let span = telemetry::received(&trace, || {
+                    tracing::info_span!(target: telemetry::TARGET, "shard.lookup.serve",
+                        otel.kind = "server", freshet.shard = i64::from(st.args.shard),
+                        freshet.table = %table, freshet.keys = keys.len() as i64)
+                });
+                let _entered = span.enter();
                 let r = st.shard.table_mut(&table).and_then(|t| {
                     let mut out = Vec::with_capacity(keys.len() * t.dim());
                     t.lookup_for_training(&keys, &ctx, &mut out).map(|()| out)
@@ -226,6 +234,12 @@ impl Actor for ShardOwner {
                 ctx,
                 reply,
             } => {
+                let span = telemetry::received(&trace, || {
+                    tracing::info_span!(target: telemetry::TARGET, "shard.push.apply",
+                        otel.kind = "server", freshet.shard = i64::from(st.args.shard),
+                        freshet.table = %table, freshet.keys = keys.len() as i64)
+                });
+                let _entered = span.enter();
                 st.args.faults.check("shard.apply");
                 c.gradient_batches += 1;
                 let r = st

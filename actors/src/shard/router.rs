@@ -283,23 +283,25 @@ impl ShardRouter {
         plan: &ShardPlan,
         ctx: TrainCtx,
     ) -> Result<Vec<f32>, ShardError> {
-        self.send_lookup_for_training(table, dim, plan, ctx)?
+        self.send_lookup_for_training(table, dim, plan, ctx, &tracing::Span::none())?
             .wait(plan)
             .await
     }
 
     /// Puts each shard's part of `plan`'s training lookup in its owner's mailbox before
     /// returning, behind whatever was sent to it before (a previous step's gradients, say);
-    /// the rows come with [`PendingRows::wait`].
+    /// the rows come with [`PendingRows::wait`]. A sampled `step` span gets a child span per
+    /// shard asked.
     pub fn send_lookup_for_training(
         &self,
         table: &TableName,
         dim: usize,
         plan: &ShardPlan,
         ctx: TrainCtx,
+        step: &tracing::Span,
     ) -> Result<PendingRows, ShardError> {
         self.send_rows(plan, dim, |h, ks| {
-            h.send_lookup_for_training(table, ks, ctx)
+            h.send_lookup_for_training(table, ks, ctx, step)
         })
     }
 
@@ -312,15 +314,23 @@ impl ShardRouter {
         grads: &[f32],
         ctx: TrainCtx,
     ) -> Result<ApplyReport, ShardError> {
-        self.send_gradients(table, dim, &self.plan(keys), grads, ctx)?
-            .wait()
-            .await
+        self.send_gradients(
+            table,
+            dim,
+            &self.plan(keys),
+            grads,
+            ctx,
+            &tracing::Span::none(),
+        )?
+        .wait()
+        .await
     }
 
     /// Puts each shard's part of `grads` (`dim` floats per key of `plan`, in the plan's key
     /// order) in its owner's mailbox before returning; the answers come with
     /// [`PendingGradients::wait`]. What any caller sends a shard after this returns sees the
-    /// gradients applied (see [`ShardHandle::send_gradients`]).
+    /// gradients applied (see [`ShardHandle::send_gradients`]). A sampled `step` span gets a
+    /// child span per shard pushed to.
     pub fn send_gradients(
         &self,
         table: &TableName,
@@ -328,6 +338,7 @@ impl ShardRouter {
         plan: &ShardPlan,
         grads: &[f32],
         ctx: TrainCtx,
+        step: &tracing::Span,
     ) -> Result<PendingGradients, ShardError> {
         self.check_plan(plan);
         assert_eq!(
@@ -344,7 +355,7 @@ impl ShardRouter {
             for &i in pos {
                 g.extend_from_slice(&grads[i * dim..(i + 1) * dim]);
             }
-            pending.push(self.shards[s].send_gradients(table, ks.clone(), g, ctx)?);
+            pending.push(self.shards[s].send_gradients(table, ks.clone(), g, ctx, step)?);
         }
         Ok(PendingGradients { pending })
     }

@@ -99,7 +99,9 @@ async fn a_lookup_after_sent_gradients_sees_them() {
         assert_eq!(a, b, "seed {seed} step {step}");
         let grads: Vec<f32> = (0..keys.len() * 8).map(|_| rng.next_f32() - 0.5).collect();
         // Not awaited before the next lookup.
-        let pending = piped.send_gradients(&user, 8, &plan, &grads, ctx).unwrap();
+        let pending = piped
+            .send_gradients(&user, 8, &plan, &grads, ctx, &tracing::Span::none())
+            .unwrap();
         let want = waited
             .apply_gradients(&user, 8, &keys, &grads, ctx)
             .await

@@ -43,6 +43,7 @@ use crate::fault::Faults;
 use crate::sample::SampleBlock;
 use crate::shard::ShardRouter;
 use crate::stream::{Offset, StreamLog};
+use crate::telemetry;
 
 /// Where a (re)started trainer begins.
 #[derive(Clone, Debug, Default)]
@@ -215,13 +216,24 @@ impl TrainerActorState {
             self.dead_letter(pulled.rejected)?;
         }
         if pulled.rows > 0 {
+            // Hundreds of steps a second: the sampler's ratio decides which are kept, and an
+            // unkept one makes no child spans.
+            let span = if telemetry::enabled() {
+                tracing::info_span!(target: telemetry::TARGET, "train.step",
+                    freshet.step = self.trainer.step() as i64 + 1, freshet.rows = pulled.rows as i64,
+                    freshet.replay = pulled.from_replay)
+            } else {
+                tracing::Span::none()
+            };
             let rep = self
                 .trainer
-                .train_batch(
+                .train_batch_traced(
                     &self.block,
                     0..pulled.rows,
+                    None,
                     &self.args.shards,
                     &self.args.threads,
+                    &span,
                 )
                 .await
                 .context("training step")?;

@@ -209,6 +209,21 @@ impl Trainer {
         router: &ShardRouter,
         threads: &Threads,
     ) -> anyhow::Result<StepReport> {
+        self.train_batch_traced(block, range, next, router, threads, &tracing::Span::none())
+            .await
+    }
+
+    /// [`Trainer::train_batch_ahead`] as part of `step`'s trace: when `step` is sampled, each
+    /// shard's lookup and push and the dense step are its children.
+    pub async fn train_batch_traced(
+        &mut self,
+        block: &SampleBlock,
+        range: Range<usize>,
+        next: Option<Range<usize>>,
+        router: &ShardRouter,
+        threads: &Threads,
+        step: &tracing::Span,
+    ) -> anyhow::Result<StepReport> {
         let rows = range.len();
         if rows == 0 {
             return Ok(StepReport::default());
@@ -230,7 +245,7 @@ impl Trainer {
         let sent: anyhow::Result<Vec<_>> = (self.scorer.tables.iter().zip(&self.scorer.cur.tables))
             .map(|(t, tb)| {
                 router
-                    .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx)
+                    .send_lookup_for_training(&t.name, t.row_dim, &tb.plan, ctx, step)
                     .with_context(|| {
                         format!("looking up {} keys of table {}", tb.keys.len(), t.name)
                     })
@@ -268,7 +283,16 @@ impl Trainer {
                 format!("looking up {} keys of table {}", tb.keys.len(), t.name)
             })?;
         }
-        report.loss_sum = self.train_dense(block, &range, threads);
+        report.loss_sum = {
+            let span = if crate::telemetry::is_sampled(step) {
+                tracing::info_span!(target: crate::telemetry::TARGET, parent: step,
+                    "train.dense", freshet.rows = rows as i64)
+            } else {
+                tracing::Span::none()
+            };
+            let _entered = span.enter();
+            self.train_dense(block, &range, threads)
+        };
         report.unique_keys = self.scorer.cur.tables.iter().map(|tb| tb.keys.len()).sum();
         report.row_floats = (self.scorer.tables.iter())
             .zip(&self.scorer.cur.tables)
@@ -276,7 +300,7 @@ impl Trainer {
             .sum();
         for (t, tb) in self.scorer.tables.iter().zip(&self.scorer.cur.tables) {
             let sent = router
-                .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx)
+                .send_gradients(&t.name, t.row_dim, &tb.plan, &tb.grads, ctx, step)
                 .with_context(|| format!("pushing gradients of table {}", t.name))?;
             self.pending.push((t.name.clone(), self.step, sent));
         }
