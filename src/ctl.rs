@@ -163,6 +163,15 @@ pub(crate) fn request(
 
 /// Status and body of an HTTP/1.1 response read to the end of the connection.
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let (status, _, body) = parse_response_full(raw)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Status, headers (names in lower case) and body of an HTTP/1.1 response read to the end of
+/// the connection; a chunked body is put back together.
+pub(crate) fn parse_response_full(
+    raw: &[u8],
+) -> anyhow::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -171,19 +180,33 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status: u16 = status_line
-        .split(' ')
-        .nth(1)
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.split(' ').nth(1))
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("not an HTTP status line: {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
+    let mut headers = Vec::new();
+    for l in lines {
+        let (k, v) = l
+            .split_once(':')
+            .with_context(|| format!("a header line without a colon: {l:?}"))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
     let mut body = raw[split + 4..].to_vec();
     if chunked {
         body = dechunk(&body)?;
+    } else if let Some((_, n)) = headers.iter().find(|(k, _)| k == "content-length") {
+        let n: usize = n.parse().with_context(|| format!("Content-Length {n:?}"))?;
+        anyhow::ensure!(
+            body.len() >= n,
+            "the body is cut short: {} of {n} bytes",
+            body.len()
+        );
+        body.truncate(n);
     }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, headers, body))
 }
 
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {

@@ -8,7 +8,7 @@
 //!
 //! No endpoint, no export: the layer is not installed and flows create no span at all.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,6 +134,27 @@ impl ExportConfig {
         if !(0.0..=1.0).contains(&ratio) {
             bail!("the sampler's ratio {ratio} is not between 0 and 1");
         }
+        for var in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Some(p) = env(var).filter(|p| p.trim() != "http/protobuf") {
+                bail!("{var} {p:?}: Freshet exports OTLP over http/protobuf only");
+            }
+        }
+        let timeout_ms = match [
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ]
+        .into_iter()
+        .find_map(|var| env(var).map(|v| (var, v)))
+        {
+            Some((var, v)) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("{var} {v:?}: expected milliseconds, as 10000"))?,
+            None => s.export_timeout_ms,
+        };
         Ok(Some(Self {
             traces_url,
             sampler,
@@ -141,7 +162,7 @@ impl ExportConfig {
             queue: s.queue_spans.max(1),
             batch: s.batch_spans.max(1),
             interval: Duration::from_millis(s.export_interval_ms.max(1)),
-            timeout: Duration::from_millis(s.export_timeout_ms.max(1)),
+            timeout: Duration::from_millis(timeout_ms.max(1)),
         }))
     }
 }
@@ -357,7 +378,9 @@ fn export_loop<E: SpanExporter>(
 ) {
     let mut spans: Vec<SpanData> = Vec::with_capacity(batch);
     let mut due = Instant::now() + interval;
-    let send = |spans: &mut Vec<SpanData>| {
+    // A receiver that is down fails every batch: said once a minute, counted always.
+    let mut warned: Option<Instant> = None;
+    let mut send = |spans: &mut Vec<SpanData>| {
         if spans.is_empty() {
             return;
         }
@@ -369,7 +392,15 @@ fn export_loop<E: SpanExporter>(
             Err(e) => {
                 stats.batches_failed.fetch_add(1, Ordering::Relaxed);
                 stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(error = %e, spans = n, "a span batch was not exported");
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(
+                        error = %e,
+                        dropped_export_failed = stats.dropped_export_failed.load(Ordering::Relaxed),
+                        dropped_queue_full = stats.dropped_queue_full.load(Ordering::Relaxed),
+                        "the OTLP receiver took no spans; they are dropped, the pipeline goes on"
+                    );
+                }
             }
         }
     };
@@ -570,66 +601,18 @@ impl BlockingHttp {
         stream.write_all(head.as_bytes())?;
         stream.write_all(request.body())?;
         stream.flush()?;
-        read_response(BufReader::new(stream.take(MAX_RESPONSE)))
+        read_response(stream.take(MAX_RESPONSE))
     }
 }
 
-/// Parses an HTTP/1.1 response read to its end (the request asked to close).
-fn read_response(mut r: impl BufRead) -> anyhow::Result<http::Response<bytes::Bytes>> {
-    let mut line = String::new();
-    r.read_line(&mut line).context("reading the status line")?;
-    let mut parts = line.split_whitespace();
-    let status: u16 = match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => code
-            .parse()
-            .with_context(|| format!("a status line {:?}", line.trim_end()))?,
-        _ => bail!("not an HTTP response: {:?}", line.trim_end()),
-    };
+/// An HTTP/1.1 response read to its end (the request asked to close).
+fn read_response(mut r: impl Read) -> anyhow::Result<http::Response<bytes::Bytes>> {
+    let mut raw = Vec::new();
+    r.read_to_end(&mut raw).context("reading the answer")?;
+    let (status, headers, body) = crate::ctl::parse_response_full(&raw)?;
     let mut builder = http::Response::builder().status(status);
-    let mut length = None;
-    let mut chunked = false;
-    loop {
-        line.clear();
-        if r.read_line(&mut line).context("reading the headers")? == 0 {
-            bail!("the response ended in its headers");
-        }
-        let h = line.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let Some((k, v)) = h.split_once(':') else {
-            bail!("a header without a colon: {h:?}");
-        };
-        let (k, v) = (k.trim(), v.trim());
-        if k.eq_ignore_ascii_case("content-length") {
-            length = Some(v.parse::<u64>().context("Content-Length")?);
-        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked") {
-            chunked = true;
-        }
+    for (k, v) in headers {
         builder = builder.header(k, v);
-    }
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line).context("reading a chunk's size")?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .with_context(|| format!("a chunk size {:?}", line.trim()))?;
-            if size == 0 {
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            r.read_exact(&mut body[start..])
-                .context("reading a chunk")?;
-            line.clear();
-            r.read_line(&mut line)?;
-        }
-    } else if let Some(n) = length {
-        body.resize(n as usize, 0);
-        r.read_exact(&mut body).context("reading the body")?;
-    } else {
-        r.read_to_end(&mut body).context("reading the body")?;
     }
     builder
         .body(bytes::Bytes::from(body))
@@ -703,6 +686,17 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(c.traces_url, "http://127.0.0.1:7/custom");
+        assert_eq!(c.timeout, Duration::from_millis(5_000));
+        let c = ExportConfig::resolve(
+            &s,
+            env_of(&[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "250"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(250));
         assert_eq!(
             ExportConfig::resolve(&s, env_of(&[("OTEL_SDK_DISABLED", "TRUE")])).unwrap(),
             None
@@ -730,6 +724,12 @@ mod tests {
             ("OTEL_TRACES_SAMPLER", "sometimes", "unknown sampler"),
             ("OTEL_TRACES_SAMPLER_ARG", "lots", "expected a ratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "1.5", "not between 0 and 1"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "http/protobuf only"),
+            (
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                "soon",
+                "expected milliseconds",
+            ),
         ] {
             let e = ExportConfig::resolve(
                 &s,
@@ -776,7 +776,7 @@ mod tests {
         );
         for bad in [
             &b""[..],
-            b"SSH-2.0-OpenSSH\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
             b"HTTP/1.1 abc OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",

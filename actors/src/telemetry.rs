@@ -103,6 +103,21 @@ pub fn received(trace: &TraceContext, make: impl FnOnce() -> tracing::Span) -> t
     span
 }
 
+/// A child of `parent` made by `make` (a span with `parent: None`), only when `parent` is
+/// sampled. The child takes `parent`'s context rather than a reference to it, so `parent` ends
+/// when its own work does, not when its last child does (a step's push is still being applied
+/// when the step is over).
+pub fn child_of(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !is_sampled(parent) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    if !span.is_disabled() {
+        let _ = span.set_parent(parent.context());
+    }
+    span
+}
+
 /// Links `span` to `trace`'s span (another flow's: a sample to its impression's request).
 pub fn link_to(span: &tracing::Span, trace: &TraceContext) {
     if span.is_disabled() {

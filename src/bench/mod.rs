@@ -15,6 +15,7 @@ mod node;
 mod online;
 mod restarts;
 mod serve;
+mod trace_cost;
 
 use clap::Subcommand;
 
@@ -53,6 +54,9 @@ pub(crate) enum BenchCommand {
     /// on loopback: samples/s, their ratio to in-process, and bytes per sample against the
     /// floats that must move.
     Cluster(cluster::ClusterBenchArgs),
+    /// Trace export on a live node: training samples/s and predict p99 with tracing off, at
+    /// the default sampler and at ratio 1.0, in one run.
+    Tracing(trace_cost::TracingBenchArgs),
 }
 
 /// `config`: the configuration file given with `--config`, for a bench that starts a node.
@@ -72,6 +76,7 @@ pub(crate) fn run(
         BenchCommand::Disk(a) => disk::run(a, settings, config),
         BenchCommand::Restarts(a) => restarts::run(a, config),
         BenchCommand::Cluster(a) => cluster::run(a, settings),
+        BenchCommand::Tracing(a) => trace_cost::run(a, settings),
     }
 }
 

@@ -21,6 +21,17 @@ impl Node {
     /// stderr appended to `log`. The node reads `config` when given (as this process did),
     /// else `./freshet.toml` if present.
     pub(super) fn start(config: Option<&Path>, data: &Path, log: &Path) -> anyhow::Result<Node> {
+        Self::start_with(config, data, log, &[], &[])
+    }
+
+    /// [`Node::start`] with more `dev` flags and environment variables for the node.
+    pub(super) fn start_with(
+        config: Option<&Path>,
+        data: &Path,
+        log: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Node> {
         let exe = std::env::current_exe().context("finding this binary")?;
         let log_from = std::fs::metadata(log).map_or(0, |m| m.len()) as usize;
         let out = std::fs::OpenOptions::new()
@@ -32,10 +43,19 @@ impl Node {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
+        // A bench's node exports traces only when the bench asks (`envs`): a receiver named in
+        // this shell would otherwise change what every bench measures.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(k);
+            }
+        }
         let child = cmd
             .arg("--data-dir")
             .arg(data)
             .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .envs(envs.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone().context("the node's log file")?)
             .stderr(out)

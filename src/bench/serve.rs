@@ -250,7 +250,7 @@ async fn train_a_model(
 /// `n` requests of `candidates` candidates each, as msgpack: the first impression's user and
 /// context features shared, each candidate's item its own (the simulator's traffic, so keys
 /// hit learned rows as real requests would).
-fn requests(n: usize, candidates: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(super) fn requests(n: usize, candidates: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut sim = Simulator::new(SimConfig {
         seed: 11,
         items_per_request: candidates as u32,
@@ -391,12 +391,12 @@ impl Conn {
     }
 }
 
-struct LoadResult {
-    latencies_us: Vec<u32>,
-    errors: u64,
+pub(super) struct LoadResult {
+    pub(super) latencies_us: Vec<u32>,
+    pub(super) errors: u64,
 }
 
-fn load(
+pub(super) fn load(
     addr: SocketAddr,
     bodies: Arc<Vec<Vec<u8>>>,
     offset: usize,

@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 
 use super::{Manifest, ModelStore, Payload, VersionMeta};
 use crate::dense::DenseState;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TraceContext};
 use crate::fault::Faults;
 use crate::ids::{ShardId, TableName};
 use crate::shard::{ShardError, ShardRouter};
@@ -264,17 +264,15 @@ impl WriterState {
     }
 
     /// Writes a captured version; on success, moves the durable point and lets the shards
-    /// drop the history it covers. `life` is the span of the version's capture: the write is
-    /// its child, and subscribers get its context with the manifest.
-    async fn write(&mut self, at: StepBoundary, payload: Payload, life: &tracing::Span) {
+    /// drop the history it covers. `life` is the context of the version's capture: the write
+    /// is its child, and subscribers get it with the manifest.
+    async fn write(&mut self, at: StepBoundary, payload: Payload, life: &TraceContext) {
         let full = matches!(payload, Payload::Full(_));
-        let span = if telemetry::is_sampled(life) {
-            tracing::info_span!(target: telemetry::TARGET, parent: life, "version.write",
+        let span = telemetry::received(life, || {
+            tracing::info_span!(target: telemetry::TARGET, "version.write",
                 freshet.kind = if full { "full" } else { "delta" }, freshet.step = at.meta.step as i64,
                 freshet.version = tracing::field::Empty, freshet.bytes = tracing::field::Empty)
-        } else {
-            tracing::Span::none()
-        };
+        });
         let tables = payload.table_versions();
         let store = self.args.store.clone();
         let started = Instant::now();
@@ -376,9 +374,8 @@ impl WriterState {
             );
         }
         drop(span);
-        let trace = telemetry::context_of(life);
         self.subscribers.retain(|tx| {
-            tx.send(Envelope::with_trace(trace.clone(), manifest.clone()))
+            tx.send(Envelope::with_trace(life.clone(), manifest.clone()))
                 .is_ok()
         });
     }
@@ -474,6 +471,11 @@ impl Actor for CheckpointWriter {
                     Ok(payload) => {
                         // The trainer may go on: the rows are captured.
                         let _ = reply.send(Ok(()));
+                        let life = {
+                            let cx = telemetry::context_of(&life);
+                            drop(life);
+                            cx
+                        };
                         st.args.faults.check("writer.write");
                         st.write(*at, payload, &life).await;
                     }

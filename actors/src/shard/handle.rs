@@ -216,13 +216,11 @@ impl ShardHandle {
         ctx: TrainCtx,
         step: &tracing::Span,
     ) -> Result<Pending<Vec<f32>>, ShardError> {
-        let span = if telemetry::is_sampled(step) {
-            tracing::info_span!(target: telemetry::TARGET, parent: step, "shard.lookup",
+        let span = telemetry::child_of(step, || {
+            tracing::info_span!(target: telemetry::TARGET, parent: None, "shard.lookup",
                 otel.kind = "client", freshet.shard = i64::from(self.shard), freshet.table = %table,
                 freshet.keys = keys.len() as i64, freshet.step = ctx.step as i64)
-        } else {
-            tracing::Span::none()
-        };
+        });
         let table = table.clone();
         let pending = self.send(telemetry::context_of(&span), |reply| {
             ShardRequest::LookupForTraining {
@@ -275,8 +273,8 @@ impl ShardHandle {
 
     /// The gradients, sent now and answered later: every request sent to this owner after
     /// this returns sees them applied.
-    /// With `step` a sampled span, the push is traced as
-    /// [`ShardHandle::send_lookup_for_training`] is; its span ends when the owner applied it.
+    /// With `step` a sampled span, the push gets a client span under it, ended once sent, and
+    /// the owner's span continues it.
     pub fn send_gradients(
         &self,
         table: &TableName,
@@ -285,13 +283,11 @@ impl ShardHandle {
         ctx: TrainCtx,
         step: &tracing::Span,
     ) -> Result<Pending<ApplyReport>, ShardError> {
-        let span = if telemetry::is_sampled(step) {
-            tracing::info_span!(target: telemetry::TARGET, parent: step, "shard.push",
+        let span = telemetry::child_of(step, || {
+            tracing::info_span!(target: telemetry::TARGET, parent: None, "shard.push",
                 otel.kind = "client", freshet.shard = i64::from(self.shard), freshet.table = %table,
                 freshet.keys = keys.len() as i64, freshet.step = ctx.step as i64)
-        } else {
-            tracing::Span::none()
-        };
+        });
         let table = table.clone();
         let pending = self.send(telemetry::context_of(&span), |reply| {
             ShardRequest::ApplyGradients {
@@ -302,7 +298,10 @@ impl ShardHandle {
                 reply,
             }
         })?;
-        Ok(pending.ending(span))
+        // The push's span ends once it is in the owner's mailbox: the step does not wait for
+        // it (see `Trainer::flush`), and the owner's span shows when it was applied.
+        drop(span);
+        Ok(pending)
     }
 
     pub async fn changes_since(

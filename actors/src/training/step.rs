@@ -284,12 +284,10 @@ impl Trainer {
             })?;
         }
         report.loss_sum = {
-            let span = if crate::telemetry::is_sampled(step) {
-                tracing::info_span!(target: crate::telemetry::TARGET, parent: step,
+            let span = crate::telemetry::child_of(step, || {
+                tracing::info_span!(target: crate::telemetry::TARGET, parent: None,
                     "train.dense", freshet.rows = rows as i64)
-            } else {
-                tracing::Span::none()
-            };
+            });
             let _entered = span.enter();
             self.train_dense(block, &range, threads)
         };
