@@ -1013,11 +1013,19 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
         "the sample links its click: {sample:?}"
     );
     // The shard node exports as itself.
-    let remote = otlp::spans(&log)
-        .into_iter()
+    let all = otlp::spans(&log);
+    let remote = all
+        .iter()
         .find(|s| s.instance == shards)
         .expect("a span of the shard node");
     assert_eq!(remote.roles, "shards");
+    // The trainer's start is a supervision event of its own, kept at any ratio.
+    let start = all
+        .iter()
+        .find(|s| s.instance == coordinator && s.name == "supervision.trainer_start")
+        .expect("the trainer's start");
+    assert!(start.parent_id.is_empty(), "{start:?}");
+    assert!(start.attr("freshet.sample_offsets").is_some(), "{start:?}");
 
     let (code, metrics) = common::http(&http, "GET", "/metrics", "text/plain", b"");
     assert_eq!(code, 200);

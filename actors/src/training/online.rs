@@ -313,6 +313,16 @@ impl Actor for TrainerActor {
         if args.batch == 0 {
             return Err("the batch size must be positive".into());
         }
+        // Every (re)start of the trainer is a supervision event: where it resumes from.
+        let span = if telemetry::enabled() {
+            tracing::info_span!(target: telemetry::TARGET, "supervision.trainer_start",
+                freshet.asked_version = args.start.version.map(|v| v as i64),
+                freshet.replay = ?args.start.replay,
+                freshet.version = tracing::field::Empty,
+                freshet.sample_offsets = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
         // Whatever the writer last wrote, the shards are about to hold another state.
         args.writer.reset().await?;
         let restored = match args.start.version {
@@ -353,6 +363,14 @@ impl Actor for TrainerActor {
         trainer.set_samples_per_update(args.batch);
         let schema = trainer.schema().clone();
         let start_offsets = offsets.clone();
+        if let Some(v) = started_from {
+            span.record("freshet.version", v as i64);
+        }
+        span.record(
+            "freshet.sample_offsets",
+            tracing::field::debug(&start_offsets),
+        );
+        drop(span);
         let feed = SampleFeed::new(
             &schema,
             args.samples.partitions(),
