@@ -167,11 +167,11 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Status, headers (names in lower case) and body of an HTTP/1.1 response read to the end of
-/// the connection; a chunked body is put back together.
-pub(crate) fn parse_response_full(
-    raw: &[u8],
-) -> anyhow::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+/// An HTTP/1.1 response: status, headers (names in lower case) and body.
+pub(crate) type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A [`Response`] read to the end of the connection; a chunked body is put back together.
+pub(crate) fn parse_response_full(raw: &[u8]) -> anyhow::Result<Response> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -243,7 +243,8 @@ fn resource(id: &Identity) -> Resource {
     .build()
 }
 
-/// The exporter's provider and the layer that feeds it flow spans.
+/// Starts the export: its provider (queue, exporter thread, sampler, resource) and the tracer
+/// the `tracing` layer feeds flow spans to.
 pub(crate) fn start(
     cfg: &ExportConfig,
     id: &Identity,
