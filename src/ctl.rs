@@ -223,7 +223,10 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
         if size == 0 {
             return Ok(out);
         }
-        anyhow::ensure!(b.len() >= size + 2, "a chunk is cut short");
+        anyhow::ensure!(
+            size.checked_add(2).is_some_and(|n| b.len() >= n),
+            "a chunk is cut short"
+        );
         out.extend_from_slice(&b[..size]);
         b = &b[size + 2..];
     }
@@ -245,6 +248,7 @@ mod tests {
             b"HTTP/1.1 abc\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n",
         ] {
             assert!(
                 parse_response(bad).is_err(),

@@ -167,7 +167,8 @@ pub(crate) struct ClusterSettings {
 
 /// `[telemetry]`: spans of every flow, exported over OTLP/HTTP. The standard variables
 /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`,
-/// `OTEL_SDK_DISABLED`, ...) beat these keys, as in every OpenTelemetry SDK.
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_SDK_DISABLED`; docs/observability.md lists them) beat
+/// these keys, as in every OpenTelemetry SDK.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct TelemetrySettings {
@@ -186,7 +187,8 @@ pub(crate) struct TelemetrySettings {
     pub(crate) batch_spans: usize,
     /// How long an ended span waits for its batch to fill, in milliseconds.
     pub(crate) export_interval_ms: u64,
-    /// How long one export (connect, send, answer, retries) may take, in milliseconds.
+    /// How long each step of an export (connect, send, each read) may take, and the deadline
+    /// of its retries, in milliseconds.
     pub(crate) export_timeout_ms: u64,
 }
 

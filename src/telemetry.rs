@@ -66,7 +66,7 @@ pub(crate) enum SamplerKind {
 impl std::str::FromStr for SamplerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s.trim() {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
             "always_on" => Self::AlwaysOn,
             "always_off" => Self::AlwaysOff,
             "traceidratio" => Self::TraceIdRatio,
@@ -142,6 +142,14 @@ impl ExportConfig {
                 bail!("{var} {p:?}: Freshet exports OTLP over http/protobuf only");
             }
         }
+        for var in [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ] {
+            if let Some(c) = env(var).filter(|c| c.trim() != "none") {
+                bail!("{var} {c:?}: Freshet sends spans uncompressed (none)");
+            }
+        }
         let timeout_ms = match [
             "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
             "OTEL_EXPORTER_OTLP_TIMEOUT",
@@ -175,6 +183,8 @@ pub(crate) struct ExportStats {
     pub(crate) dropped_queue_full: AtomicU64,
     /// In a batch the receiver refused or never answered.
     pub(crate) dropped_export_failed: AtomicU64,
+    /// Ended after the exporter stopped (shutdown, or its thread ended).
+    pub(crate) dropped_exporter_stopped: AtomicU64,
     pub(crate) batches_failed: AtomicU64,
 }
 
@@ -200,6 +210,7 @@ pub(crate) fn write_metrics(out: &mut String) {
          # TYPE freshet_trace_spans_dropped_total counter\n\
          freshet_trace_spans_dropped_total{{reason=\"queue_full\"}} {}\n\
          freshet_trace_spans_dropped_total{{reason=\"export_failed\"}} {}\n\
+         freshet_trace_spans_dropped_total{{reason=\"exporter_stopped\"}} {}\n\
          # HELP freshet_trace_export_failures_total Batches the OTLP receiver refused or never \
          answered.\n\
          # TYPE freshet_trace_export_failures_total counter\n\
@@ -207,6 +218,7 @@ pub(crate) fn write_metrics(out: &mut String) {
         n(&s.exported),
         n(&s.dropped_queue_full),
         n(&s.dropped_export_failed),
+        n(&s.dropped_exporter_stopped),
         n(&s.batches_failed),
     );
 }
@@ -317,7 +329,21 @@ impl ShouldSample for FlowSampler {
         attributes: &[KeyValue],
         links: &[Link],
     ) -> SamplingResult {
-        let root = parent.is_none_or(|cx| !cx.span().span_context().is_valid());
+        let parent_sc = parent
+            .map(|cx| cx.span().span_context().clone())
+            .filter(|sc| sc.is_valid());
+        // A child of a kept span is kept, whichever sampler: a version's life and a
+        // supervision event are kept whole even under `traceidratio`.
+        if self.rare_always && parent_sc.as_ref().is_some_and(|sc| sc.is_sampled()) {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: parent_sc
+                    .map(|sc| sc.trace_state().clone())
+                    .unwrap_or_default(),
+            };
+        }
+        let root = parent_sc.is_none();
         if root && self.rare_always && RARE_ROOTS.iter().any(|p| name.starts_with(p)) {
             return SamplingResult {
                 decision: SamplingDecision::RecordAndSample,
@@ -438,13 +464,27 @@ impl SpanProcessor for QueueProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        let Some(tx) = self.sender() else { return };
+        let Some(tx) = self.sender() else {
+            self.stats
+                .dropped_exporter_stopped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         match tx.try_send(Cmd::Span(Box::new(span))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) => {
                 self.stats
                     .dropped_queue_full
                     .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                let before = self
+                    .stats
+                    .dropped_exporter_stopped
+                    .fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::error!("the trace exporter's thread ended; spans are dropped");
+                }
             }
         }
     }
@@ -558,8 +598,8 @@ impl Target {
     }
 }
 
-/// A blocking HTTP/1.1 client for the exporter's thread: one connection per batch (a batch a
-/// second at most), every step bounded by `timeout`.
+/// A blocking HTTP/1.1 client for the exporter's thread: one connection per batch, every step
+/// (connect, write, each read) bounded by `timeout`.
 #[derive(Debug)]
 struct BlockingHttp {
     timeout: Duration,
@@ -726,6 +766,7 @@ mod tests {
             ("OTEL_TRACES_SAMPLER_ARG", "lots", "expected a ratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "1.5", "not between 0 and 1"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "http/protobuf only"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip", "uncompressed"),
             (
                 "OTEL_EXPORTER_OTLP_TIMEOUT",
                 "soon",
@@ -807,6 +848,29 @@ mod tests {
             .decision
         };
         assert_eq!(decide(None, "train.step"), SamplingDecision::Drop);
+        // Under a sampler that is not parent-based, the children of a kept version are kept.
+        let ratio = FlowSampler::new(SamplerKind::TraceIdRatio, 0.0);
+        let kept = freshet_actors::telemetry::span_context(
+            &freshet_actors::envelope::TraceContext::from_headers(
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                None,
+            ),
+        )
+        .unwrap();
+        let under = Context::new().with_remote_span_context(kept);
+        assert_eq!(
+            ratio
+                .should_sample(
+                    Some(&under),
+                    TraceId::from(7u128),
+                    "version.write",
+                    &SpanKind::Internal,
+                    &[],
+                    &[]
+                )
+                .decision,
+            SamplingDecision::RecordAndSample
+        );
         assert_eq!(
             decide(None, "version.capture"),
             SamplingDecision::RecordAndSample

@@ -1,9 +1,10 @@
 //! Live events, joined samples and dead letters: what the stream log carries.
 //!
 //! The event log holds [`Event`]s, the sample log [`JoinedSample`]s and the dead-letter log
-//! [`DeadLetter`]s, each as one msgpack map per record (field names included, so producers and
-//! consumers of different versions can add fields). `freshet ingest` and the HTTP endpoint take
-//! the same shapes as JSON:
+//! [`DeadLetter`]s, each as one msgpack map per record (field names included). A sample or a
+//! dead letter may gain fields that older readers skip; an event may not, since its reader
+//! refuses unknown fields: an event with a `traceparent` needs a reader that knows it. `freshet
+//! ingest` and the HTTP endpoint take the same shapes as JSON:
 //!
 //! ```json
 //! {"type": "impression", "request_id": "r-17", "time_ms": 1700000000000, "user": "u-3",

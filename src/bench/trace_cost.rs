@@ -274,6 +274,9 @@ fn measure(
     let mut envs = Vec::new();
     if mode.exports {
         envs.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+    } else {
+        // Off whatever a `[telemetry]` section says.
+        envs.push(("OTEL_SDK_DISABLED", "true"));
     }
     if let Some(r) = mode.ratio {
         envs.push(("OTEL_TRACES_SAMPLER_ARG", r));
@@ -337,11 +340,12 @@ fn measure(
             .map_or(f64::NAN, |&us| f64::from(us) / 1e3)
     };
     let metrics = get_text(&addr, "/metrics")?;
+    // The sum over a series' lines (its labels included): each line's value is its last field.
     let value = |series: &str| {
         metrics
             .lines()
-            .filter_map(|l| l.strip_prefix(series))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .fold(0.0, |a, b| a + b)
     };
     let run = Run {

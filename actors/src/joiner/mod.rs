@@ -595,7 +595,15 @@ impl JoinTask {
                 }
                 Ok(e)
             });
-            let parsed = parsed.inspect(|e| self.trace_received(e, r.offset));
+            // A traced event's span covers its joining.
+            let (parsed, span) = match parsed {
+                Ok(e) => {
+                    let span = self.trace_received(&e, r.offset);
+                    (Ok(e), span)
+                }
+                Err(e) => (Err(e), tracing::Span::none()),
+            };
+            let _entered = span.enter();
             let result = parsed.and_then(|e| self.window.on_event(r.offset, e, &mut emits));
             if let Err(e) = result {
                 self.window.counters_mut().malformed += 1;
@@ -610,10 +618,12 @@ impl JoinTask {
             }
         }
         let mut samples = Vec::new();
+        // Each traced sample's span lasts until the samples are appended.
+        let mut sending = Vec::new();
         for e in emits {
             match e {
                 Emit::Sample(s) => {
-                    self.trace_emitted(&s);
+                    sending.push(self.trace_emitted(&s));
                     samples.push(s.to_msgpack());
                 }
                 Emit::Orphan {
@@ -645,6 +655,7 @@ impl JoinTask {
         )
         .context("writing samples")?;
         self.counters.samples_written += written;
+        drop(sending);
         self.fault(Phase::SamplesWritten)?;
         let written = write_outputs(
             &*self.args.dead_letters,
@@ -671,11 +682,15 @@ impl JoinTask {
         Ok(n)
     }
 
-    /// A traced event's `process` span, a child of the request that appended it.
-    fn trace_received(&mut self, e: &Event, offset: Offset) {
+    /// A traced event's `process` span, a child of the request that appended it; none for an
+    /// untraced event.
+    fn trace_received(&mut self, e: &Event, offset: Offset) -> tracing::Span {
+        if !telemetry::enabled() {
+            return tracing::Span::none();
+        }
         let trace = e.trace();
-        if !telemetry::enabled() || !trace.is_sampled() {
-            return;
+        if !trace.is_sampled() {
+            return tracing::Span::none();
         }
         let (impression, request_id, item) = match e {
             Event::Impression(i) => (true, &i.request_id, &i.item),
@@ -694,17 +709,18 @@ impl JoinTask {
         let key = (request_id.clone(), item.clone());
         self.traced
             .remember(impression, key, telemetry::context_of(&span));
+        span
     }
 
     /// The `send` span of a sample whose impression was traced: a child of the impression's
     /// `process` span, linked to the traced action that labelled it.
-    fn trace_emitted(&self, s: &JoinedSample) {
+    fn trace_emitted(&self, s: &JoinedSample) -> tracing::Span {
         if self.traced.is_empty() || !telemetry::enabled() {
-            return;
+            return tracing::Span::none();
         }
         let key = (s.request_id.clone(), s.item.clone());
         let Some(parent) = self.traced.impressions.get(&key) else {
-            return;
+            return tracing::Span::none();
         };
         let span = telemetry::received(parent, || {
             tracing::info_span!(target: telemetry::TARGET, "samples send",
@@ -718,6 +734,7 @@ impl JoinTask {
         if let Some(action) = self.traced.actions.get(&key) {
             telemetry::link_to(&span, action);
         }
+        span
     }
 
     fn warn_on_capacity(&mut self) {
