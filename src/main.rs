@@ -208,7 +208,6 @@ fn init_tracing(
     };
     let (otel, provider): (Option<Boxed>, _) = match export {
         Some((cfg, provider, tracer)) => {
-            tracing::debug!(url = %cfg.traces_url, "exporting traces");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_threads(false)
@@ -220,7 +219,7 @@ fn init_tracing(
                         .with_target(freshet_actors::telemetry::TARGET, tracing::Level::TRACE),
                 )
                 .boxed();
-            (Some(layer), Some(provider))
+            (Some(layer), Some((provider, cfg.traces_url)))
         }
         None => (None, None),
     };
@@ -229,7 +228,11 @@ fn init_tracing(
     let layers: Vec<Boxed> = std::iter::once(fmt).chain(otel).collect();
     let installed = tracing_subscriber::registry().with(layers).try_init();
     Ok(match (provider, installed) {
-        (Some(p), Ok(())) => Some(telemetry::running(p)),
+        (Some((p, url)), Ok(())) => {
+            // Said once the log can show it.
+            tracing::info!(%url, "exporting traces");
+            Some(telemetry::running(p))
+        }
         _ => None,
     })
 }
