@@ -750,10 +750,13 @@ fn a_trainer_node_trains_online_on_two_shard_nodes_and_accounts_each_sample_once
 }
 
 #[test]
-fn a_trainer_node_whose_shard_node_dies_stops_training_naming_the_node_and_keeps_serving() {
-    let (dir, a, b, seeds) = two_shard_nodes();
+fn a_trainer_node_whose_only_shard_node_dies_stops_training_and_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let mut cmd = coordinator_command(d, "c", "k", &seeds);
+    let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}");
+    std::fs::write(d.join("freshet.toml"), config).expect("config");
+    let a = start_node(d, "a", "k", &[]);
+    let mut cmd = coordinator_command(d, "c", "k", &a.addr);
     // Two restarts, then the supervisor gives up: seconds, not a minute.
     cmd.env("FRESHET__SUPERVISOR__MAX_RESTARTS", "2");
     let c = spawn_node(cmd, "c");
@@ -762,41 +765,288 @@ fn a_trainer_node_whose_shard_node_dies_stops_training_naming_the_node_and_keeps
         let (_, h) = get(&http, "/healthz");
         h["serving"].as_u64()
     });
-    // The node of shard 0 dies (its heartbeats say it hosts it).
-    let hosts_0 = |r: &&serde_json::Value| {
-        (r["shards"].as_array().into_iter().flatten()).any(|s| s["shard"] == 0)
-    };
-    let lost = wait(10, "shard 0 in a heartbeat", || {
-        let nodes = ctl(d, &http, &["nodes"]);
-        let row = nodes["nodes"].as_array()?.iter().find(hosts_0)?;
-        row["node"].as_str().map(str::to_owned)
-    });
-    let (gone, kept) = if lost == "a" { (a, b) } else { (b, a) };
-    drop(gone);
-    let why = wait(60, "/healthz saying training stopped", || {
+    drop(a);
+    // The failover finds no shard node to place on, and the restarts run out.
+    c.wait_for(
+        &["failing over", "node a lost its session"],
+        Duration::from_secs(30),
+    )
+    .expect("the failover's start");
+    let why = wait(90, "/healthz saying training stopped", || {
         let (code, h) = get(&http, "/healthz");
         (code == 503).then(|| h["error"].as_str().unwrap_or_default().to_owned())
     });
     assert!(why.contains("stopped training for good"), "{why}");
     assert!(
-        why.contains("unavailable") && why.contains(&format!("node {lost}")),
+        why.contains("no node with the shards role is up") || why.contains("node a"),
         "{why}"
     );
     // Predictions go on from the last version served.
     let (_, h) = get(&http, "/healthz");
     assert!(h["serving"].as_u64() >= Some(serving), "{h}");
-    // Its session closed at once; its lease (3 s) runs out after.
-    let row = |nodes: &serde_json::Value| {
-        (nodes["nodes"].as_array().expect("rows").iter())
-            .find(|r| r["node"] == lost.as_str())
-            .cloned()
-            .expect("the lost node's row")
-    };
-    assert_eq!(row(&ctl(d, &http, &["nodes"]))["session"], false);
-    wait(10, "the lost node marked down", || {
-        (row(&ctl(d, &http, &["nodes"]))["state"] == "down").then_some(())
+    // Its session closed at once; its lease (3 s) ran out after.
+    let nodes = ctl(d, &http, &["nodes"]);
+    let row = (nodes["nodes"].as_array().expect("rows").iter())
+        .find(|r| r["node"] == "a")
+        .cloned()
+        .expect("the lost node's row");
+    assert_eq!(row["session"], false, "{row}");
+    assert_eq!(row["state"], "down", "{row}");
+}
+
+/// A sample log every run trains on alike: `impressions` simulated impressions (seed 3),
+/// joined in `d/data`. Returns the samples it holds.
+fn fixed_sample_log(d: &Path, impressions: u64) -> u64 {
+    // A window of a second: nearly every impression is joined by the end of the log.
+    let config =
+        format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}[joiner.window]\nwindow_ms = 1000\n");
+    std::fs::write(d.join("freshet.toml"), config).expect("config");
+    let n = impressions.to_string();
+    ok(&freshet(d)
+        .args(["simulate", "--fast", "--seed", "3"])
+        .args(["--impressions", &n])
+        .output()
+        .expect("simulate"));
+    let joined = ok(&freshet(d)
+        .args(["join", "--until-caught-up"])
+        .output()
+        .expect("join"));
+    (joined["partitions"].as_array().expect("partitions").iter())
+        .map(|p| p["task"]["samples_written"].as_u64().expect("samples"))
+        .sum()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
+/// A trainer node `name` that trains on a copy of the fixed sample log only (no simulator,
+/// no new event: its joiners start from the copied checkpoints, caught up), its shards on the
+/// nodes at `seeds`.
+fn coordinator_on_fixed_log(d: &Path, name: &str, seeds: &str) -> Node {
+    for part in ["log", "joiner"] {
+        copy_dir(
+            &d.join("data").join(part),
+            &d.join(format!("data-{name}/{part}")),
+        );
+    }
+    let mut cmd = coordinator_command(d, name, "k", seeds);
+    cmd.arg("--no-simulate");
+    spawn_node(cmd, name)
+}
+
+/// The trainer's status from the node's admin API, once it answers.
+fn trainer_status(http: &str) -> Option<serde_json::Value> {
+    let (code, s) = get(http, "/v1/admin/status");
+    (code == 200 && s["trainer"].is_object()).then(|| s["trainer"].clone())
+}
+
+/// Waits until the newest version of `store` has consumed all `samples`, stops the node
+/// with SIGINT, and returns its store's newest version, restored.
+fn drain_and_stop(c: Node, store: &Path, samples: u64) -> freshet_actors::ckpt::Restored {
+    wait(120, "a version that consumed the whole log", || {
+        let s = ModelStore::open(store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        (m.sample_offsets.values().sum::<u64>() == samples).then_some(())
     });
-    drop(kept);
+    c.signal("-INT");
+    let mut c = c;
+    let end = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = c.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "the trainer node did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let s = ModelStore::open(store).expect("store");
+    let v = s.latest().expect("latest").expect("a version");
+    s.restore(v, None).expect("restore")
+}
+
+/// The node of `names` that hosts shard 0 as the trainer node's `ctl nodes` says.
+fn host_of_shard_0(d: &Path, http: &str) -> String {
+    wait(30, "shard 0 in a heartbeat", || {
+        let nodes = ctl(d, http, &["nodes"]);
+        let row = (nodes["nodes"].as_array()?.iter())
+            .find(|r| (r["shards"].as_array().into_iter().flatten()).any(|s| s["shard"] == 0))?;
+        row["node"].as_str().map(str::to_owned)
+    })
+}
+
+#[test]
+fn a_shard_node_killed_mid_run_is_failed_over_and_the_model_is_bit_identical_to_a_run_without_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let samples = fixed_sample_log(d, 60_000);
+    assert!(samples > 40_000, "{samples}");
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &[]);
+    let seeds = format!("{},{}", a.addr, b.addr);
+
+    // The run without a failure: three node processes, the log drained.
+    let c = coordinator_on_fixed_log(d, "ref", &seeds);
+    let reference = drain_and_stop(c, &d.join("data-ref/models"), samples);
+
+    // The same log, the node of shard 0 killed once a version holds part of it.
+    let c = coordinator_on_fixed_log(d, "c", &seeds);
+    let http = http_addr(&c);
+    let store = d.join("data-c/models");
+    let lost = host_of_shard_0(d, &http);
+    let first = wait(60, "a version with part of the log", || {
+        let s = ModelStore::open(&store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        (m.rows_trained >= 1000).then_some(m)
+    });
+    let consumed_then: u64 = first.sample_offsets.values().sum();
+    assert!(
+        consumed_then < samples,
+        "the log was drained before the kill: make it longer"
+    );
+    let (victim, survivor) = if lost == "a" { (a, "b") } else { (b, "a") };
+    let killed = Instant::now();
+    drop(victim);
+    // Training resumes: a new trainer, restored from a version, has trained a step.
+    wait(60, "the trainer resumed after the failover", || {
+        let t = trainer_status(&http)?;
+        (t["started_from"].is_u64() && t["steps"].as_u64() > Some(0)).then_some(())
+    });
+    let resumed_ms = killed.elapsed().as_millis();
+    let line = c
+        .wait_for(&["failed over", "elapsed_ms="], Duration::from_secs(10))
+        .expect("the failover's report");
+    eprintln!("kill -9 of a shard node to training resumed: {resumed_ms} ms ({line})");
+    assert!(resumed_ms < 20_000, "{resumed_ms} ms");
+    let failed_over = drain_and_stop(c, &store, samples);
+
+    // Every sample once along the lineage, and the model of the run without the kill.
+    let (m, r) = (&failed_over.manifest, &reference.manifest);
+    assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
+    assert_eq!(
+        (
+            m.step,
+            m.rows_trained,
+            m.samples_rejected,
+            &m.sample_offsets
+        ),
+        (
+            r.step,
+            r.rows_trained,
+            r.samples_rejected,
+            &r.sample_offsets
+        )
+    );
+    let placement = m.placement.as_ref().expect("the placement");
+    assert!(
+        placement.nodes.iter().all(|n| n == survivor),
+        "{placement:?}"
+    );
+    assert!(placement.epoch > first.placement.as_ref().expect("placed").epoch);
+    assert!(
+        failed_over.dense == reference.dense,
+        "the dense nets differ"
+    );
+    let rows = rows_by_key(&failed_over.shards);
+    assert!(!rows.is_empty());
+    assert!(
+        rows == rows_by_key(&reference.shards),
+        "the embedding rows differ"
+    );
+}
+
+#[test]
+fn a_shard_node_stopped_past_its_lease_is_failed_over_and_fences_its_late_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let samples = fixed_sample_log(d, 60_000);
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &[]);
+    let seeds = format!("{},{}", a.addr, b.addr);
+    let c = coordinator_on_fixed_log(d, "c", &seeds);
+    let http = http_addr(&c);
+    let store = d.join("data-c/models");
+    let lost = host_of_shard_0(d, &http);
+    let first = wait(60, "a version with part of the log", || {
+        let s = ModelStore::open(&store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        (m.rows_trained >= 1000).then_some(m)
+    });
+    let (stopped, survivor) = if lost == "a" { (&a, "b") } else { (&b, "a") };
+    stopped.signal("-STOP");
+    let stopped_at = Instant::now();
+    // Its session stays open: only the lease finds it.
+    c.wait_for(
+        &["failing over", &format!("node {lost} is down")],
+        Duration::from_secs(15),
+    )
+    .expect("the failover once the lease ran out");
+    let line = c
+        .wait_for(&["failed over"], Duration::from_secs(30))
+        .expect("the failover's end");
+    eprintln!(
+        "SIGSTOP of a shard node to its shards failed over: {} ms ({line})",
+        stopped_at.elapsed().as_millis()
+    );
+    // Training goes on with every shard on the survivor, at a new epoch.
+    let after = wait(60, "a version trained on the survivor", || {
+        let s = ModelStore::open(&store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        let p = m.placement.clone()?;
+        (p.epoch > first.placement.as_ref()?.epoch && m.rows_trained > first.rows_trained)
+            .then_some(p)
+    });
+    assert!(after.nodes.iter().all(|n| n == survivor), "{after:?}");
+
+    // Resumed, the node finds it stalled before it reads what was queued for it: it fences
+    // the owners of the old placement, and refuses whatever request was still queued for
+    // them (there is one only if the node stopped before it read the trainer's last).
+    while stopped.log.try_recv().is_ok() {}
+    stopped.signal("-CONT");
+    let mut seen = Vec::new();
+    let settle = Instant::now() + Duration::from_secs(3);
+    while let Ok(l) = stopped
+        .log
+        .recv_timeout(settle.saturating_duration_since(Instant::now()))
+    {
+        seen.push(l);
+    }
+    let at = |part: &str| seen.iter().position(|l| l.contains(part));
+    let stall = at("did not run for longer than its lease").expect("the stall found");
+    let fenced = at("fenced the shard owners").expect("the owners fenced");
+    assert!(stall < fenced, "{seen:#?}");
+    let refused: Vec<usize> = (0..seen.len())
+        .filter(|&i| seen[i].contains("refused a request of a stale placement"))
+        .collect();
+    assert!(refused.iter().all(|&i| i > fenced), "{seen:#?}");
+    assert!(
+        !seen.iter().any(|l| l.contains("hosting a shard owner")),
+        "{seen:#?}"
+    );
+    eprintln!("late requests refused after the stall: {}", refused.len());
+    // It is up again and hosts nothing; the trainer does not use it.
+    wait(15, "the resumed node up with no shard", || {
+        let nodes = ctl(d, &http, &["nodes"]);
+        let row = (nodes["nodes"].as_array()?.iter()).find(|r| r["node"] == lost.as_str())?;
+        (row["state"] == "up" && row["shards"].as_array().is_some_and(Vec::is_empty)).then_some(())
+    });
+    let end = drain_and_stop(c, &store, samples);
+    let m = &end.manifest;
+    assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
+    let p = m.placement.as_ref().expect("the placement");
+    assert!(p.nodes.iter().all(|n| n == survivor), "{p:?}");
 }
 
 /// A header's value in a response head.

@@ -132,6 +132,7 @@ async fn host_one_shard(probe: &ClusterNode, node: &str) -> TableName {
     let call = NodeCall::HostShard {
         shard: 0,
         shard_count: 1,
+        epoch: 1,
         tables: vec![(table.clone(), TableConfig::with_dim(4))],
         restore: None,
     };
@@ -242,7 +243,7 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     };
     assert_eq!(peer, "frames-a");
     let table = host_one_shard(&probe, &peer).await;
-    let shard = RemoteShard::handle(&probe, &peer, 0, None)
+    let shard = RemoteShard::handle(&probe, &peer, 0, 1, None)
         .await
         .expect("handle");
 

@@ -738,6 +738,28 @@ impl PipelineHandle {
         rollback(&self.ctx, v).await
     }
 
+    /// The failover after a node hosting shards is lost (`why`): every shard is placed again
+    /// on the nodes reachable now, at a new placement epoch, and the trainer restores all of
+    /// them and the dense net to the newest live version and resumes from its offsets, as a
+    /// restart in one process does. Restarts `shard-0` and every child after it; returns once
+    /// the trainer runs again. Like the other commands it does not count against the
+    /// supervisor's intensity: a lost node is not a fault of the children.
+    pub async fn fail_over(&self, why: &str) -> Result<(), CommandError> {
+        if self.ctx.cfg.placer.is_none() {
+            return Err(CommandError::Invalid(
+                "this node's shards run in its own process: there is nothing to fail over".into(),
+            ));
+        }
+        let _span = if telemetry::enabled() {
+            tracing::info_span!(target: telemetry::TARGET, "supervision.failover",
+                freshet.reason = %why)
+        } else {
+            tracing::Span::none()
+        };
+        self.sup.restart_from("shard-0").await?;
+        Ok(())
+    }
+
     /// Re-consumes `plan` before live samples; the next version records it.
     pub async fn replay(&self, plan: ReplayPlan) -> Result<(), CommandError> {
         let _span = if telemetry::enabled() {

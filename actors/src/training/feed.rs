@@ -137,8 +137,6 @@ pub struct SampleFeed {
     partitions: u32,
     offsets: BTreeMap<u32, Offset>,
     replay: Option<Replay>,
-    /// Where the next live pull starts, so that no partition starves.
-    next_partition: u32,
 }
 
 impl SampleFeed {
@@ -161,7 +159,6 @@ impl SampleFeed {
                 plan,
                 rows: 0,
             }),
-            next_partition: 0,
         }
     }
 
@@ -185,6 +182,12 @@ impl SampleFeed {
 
     /// Reads up to `max` records into `block` (cleared first): from the replay while one
     /// runs, else from the live offsets, round-robin over partitions.
+    ///
+    /// Which records a pull takes depends only on the offsets it starts from and what the
+    /// log holds, never on this feed's history: the partition it starts at is
+    /// [`Self::first_partition`]. A trainer restored to a version's offsets then cuts the
+    /// same batches from a log that holds the same records, so a run restarted from a
+    /// version trains exactly what a run without the restart trained.
     pub fn pull(
         &mut self,
         log: &dyn StreamLog,
@@ -240,12 +243,13 @@ impl SampleFeed {
             }
             return Ok(out);
         }
+        let first = self.first_partition(max);
         for i in 0..self.partitions {
             let left = max.saturating_sub(out.rows + out.rejected.len());
             if left == 0 {
                 break;
             }
-            let p = (self.next_partition + i) % self.partitions;
+            let p = (first + i) % self.partitions;
             let from = self.offsets[&p];
             let recs = log.read(p, from, left)?;
             for rec in &recs {
@@ -258,8 +262,16 @@ impl SampleFeed {
                 self.offsets.insert(p, last.offset + 1);
             }
         }
-        self.next_partition = (self.next_partition + 1) % self.partitions.max(1);
         Ok(out)
+    }
+
+    /// The partition a live pull of `max` records starts at: the number of full pulls the
+    /// offsets amount to, modulo the partitions. It moves on by one with each full pull, so
+    /// that no partition starves, and is a function of the offsets alone.
+    fn first_partition(&self, max: usize) -> u32 {
+        let consumed: u64 = self.offsets.values().sum();
+        let pulls = consumed / (max.max(1) as u64);
+        (pulls % u64::from(self.partitions.max(1))) as u32
     }
 }
 

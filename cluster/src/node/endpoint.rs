@@ -7,14 +7,14 @@
 //! malformed, as long as its header still names it (the fault goes to that id). A request
 //! lost otherwise fails at its caller after the request timeout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::protocol::{NodeAnswer, NodeCall, Packet, PacketKind, WireAnswer, WireRequest};
-use super::{bump, Shared};
+use super::{bump, lock, Hosted, Shared};
 use crate::membership::Heartbeat;
 use crate::wire::{self, Frame, Message, Reassembler, Remote};
 use freshet_actors::envelope::Envelope;
@@ -24,19 +24,23 @@ use freshet_actors::shard::{ShardArgs, ShardHandle, ShardRequest};
 #[derive(Debug)]
 pub struct Endpoint;
 
+/// Why a shard request is not served: its placement is stale, or it is not the caller's.
+enum Refusal {
+    Fenced(String),
+    Fault(String),
+}
+
 pub struct EndpointState {
     shared: Arc<Shared>,
     /// One reassembler per sending node and kind: ids are the sender's.
     reassembly: HashMap<(String, PacketKind), Reassembler>,
-    /// The shard owners this node hosts, each with the node (the trainer) that placed it:
-    /// only that node may call it or release it.
-    hosted: BTreeMap<ShardId, (String, ShardHandle)>,
 }
 
 impl std::fmt::Debug for EndpointState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosted: Vec<ShardId> = lock(&self.shared.hosted).keys().copied().collect();
         f.debug_struct("EndpointState")
-            .field("hosted", &self.hosted.keys().collect::<Vec<_>>())
+            .field("hosted", &hosted)
             .finish()
     }
 }
@@ -86,20 +90,14 @@ impl Endpoint {
         };
         bump(&st.shared.stats.requests_served);
         match request {
-            WireRequest::Shard { shard, call } => {
-                let owner = match st.hosted.get(&shard) {
-                    Some((placer, owner)) if placer == from => owner,
-                    Some((placer, _)) => {
-                        let reason = format!(
-                            "shard {shard} on node {} belongs to node {placer}'s job",
-                            st.shared.name
-                        );
-                        return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+            WireRequest::Shard { shard, epoch, call } => {
+                let owner = match Self::owner_for(&st.shared, from, shard, epoch) {
+                    Ok(owner) => owner,
+                    Err(Refusal::Fenced(r)) => {
+                        return answer(&st.shared, from, id, &WireAnswer::Fenced(r))
                     }
-                    None => {
-                        let reason =
-                            format!("shard {shard} is not hosted on node {}", st.shared.name);
-                        return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+                    Err(Refusal::Fault(r)) => {
+                        return answer(&st.shared, from, id, &WireAnswer::Fault(r))
                     }
                 };
                 let Envelope { trace, body } = call;
@@ -132,30 +130,58 @@ impl Endpoint {
         }
     }
 
-    /// Tells the heartbeats what this node hosts now.
-    fn publish_hosted(st: &EndpointState) {
-        let hosted = st
-            .hosted
-            .iter()
-            .map(|(&s, (p, _))| (s, p.clone()))
-            .collect();
-        *super::lock(&st.shared.hosted) = hosted;
+    /// The owner of `shard` for a request of `from` at placement `epoch`, or the refusal
+    /// to answer with. Only the node that placed an owner may call it, and only at the
+    /// owner's epoch. A placer this node has lost is fenced here as well as by the heartbeat
+    /// loop, so that no request is served between the loss and the loop's next tick.
+    fn owner_for(
+        shared: &Shared,
+        from: &str,
+        shard: ShardId,
+        epoch: u64,
+    ) -> Result<ShardHandle, Refusal> {
+        let here = &shared.name;
+        if let Some(why) = shared.placer_lost(from) {
+            shared.fence(Some(from), &why);
+        }
+        let hosted = lock(&shared.hosted);
+        let fenced = |reason: String| {
+            bump(&shared.stats.fenced_requests);
+            tracing::info!(node = %from, shard, epoch, reason = %reason, "refused a request of a stale placement");
+            Refusal::Fenced(reason)
+        };
+        match hosted.get(&shard) {
+            Some(h) if h.placer == from && h.epoch == epoch => Ok(h.handle.clone()),
+            Some(h) if h.placer == from => Err(fenced(format!(
+                "shard {shard} on node {here} is at placement epoch {}, the request at {epoch}",
+                h.epoch
+            ))),
+            Some(h) => Err(Refusal::Fault(format!(
+                "shard {shard} on node {here} belongs to node {}'s job",
+                h.placer
+            ))),
+            None => Err(fenced(format!(
+                "shard {shard} is not hosted on node {here} (its placement epoch {epoch} was \
+                 fenced or released)"
+            ))),
+        }
     }
 
     /// Stops the owners `placer` placed here; returns how many.
     fn release(st: &mut EndpointState, placer: &str) -> u32 {
-        let mine: Vec<ShardId> = (st.hosted.iter())
-            .filter(|(_, (p, _))| p == placer)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in &mine {
-            if let Some((_, h)) = st.hosted.remove(s) {
-                h.actor().stop(Some("released".into()));
-            }
+        let mine: Vec<Hosted> = {
+            let mut hosted = lock(&st.shared.hosted);
+            let ids: Vec<ShardId> = (hosted.iter())
+                .filter(|(_, h)| h.placer == placer)
+                .map(|(&s, _)| s)
+                .collect();
+            ids.iter().filter_map(|s| hosted.remove(s)).collect()
+        };
+        for h in &mine {
+            h.handle.actor().stop(Some("released".into()));
         }
         if !mine.is_empty() {
             tracing::info!(node = %placer, shards = mine.len(), "released the shard owners");
-            Self::publish_hosted(st);
         }
         mine.len() as u32
     }
@@ -163,14 +189,15 @@ impl Endpoint {
     async fn node_call(st: &mut EndpointState, from: &str, call: NodeCall) -> NodeAnswer {
         match call {
             NodeCall::Leave => {
-                st.shared.left(from);
                 // A job that leaves takes its owners with it.
                 Self::release(st, from);
+                st.shared.left(from);
                 NodeAnswer::Left
             }
             NodeCall::HostShard {
                 shard,
                 shard_count,
+                epoch,
                 tables,
                 restore,
             } => {
@@ -181,16 +208,20 @@ impl Endpoint {
                     ));
                 }
                 // Two jobs never share an owner: one placed by a node still up is kept.
-                if let Some((placer, _)) = st.hosted.get(&shard) {
-                    if placer != from && st.shared.is_up(placer) {
-                        return NodeAnswer::Refused(format!(
-                            "node {} hosts shard {shard} for node {placer}, which is up",
-                            st.shared.name
-                        ));
+                let old = {
+                    let mut hosted = lock(&st.shared.hosted);
+                    if let Some(h) = hosted.get(&shard) {
+                        if h.placer != from && st.shared.is_up(&h.placer) {
+                            return NodeAnswer::Refused(format!(
+                                "node {} hosts shard {shard} for node {}, which is up",
+                                st.shared.name, h.placer
+                            ));
+                        }
                     }
-                }
-                if let Some((_, old)) = st.hosted.remove(&shard) {
-                    old.actor().stop(Some("placed again".into()));
+                    hosted.remove(&shard)
+                };
+                if let Some(old) = old {
+                    old.handle.actor().stop(Some("placed again".into()));
                 }
                 // A spill directory only for tables with a DRAM budget, as in one process.
                 let spills = tables.iter().any(|(_, c)| c.dram_budget_bytes.is_some());
@@ -208,9 +239,16 @@ impl Endpoint {
                 };
                 match ShardHandle::spawn(args).await {
                     Ok((h, _join)) => {
-                        tracing::info!(shard, shard_count, "hosting a shard owner");
-                        st.hosted.insert(shard, (from.to_owned(), h));
-                        Self::publish_hosted(st);
+                        tracing::info!(shard, shard_count, epoch, node = %from, "hosting a shard owner");
+                        let placer = from.to_owned();
+                        let hosted = Hosted {
+                            placer,
+                            epoch,
+                            handle: h,
+                        };
+                        if let Some(old) = lock(&st.shared.hosted).insert(shard, hosted) {
+                            old.handle.actor().stop(Some("placed again".into()));
+                        }
                         NodeAnswer::Hosted
                     }
                     Err(e) => {
@@ -238,7 +276,6 @@ impl Actor for Endpoint {
         Ok(EndpointState {
             shared,
             reassembly: HashMap::new(),
-            hosted: BTreeMap::new(),
         })
     }
 
@@ -248,6 +285,8 @@ impl Actor for Endpoint {
         p: Packet,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
+        // Before anything queued during a stall is read.
+        st.shared.check_stall();
         st.shared
             .stats
             .bytes_received
@@ -317,8 +356,9 @@ impl Actor for Endpoint {
         _myself: ActorRef<Packet>,
         st: &mut EndpointState,
     ) -> Result<(), ActorProcessingErr> {
-        for (_, (_, h)) in std::mem::take(&mut st.hosted) {
-            h.actor().stop(None);
+        let hosted = std::mem::take(&mut *lock(&st.shared.hosted));
+        for h in hosted.into_values() {
+            h.handle.actor().stop(None);
         }
         Ok(())
     }

@@ -131,6 +131,13 @@ pub struct NodeStats {
     pub refused_peers: AtomicU64,
     /// The most requests that were in flight to one node at once.
     pub in_flight_peak: AtomicU64,
+    /// Hosted owners stopped because their placement could no longer be trusted (see
+    /// [`Shared::fence`]).
+    pub owners_fenced: AtomicU64,
+    /// Shard requests refused because their owner was fenced or is of another epoch.
+    pub fenced_requests: AtomicU64,
+    /// Times this node found it had not run for longer than its lease.
+    pub stalls: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -153,6 +160,9 @@ pub struct NodeCounters {
     pub heartbeats_received: u64,
     pub refused_peers: u64,
     pub in_flight_peak: u64,
+    pub owners_fenced: u64,
+    pub fenced_requests: u64,
+    pub stalls: u64,
 }
 
 impl NodeStats {
@@ -172,8 +182,28 @@ impl NodeStats {
             heartbeats_received: g(&self.heartbeats_received),
             refused_peers: g(&self.refused_peers),
             in_flight_peak: g(&self.in_flight_peak),
+            owners_fenced: g(&self.owners_fenced),
+            fenced_requests: g(&self.fenced_requests),
+            stalls: g(&self.stalls),
         }
     }
+}
+
+/// What the coordinator's failover acts on: a node it may have placed shards on is lost to
+/// it, or this node itself stalled (its peers may have taken it for lost meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// `node` went down (its lease ran out), lost its session, or left.
+    Lost { node: String, why: String },
+    /// This node did not run for `ms`, longer than its lease.
+    Stalled { ms: u64 },
+}
+
+/// A shard owner this node hosts: the node that placed it, and its placement's epoch.
+pub(crate) struct Hosted {
+    pub(crate) placer: String,
+    pub(crate) epoch: u64,
+    pub(crate) handle: freshet_actors::shard::ShardHandle,
 }
 
 /// Where a call's answer goes: the outcome is an answer, or why none will come.
@@ -263,8 +293,14 @@ pub struct Shared {
     disconnected: Mutex<std::collections::HashSet<String>>,
     /// Signalled on every heartbeat received.
     heard: Notify,
-    /// The shards the endpoint hosts, each with the node that placed it (for heartbeats).
-    hosted: Mutex<Vec<(ShardId, String)>>,
+    /// The shard owners this node hosts. The endpoint adds them; [`Shared::fence`] may take
+    /// them away from any task.
+    pub(crate) hosted: Mutex<BTreeMap<ShardId, Hosted>>,
+    /// When this node last ran (`now_ms`), to find a stall longer than the lease.
+    alive_ms: AtomicU64,
+    lease_ms: u64,
+    /// Lost nodes and stalls, for the coordinator's failover.
+    changes: broadcast::Sender<NodeEvent>,
     /// Kept for the memory figures of heartbeats.
     system: Mutex<sysinfo::System>,
     pub(crate) stats: NodeStats,
@@ -417,7 +453,9 @@ impl Shared {
             return;
         };
         match &answer {
-            Ok(WireAnswer::Fault(_)) | Err(_) => bump(&self.stats.faults_received),
+            Ok(WireAnswer::Fault(_) | WireAnswer::Fenced(_)) | Err(_) => {
+                bump(&self.stats.faults_received)
+            }
             Ok(_) => bump(&self.stats.answers_received),
         }
         (w.done)(answer);
@@ -478,7 +516,9 @@ impl Shared {
             addr: self.addr.clone(),
             memory_used_bytes: used,
             memory_available_bytes: available,
-            shards: lock(&self.hosted).clone(),
+            shards: (lock(&self.hosted).iter())
+                .map(|(&s, h)| (s, h.placer.clone()))
+                .collect(),
         }
     }
 
@@ -511,7 +551,84 @@ impl Shared {
         if let Some(c) = change {
             log_change(&c);
         }
-        self.fail_node(node, "left");
+        self.lost(node, "left");
+    }
+
+    /// `node` is lost to this one (`why`: "left", "lost its session", "is down: ..."): its
+    /// waiting requests fail, the owners it placed here are fenced, and the failover hears.
+    fn lost(&self, node: &str, why: &str) {
+        self.fail_node(node, why);
+        self.fence(Some(node), &format!("node {node} {why}"));
+        // No subscriber is normal: only a coordinator listens.
+        let _ = self.changes.send(NodeEvent::Lost {
+            node: node.to_owned(),
+            why: why.to_owned(),
+        });
+    }
+
+    /// Stops the owners `placer` placed here (every owner, for `None`); they answer no more
+    /// requests. A placement is fenced when this node can no longer be sure it is current:
+    /// its placer may have placed the shards elsewhere meanwhile, and a push that arrives late
+    /// (queued while this node was stopped, or cut off) must not be applied.
+    pub(crate) fn fence(&self, placer: Option<&str>, why: &str) {
+        let fenced: Vec<(ShardId, Hosted)> = {
+            let mut hosted = lock(&self.hosted);
+            let ids: Vec<ShardId> = (hosted.iter())
+                .filter(|(_, h)| placer.is_none_or(|p| h.placer == p))
+                .map(|(&s, _)| s)
+                .collect();
+            ids.into_iter()
+                .filter_map(|s| hosted.remove(&s).map(|h| (s, h)))
+                .collect()
+        };
+        if fenced.is_empty() {
+            return;
+        }
+        for (_, h) in &fenced {
+            h.handle.actor().stop(Some("fenced".into()));
+        }
+        self.stats
+            .owners_fenced
+            .fetch_add(fenced.len() as u64, Ordering::Relaxed);
+        let shards: Vec<ShardId> = fenced.iter().map(|(s, _)| *s).collect();
+        let epochs: Vec<u64> = fenced.iter().map(|(_, h)| h.epoch).collect();
+        tracing::warn!(?shards, ?epochs, reason = %why, "fenced the shard owners: they answer no more requests until placed again");
+    }
+
+    /// Why the owners `placer` placed here must not serve it now, if they must not: it is
+    /// down or left, or its session closed. A placer not heard from yet is not lost.
+    pub(crate) fn placer_lost(&self, placer: &str) -> Option<String> {
+        if lock(&self.disconnected).contains(placer) {
+            return Some(format!("node {placer} lost its session"));
+        }
+        match lock(&self.membership).get(placer).map(|m| m.liveness) {
+            Some(Liveness::Down) => Some(format!("node {placer} is down")),
+            Some(Liveness::Left) => Some(format!("node {placer} left")),
+            _ => None,
+        }
+    }
+
+    /// Records that this node runs now. After a gap longer than the lease (a SIGSTOP, a
+    /// frozen machine) every peer may have taken this node for lost and a placer may have
+    /// placed its shards elsewhere: every hosted owner is fenced before anything that was
+    /// queued meanwhile is read, and the failover hears. Called by the endpoint before each
+    /// packet and by the heartbeat loop at each tick, so whichever runs first after a stall
+    /// finds it.
+    pub(crate) fn check_stall(&self) {
+        let now = self.now_ms();
+        let gap = now.saturating_sub(self.alive_ms.swap(now, Ordering::AcqRel));
+        if gap <= self.lease_ms {
+            return;
+        }
+        bump(&self.stats.stalls);
+        tracing::warn!(
+            gap_ms = gap,
+            lease_ms = self.lease_ms,
+            "this node did not run for longer than its lease: its peers may have taken it for lost"
+        );
+        let why = format!("node {} did not run for {gap} ms", self.name);
+        self.fence(None, &why);
+        let _ = self.changes.send(NodeEvent::Stalled { ms: gap });
     }
 
     /// A heartbeat arrived from another node.
@@ -673,7 +790,10 @@ impl ClusterNode {
             membership: Mutex::new(Membership::new(cfg.lease)),
             disconnected: Mutex::new(std::collections::HashSet::new()),
             heard: Notify::new(),
-            hosted: Mutex::new(Vec::new()),
+            hosted: Mutex::new(BTreeMap::new()),
+            alive_ms: AtomicU64::new(0),
+            lease_ms: cfg.lease.lease_ms,
+            changes: broadcast::channel(64).0,
             system: Mutex::new(sysinfo::System::new()),
             stats: NodeStats::default(),
             started: Instant::now(),
@@ -737,6 +857,28 @@ impl ClusterNode {
         &self.shared
     }
 
+    /// Lost nodes and stalls of this node, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Whether a call to `node` can go now: it is up and a session to it is open.
+    pub fn reachable(&self, node: &str) -> bool {
+        self.shared.unreachable(node).is_none() && self.shared.endpoint_of(node).is_some()
+    }
+
+    /// Waits up to `within` for a heartbeat to arrive (any node's); false on timeout.
+    pub async fn heard_within(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.shared.heard.notified())
+            .await
+            .is_ok()
+    }
+
+    /// How long a node may go unheard before it is marked down.
+    pub fn lease_ms(&self) -> u64 {
+        self.shared.lease_ms
+    }
+
     /// Logs the peers that opened a session here and closed it unauthenticated (a wrong
     /// cookie, or plaintext against TLS), and fails the requests of a lost session.
     fn spawn_session_log(&self) {
@@ -789,7 +931,7 @@ impl ClusterNode {
                         } else {
                             tracing::warn!(node = %peer, addr = %ev.peer_addr, "session lost");
                             lock(&shared.disconnected).insert(peer.clone());
-                            shared.fail_node(peer, "lost its session");
+                            shared.lost(peer, "lost its session");
                         }
                     }
                     // A new peer hears from this node at once, not an interval later: a short
@@ -822,6 +964,7 @@ impl ClusterNode {
             let mut draw = shared.incarnation;
             loop {
                 tick.tick().await;
+                shared.check_stall();
                 shared.send_heartbeat_to(&shared.peers());
                 shared.expire();
                 let now = shared.now_ms();
@@ -842,7 +985,7 @@ impl ClusterNode {
                 for c in &changes {
                     log_change(c);
                     if let Change::Down(n) = c {
-                        shared.fail_node(n, "is down: its heartbeat lease ran out");
+                        shared.lost(n, "is down: its heartbeat lease ran out");
                     }
                 }
                 redial.retain(|n, _| lost.iter().any(|(l, _)| l == n));
@@ -1010,10 +1153,12 @@ impl ClusterNode {
         };
         match rx.await {
             Ok(Ok(WireAnswer::Node(a))) => Ok(a),
-            Ok(Ok(WireAnswer::Fault(reason))) => Err(ClusterError::Fault {
-                node: node.to_owned(),
-                reason,
-            }),
+            Ok(Ok(WireAnswer::Fault(reason) | WireAnswer::Fenced(reason))) => {
+                Err(ClusterError::Fault {
+                    node: node.to_owned(),
+                    reason,
+                })
+            }
             Ok(Ok(other)) => Err(ClusterError::Fault {
                 node: node.to_owned(),
                 reason: format!("answered a node call with {other:?}"),

@@ -100,8 +100,11 @@ impl ractor::Message for Packet {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WireRequest {
     /// A message for one of the shard owners the node hosts.
+    /// `epoch` is the placement the caller reached the owner through: an owner of another
+    /// placement refuses it ([`WireAnswer::Fenced`]).
     Shard {
         shard: ShardId,
+        epoch: u64,
         call: Envelope<ShardCall>,
     },
     /// A request to the node itself.
@@ -112,10 +115,12 @@ pub enum WireRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum NodeCall {
     /// Start (or start over) the owner of `shard` of `shard_count`, owning `tables`, from
-    /// `restore` when given.
+    /// `restore` when given, for the placement of `epoch`: it answers only requests of that
+    /// epoch.
     HostShard {
         shard: ShardId,
         shard_count: u32,
+        epoch: u64,
         tables: Vec<(TableName, TableConfig)>,
         restore: Option<Box<ShardSnapshot>>,
     },
@@ -134,6 +139,10 @@ pub enum WireAnswer {
     Node(NodeAnswer),
     /// The request could not be read or not be delivered; the reason says why.
     Fault(String),
+    /// The owner the request was for is no longer this caller's: its placement was fenced
+    /// (the placing node was lost, or this node stalled past its lease) or replaced by one of
+    /// another epoch. The caller's placement is stale and must be made again.
+    Fenced(String),
 }
 
 /// The answers to [`NodeCall`]s.

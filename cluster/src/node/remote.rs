@@ -2,7 +2,9 @@
 //! ones: [`RemoteShard`] is a local actor that takes the owner's messages and sends them over
 //! the network, and [`ClusterPlacer`] places a job's shards on the cluster's shard nodes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -28,20 +30,25 @@ pub struct RemoteShardState {
     shared: Arc<Shared>,
     node: String,
     shard: ShardId,
+    /// The placement this stand-in reaches its owner through; every request carries it.
+    epoch: u64,
 }
 
 impl RemoteShard {
-    /// A handle to shard `shard`, hosted on `node`; linked to `supervisor` when given.
+    /// A handle to shard `shard`, hosted on `node` at placement `epoch`; linked to
+    /// `supervisor` when given.
     pub async fn handle(
         cluster: &ClusterNode,
         node: &str,
         shard: ShardId,
+        epoch: u64,
         supervisor: Option<ractor::ActorCell>,
     ) -> Result<ShardHandle, ractor::SpawnErr> {
         let state = RemoteShardState {
             shared: cluster.shared().clone(),
             node: node.to_owned(),
             shard,
+            epoch,
         };
         let (actor, _join) = match supervisor {
             Some(sup) => Actor::spawn_linked(None, RemoteShard, state, sup).await?,
@@ -57,6 +64,9 @@ fn shard_answer(node: &str, outcome: Result<WireAnswer, String>) -> ShardAnswer 
         Ok(WireAnswer::Shard(a)) => a,
         Ok(WireAnswer::Fault(reason)) => ShardAnswer::Refused(RemoteEmbeddingError::Other(
             format!("node {node}: {reason}"),
+        )),
+        Ok(WireAnswer::Fenced(reason)) => ShardAnswer::Refused(RemoteEmbeddingError::Unreachable(
+            format!("node {node} fenced the placement: {reason}"),
         )),
         Ok(WireAnswer::Node(a)) => ShardAnswer::Refused(RemoteEmbeddingError::Other(format!(
             "node {node} answered a shard call with {a:?}"
@@ -80,7 +90,7 @@ impl Actor for RemoteShard {
 
     async fn handle(
         &self,
-        _myself: ActorRef<ShardMsg>,
+        myself: ActorRef<ShardMsg>,
         msg: ShardMsg,
         st: &mut RemoteShardState,
     ) -> Result<(), ActorProcessingErr> {
@@ -97,6 +107,14 @@ impl Actor for RemoteShard {
         let node = st.node.clone();
         let shard = st.shard;
         let done = Box::new(move |outcome: Result<WireAnswer, String>| {
+            // The owner is no longer this placement's: the stand-in stops, so that its
+            // supervisor places the shard again rather than retrying a fenced owner.
+            if let Ok(WireAnswer::Fenced(reason)) = &outcome {
+                tracing::warn!(shard, node = %node, reason = %reason, "the shard's placement was fenced");
+                myself.stop(Some(format!(
+                    "shard {shard}: node {node} fenced the placement: {reason}"
+                )));
+            }
             if let Some(responder) = responder {
                 if let Err(e) = responder(shard_answer(&node, outcome)) {
                     tracing::debug!(shard, error = %e, "an answer nobody waits for");
@@ -105,6 +123,7 @@ impl Actor for RemoteShard {
         });
         let request = WireRequest::Shard {
             shard,
+            epoch: st.epoch,
             call: Envelope::with_trace(trace, call),
         };
         // Awaited here, so that requests leave in mailbox order and a node at its in-flight
@@ -118,17 +137,19 @@ impl Actor for RemoteShard {
 #[derive(Debug, Clone)]
 pub struct ClusterPlacer {
     cluster: ClusterNode,
-    epoch: u64,
+    /// The epoch of the next placement.
+    next_epoch: Arc<AtomicU64>,
     /// Only these shard nodes, when given.
     only: Option<Vec<String>>,
     placed: Arc<Mutex<Option<Placement>>>,
 }
 
 impl ClusterPlacer {
+    /// A placer whose first placement has `epoch`; each later one has the next.
     pub fn new(cluster: ClusterNode, epoch: u64) -> Self {
         Self {
             cluster,
-            epoch,
+            next_epoch: Arc::new(AtomicU64::new(epoch)),
             only: None,
             placed: Arc::new(Mutex::new(None)),
         }
@@ -167,20 +188,42 @@ impl ClusterPlacer {
         Ok(())
     }
 
+    /// Stops the owners of placement `last` on the nodes that are still reachable, before the
+    /// shards are placed again: a shard that moves leaves no owner behind, and one that stays
+    /// is started over at the new epoch. A lost node fences its owners itself.
+    async fn release_stale(&self, last: &Placement) {
+        for node in last.nodes() {
+            if last.shards_of(node).is_empty() || !self.cluster.reachable(node) {
+                continue;
+            }
+            match self.cluster.call_node(node, NodeCall::ReleaseShards).await {
+                Ok(NodeAnswer::Released { .. }) => {}
+                Ok(other) => {
+                    tracing::warn!(node = %node, answer = ?other, "releasing the owners of the last placement")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "releasing the owners of the last placement")
+                }
+            }
+        }
+    }
+
     async fn place_all(
         &self,
         count: u32,
         tables: Vec<(TableName, TableConfig)>,
         mut restore: Vec<Option<ShardSnapshot>>,
     ) -> anyhow::Result<ShardRouter> {
-        let placement = self.new_placement(count)?;
+        let placement = self.new_placement(count).await?;
         restore.resize(count as usize, None);
         let mut handles = Vec::with_capacity(count as usize);
+        let epoch = placement.epoch();
         for (s, snap) in (0..count).zip(restore) {
             let node = placement.node_of(s);
-            self.host(node, s, count, tables.clone(), snap).await?;
+            self.host(node, s, count, epoch, tables.clone(), snap)
+                .await?;
             handles.push(
-                RemoteShard::handle(&self.cluster, node, s, None)
+                RemoteShard::handle(&self.cluster, node, s, epoch, None)
                     .await
                     .with_context(|| format!("the stand-in of shard {s}"))?,
             );
@@ -188,20 +231,43 @@ impl ClusterPlacer {
         Ok(ShardRouter::new(handles).with_placement(record(&placement)))
     }
 
-    /// A placement of `count` shards over the up shard nodes (those of [`Self::on_nodes`]),
-    /// recorded before any owner starts, so that a placement failing halfway is released.
-    fn new_placement(&self, count: u32) -> anyhow::Result<Placement> {
+    /// The shard nodes a placement may use now: up, with a session open, and among those of
+    /// [`Self::on_nodes`].
+    fn candidates(&self) -> Vec<String> {
         let mut nodes = self.cluster.up_with(Role::Shards);
+        nodes.retain(|n| self.cluster.reachable(n));
         if let Some(only) = &self.only {
             nodes.retain(|n| only.contains(n));
         }
+        nodes
+    }
+
+    /// A placement of `count` shards over the reachable shard nodes, at the next epoch,
+    /// recorded before any owner starts, so that a placement failing halfway is released.
+    /// With none reachable it waits up to twice the lease for one (a lost node dialled again,
+    /// a new one joining) before it fails.
+    async fn new_placement(&self, count: u32) -> anyhow::Result<Placement> {
+        let lease = Duration::from_millis(self.cluster.lease_ms());
+        let deadline = tokio::time::Instant::now() + 2 * lease;
+        let nodes = loop {
+            let nodes = self.candidates();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !nodes.is_empty() || left.is_zero() {
+                break nodes;
+            }
+            // A heartbeat is what makes a node up; the sessions open just before.
+            self.cluster
+                .heard_within(left.min(Duration::from_millis(100)))
+                .await;
+        };
         if nodes.is_empty() {
             bail!(
                 "no node with the shards role is up: start one with `freshet node --roles \
                  shards` and give its cluster address to --join"
             );
         }
-        let placement = Placement::new(nodes, count, self.epoch)?;
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let placement = Placement::new(nodes, count, epoch)?;
         *lock(&self.placed) = Some(placement.clone());
         tracing::info!(
             shards = count,
@@ -212,18 +278,20 @@ impl ClusterPlacer {
         Ok(placement)
     }
 
-    /// Asks `node` to host shard `s` of `count`.
+    /// Asks `node` to host shard `s` of `count` for the placement of `epoch`.
     async fn host(
         &self,
         node: &str,
         s: ShardId,
         count: u32,
+        epoch: u64,
         tables: Vec<(TableName, TableConfig)>,
         restore: Option<ShardSnapshot>,
     ) -> anyhow::Result<()> {
         let call = NodeCall::HostShard {
             shard: s,
             shard_count: count,
+            epoch,
             tables,
             restore: restore.map(Box::new),
         };
@@ -244,14 +312,29 @@ impl ClusterPlacer {
         tables: Vec<(TableName, TableConfig)>,
         supervisor: ractor::ActorCell,
     ) -> anyhow::Result<ShardHandle> {
-        let kept = lock(&self.placed).clone().filter(|p| p.shards() == count);
+        // Shard 0 starts first, so its start is a new placement: the pipeline's first, or
+        // the failover's (which restarts every shard). A later shard keeps the placement
+        // while every node it uses is reachable.
+        let last = lock(&self.placed).clone();
+        let kept = last.clone().filter(|p| {
+            s != 0
+                && p.shards() == count
+                && (0..count).all(|i| self.cluster.reachable(p.node_of(i)))
+        });
         let placement = match kept {
             Some(p) => p,
-            None => self.new_placement(count)?,
+            None => {
+                let placement = self.new_placement(count).await?;
+                if let Some(last) = last.filter(|_| s == 0) {
+                    self.release_stale(&last).await;
+                }
+                placement
+            }
         };
         let node = placement.node_of(s);
-        self.host(node, s, count, tables, None).await?;
-        RemoteShard::handle(&self.cluster, node, s, Some(supervisor))
+        let epoch = placement.epoch();
+        self.host(node, s, count, epoch, tables, None).await?;
+        RemoteShard::handle(&self.cluster, node, s, epoch, Some(supervisor))
             .await
             .with_context(|| format!("the stand-in of shard {s}"))
     }

@@ -139,3 +139,40 @@ fn replay_plans_outside_the_log_are_refused_with_the_reason() {
         assert!(e.contains(want), "{plan:?}: {e}");
     }
 }
+
+#[test]
+fn a_feed_started_at_another_feeds_offsets_cuts_the_same_batches_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log(dir.path(), &[23, 17, 9]);
+    let schema = Schema::default();
+    let mut block = SampleBlock::for_schema(&schema);
+    // Per pull, the offsets after it: with contiguous reads, what the pull took.
+    let cuts = |feed: &mut SampleFeed, block: &mut SampleBlock| {
+        let mut seen = Vec::new();
+        loop {
+            let got = feed.pull(&*log, 5, block).unwrap();
+            if got.rows + got.rejected.len() == 0 {
+                return seen;
+            }
+            seen.push(feed.offsets().clone());
+        }
+    };
+    let whole = cuts(
+        &mut SampleFeed::new(&schema, 3, BTreeMap::new(), None),
+        &mut block,
+    );
+    assert_eq!(
+        whole.last(),
+        Some(&BTreeMap::from([(0, 23), (1, 17), (2, 9)]))
+    );
+    // The partitions take turns: after three full pulls each has been read.
+    assert!(whole[2].values().all(|&o| o > 0), "{:?}", &whole[..3]);
+    for k in 0..whole.len() {
+        let mut resumed = SampleFeed::new(&schema, 3, whole[k].clone(), None);
+        assert_eq!(
+            cuts(&mut resumed, &mut block),
+            whole[k + 1..],
+            "resumed after pull {k}"
+        );
+    }
+}
