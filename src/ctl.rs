@@ -38,6 +38,10 @@ enum CtlCommand {
     Versions,
     /// Serve version V at once, and retrain from it (later versions are kept, marked).
     Rollback { version: u64 },
+    /// Move the shards whose node the placement would choose differently now (a shard node
+    /// joined or came back): a version at the next step boundary, then those shards restored
+    /// on their new nodes. Prints the moves and how long training paused.
+    Rebalance,
     /// Re-consume sample-log offsets [FROM, TO) of a partition, optionally skipping C..D.
     Replay {
         #[arg(long)]
@@ -80,6 +84,7 @@ pub(crate) fn run(args: CtlArgs) -> anyhow::Result<()> {
             "/v1/admin/rollback",
             Some(serde_json::json!({ "version": version })),
         ),
+        CtlCommand::Rebalance => ("POST", "/v1/admin/rebalance", Some(serde_json::json!({}))),
         CtlCommand::Replay {
             from,
             to,

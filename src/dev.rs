@@ -195,13 +195,15 @@ async fn run_node(
         Some(v) => eprintln!("resuming from version {v}"),
         None => eprintln!("starting a fresh model"),
     }
-    let failover = cluster.map(|(node, placer)| {
-        tokio::spawn(fail_over_lost_nodes(
+    // The cluster's losses and joins move the shards.
+    let placements = cluster.map(|(node, placer)| {
+        Arc::new(crate::failover::Placements::new(
             node.clone(),
             placer.clone(),
             pipe.clone(),
         ))
     });
+    let failover = placements.clone().map(crate::failover::Placements::spawn);
     let root = settings.log_dir();
     let ingest_rejects = open_topic(&root, INGEST_REJECTS_TOPIC, &settings.log)
         .with_context(|| format!("opening topic {INGEST_REJECTS_TOPIC}"))?;
@@ -252,6 +254,7 @@ async fn run_node(
         events_accepted: AtomicU64::new(0),
         events_rejected: AtomicU64::new(0),
         cluster: cluster.map(|(n, _)| n.clone()),
+        placements,
     });
     let state = web::Data::new(ServingState {
         store: pipe.store().clone(),
@@ -359,55 +362,6 @@ async fn run_node(
         serde_json::json!({"last_version": last, "events": total(&*events), "samples": total(&*samples)})
     );
     Ok(())
-}
-
-/// Fails the pipeline's shards over whenever a node hosting one of them is lost (down, its
-/// session closed, or left), or this node stalled past its lease (the shard nodes then fenced
-/// its placement). One failover at a time: a loss reported again after it (a closed session,
-/// then the lease running out) finds the node outside the new placement and is let be.
-async fn fail_over_lost_nodes(node: ClusterNode, placer: ClusterPlacer, pipe: PipelineHandle) {
-    use freshet_cluster::node::NodeEvent;
-    use tokio::sync::broadcast::error::RecvError;
-    let mut events = node.subscribe();
-    loop {
-        let why = match events.recv().await {
-            Ok(NodeEvent::Lost { node: lost, why }) => {
-                let Some(placement) = placer.last_placement() else {
-                    continue;
-                };
-                let shards = placement.shards_of(&lost);
-                if shards.is_empty() {
-                    continue;
-                }
-                format!("node {lost} {why}; it hosted shards {shards:?}")
-            }
-            Ok(NodeEvent::Stalled { ms }) => format!(
-                "this node did not run for {ms} ms, longer than its lease: the shard nodes \
-                 fenced its placement"
-            ),
-            // Events were missed: one of them may have been a loss.
-            Err(RecvError::Lagged(n)) => format!("{n} cluster events were missed"),
-            Err(RecvError::Closed) => return,
-        };
-        if pipe.gave_up().is_some() {
-            return;
-        }
-        tracing::warn!(reason = %why, "failing over: placing every shard again");
-        let started = Instant::now();
-        match pipe.fail_over(&why).await {
-            Ok(()) => {
-                let placed = placer.last_placement();
-                tracing::info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    epoch = placed.as_ref().map(|p| p.epoch()),
-                    nodes = ?placed.as_ref().map(|p| p.nodes().to_vec()),
-                    "failed over: the shards are placed again and training resumed from the newest live version"
-                );
-            }
-            // The supervisor restarts what did not start, with its backoff.
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "the failover did not finish"),
-        }
-    }
 }
 
 /// Stops the owners this node placed and tells the cluster it leaves.

@@ -6,6 +6,7 @@ mod ckpt;
 mod cluster;
 mod ctl;
 mod dev;
+mod failover;
 mod fdlimit;
 mod http;
 mod lock;

@@ -1049,6 +1049,162 @@ fn a_shard_node_stopped_past_its_lease_is_failed_over_and_fences_its_late_reques
     assert!(p.nodes.iter().all(|n| n == survivor), "{p:?}");
 }
 
+/// The newest version of `store` whose placement satisfies `ok`, once there is one.
+fn version_placed(
+    store: &Path,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&freshet_actors::ckpt::ShardPlacement) -> bool,
+) -> freshet_actors::ckpt::Manifest {
+    wait(secs, what, || {
+        let s = ModelStore::open(store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        ok(m.placement.as_ref()?).then_some(m)
+    })
+}
+
+#[test]
+fn a_shard_node_that_joins_takes_its_shards_at_a_step_boundary_and_ctl_rebalance_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let samples = fixed_sample_log(d, 60_000);
+    let a = start_node(d, "a", "k", &[]);
+    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
+    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    let mut cmd = coordinator_command(d, "c", "k", &a.addr);
+    cmd.arg("--no-simulate")
+        .env("FRESHET__EMBEDDING__SHARDS", "8");
+    let c = spawn_node(cmd, "c");
+    let http = http_addr(&c);
+    let store = d.join("data-c/models");
+    let first = version_placed(&store, 60, "a version on node a", |p| {
+        p.nodes.iter().all(|n| n == "a")
+    });
+    assert!(
+        first.sample_offsets.values().sum::<u64>() < samples,
+        "drained too soon"
+    );
+
+    // Node b joins through the trainer node: the shards rendezvous now gives b move to it.
+    let b = start_node(d, "b", "k", &["--join", &c.addr]);
+    let line = c
+        .wait_for(&["rebalanced", "pause_ms="], Duration::from_secs(30))
+        .expect("the rebalance after the join");
+    eprintln!("a shard node joined, the shards rebalanced: {line}");
+    let pause: u64 = line
+        .split("pause_ms=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("pause_ms");
+    assert!(pause < 10_000, "{line}");
+    let after = version_placed(&store, 60, "a version with shards on b", |p| {
+        p.nodes.iter().any(|n| n == "b")
+    });
+    let p = after.placement.as_ref().expect("placed");
+    assert!(p.epoch > first.placement.as_ref().expect("placed").epoch);
+    assert!(p.nodes.iter().any(|n| n == "a"), "{p:?}");
+    assert_eq!(p.nodes.len(), 8);
+    // b hosts what the placement says, a the rest.
+    let nodes = ctl(d, &http, &["nodes"]);
+    for r in nodes["nodes"].as_array().expect("rows") {
+        let name = r["node"].as_str().expect("name");
+        let hosted: Vec<u64> = (r["shards"].as_array().expect("shards").iter())
+            .filter_map(|s| s["shard"].as_u64())
+            .collect();
+        let placed: Vec<u64> = (0..8u64).filter(|&i| p.nodes[i as usize] == name).collect();
+        if name != "c" {
+            assert_eq!(hosted, placed, "{r}");
+        }
+    }
+    // Nothing left to move: `ctl rebalance` says so and pauses nothing.
+    let again = ctl(d, &http, &["rebalance"]);
+    assert_eq!(again["moved"], serde_json::json!([]), "{again}");
+    assert_eq!(again["pause_ms"], 0, "{again}");
+    assert_eq!(again["epoch"], p.epoch, "{again}");
+
+    let end = drain_and_stop(c, &store, samples);
+    let m = &end.manifest;
+    assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
+    drop((a, b));
+}
+
+#[test]
+fn a_version_of_4_shards_on_2_nodes_is_restored_as_8_shards_on_3_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let samples = fixed_sample_log(d, 60_000);
+    // A third node that rendezvous gives shards of 8 (a placement depends on the names only).
+    let third = (b'e'..=b'z')
+        .map(|c| (c as char).to_string())
+        .find(|n| {
+            let nodes = vec!["a".to_owned(), "b".to_owned(), n.clone()];
+            let p = freshet_cluster::placement::Placement::new(nodes, 8, 1).expect("placement");
+            !p.shards_of(n).is_empty()
+                && !p.shards_of("a").is_empty()
+                && !p.shards_of("b").is_empty()
+        })
+        .expect("a name");
+    let a = start_node(d, "a", "k", &[]);
+    let b = start_node(d, "b", "k", &[]);
+    let e = start_node(d, &third, "k", &[]);
+    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
+    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    let store = d.join("data-c/models");
+    let start = |seeds: String, shards: &str| {
+        let mut cmd = coordinator_command(d, "c", "k", &seeds);
+        cmd.arg("--no-simulate")
+            .env("FRESHET__EMBEDDING__SHARDS", shards);
+        spawn_node(cmd, "c")
+    };
+    let c = start(format!("{},{}", a.addr, b.addr), "4");
+    version_placed(&store, 60, "a version of 4 shards", |p| p.nodes.len() == 4);
+    c.signal("-INT");
+    let mut c = c;
+    let exit = c.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let s = ModelStore::open(&store).expect("store");
+    let old_v = s.latest().expect("latest").expect("v");
+    let old = s.manifest(old_v).expect("m");
+    assert_eq!(old.shards, 4);
+    assert!(
+        old.sample_offsets.values().sum::<u64>() < samples,
+        "drained too soon"
+    );
+
+    let c = start(format!("{},{},{}", a.addr, b.addr, e.addr), "8");
+    c.wait_for(&["resuming from version"], Duration::from_secs(60))
+        .expect("the resume");
+    let new = version_placed(&store, 60, "a version of 8 shards", |p| p.nodes.len() == 8);
+    assert_eq!(new.shards, 8);
+    assert!(new.step > old.step && new.rows_trained > old.rows_trained);
+    let p = new.placement.as_ref().expect("placed");
+    let used: std::collections::BTreeSet<&str> = p.nodes.iter().map(String::as_str).collect();
+    assert_eq!(
+        used,
+        ["a", "b", third.as_str()].into_iter().collect(),
+        "{p:?}"
+    );
+    // The 4-shard version's rows are all there, each now in the shard its key maps to.
+    let (before, after) = (
+        s.restore(old_v, None).expect("restore"),
+        s.restore(s.latest().expect("l").expect("v"), None)
+            .expect("restore"),
+    );
+    let (rb, ra) = (rows_by_key(&before.shards), rows_by_key(&after.shards));
+    assert!(rb.keys().all(|k| ra.contains_key(k)));
+    for snap in &after.shards {
+        for t in &snap.tables {
+            for &k in &t.rows.keys {
+                assert_eq!(freshet_actors::shard_of(k, 8), snap.shard, "key {k}");
+            }
+        }
+    }
+    let end = drain_and_stop(c, &store, samples);
+    let m = &end.manifest;
+    assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
+}
+
 /// A header's value in a response head.
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {

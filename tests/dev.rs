@@ -180,11 +180,20 @@ fn dev_learns_serves_and_obeys_ctl_then_stops_cleanly_and_resumes() {
         ("/v1/admin/rollback", "{\"version\": \"x\"}"),
         ("/v1/admin/replay", "{\"from\": 1}"),
         ("/v1/admin/calibrate", "{\"base\": 3}"),
+        ("/v1/admin/rebalance", "{\"shards\": 8}"),
+        ("/v1/admin/rebalance", "[]"),
     ] {
         let (code, r) = post(&addr, path, body);
         assert_eq!(code, 400, "{path} {body}: {r}");
         assert!(r["error"].as_str().unwrap().contains("bad request body"));
     }
+    // One process holds every shard: nothing to rebalance, and `ctl` says why.
+    let o = ctl(d.path(), &addr, &["rebalance"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("409") && err.contains("nothing to rebalance"),
+        "{err}"
+    );
     // A base outside node.bases_dir (the node's working directory here) gets one answer,
     // whether the path exists or not: the endpoint tells nothing of the file system.
     let (code, r) = post(
@@ -358,6 +367,7 @@ fn admin_endpoints_need_the_token_when_one_is_set() {
     for path in ["/v1/admin/status", "/v1/admin/nodes"] {
         assert_eq!(get(&addr, path).0, 401, "{path}");
     }
+    assert_eq!(post(&addr, "/v1/admin/rebalance", "{}").0, 401);
     let (code, _) = http_with(
         &addr,
         "GET",

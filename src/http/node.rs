@@ -36,6 +36,8 @@ pub(crate) struct NodeState {
     /// The cluster this node coordinates (`freshet node --roles trainer,...`); none for
     /// `freshet dev`.
     pub(crate) cluster: Option<freshet_cluster::node::ClusterNode>,
+    /// Its failover and rebalance, with a cluster.
+    pub(crate) placements: Option<Arc<crate::failover::Placements>>,
 }
 
 impl MetricsSource for NodeState {
@@ -128,6 +130,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, port: super::Port) {
     cfg.route("/v1/admin/status", web::get().to(admin_status))
         .route("/v1/admin/nodes", web::get().to(admin_nodes))
         .route("/v1/admin/rollback", web::post().to(admin_rollback))
+        .route("/v1/admin/rebalance", web::post().to(admin_rebalance))
         .route("/v1/admin/replay", web::post().to(admin_replay))
         .route("/v1/admin/calibrate", web::post().to(admin_calibrate));
 }
@@ -447,6 +450,31 @@ async fn admin_rollback(
             "rolled_back_to": b.version,
             "serving": s.cell.version(),
         })),
+        Err(e) => command_error(e),
+    }
+}
+
+async fn admin_rebalance(n: web::Data<NodeState>, req: HttpRequest, body: Body) -> HttpResponse {
+    let n = match admin(&n, &req) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    // It takes no field: the body is `{}`.
+    let fields: serde_json::Map<String, serde_json::Value> = match parse(&body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    if let Some(k) = fields.keys().next() {
+        let why = format!("bad request body: unknown field `{k}`: a rebalance takes none");
+        return error(StatusCode::BAD_REQUEST, &why);
+    }
+    let Some(placements) = &n.placements else {
+        return command_error(CommandError::Conflict(
+            "this node runs every shard in its own process: there is nothing to rebalance".into(),
+        ));
+    };
+    match placements.rebalance("asked by the admin API").await {
+        Ok(r) => HttpResponse::Ok().json(r),
         Err(e) => command_error(e),
     }
 }

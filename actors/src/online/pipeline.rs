@@ -760,6 +760,34 @@ impl PipelineHandle {
         Ok(())
     }
 
+    /// Asks for a version at the trainer's next step boundary and waits up to `within` for
+    /// it; the new version, or none when none came (a trainer with nothing new to write).
+    pub async fn capture_now(&self, within: std::time::Duration) -> anyhow::Result<Option<u64>> {
+        let latest = |store: ModelStore| async move {
+            tokio::task::spawn_blocking(move || store.latest())
+                .await
+                .context("store task")?
+                .context("reading the store")
+        };
+        let before = latest(self.ctx.cfg.store.clone()).await?;
+        let writer = self
+            .ctx
+            .reg()
+            .writer
+            .clone()
+            .context("the writer is not running")?;
+        writer.demand();
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let now = latest(self.ctx.cfg.store.clone()).await?;
+            if now > before {
+                return Ok(now);
+            }
+        }
+        Ok(None)
+    }
+
     /// Re-consumes `plan` before live samples; the next version records it.
     pub async fn replay(&self, plan: ReplayPlan) -> Result<(), CommandError> {
         let _span = if telemetry::enabled() {

@@ -197,6 +197,8 @@ pub enum NodeEvent {
     Lost { node: String, why: String },
     /// This node did not run for `ms`, longer than its lease.
     Stalled { ms: u64 },
+    /// A node with the shards role was heard from for the first time.
+    Joined { node: String },
 }
 
 /// A shard owner this node hosts: the node that placed it, and its placement's epoch.
@@ -634,9 +636,13 @@ impl Shared {
     /// A heartbeat arrived from another node.
     fn heard(&self, hb: Heartbeat) {
         bump(&self.stats.heartbeats_received);
+        let hosts = hb.roles.has(crate::membership::Role::Shards);
         let change = lock(&self.membership).heartbeat(hb, self.now_ms());
         if let Some(c) = change {
             log_change(&c);
+            if let (Change::Joined(node), true) = (&c, hosts) {
+                let _ = self.changes.send(NodeEvent::Joined { node: node.clone() });
+            }
         }
         self.heard.notify_waiters();
     }

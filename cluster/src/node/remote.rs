@@ -242,6 +242,12 @@ impl ClusterPlacer {
         nodes
     }
 
+    /// Where `count` shards would be placed now, over the reachable shard nodes (its epoch
+    /// is not one of this placer's); none with no shard node reachable.
+    pub fn choice(&self, count: u32) -> Option<Placement> {
+        Placement::new(self.candidates(), count, 0).ok()
+    }
+
     /// A placement of `count` shards over the reachable shard nodes, at the next epoch,
     /// recorded before any owner starts, so that a placement failing halfway is released.
     /// With none reachable it waits up to twice the lease for one (a lost node dialled again,
