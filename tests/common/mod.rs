@@ -1,6 +1,7 @@
 //! Helpers shared by the process-level tests (each test file includes this module).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub(crate) mod nodes;
 pub(crate) mod otlp;
 
 use std::path::Path;
