@@ -167,6 +167,7 @@ pub(crate) fn node_config(
         request_timeout: Duration::from_millis(c.request_timeout_ms),
         spill_dir: Some(settings.spill_dir()),
         tls,
+        faults: crate::settings::faults_from_env()?,
     })
 }
 

@@ -175,6 +175,8 @@ async fn run_node(
     let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
+    // Before the pipeline starts: a node lost while it starts is failed over once it runs.
+    let cluster_events = cluster.map(|(node, _)| node.subscribe());
     let (pipe, sup_join) = PipelineHandle::start(cfg)
         .await
         .context("starting the node")?;
@@ -203,7 +205,10 @@ async fn run_node(
             pipe.clone(),
         ))
     });
-    let failover = placements.clone().map(crate::failover::Placements::spawn);
+    let failover = match (placements.clone(), cluster_events) {
+        (Some(p), Some(events)) => Some(p.spawn(events)),
+        _ => None,
+    };
     let root = settings.log_dir();
     let ingest_rejects = open_topic(&root, INGEST_REJECTS_TOPIC, &settings.log)
         .with_context(|| format!("opening topic {INGEST_REJECTS_TOPIC}"))?;

@@ -1,6 +1,6 @@
 //! How a trainer node follows its cluster: it fails its shards over when a node hosting one
-//! is lost, and rebalances them when the placement would choose other nodes (a shard node
-//! joined, or `freshet ctl rebalance`).
+//! is lost or a shard node fenced the placement in use, and rebalances them when the
+//! placement would choose other nodes (a shard node joined, or `freshet ctl rebalance`).
 //!
 //! Both are the same move: every shard is placed again at the next epoch and the trainer
 //! restores them all from a version (`PipelineHandle::fail_over`). A failover restores the
@@ -16,6 +16,8 @@ use freshet_actors::online::pipeline::{CommandError, PipelineHandle};
 use freshet_cluster::node::{ClusterNode, ClusterPlacer, NodeEvent};
 use freshet_cluster::placement::Placement;
 use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 /// How long a rebalance waits for the version it asks for before it moves the shards anyway
 /// (a trainer with nothing new to write writes none; the newest version is then current).
@@ -87,60 +89,105 @@ impl Placements {
         }
     }
 
-    /// Follows the cluster until it stops: a failover whenever a node hosting shards is
-    /// lost or this node stalled, a rebalance whenever a shard node joins. A loss reported
-    /// again after its failover (a closed session, then the lease running out) finds the node
-    /// outside the new placement and is let be.
-    pub(crate) fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Follows the cluster until it stops, from `events` (subscribed before the pipeline
+    /// started, so that no loss is missed): a failover whenever a node hosting shards is lost
+    /// and not reachable again, a shard's placement was fenced, or this node stalled; a
+    /// rebalance whenever a shard node joins. Events queued together are decided together:
+    /// one loss often comes as several (a stall, then every node's lease; a closed session,
+    /// then the lease), and a loss or fence of a placement already replaced is let be.
+    pub(crate) fn spawn(
+        self: Arc<Self>,
+        mut events: broadcast::Receiver<NodeEvent>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
-            let mut events = self.node.subscribe();
             loop {
-                let event = match events.recv().await {
-                    Ok(e) => e,
-                    Err(RecvError::Lagged(n)) => {
-                        let why = format!("{n} cluster events were missed; one may be a loss");
-                        self.fail_over(&why).await;
-                        continue;
-                    }
+                let (mut batch, mut missed) = match events.recv().await {
+                    Ok(e) => (vec![e], false),
+                    Err(RecvError::Lagged(_)) => (Vec::new(), true),
                     Err(RecvError::Closed) => return,
                 };
+                loop {
+                    match events.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(TryRecvError::Lagged(_)) => missed = true,
+                        Err(_) => break,
+                    }
+                }
                 if self.pipe.gave_up().is_some() {
                     return;
                 }
-                match event {
-                    NodeEvent::Lost { node, why } => {
-                        let Some(placement) = self.placer.last_placement() else {
-                            continue;
-                        };
-                        let shards = placement.shards_of(&node);
-                        if !shards.is_empty() {
-                            let why = format!("node {node} {why}; it hosted shards {shards:?}");
-                            self.fail_over(&why).await;
-                        }
-                    }
-                    NodeEvent::Stalled { ms } => {
-                        let why = format!(
-                            "this node did not run for {ms} ms, longer than its lease: the \
-                             shard nodes fenced its placement"
-                        );
-                        self.fail_over(&why).await;
-                    }
-                    NodeEvent::Joined { node } => {
-                        let why = format!("shard node {node} joined");
-                        match self.rebalance(&why).await {
-                            Ok(r) if r.moved.is_empty() => {
-                                tracing::info!(node = %node, "a shard node joined; the placement keeps every shard where it is")
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!(node = %node, error = %format!("{e:#}"), "the rebalance after a join did not finish")
-                            }
-                        }
-                    }
-                }
+                self.decide(batch, missed).await;
             }
         })
+    }
+
+    /// What a batch of events calls for: at most one failover, then at most one rebalance.
+    async fn decide(&self, batch: Vec<NodeEvent>, missed: bool) {
+        let placement = self.placer.last_placement();
+        let mut why: Option<String> = None;
+        let mut joined = Vec::new();
+        for event in batch {
+            match event {
+                NodeEvent::Lost { node, why: w } => {
+                    let shards = placement
+                        .as_ref()
+                        .map_or(Vec::new(), |p| p.shards_of(&node));
+                    // Back already: if it fenced meanwhile, its refusals say so.
+                    if !shards.is_empty() && !self.node.reachable(&node) && why.is_none() {
+                        why = Some(format!("node {node} {w}; it hosted shards {shards:?}"));
+                    }
+                }
+                NodeEvent::Stalled { ms } => {
+                    why.get_or_insert(format!(
+                        "this node did not run for {ms} ms, longer than its lease allows: the \
+                         shard nodes may have fenced its placement"
+                    ));
+                }
+                NodeEvent::Fenced {
+                    node,
+                    shard,
+                    epoch,
+                    why: w,
+                } if placement.as_ref().is_some_and(|p| p.epoch() == epoch) => {
+                    why.get_or_insert(format!(
+                        "node {node} fenced shard {shard} of placement {epoch}: {w}"
+                    ));
+                }
+                NodeEvent::Fenced { .. } => {}
+                NodeEvent::Joined { node } => joined.push(node),
+            }
+        }
+        if why.is_none() && missed {
+            // Missed events may have held a loss: act if a node in use is unreachable now.
+            let lost = placement.as_ref().map_or(Vec::new(), |p| {
+                (used_nodes(p).into_iter())
+                    .filter(|n| !self.node.reachable(n))
+                    .collect()
+            });
+            if !lost.is_empty() {
+                why = Some(format!(
+                    "cluster events were missed, and nodes {lost:?} are unreachable"
+                ));
+            }
+        }
+        if let Some(why) = why {
+            self.fail_over(&why).await;
+        }
+        if !joined.is_empty() {
+            let why = format!("shard nodes {joined:?} joined");
+            match self.rebalance(&why).await {
+                Ok(r) if r.moved.is_empty() => tracing::info!(
+                    nodes = ?joined,
+                    "shard nodes joined; the placement keeps every shard where it is"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    nodes = ?joined,
+                    error = %format!("{e:#}"),
+                    "the rebalance after a join did not finish"
+                ),
+            }
+        }
     }
 
     /// Places every shard again and restores the newest live version (see the module doc).

@@ -950,7 +950,7 @@ pub(crate) fn pipeline_config(
 
 /// The fault points `FRESHET_FAULTS` arms, for fault-injection tests of a whole process
 /// ([`Faults::parse`]); unset, none. A node with armed points says so in its log.
-fn faults_from_env() -> anyhow::Result<Faults> {
+pub(crate) fn faults_from_env() -> anyhow::Result<Faults> {
     match std::env::var("FRESHET_FAULTS") {
         Ok(spec) if !spec.trim().is_empty() => {
             let f = Faults::parse(&spec).context("FRESHET_FAULTS")?;

@@ -685,8 +685,8 @@ fn coordinator_on_fixed_log(d: &Path, name: &str, seeds: &str) -> Node {
 fn a_shard_node_killed_mid_run_is_failed_over_and_the_model_is_bit_identical_to_a_run_without_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let samples = fixed_sample_log(d, 60_000);
-    assert!(samples > 40_000, "{samples}");
+    let samples = fixed_sample_log(d, 120_000);
+    assert!(samples > 60_000, "{samples}");
     let a = start_node(d, "a", "k", &[]);
     let b = start_node(d, "b", "k", &[]);
     let seeds = format!("{},{}", a.addr, b.addr);
@@ -765,7 +765,7 @@ fn a_shard_node_killed_mid_run_is_failed_over_and_the_model_is_bit_identical_to_
 fn a_shard_node_stopped_past_its_lease_is_failed_over_and_fences_its_late_requests() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let samples = fixed_sample_log(d, 60_000);
+    let samples = fixed_sample_log(d, 120_000);
     let a = start_node(d, "a", "k", &[]);
     let b = start_node(d, "b", "k", &[]);
     let seeds = format!("{},{}", a.addr, b.addr);
@@ -847,7 +847,7 @@ fn a_shard_node_stopped_past_its_lease_is_failed_over_and_fences_its_late_reques
 fn a_shard_node_that_joins_takes_its_shards_at_a_step_boundary_and_ctl_rebalance_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let samples = fixed_sample_log(d, 60_000);
+    let samples = fixed_sample_log(d, 120_000);
     let a = start_node(d, "a", "k", &[]);
     copy_dir(&d.join("data/log"), &d.join("data-c/log"));
     copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
@@ -913,7 +913,7 @@ fn a_shard_node_that_joins_takes_its_shards_at_a_step_boundary_and_ctl_rebalance
 fn a_version_of_4_shards_on_2_nodes_is_restored_as_8_shards_on_3_nodes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let samples = fixed_sample_log(d, 60_000);
+    let samples = fixed_sample_log(d, 120_000);
     // A third node that rendezvous gives shards of 8 (a placement depends on the names only).
     let third = (b'e'..=b'z')
         .map(|c| (c as char).to_string())
@@ -981,6 +981,50 @@ fn a_version_of_4_shards_on_2_nodes_is_restored_as_8_shards_on_3_nodes() {
         }
     }
     let end = drain_and_stop(c, &store, samples);
+    let m = &end.manifest;
+    assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
+}
+
+#[test]
+fn a_shard_owner_that_fails_on_its_node_is_reported_to_the_trainer_node_and_failed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let samples = fixed_sample_log(d, 120_000);
+    // The owners on node a panic once, at their 300th gradient push.
+    let mut cmd = node_command(d, "a", "k", &[]);
+    cmd.env("FRESHET_FAULTS", "shard.apply@300x1");
+    let a = spawn_node(cmd, "a");
+    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
+    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    let mut cmd = coordinator_command(d, "c", "k", &a.addr);
+    cmd.arg("--no-simulate");
+    let c = spawn_node(cmd, "c");
+    let http = http_addr(&c);
+    a.wait_for(&["a hosted shard owner failed"], Duration::from_secs(60))
+        .expect("the owner's failure, on its node");
+    // Reported to the trainer node as fenced: it fails over and places the shard again.
+    c.wait_for(
+        &["failing over", "node a fenced shard", "failed"],
+        Duration::from_secs(30),
+    )
+    .expect("the failover after the owner's failure");
+    c.wait_for(&["failed over"], Duration::from_secs(30))
+        .expect("the failover's end");
+    // The trainer's failed step is its child's failure, on the trainer node.
+    let status = ctl(d, &http, &["status"]);
+    let trainer = (status["children"].as_array().expect("children").iter())
+        .find(|ch| ch["name"] == "trainer")
+        .cloned()
+        .expect("the trainer child");
+    assert!(trainer["restarts"].as_u64() > Some(0), "{trainer}");
+    assert!(
+        trainer["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("shard")),
+        "{trainer}"
+    );
+    assert_eq!(trainer["node"], "c", "{trainer}");
+    let end = drain_and_stop(c, &d.join("data-c/models"), samples);
     let m = &end.manifest;
     assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
 }

@@ -121,6 +121,7 @@ async fn probe(name: &str, max_in_flight: usize) -> ClusterNode {
         request_timeout: Duration::from_secs(60),
         spill_dir: None,
         tls: None,
+        faults: Default::default(),
     };
     ClusterNode::start(&cfg)
         .await
@@ -250,6 +251,20 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     let rows = shard.lookup(&table, vec![1, 2, 3]).await.expect("lookup");
     assert_eq!(rows.len(), 12);
 
+    // The owner answers only its placement's epoch: a stand-in of another is fenced.
+    let other_epoch = RemoteShard::handle(&probe, &peer, 0, 2, None)
+        .await
+        .expect("handle");
+    let err = other_epoch
+        .lookup(&table, vec![1])
+        .await
+        .expect_err("a request of another epoch is fenced")
+        .to_string();
+    assert!(
+        err.contains("fenced the placement") && err.contains("at placement epoch 1"),
+        "{err}"
+    );
+
     // Another job cannot take the shard this node placed while this node is up.
     let other = second_job(dir.path(), &node.addr);
     let err = String::from_utf8_lossy(&other.stderr);
@@ -265,6 +280,7 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     assert_eq!(rows.len(), 12);
 
     // A corrupted request is answered with a fault naming the check that failed.
+    let faults = probe.stats().faults_received;
     armed.store(true, Ordering::SeqCst);
     let err = shard
         .lookup(&table, vec![4, 5, 6])
@@ -279,7 +295,7 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
     }
     assert!(!armed.load(Ordering::SeqCst), "the proxy corrupted nothing");
     assert!(node.logged("a malformed packet", Duration::from_secs(5)));
-    assert_eq!(probe.stats().faults_received, 1);
+    assert_eq!(probe.stats().faults_received, faults + 1);
 
     // The same session answers the next request.
     let rows = shard

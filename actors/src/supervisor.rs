@@ -331,6 +331,12 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::RestartFrom { name, reply } => {
+                if st.shutting_down {
+                    let _ = reply.send(Err(RestartError::Unavailable {
+                        reason: "is shutting down".into(),
+                    }));
+                    return Ok(());
+                }
                 let Some(i) = st.args.children.iter().position(|c| c.name == name) else {
                     let _ = reply.send(Err(RestartError::UnknownChild { name }));
                     return Ok(());

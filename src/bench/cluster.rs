@@ -203,6 +203,7 @@ pub(super) fn run(a: ClusterBenchArgs, settings: &Settings) -> anyhow::Result<()
             request_timeout: Duration::from_millis(settings.cluster.request_timeout_ms),
             spill_dir: None,
             tls: None,
+            faults: Default::default(),
         };
         let me = ClusterNode::start(&cfg).await?;
         for n in &nodes {

@@ -106,8 +106,15 @@ impl Endpoint {
                     .actor()
                     .send_message(Envelope::with_trace(trace, local))
                 {
-                    let reason = format!("the owner of shard {shard} stopped: {e}");
-                    return answer(&st.shared, from, id, &WireAnswer::Fault(reason));
+                    // It failed here (a panic): this node does not restart it, since only its
+                    // placer can restore it. Reported as fenced, so the placer's supervisor
+                    // places the shard again; it counts as the shard child's failure there.
+                    let reason = format!(
+                        "the owner of shard {shard} on node {} failed: {e}",
+                        st.shared.name
+                    );
+                    Self::owner_failed(&st.shared, shard, &reason);
+                    return answer(&st.shared, from, id, &WireAnswer::Fenced(reason));
                 }
                 if let Some(pending) = pending {
                     // The answer goes back without holding up the next request: the owner's
@@ -164,6 +171,14 @@ impl Endpoint {
                 "shard {shard} is not hosted on node {here} (its placement epoch {epoch} was \
                  fenced or released)"
             ))),
+        }
+    }
+
+    /// Takes a failed owner out of what this node hosts, and says so.
+    fn owner_failed(shared: &Shared, shard: ShardId, reason: &str) {
+        if lock(&shared.hosted).remove(&shard).is_some() {
+            bump(&shared.stats.owners_failed);
+            tracing::error!(shard, reason = %reason, "a hosted shard owner failed: its placer is told, and places it again");
         }
     }
 
@@ -235,9 +250,22 @@ impl Endpoint {
                     tables,
                     spill_dir,
                     restore: restore.map(|s| *s),
-                    faults: Default::default(),
+                    faults: st.shared.faults.clone(),
                 };
+                let stalls = st.shared.stats.stalls.load(Ordering::Relaxed);
                 match ShardHandle::spawn(args).await {
+                    // A fence that ran while the owner started found nothing to stop: the
+                    // placement it is for may be stale already.
+                    Ok((h, _join))
+                        if st.shared.placer_lost(from).is_some()
+                            || st.shared.stats.stalls.load(Ordering::Relaxed) != stalls =>
+                    {
+                        h.actor().stop(Some("fenced while starting".into()));
+                        NodeAnswer::Refused(format!(
+                            "node {} fenced shard {shard} while its owner started",
+                            st.shared.name
+                        ))
+                    }
                     Ok((h, _join)) => {
                         tracing::info!(shard, shard_count, epoch, node = %from, "hosting a shard owner");
                         let placer = from.to_owned();

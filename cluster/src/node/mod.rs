@@ -77,6 +77,9 @@ pub struct NodeConfig {
     pub spill_dir: Option<PathBuf>,
     /// TLS with these files, or plaintext after the handshake.
     pub tls: Option<TlsFiles>,
+    /// Fault points armed in the shard owners this node hosts (fault-injection tests of a
+    /// whole process; none in production).
+    pub faults: freshet_actors::fault::Faults,
 }
 
 /// What joining and calling other nodes can fail with; callers act on the case.
@@ -138,6 +141,8 @@ pub struct NodeStats {
     pub fenced_requests: AtomicU64,
     /// Times this node found it had not run for longer than its lease.
     pub stalls: AtomicU64,
+    /// Hosted owners found stopped (a panic): reported to their placer as fenced.
+    pub owners_failed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -163,6 +168,7 @@ pub struct NodeCounters {
     pub owners_fenced: u64,
     pub fenced_requests: u64,
     pub stalls: u64,
+    pub owners_failed: u64,
 }
 
 impl NodeStats {
@@ -185,6 +191,7 @@ impl NodeStats {
             owners_fenced: g(&self.owners_fenced),
             fenced_requests: g(&self.fenced_requests),
             stalls: g(&self.stalls),
+            owners_failed: g(&self.owners_failed),
         }
     }
 }
@@ -199,6 +206,14 @@ pub enum NodeEvent {
     Stalled { ms: u64 },
     /// A node with the shards role was heard from for the first time.
     Joined { node: String },
+    /// `node` refused a request of placement `epoch` to `shard` as fenced: that placement
+    /// is no longer served there (the node lost this one, stalled, or its owner failed).
+    Fenced {
+        node: String,
+        shard: ShardId,
+        epoch: u64,
+        why: String,
+    },
 }
 
 /// A shard owner this node hosts: the node that placed it, and its placement's epoch.
@@ -284,6 +299,7 @@ pub struct Shared {
     max_in_flight: usize,
     request_timeout_ms: u64,
     spill_dir: Option<PathBuf>,
+    pub(crate) faults: freshet_actors::fault::Faults,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Waiting>>,
     /// The in-flight bound of each node; closed (failing its waiters) when the node goes down.
@@ -301,6 +317,9 @@ pub struct Shared {
     /// When this node last ran (`now_ms`), to find a stall longer than the lease.
     alive_ms: AtomicU64,
     lease_ms: u64,
+    /// A gap longer than this is a stall: the lease less one heartbeat interval, since a peer
+    /// may last have heard this node up to an interval before its last check.
+    stall_ms: u64,
     /// Lost nodes and stalls, for the coordinator's failover.
     changes: broadcast::Sender<NodeEvent>,
     /// Kept for the memory figures of heartbeats.
@@ -610,23 +629,23 @@ impl Shared {
         }
     }
 
-    /// Records that this node runs now. After a gap longer than the lease (a SIGSTOP, a
-    /// frozen machine) every peer may have taken this node for lost and a placer may have
-    /// placed its shards elsewhere: every hosted owner is fenced before anything that was
-    /// queued meanwhile is read, and the failover hears. Called by the endpoint before each
-    /// packet and by the heartbeat loop at each tick, so whichever runs first after a stall
-    /// finds it.
+    /// Records that this node runs now. After a gap longer than the lease less one interval
+    /// (a SIGSTOP, a frozen machine) a peer may have taken this node for lost and a placer
+    /// may have placed its shards elsewhere: every hosted owner is fenced before anything
+    /// that was queued meanwhile is read, and the failover hears. Called by the endpoint
+    /// before each packet and by the heartbeat loop at each tick, so whichever runs first
+    /// after a stall finds it.
     pub(crate) fn check_stall(&self) {
         let now = self.now_ms();
         let gap = now.saturating_sub(self.alive_ms.swap(now, Ordering::AcqRel));
-        if gap <= self.lease_ms {
+        if gap <= self.stall_ms {
             return;
         }
         bump(&self.stats.stalls);
         tracing::warn!(
             gap_ms = gap,
             lease_ms = self.lease_ms,
-            "this node did not run for longer than its lease: its peers may have taken it for lost"
+            "this node did not run for longer than its lease allows: its peers may have taken it for lost"
         );
         let why = format!("node {} did not run for {gap} ms", self.name);
         self.fence(None, &why);
@@ -790,6 +809,7 @@ impl ClusterNode {
             max_in_flight: cfg.max_in_flight.max(1),
             request_timeout_ms: cfg.request_timeout.as_millis().max(1) as u64,
             spill_dir: cfg.spill_dir.clone(),
+            faults: cfg.faults.clone(),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             permits: Mutex::new(HashMap::new()),
@@ -799,6 +819,7 @@ impl ClusterNode {
             hosted: Mutex::new(BTreeMap::new()),
             alive_ms: AtomicU64::new(0),
             lease_ms: cfg.lease.lease_ms,
+            stall_ms: cfg.lease.lease_ms - cfg.lease.interval_ms,
             changes: broadcast::channel(64).0,
             system: Mutex::new(sysinfo::System::new()),
             stats: NodeStats::default(),

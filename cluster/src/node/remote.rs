@@ -90,7 +90,7 @@ impl Actor for RemoteShard {
 
     async fn handle(
         &self,
-        myself: ActorRef<ShardMsg>,
+        _myself: ActorRef<ShardMsg>,
         msg: ShardMsg,
         st: &mut RemoteShardState,
     ) -> Result<(), ActorProcessingErr> {
@@ -106,14 +106,18 @@ impl Actor for RemoteShard {
         };
         let node = st.node.clone();
         let shard = st.shard;
+        let (shared, epoch) = (st.shared.clone(), st.epoch);
         let done = Box::new(move |outcome: Result<WireAnswer, String>| {
-            // The owner is no longer this placement's: the stand-in stops, so that its
-            // supervisor places the shard again rather than retrying a fenced owner.
+            // The owner is no longer this placement's: the placer's failover places every
+            // shard again (retrying a fenced owner would only be refused again).
             if let Ok(WireAnswer::Fenced(reason)) = &outcome {
-                tracing::warn!(shard, node = %node, reason = %reason, "the shard's placement was fenced");
-                myself.stop(Some(format!(
-                    "shard {shard}: node {node} fenced the placement: {reason}"
-                )));
+                tracing::warn!(shard, node = %node, epoch, reason = %reason, "the shard's placement was fenced");
+                let _ = shared.changes.send(super::NodeEvent::Fenced {
+                    node: node.clone(),
+                    shard,
+                    epoch,
+                    why: reason.clone(),
+                });
             }
             if let Some(responder) = responder {
                 if let Err(e) = responder(shard_answer(&node, outcome)) {
@@ -320,18 +324,23 @@ impl ClusterPlacer {
     ) -> anyhow::Result<ShardHandle> {
         // Shard 0 starts first, so its start is a new placement: the pipeline's first, or
         // the failover's (which restarts every shard). A later shard keeps the placement
-        // while every node it uses is reachable.
+        // while its node is reachable; a placement only some shards use is never made, so
+        // a lost node stays in the placement until the failover places every shard again.
         let last = lock(&self.placed).clone();
-        let kept = last.clone().filter(|p| {
-            s != 0
-                && p.shards() == count
-                && (0..count).all(|i| self.cluster.reachable(p.node_of(i)))
-        });
-        let placement = match kept {
-            Some(p) => p,
-            None => {
+        let placement = match last {
+            Some(p) if s != 0 && p.shards() == count => {
+                let node = p.node_of(s);
+                if !self.cluster.reachable(node) {
+                    bail!(
+                        "node {node} of shard {s} is not reachable; the failover places every \
+                         shard again"
+                    );
+                }
+                p
+            }
+            last => {
                 let placement = self.new_placement(count).await?;
-                if let Some(last) = last.filter(|_| s == 0) {
+                if let Some(last) = last {
                     self.release_stale(&last).await;
                 }
                 placement
