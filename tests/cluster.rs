@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::nodes::{
     copy_dir, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr, node_with_roles,
-    spawn_node, trainer_status, version_placed, Node, COOKIE, PIPELINE_CONFIG,
+    spawn_node, trainer_status, version_placed, version_where, Node, COOKIE, PIPELINE_CONFIG,
 };
 use common::{freshet, get, ok, otlp, small_model_dir, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
@@ -580,20 +580,8 @@ fn a_trainer_node_trains_online_on_two_shard_nodes_and_accounts_each_sample_once
     assert!(next.step > base.step, "{} after {}", next.step, base.step);
 
     // A clean stop writes a last version and releases the shards.
-    c.signal("-INT");
     let mut c = c;
-    let end = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(s) = c.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < end,
-            "the trainer node did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit:?}");
+    c.interrupt();
     let mut line = String::new();
     c.stdout.read_line(&mut line).expect("stdout");
     let report: serde_json::Value = serde_json::from_str(&line).expect("the final report");
@@ -700,10 +688,8 @@ fn a_shard_node_killed_mid_run_is_failed_over_and_the_model_is_bit_identical_to_
     let http = http_addr(&c);
     let store = d.join("data-c/models");
     let lost = host_of_shard_0(d, &http);
-    let first = wait(60, "a version with part of the log", || {
-        let s = ModelStore::open(&store).ok()?;
-        let m = s.manifest(s.latest().ok()??).ok()?;
-        (m.rows_trained >= 1000).then_some(m)
+    let first = version_where(&store, 60, "a version with part of the log", |m| {
+        m.rows_trained >= 1000
     });
     let consumed_then: u64 = first.sample_offsets.values().sum();
     assert!(
@@ -773,10 +759,8 @@ fn a_shard_node_stopped_past_its_lease_is_failed_over_and_fences_its_late_reques
     let http = http_addr(&c);
     let store = d.join("data-c/models");
     let lost = host_of_shard_0(d, &http);
-    let first = wait(60, "a version with part of the log", || {
-        let s = ModelStore::open(&store).ok()?;
-        let m = s.manifest(s.latest().ok()??).ok()?;
-        (m.rows_trained >= 1000).then_some(m)
+    let first = version_where(&store, 60, "a version with part of the log", |m| {
+        m.rows_trained >= 1000
     });
     let (stopped, survivor) = if lost == "a" { (&a, "b") } else { (&b, "a") };
     stopped.signal("-STOP");
@@ -939,10 +923,8 @@ fn a_version_of_4_shards_on_2_nodes_is_restored_as_8_shards_on_3_nodes() {
     };
     let c = start(format!("{},{}", a.addr, b.addr), "4");
     version_placed(&store, 60, "a version of 4 shards", |p| p.nodes.len() == 4);
-    c.signal("-INT");
     let mut c = c;
-    let exit = c.child.wait().expect("wait");
-    assert!(exit.success(), "{exit:?}");
+    c.interrupt();
     let s = ModelStore::open(&store).expect("store");
     let old_v = s.latest().expect("latest").expect("v");
     let old = s.manifest(old_v).expect("m");

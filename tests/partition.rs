@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::nodes::{
     copy_dir, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr, node_with_roles,
-    spawn_node, version_placed, Node, PIPELINE_CONFIG,
+    spawn_node, version_placed, version_where, Node, PIPELINE_CONFIG,
 };
 use common::{wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
@@ -185,7 +185,9 @@ fn partition(d: &Path) {
     let http = http_addr(&c);
     let store = d.join("data-c/models");
     let lost = host_of_shard_0(d, &http);
-    let first = version_placed(&store, 60, "a version with part of the log", |_| true);
+    let first = version_where(&store, 60, "a version with part of the log", |m| {
+        m.rows_trained >= 1000
+    });
     let first_epoch = first.placement.as_ref().expect("placed").epoch;
     let (cut, survivor): (&Node, &str) = if lost == "a" { (&a, "b") } else { (&b, "a") };
 

@@ -46,6 +46,20 @@ impl Node {
         }
     }
 
+    /// Sends SIGINT and waits up to a minute for the node to exit, successfully.
+    pub(crate) fn interrupt(&mut self) {
+        self.signal("-INT");
+        let end = Instant::now() + Duration::from_secs(60);
+        let exit = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < end, "the node did not stop on SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(exit.success(), "{exit:?}");
+    }
+
     pub(crate) fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
@@ -192,25 +206,11 @@ pub(crate) fn drain_and_stop(
     store: &Path,
     samples: u64,
 ) -> freshet_actors::ckpt::Restored {
-    wait(120, "a version that consumed the whole log", || {
-        let s = ModelStore::open(store).ok()?;
-        let m = s.manifest(s.latest().ok()??).ok()?;
-        (m.sample_offsets.values().sum::<u64>() == samples).then_some(())
+    version_where(store, 120, "a version that consumed the whole log", |m| {
+        m.sample_offsets.values().sum::<u64>() == samples
     });
-    c.signal("-INT");
     let mut c = c;
-    let end = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(s) = c.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < end,
-            "the trainer node did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit:?}");
+    c.interrupt();
     let s = ModelStore::open(store).expect("store");
     let v = s.latest().expect("latest").expect("a version");
     s.restore(v, None).expect("restore")
@@ -226,16 +226,26 @@ pub(crate) fn host_of_shard_0(d: &Path, http: &str) -> String {
     })
 }
 
-/// The newest version of `store` whose placement satisfies `ok`, once there is one.
+/// The newest version of `store` once one satisfies `ok`.
+pub(crate) fn version_where(
+    store: &Path,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&freshet_actors::ckpt::Manifest) -> bool,
+) -> freshet_actors::ckpt::Manifest {
+    wait(secs, what, || {
+        let s = ModelStore::open(store).ok()?;
+        let m = s.manifest(s.latest().ok()??).ok()?;
+        ok(&m).then_some(m)
+    })
+}
+
+/// The newest version of `store` once its placement satisfies `ok`.
 pub(crate) fn version_placed(
     store: &Path,
     secs: u64,
     what: &str,
     ok: impl Fn(&freshet_actors::ckpt::ShardPlacement) -> bool,
 ) -> freshet_actors::ckpt::Manifest {
-    wait(secs, what, || {
-        let s = ModelStore::open(store).ok()?;
-        let m = s.manifest(s.latest().ok()??).ok()?;
-        ok(m.placement.as_ref()?).then_some(m)
-    })
+    version_where(store, secs, what, |m| m.placement.as_ref().is_some_and(&ok))
 }

@@ -107,8 +107,8 @@ impl Endpoint {
                     .send_message(Envelope::with_trace(trace, local))
                 {
                     // It failed here (a panic): this node does not restart it, since only its
-                    // placer can restore it. Reported as fenced, so the placer's supervisor
-                    // places the shard again; it counts as the shard child's failure there.
+                    // placer can restore it. Reported as fenced, so that the placer fails
+                    // over and places the shard again.
                     let reason = format!(
                         "the owner of shard {shard} on node {} failed: {e}",
                         st.shared.name
