@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nodes::{
-    copy_dir, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr, node_with_roles,
-    spawn_node, trainer_status, version_placed, version_where, Node, COOKIE, PIPELINE_CONFIG,
+    copy_fixed_log, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr,
+    node_with_roles, spawn_node, trainer_status, version_placed, version_where, Node, COOKIE,
+    PIPELINE_CONFIG,
 };
 use common::{freshet, get, ok, otlp, small_model_dir, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
@@ -658,12 +659,7 @@ fn a_trainer_node_whose_only_shard_node_dies_stops_training_and_keeps_serving() 
 /// no new event: its joiners start from the copied checkpoints, caught up), its shards on the
 /// nodes at `seeds`.
 fn coordinator_on_fixed_log(d: &Path, name: &str, seeds: &str) -> Node {
-    for part in ["log", "joiner"] {
-        copy_dir(
-            &d.join("data").join(part),
-            &d.join(format!("data-{name}/{part}")),
-        );
-    }
+    copy_fixed_log(d, name);
     let mut cmd = coordinator_command(d, name, "k", seeds);
     cmd.arg("--no-simulate");
     spawn_node(cmd, name)
@@ -833,8 +829,7 @@ fn a_shard_node_that_joins_takes_its_shards_at_a_step_boundary_and_ctl_rebalance
     let d = dir.path();
     let samples = fixed_sample_log(d, 120_000);
     let a = start_node(d, "a", "k", &[]);
-    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
-    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    copy_fixed_log(d, "c");
     let mut cmd = coordinator_command(d, "c", "k", &a.addr);
     cmd.arg("--no-simulate")
         .env("FRESHET__EMBEDDING__SHARDS", "8");
@@ -912,8 +907,7 @@ fn a_version_of_4_shards_on_2_nodes_is_restored_as_8_shards_on_3_nodes() {
     let a = start_node(d, "a", "k", &[]);
     let b = start_node(d, "b", "k", &[]);
     let e = start_node(d, &third, "k", &[]);
-    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
-    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    copy_fixed_log(d, "c");
     let store = d.join("data-c/models");
     let start = |seeds: String, shards: &str| {
         let mut cmd = coordinator_command(d, "c", "k", &seeds);
@@ -976,8 +970,7 @@ fn a_shard_owner_that_fails_on_its_node_is_reported_to_the_trainer_node_and_fail
     let mut cmd = node_command(d, "a", "k", &[]);
     cmd.env("FRESHET_FAULTS", "shard.apply@300x1");
     let a = spawn_node(cmd, "a");
-    copy_dir(&d.join("data/log"), &d.join("data-c/log"));
-    copy_dir(&d.join("data/joiner"), &d.join("data-c/joiner"));
+    copy_fixed_log(d, "c");
     let mut cmd = coordinator_command(d, "c", "k", &a.addr);
     cmd.arg("--no-simulate");
     let c = spawn_node(cmd, "c");

@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::nodes::{
-    copy_dir, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr, node_with_roles,
-    spawn_node, version_placed, version_where, Node, PIPELINE_CONFIG,
+    copy_fixed_log, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr,
+    node_with_roles, spawn_node, version_placed, version_where, Node, PIPELINE_CONFIG,
 };
 use common::{wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
@@ -156,12 +156,7 @@ fn partition(d: &Path) {
         spawn_node(net.inside(name, cmd), name)
     };
     let (a, b) = (shard_node("a"), shard_node("b"));
-    for part in ["log", "joiner"] {
-        copy_dir(
-            &d.join("data").join(part),
-            &d.join(format!("data-c/{part}")),
-        );
-    }
+    copy_fixed_log(d, "c");
     let seeds = format!("{},{}", a.addr, b.addr);
     let http_listen = format!("{}:8080", net.addr("c"));
     let cluster_listen = format!("{}:7400", net.addr("c"));

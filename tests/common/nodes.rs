@@ -180,6 +180,17 @@ pub(crate) fn fixed_sample_log(d: &Path, impressions: u64) -> u64 {
         .sum()
 }
 
+/// Gives trainer node `name` (data under `d/data-<name>`) a copy of the fixed sample log with
+/// its joiners' checkpoints, caught up: it trains on that log and joins no new event.
+pub(crate) fn copy_fixed_log(d: &Path, name: &str) {
+    for part in ["log", "joiner"] {
+        copy_dir(
+            &d.join("data").join(part),
+            &d.join(format!("data-{name}/{part}")),
+        );
+    }
+}
+
 pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for e in std::fs::read_dir(from).expect("read_dir") {
