@@ -2,9 +2,11 @@
 //! one to place its shards there.
 //!
 //! A node with only the `shards` role hosts the shard owners other nodes place on it. A node
-//! with the `trainer` role is the coordinator: it runs the pipeline of `freshet dev` (the
-//! supervisor, joiners, trainer, writer, validator, serving replicas and the HTTP API) with
-//! each shard owner on a shard node of the cluster, and takes `freshet dev`'s flags.
+//! with the `serving` role (and not `trainer`) runs a replica that follows the trainer node
+//! (`crate::follow`). A node with the `trainer` role is the coordinator: it runs the pipeline
+//! of `freshet dev` (the supervisor, joiners, trainer, writer, validator, serving replicas and
+//! the HTTP API) with each shard owner on a shard node of the cluster, and takes `freshet
+//! dev`'s flags.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,7 +54,8 @@ pub(crate) struct NodeArgs {
     #[command(flatten)]
     pub(crate) cluster: ClusterArgs,
     /// Roles, comma-separated: any of shards, trainer, serving, joiner [cluster.roles]. The
-    /// trainer role (with serving and joiner) runs the pipeline, its shards on shard nodes.
+    /// trainer role (with serving and joiner) runs the pipeline, its shards on shard nodes;
+    /// serving alone runs a replica that follows the trainer node, on --listen.
     #[arg(long, value_name = "ROLES")]
     pub(crate) roles: Option<String>,
     /// The pipeline's flags, for a node with the trainer role (as `freshet dev`'s).
@@ -60,9 +63,20 @@ pub(crate) struct NodeArgs {
     pub(crate) pipeline: crate::dev::DevArgs,
 }
 
-/// What a node with these roles runs: `true` for the pipeline (the coordinator), `false` for
-/// shard owners only; an error for a mix this release does not split across nodes.
-fn runs_pipeline(roles: &Roles) -> anyhow::Result<bool> {
+/// What a node runs, by its roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    /// The pipeline, as the coordinator (the trainer role).
+    Pipeline,
+    /// Shard owners only.
+    Shards,
+    /// A serving replica following the trainer node (and shard owners too with `shards`).
+    Serving,
+}
+
+/// What a node with these roles runs; an error for a mix this release does not split across
+/// nodes.
+fn runs(roles: &Roles) -> anyhow::Result<Runs> {
     let trainer = roles.has(Role::Trainer);
     if trainer && roles.has(Role::Shards) {
         bail!(
@@ -72,17 +86,23 @@ fn runs_pipeline(roles: &Roles) -> anyhow::Result<bool> {
     }
     if trainer && !(roles.has(Role::Serving) && roles.has(Role::Joiner)) {
         bail!(
-            "--roles {roles}: the joiners and serving replicas run on the trainer's node: give \
-             --roles trainer,serving,joiner"
+            "--roles {roles}: the joiners and serving replicas run on the trainer's node too: \
+             give --roles trainer,serving,joiner"
         );
     }
-    if !trainer && (roles.has(Role::Serving) || roles.has(Role::Joiner)) {
+    if !trainer && roles.has(Role::Joiner) {
         bail!(
-            "--roles {roles}: serving replicas and joiners run on the node with the trainer \
-             role; other nodes take --roles shards"
+            "--roles {roles}: joiners run on the node with the trainer role; other nodes take \
+             --roles shards, serving, or shards,serving"
         );
     }
-    Ok(trainer)
+    Ok(if trainer {
+        Runs::Pipeline
+    } else if roles.has(Role::Serving) {
+        Runs::Serving
+    } else {
+        Runs::Shards
+    })
 }
 
 /// Reads the secret: the cookie file when one is given, else the environment.
@@ -194,13 +214,23 @@ pub(crate) fn announce(node: &ClusterNode, cfg: &NodeConfig) {
 /// `freshet node`: runs until SIGINT or SIGTERM.
 pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     let cfg = node_config(settings, &args.cluster, args.roles.as_deref(), None)?;
-    if runs_pipeline(&cfg.roles)? {
-        anyhow::ensure!(
-            !cfg.seeds.is_empty(),
-            "a node with the trainer role needs the shard nodes: give --join ADDR (or \
-             cluster.join)"
-        );
-        return crate::dev::run(args.pipeline, settings, Some(cfg));
+    match runs(&cfg.roles)? {
+        Runs::Pipeline => {
+            anyhow::ensure!(
+                !cfg.seeds.is_empty(),
+                "a node with the trainer role needs the shard nodes: give --join ADDR (or \
+                 cluster.join)"
+            );
+            return crate::dev::run(args.pipeline, settings, Some(cfg));
+        }
+        Runs::Serving => {
+            anyhow::ensure!(
+                !cfg.seeds.is_empty(),
+                "a serving node follows the trainer node: give --join ADDR (or cluster.join)"
+            );
+            return crate::follow::run(args.pipeline.http, settings, cfg);
+        }
+        Runs::Shards => {}
     }
     // The hosted owners spill under the data directory: one process per directory.
     let _lock =
@@ -231,16 +261,24 @@ mod tests {
     #[test]
     fn the_trainer_role_runs_the_pipeline_and_mixes_that_cannot_split_are_named() {
         let roles = |s: &str| s.parse::<Roles>().unwrap();
-        assert!(!runs_pipeline(&roles("shards")).unwrap());
-        assert!(runs_pipeline(&roles("trainer,serving,joiner")).unwrap());
+        assert_eq!(runs(&roles("shards")).unwrap(), Runs::Shards);
+        assert_eq!(runs(&roles("serving")).unwrap(), Runs::Serving);
+        assert_eq!(runs(&roles("shards,serving")).unwrap(), Runs::Serving);
+        assert_eq!(
+            runs(&roles("trainer,serving,joiner")).unwrap(),
+            Runs::Pipeline
+        );
         for (mix, says) in [
             ("trainer", "--roles trainer,serving,joiner"),
             ("trainer,serving", "--roles trainer,serving,joiner"),
             ("shards,trainer,serving,joiner", "freshet dev"),
-            ("serving", "other nodes take --roles shards"),
-            ("shards,joiner", "other nodes take --roles shards"),
+            (
+                "serving,joiner",
+                "joiners run on the node with the trainer role",
+            ),
+            ("shards,joiner", "other nodes take --roles shards, serving"),
         ] {
-            let e = runs_pipeline(&roles(mix)).unwrap_err().to_string();
+            let e = runs(&roles(mix)).unwrap_err().to_string();
             assert!(e.contains(says), "{mix}: {e}");
         }
     }

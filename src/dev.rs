@@ -45,7 +45,7 @@ const SIM_RESUME_MAX_GAP_MS: i64 = 60_000;
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
     #[command(flatten)]
-    http: HttpArgs,
+    pub(crate) http: HttpArgs,
     /// Do not run the simulator: events come only through POST /v1/events.
     #[arg(long)]
     no_simulate: bool,
@@ -180,6 +180,14 @@ async fn run_node(
     let (pipe, sup_join) = PipelineHandle::start(cfg)
         .await
         .context("starting the node")?;
+    // Serving nodes follow what this node's replicas are sent, from the first publication on.
+    if let Some((node, _)) = cluster {
+        let n = node.clone();
+        pipe.replicas()
+            .follow(Arc::new(move |v, trace| n.published(v, trace)));
+        let serving = pipe.replicas().serving().map(|m| m.version());
+        node.offer_models(pipe.store().clone(), serving);
+    }
     // What the trainer restored: the newest live version, or an older one when that one
     // failed verification and was set aside.
     let store = pipe.store().clone();
@@ -271,6 +279,7 @@ async fn run_node(
         counters: Counters::default(),
         metrics: vec![node.clone()],
         stopped: pipe.gave_up_slot(),
+        following: None,
     });
     let node_data = web::Data::from(node.clone());
     let servers = bind(

@@ -8,6 +8,7 @@ mod ctl;
 mod dev;
 mod failover;
 mod fdlimit;
+mod follow;
 mod http;
 mod lock;
 mod resume;

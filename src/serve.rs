@@ -114,6 +114,7 @@ async fn serve(
         counters: Counters::default(),
         metrics: Vec::new(),
         stopped: Default::default(),
+        following: None,
     });
     let servers = crate::http::bind(state, &args.http, limits, listeners, |_, _| {})?;
     servers.announce(false);

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::nodes::{
     copy_fixed_log, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr,
-    node_with_roles, spawn_node, trainer_status, version_placed, version_where, Node, COOKIE,
-    PIPELINE_CONFIG,
+    node_with_roles, serving_command, spawn_node, trainer_status, version_placed, version_where,
+    Node, COOKIE, PIPELINE_CONFIG,
 };
-use common::{freshet, get, ok, otlp, small_model_dir, wait, SMALL_MODEL_CONFIG};
+use common::{freshet, get, ok, otlp, post, small_model_dir, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
 
 /// `freshet node` in `dir` with its own data directory, on an unused loopback port.
@@ -1005,6 +1005,133 @@ fn a_shard_owner_that_fails_on_its_node_is_reported_to_the_trainer_node_and_fail
 }
 
 /// A header's value in a response head.
+/// The version a node's `/healthz` says it serves.
+fn served(http: &str) -> Option<u64> {
+    let (code, h) = get(http, "/healthz");
+    if code == 200 {
+        h["serving"].as_u64()
+    } else {
+        None
+    }
+}
+
+/// Checks that every version in the serving node's mirror that the trainer node's store still
+/// holds is the same version: the same data files, byte for byte, and the same chain. Returns
+/// how many were compared.
+fn mirror_matches(trainer: &Path, mirror: &Path) -> usize {
+    let (t, m) = (
+        ModelStore::open_existing(trainer).expect("the trainer node's store"),
+        ModelStore::open_existing(mirror).expect("the serving node's mirror"),
+    );
+    let held: std::collections::BTreeSet<u64> =
+        t.versions().expect("versions").into_iter().collect();
+    let mut compared = 0;
+    for v in m.versions().expect("mirror versions") {
+        if !held.contains(&v) {
+            continue;
+        }
+        let (a, b) = (
+            t.manifest(v).expect("manifest"),
+            m.manifest(v).expect("manifest"),
+        );
+        assert_eq!(
+            (a.parent, a.kind, &a.files),
+            (b.parent, b.kind, &b.files),
+            "version {v}"
+        );
+        let data = |dir: std::path::PathBuf| {
+            let mut f = files(&dir);
+            f.remove("manifest.json");
+            f
+        };
+        assert_eq!(
+            data(t.version_dir(v)),
+            data(m.version_dir(v)),
+            "version {v}'s files"
+        );
+        compared += 1;
+    }
+    compared
+}
+
+#[test]
+fn a_serving_node_follows_the_trainer_node_over_the_network_and_catches_up_after_a_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // A full version every third: the kill below misses a whole chain.
+    let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}[checkpoint]\nfull_every = 3\n");
+    std::fs::write(d.join("freshet.toml"), config).expect("config");
+    let a = start_node(d, "a", "k", &[]);
+    let c = spawn_node(coordinator_command(d, "c", "k", &a.addr), "c");
+    let http = http_addr(&c);
+    let serve = |d: &Path| {
+        let cmd = serving_command(d, "s", "k", "127.0.0.1:0", &c.addr, "127.0.0.1:0");
+        spawn_node(cmd, "s")
+    };
+    let s = serve(d);
+    let shttp = http_addr(&s);
+    let first = wait(90, "the serving node serving a version", || served(&shttp));
+    // It follows: each publication of the trainer node reaches it over the network.
+    let later = wait(60, "a newer version on the serving node", || {
+        served(&shttp).filter(|&v| v >= first + 3)
+    });
+    let req = serde_json::json!({
+        "sparse": {"C1": "u1"}, "dense": {"I1": 0.5},
+        "candidates": [{"sparse": {"C2": "i1"}}, {"sparse": {"C2": "i2"}}],
+    });
+    let (code, p) = post(&shttp, "/v1/predict", &req.to_string());
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["scores"].as_array().map(Vec::len), Some(2), "{p}");
+    assert!(p["version"].as_u64() >= Some(later), "{p}");
+    let (code, h) = get(&shttp, "/healthz");
+    assert_eq!(code, 200, "{h}");
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["following"]["source"], "c", "{h}");
+    assert_eq!(h["following"]["reachable"], true, "{h}");
+    assert!(h["following"]["notices"].as_u64() > Some(0), "{h}");
+    assert!(h["version_age_ms"].as_u64().is_some(), "{h}");
+    let (_, metrics) = common::http(&shttp, "GET", "/metrics", "text/plain", b"");
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics.contains("freshet_follower_source_reachable 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("freshet_serving_version_age_seconds "),
+        "{metrics}"
+    );
+    let (trainer_store, mirror) = (d.join("data-c/models"), d.join("data-s/models"));
+    assert!(mirror_matches(&trainer_store, &mirror) > 0);
+
+    // Killed, it misses publications; started again on its mirror, it serves what the mirror
+    // has at once, then catches up to the trainer node's last publication.
+    drop(s);
+    let missed = served(&http).expect("the trainer node serves") + 4;
+    wait(60, "the trainer node four versions on", || {
+        served(&http).filter(|&v| v >= missed)
+    });
+    let s = serve(d);
+    s.wait_for(&["from the mirror until"], Duration::from_secs(30))
+        .expect("the restarted node serving from its mirror");
+    let shttp = http_addr(&s);
+    let caught = wait(60, "the restarted serving node caught up", || {
+        served(&shttp).filter(|&v| v >= missed)
+    });
+    let (_, h) = get(&shttp, "/healthz");
+    assert!(h["following"]["versions_fetched"].as_u64() > Some(0), "{h}");
+    assert!(
+        h["following"]["catch_ups"].as_u64() > Some(0)
+            || h["following"]["notices"].as_u64() > Some(0),
+        "{h}"
+    );
+    let (_, p) = post(&shttp, "/v1/predict", &req.to_string());
+    assert!(p["version"].as_u64() >= Some(caught), "{p}");
+    assert!(mirror_matches(&trainer_store, &mirror) > 0);
+    drop(s);
+    drop(c);
+    drop(a);
+}
+
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -1033,7 +1160,8 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
     let (endpoint, log) = otlp::receiver();
     // The receiver is shared by the whole run: these names pick this test's spans.
     let tag = format!("t{}-{}", std::process::id(), now_ms() % 1_000_000);
-    let (shards, coordinator) = (format!("{tag}-s"), format!("{tag}-c"));
+    let (shards, coordinator, serving) =
+        (format!("{tag}-s"), format!("{tag}-c"), format!("{tag}-v"));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}");
@@ -1053,6 +1181,10 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
     wait(90, "a served version", || {
         (get(&http, "/healthz").0 == 200).then_some(())
     });
+    // A serving node of its own: each version's life goes on there.
+    let localhost = "127.0.0.1:0";
+    let cmd = serving_command(d, &serving, "k", localhost, &c.addr, localhost);
+    let follower = spawn_node(traced(cmd), &serving);
 
     // A prediction whose caller is traced: the server span continues the caller's span, and
     // the response names the server span.
@@ -1109,7 +1241,9 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
 
     let found = wait(60, "every flow's spans at the receiver", || {
         let spans = otlp::spans(&log);
-        let mine = |s: &&otlp::Span| s.instance == shards || s.instance == coordinator;
+        let mine = |s: &&otlp::Span| {
+            s.instance == shards || s.instance == coordinator || s.instance == serving
+        };
         let spans: Vec<otlp::Span> = spans.iter().filter(mine).cloned().collect();
         // A training step: its shard spans run on the shard node, children of the step's
         // client spans on the coordinator.
@@ -1132,11 +1266,23 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
                 .find(|dense| dense.name == "train.dense" && dense.parent_id == step.span_id)?;
             Some(step.clone())
         })?;
-        // A version's life: capture, write, validation and publication, and the replica's
-        // apply, in one trace.
+        // A version's life: capture, write, validation and publication, and the replicas'
+        // applies, on this node and on the serving node, in one trace.
         let life = spans.iter().find_map(|apply| {
-            (apply.name == "replica.apply").then_some(())?;
+            (apply.name == "replica.apply" && apply.instance == coordinator).then_some(())?;
             let publish = parent_named(&spans, apply, "version.publish")?;
+            let follow = spans.iter().find(|f| {
+                f.name == "model.follow"
+                    && f.instance == serving
+                    && f.trace_id == apply.trace_id
+                    && f.parent_id == publish.span_id
+            })?;
+            let remote = spans.iter().find(|a| {
+                a.name == "replica.apply"
+                    && a.instance == serving
+                    && a.trace_id == apply.trace_id
+                    && a.parent_id == follow.span_id
+            })?;
             let capture = spans.iter().find(|c| {
                 c.name == "version.capture"
                     && c.trace_id == apply.trace_id
@@ -1158,7 +1304,8 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
                 .then_some(())?;
             let v = write.attr("freshet.version")?;
             (publish.attr("freshet.version") == Some(v)
-                && apply.attr("freshet.version") == Some(v))
+                && apply.attr("freshet.version") == Some(v)
+                && remote.attr("freshet.version") == Some(v))
             .then_some(())?;
             (write.attr("freshet.bytes")?.parse::<u64>().ok()? > 0).then_some(())?;
             Some(capture.clone())
@@ -1241,7 +1388,7 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .expect("the export's counter on /metrics");
     assert!(exported > 0.0, "{metrics}");
-    drop((c, s));
+    drop((follower, c, s));
 }
 
 fn now_ms() -> u64 {

@@ -6,7 +6,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{freshet, get, http, http_with, spawn_listening, wait, Server, SMALL_MODEL_CONFIG};
+use common::{
+    freshet, get, http, http_with, post, spawn_listening, wait, Server, SMALL_MODEL_CONFIG,
+};
 use serde_json::{json, Value};
 
 /// The small model, a quick and loose gate, and two log partitions.
@@ -34,11 +36,6 @@ fn ctl(d: &Path, addr: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn post(addr: &str, path: &str, body: &str) -> (u16, Value) {
-    let (code, b) = http(addr, "POST", path, "application/json", body.as_bytes());
-    (code, serde_json::from_slice(&b).unwrap_or(Value::Null))
 }
 
 /// Waits for `child` to exit after a signal; a node that ignores it fails the test (and is

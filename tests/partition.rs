@@ -1,7 +1,10 @@
-//! A network partition, with real network namespaces: three `freshet node` processes, each in
-//! a namespace of its own joined by a bridge, and one shard node cut off by taking its link
-//! down, then joined back. The cut-off node is failed over and fences itself; after the heal it
-//! is up again, `ctl rebalance` places shards on it again, and every sample counts once.
+//! A network partition, with real network namespaces: four `freshet node` processes, each in
+//! a namespace of its own joined by a bridge; one shard node cut off by taking its link down,
+//! and the serving node cut off from the trainer node by a blackhole route, then both joined
+//! back. The cut-off shard node is failed over and fences itself; after the heal it is up
+//! again, `ctl rebalance` places shards on it again, and every sample counts once. The cut-off
+//! serving node goes on answering from its last version, says `cut_off` with the version's
+//! growing age in `/healthz` and `/metrics`, and catches up after the heal.
 //!
 //! The namespaces need root and iproute2 (`scripts/test` installs it where it can). Where they
 //! cannot be made, the test prints why and reports itself skipped, never passed; with
@@ -15,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::nodes::{
     copy_fixed_log, ctl, drain_and_stop, fixed_sample_log, host_of_shard_0, http_addr,
-    node_with_roles, spawn_node, version_placed, version_where, Node, PIPELINE_CONFIG,
+    node_with_roles, serving_command, spawn_node, version_placed, version_where, Node,
+    PIPELINE_CONFIG,
 };
-use common::{wait, SMALL_MODEL_CONFIG};
+use common::{get, post, wait, SMALL_MODEL_CONFIG};
 use freshet_actors::ckpt::ModelStore;
 
 const NAME: &str =
@@ -131,6 +135,15 @@ impl Net {
         c
     }
 
+    /// Drops everything `node` sends to `to` (`cut` true: a blackhole route in `node`'s
+    /// namespace, so neither hears the other while both stay reachable from here), or stops.
+    fn cut_between(&self, node: &str, to: &str, cut: bool) {
+        let dest = format!("{}/32", self.addr(to));
+        let verb = if cut { "add" } else { "del" };
+        let ns = self.ns(node);
+        ip(&["-n", &ns, "route", verb, "blackhole", &dest]).expect("the route");
+    }
+
     /// Takes `node`'s link to the bridge down (`up` false) or up again.
     fn link(&self, node: &str, up: bool) {
         let host = format!("{}h", self.ns(node));
@@ -149,7 +162,7 @@ impl Drop for Net {
 
 fn partition(d: &Path) {
     let samples = fixed_sample_log(d, 120_000);
-    let net = Net::new(&["a", "b", "c"]).expect("the namespaces");
+    let net = Net::new(&["a", "b", "c", "s"]).expect("the namespaces");
     let shard_node = |name: &str| {
         let listen = format!("{}:7401", net.addr(name));
         let cmd = node_with_roles(d, name, "k", "shards", &listen, &[]);
@@ -185,9 +198,22 @@ fn partition(d: &Path) {
     });
     let first_epoch = first.placement.as_ref().expect("placed").epoch;
     let (cut, survivor): (&Node, &str) = if lost == "a" { (&a, "b") } else { (&b, "a") };
+    // The serving node, following the trainer node.
+    let cmd = serving_command(
+        d,
+        "s",
+        "k",
+        &format!("{}:7402", net.addr("s")),
+        &c.addr,
+        &format!("{}:8081", net.addr("s")),
+    );
+    let s = spawn_node(net.inside("s", cmd), "s");
+    let shttp = http_addr(&s);
+    wait(60, "the serving node serving", || served(&shttp));
 
     // Cut off: nothing closes, both sides just stop hearing each other.
     net.link(&lost, false);
+    net.cut_between("s", "c", true);
     let cut_at = Instant::now();
     c.wait_for(
         &["failing over", &format!("node {lost} is down")],
@@ -211,9 +237,56 @@ fn partition(d: &Path) {
     });
     assert!(after.rows_trained > first.rows_trained);
 
+    // The cut-off serving node answers from its last version and says how old it is.
+    let (h1, kept) = wait(30, "the serving node saying it is cut off", || {
+        let (code, h) = get(&shttp, "/healthz");
+        (code == 200 && h["status"] == "cut_off").then(|| (h.clone(), h["serving"].as_u64()))
+    });
+    assert_eq!(h1["following"]["reachable"], false, "{h1}");
+    let kept = kept.expect("a version served");
+    wait(
+        30,
+        "the trainer node past the cut-off node's version",
+        || {
+            let (_, h) = get(&http, "/healthz");
+            h["serving"].as_u64().filter(|&v| v > kept)
+        },
+    );
+    let req = serde_json::json!({
+        "sparse": {"C1": "u1"}, "dense": {"I1": 0.5},
+        "candidates": [{"sparse": {"C2": "i1"}}],
+    });
+    let (code, p) = post(&shttp, "/v1/predict", &req.to_string());
+    assert_eq!((code, p["version"].as_u64()), (200, Some(kept)), "{p}");
+    let (_, h2) = get(&shttp, "/healthz");
+    assert_eq!(h2["serving"].as_u64(), Some(kept), "{h2}");
+    assert!(
+        h2["version_age_ms"].as_u64() > h1["version_age_ms"].as_u64(),
+        "{h1} then {h2}"
+    );
+    let (_, metrics) = common::http(&shttp, "GET", "/metrics", "text/plain", b"");
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics.contains("freshet_follower_source_reachable 0"),
+        "{metrics}"
+    );
+
     // Healed: the node is up again and hosts nothing (a request queued for it meanwhile is
     // refused: its owners are gone).
     net.link(&lost, true);
+    net.cut_between("s", "c", false);
+    let healed_at = Instant::now();
+    let newest = {
+        let (_, h) = get(&http, "/healthz");
+        h["serving"].as_u64().expect("the trainer node serves")
+    };
+    wait(60, "the serving node caught up after the heal", || {
+        served(&shttp).filter(|&v| v >= newest)
+    });
+    println!(
+        "heal to the serving node caught up: {} ms",
+        healed_at.elapsed().as_millis()
+    );
     wait(30, "the healed node up with no shard", || {
         let nodes = ctl(d, &http, &["nodes"]);
         let row = (nodes["nodes"].as_array()?.iter()).find(|r| r["node"] == lost.as_str())?;
@@ -246,7 +319,13 @@ fn partition(d: &Path) {
     assert_eq!(m.rows_trained + m.samples_rejected, samples, "{m:?}");
     let s = ModelStore::open(&store).expect("store");
     assert!(s.versions().expect("versions").len() >= 3);
-    drop((a, b));
+    drop((a, b, s));
+}
+
+/// The version a node's `/healthz` says it serves.
+fn served(http: &str) -> Option<u64> {
+    let (code, h) = get(http, "/healthz");
+    (code == 200).then(|| h["serving"].as_u64()).flatten()
 }
 
 fn main() {

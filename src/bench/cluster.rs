@@ -70,9 +70,9 @@ struct ClusterReport {
 }
 
 /// A `freshet node` child, killed when dropped.
-struct NodeProcess {
+pub(super) struct NodeProcess {
     child: std::process::Child,
-    addr: String,
+    pub(super) addr: String,
 }
 
 impl Drop for NodeProcess {
@@ -83,13 +83,25 @@ impl Drop for NodeProcess {
 }
 
 fn start_node(dir: &Path, name: &str, cookie: &str) -> anyhow::Result<NodeProcess> {
+    start_node_with(dir, name, cookie, "shards", &[])
+}
+
+/// A `freshet node` child with `roles` and `extra` flags, its log in `dir/<name>.log`.
+pub(super) fn start_node_with(
+    dir: &Path,
+    name: &str,
+    cookie: &str,
+    roles: &str,
+    extra: &[&str],
+) -> anyhow::Result<NodeProcess> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut child = std::process::Command::new(&exe)
         .arg("--data-dir")
         .arg(dir.join(name))
-        .args(["node", "--name", name, "--roles", "shards"])
+        .args(["node", "--name", name, "--roles", roles])
         .args(["--cluster-listen", "127.0.0.1:0"])
+        .args(extra)
         .env(crate::cluster::COOKIE_ENV, cookie)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

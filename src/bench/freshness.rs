@@ -46,12 +46,18 @@ pub(crate) struct FreshnessArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Served means served by a replica on another node: a `freshet node --roles serving`
+    /// process that follows this one over loopback (its mirror fed over the network).
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     cpu: String,
     publish: &'static str,
+    /// Where the replica measured runs: `this process`, or `a serving node`.
+    served_by: &'static str,
     runs: Vec<FreshnessReport>,
 }
 
@@ -110,6 +116,11 @@ pub(crate) fn run(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()
     let report = Report {
         cpu: super::cpu_model(),
         publish: settings.validation.publish.name(),
+        served_by: if args.cluster {
+            "a serving node"
+        } else {
+            "this process"
+        },
         runs,
     };
     super::print_report(&report, args.json)
@@ -128,6 +139,12 @@ async fn bench(
     let events = cfg.logs.events.clone();
     let samples = cfg.logs.samples.clone();
     let (pipe, _join) = PipelineHandle::start(cfg).await?;
+    let remote = if args.cluster {
+        Some(remote_serving(&s, &pipe, dir.path()).await?)
+    } else {
+        None
+    };
+    let remote_url = remote.as_ref().map(|r| r.url.clone());
 
     // The watcher: when each version was first served, and every 20 ms the served version
     // beside the samples the log held.
@@ -140,13 +157,22 @@ async fn bench(
             let mut lag_points: Vec<(i64, u64, u64)> = Vec::new();
             let mut next_lag = now_ms();
             while !stop.load(Ordering::Relaxed) {
+                // On a serving node: the version its /healthz names when it answers.
+                if let Some(url) = &remote_url {
+                    if let Some(v) = remote_version(url) {
+                        let now = now_ms();
+                        (served.lock().unwrap_or_else(|p| p.into_inner()))
+                            .entry(v)
+                            .or_insert(now);
+                    }
+                }
                 if let Some(m) = cell.current() {
                     let now = now_ms();
-                    served
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(m.version())
-                        .or_insert(now);
+                    if remote_url.is_none() {
+                        (served.lock().unwrap_or_else(|p| p.into_inner()))
+                            .entry(m.version())
+                            .or_insert(now);
+                    }
                     if now >= next_lag {
                         next_lag = now + 20;
                         let held: u64 = (0..samples.partitions())
@@ -228,6 +254,10 @@ async fn bench(
         .join()
         .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
     pipe.shutdown().await?;
+    if let Some(r) = remote {
+        drop(r.child);
+        r.node.stop();
+    }
     let elapsed_s = (now_ms() - started) as f64 / 1000.0;
 
     // Versions: their offsets, and when a version at least as new was first served.
@@ -301,4 +331,85 @@ async fn bench(
         samples_per_sec_trained: trained,
         trainer_rows_per_step: rows_per_step,
     })
+}
+
+/// A serving node following this process: the cluster node here offers the pipeline's store
+/// and tells the node of each publication, as a trainer node does.
+struct RemoteServing {
+    node: freshet_cluster::node::ClusterNode,
+    child: super::cluster::NodeProcess,
+    url: String,
+}
+
+async fn remote_serving(
+    settings: &Settings,
+    pipe: &PipelineHandle,
+    dir: &std::path::Path,
+) -> anyhow::Result<RemoteServing> {
+    use freshet_cluster::membership::{Backoff, Lease, Roles};
+    use freshet_cluster::node::{ClusterNode, NodeConfig};
+    let c = &settings.cluster;
+    let cookie = format!("bench-{}-{}", std::process::id(), now_ms());
+    let cfg = NodeConfig {
+        name: format!("bench-trainer-{}", std::process::id()),
+        roles: "trainer,serving,joiner".parse::<Roles>()?,
+        listen: "127.0.0.1:0".parse()?,
+        seeds: Vec::new(),
+        cookie: cookie.clone(),
+        lease: Lease::new(c.heartbeat_ms, c.lease_ms)?,
+        reconnect: Backoff {
+            base_ms: c.reconnect_base_ms,
+            max_ms: c.reconnect_max_ms,
+        },
+        max_in_flight: c.max_in_flight,
+        join_timeout: Duration::from_millis(c.join_timeout_ms),
+        request_timeout: Duration::from_millis(c.request_timeout_ms),
+        spill_dir: None,
+        tls: None,
+        faults: Default::default(),
+    };
+    let node = ClusterNode::start(&cfg).await?;
+    let n = node.clone();
+    pipe.replicas()
+        .follow(Arc::new(move |v, trace| n.published(v, trace)));
+    node.offer_models(
+        pipe.store().clone(),
+        pipe.replicas().serving().map(|m| m.version()),
+    );
+    // A free port for its HTTP API (and the next one, its operations port).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let join = node.addr().to_owned();
+    let child = super::cluster::start_node_with(
+        dir,
+        "bench-serving",
+        &cookie,
+        "serving",
+        &["--join", &join, "--listen", &listen],
+    )?;
+    let url = format!("http://{listen}");
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    // Up once its HTTP API answers (503 until a version arrives).
+    let timeout = Duration::from_secs(2);
+    while crate::ctl::request(&url, "GET", "/healthz", None, None, timeout).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < end,
+            "the serving node did not answer within a minute; see {}",
+            dir.join("bench-serving.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(RemoteServing { node, child, url })
+}
+
+/// The version a serving node's `/healthz` names, when it answers.
+fn remote_version(url: &str) -> Option<u64> {
+    let (code, body) =
+        crate::ctl::request(url, "GET", "/healthz", None, None, Duration::from_secs(2)).ok()?;
+    if code != 200 {
+        return None;
+    }
+    serde_json::from_str::<serde_json::Value>(&body).ok()?["serving"].as_u64()
 }

@@ -617,6 +617,7 @@ async fn bench(args: ServeBenchArgs, settings: &Settings) -> anyhow::Result<()> 
         counters: Counters::default(),
         metrics: Vec::new(),
         stopped: Default::default(),
+        following: None,
     });
     let listeners = crate::http::listen(&http)?;
     let servers = crate::http::bind(state, &http, &settings.http, listeners, |_, _| {})?;

@@ -71,6 +71,9 @@ pub(crate) struct ServingState {
     /// supervisor gave up): `/healthz` then answers 503 with the reason, while predictions
     /// go on from the last version served. Never set under `freshet serve`.
     pub(crate) stopped: Arc<std::sync::OnceLock<String>>,
+    /// On a serving node of a cluster: the follower that brings its replica the trainer
+    /// node's publications. `/healthz` says whether the trainer node is reachable.
+    pub(crate) following: Option<freshet_cluster::node::follower::FollowerHandle>,
 }
 
 /// The serving routes, shared by `freshet serve` and `freshet dev`.
@@ -253,13 +256,39 @@ async fn healthz(s: web::Data<ServingState>) -> HttpResponse {
             "error": format!("the node stopped training for good: {why}"),
         }));
     }
-    match s.cell.version() {
-        Some(v) => HttpResponse::Ok().json(serde_json::json!({"status": "ok", "serving": v})),
-        None => error(
+    let Some(model) = s.cell.current() else {
+        return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no model version is served yet",
-        ),
+        );
+    };
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "serving": model.version(),
+        "version_age_ms": version_age_ms(model.manifest()),
+    });
+    // A serving node cut off from its trainer node still answers from what it has (200),
+    // and says so: the version's age grows, `following.reachable` is false.
+    if let Some(f) = &s.following {
+        match f.status().await {
+            Ok(st) => {
+                if !st.reachable {
+                    body["status"] = "cut_off".into();
+                }
+                body["following"] = serde_json::to_value(&st).unwrap_or_default();
+            }
+            Err(e) => body["following"] = serde_json::json!({"error": e.to_string()}),
+        }
     }
+    HttpResponse::Ok().json(body)
+}
+
+/// Milliseconds since `m` was written (0 for a clock that went back).
+fn version_age_ms(m: &freshet_actors::ckpt::Manifest) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(m.created_unix_ms)
 }
 
 async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
@@ -270,6 +299,10 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
     for r in s.replicas.handles() {
         failures += r.status().await.map_or(0, |st| st.failures);
     }
+    let following = match &s.following {
+        Some(f) => Some(f.status().await),
+        None => None,
+    };
     let mut out = String::new();
     let mut put = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -320,6 +353,17 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
         &[("", s.cell.version().map_or(-1.0, |v| v as f64))],
     );
     put(
+        "freshet_serving_version_age_seconds",
+        "gauge",
+        "Seconds since the served version was written (-1: none served yet).",
+        &[(
+            "",
+            s.cell
+                .current()
+                .map_or(-1.0, |m| version_age_ms(m.manifest()) as f64 / 1e3),
+        )],
+    );
+    put(
         "freshet_serving_deltas_applied_total",
         "counter",
         "Deltas applied to the served model.",
@@ -343,6 +387,44 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
         "Time the last delta took to apply, in milliseconds.",
         &[("", cell.last_apply_ms)],
     );
+    if let Some(Ok(f)) = following {
+        put(
+            "freshet_follower_source_reachable",
+            "gauge",
+            "1 while the trainer node this serving node follows is reachable, 0 cut off.",
+            &[("", f64::from(u8::from(f.reachable)))],
+        );
+        put(
+            "freshet_follower_last_heard_seconds",
+            "gauge",
+            "Seconds since the trainer node last answered or sent a publication (-1: never).",
+            &[("", f.last_heard_ms_ago.map_or(-1.0, |ms| ms as f64 / 1e3))],
+        );
+        put(
+            "freshet_follower_versions_fetched_total",
+            "counter",
+            "Versions fetched from the trainer node into the mirror.",
+            &[("", f.versions_fetched as f64)],
+        );
+        put(
+            "freshet_follower_bytes_fetched_total",
+            "counter",
+            "Bytes of versions fetched from the trainer node.",
+            &[("", f.bytes_fetched as f64)],
+        );
+        put(
+            "freshet_follower_notices_total",
+            "counter",
+            "Notices of publication received from the trainer node.",
+            &[("", f.notices as f64)],
+        );
+        put(
+            "freshet_follower_failures_total",
+            "counter",
+            "Publications the follower could not bring (fetch or write failed); retried.",
+            &[("", f.failures as f64)],
+        );
+    }
     for m in &s.metrics {
         m.write(&mut out).await;
     }

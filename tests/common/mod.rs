@@ -191,6 +191,15 @@ pub(crate) fn http_full(
     (status, head, out[text_end + 4..].to_vec())
 }
 
+/// A JSON POST; the status and the answer as JSON (`null` when it is not JSON).
+pub(crate) fn post(addr: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (code, b) = http(addr, "POST", path, "application/json", body.as_bytes());
+    (
+        code,
+        serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 pub(crate) fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
     let (code, body) = http(addr, "GET", path, "text/plain", b"");
     (

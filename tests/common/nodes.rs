@@ -134,6 +134,20 @@ pub(crate) fn spawn_node(mut command: Command, name: &str) -> Node {
     }
 }
 
+/// A node with the serving role alone: it follows the trainer node at `seed` and answers on
+/// its own HTTP port at `http`.
+pub(crate) fn serving_command(
+    dir: &Path,
+    name: &str,
+    cookie: &str,
+    listen: &str,
+    seed: &str,
+    http: &str,
+) -> Command {
+    let flags = ["--join", seed, "--listen", http];
+    node_with_roles(dir, name, cookie, "serving", listen, &flags)
+}
+
 /// The pipeline's config for a trainer node: the small model, two log partitions, and a gate
 /// that passes the first versions of a young model.
 pub(crate) const PIPELINE_CONFIG: &str =
@@ -149,11 +163,11 @@ pub(crate) fn ctl(d: &Path, http: &str, args: &[&str]) -> serde_json::Value {
         .expect("run ctl"))
 }
 
-/// The HTTP address a pipeline node announced.
+/// The HTTP address a trainer or serving node announced.
 pub(crate) fn http_addr(n: &Node) -> String {
     let line = n
         .wait_for(&["listening on http://"], Duration::from_secs(60))
-        .expect("the trainer node's HTTP API");
+        .expect("the node's HTTP API");
     let at = line.find("http://").expect("address") + "http://".len();
     line[at..].trim().to_owned()
 }

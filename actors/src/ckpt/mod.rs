@@ -108,6 +108,25 @@ pub enum VersionKind {
     Serving,
 }
 
+/// One version of a store as it travels to another node's mirror: the text of its manifest
+/// and its files by name. [`ModelStore::import_version`] checks all of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionFiles {
+    pub version: u64,
+    /// `manifest.json` as the store holds it, sealed with its checksum.
+    #[serde(with = "crate::event::serde_bytes_compat")]
+    pub manifest: Vec<u8>,
+    pub files: Vec<VersionFile>,
+}
+
+/// One data file of a [`VersionFiles`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionFile {
+    pub name: String,
+    #[serde(with = "crate::event::serde_bytes_compat")]
+    pub bytes: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSum {
     pub bytes: u64,

@@ -13,8 +13,8 @@ use super::merge::{apply_deltas, reshard};
 use super::shard_file::{self, ShardFileReader};
 use super::{
     io, CkptError, FileSum, Manifest, Quarantined, RolledBack, ServingShard, ServingTable,
-    Validation, VersionKind, VersionMeta, CHECKSUMMED_FORMAT_VERSION, FORMAT, FORMAT_VERSION,
-    OLDEST_FORMAT_VERSION,
+    Validation, VersionFile, VersionFiles, VersionKind, VersionMeta, CHECKSUMMED_FORMAT_VERSION,
+    FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
 };
 use crate::dense::{DenseDiff, DenseState, DenseUpdate};
 use crate::embedding::{EmbeddingShard, ShardDelta, ShardSnapshot};
@@ -530,6 +530,105 @@ impl ModelStore {
         Ok(bytes)
     }
 
+    /// Version `v` as it travels to a mirror of this store on another node: its manifest's
+    /// text (validation included) and every file it lists, each checked against the manifest.
+    pub fn export_version(&self, v: u64) -> Result<VersionFiles, CkptError> {
+        let dir = self.version_dir(v);
+        let path = dir.join(MANIFEST);
+        let manifest = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        let m = parse_manifest(&path, &manifest)?;
+        if m.version != v {
+            return Err(CkptError::Corrupt {
+                path,
+                reason: format!("manifest says version {}", m.version),
+            });
+        }
+        let mut files = Vec::with_capacity(m.files.len());
+        for name in m.files.keys() {
+            files.push(VersionFile {
+                name: name.clone(),
+                bytes: read_checked(&dir, name, &m)?.to_vec(),
+            });
+        }
+        Ok(VersionFiles {
+            version: v,
+            manifest,
+            files,
+        })
+    }
+
+    /// Writes a version exported by another store ([`Self::export_version`]) under its own
+    /// number; returns its manifest. Nothing is trusted: the manifest is checked as one read
+    /// from disk, it must be of the version named, and the files must be exactly those it
+    /// lists, with their sizes and checksums. A version already here is left as it is (its
+    /// manifest is returned), so a mirror that fetches a version twice keeps one copy.
+    ///
+    /// Written as [`Self::write`] writes: into a temporary directory, fsynced, renamed.
+    pub fn import_version(&self, incoming: &VersionFiles) -> Result<Manifest, CkptError> {
+        let v = incoming.version;
+        let dir = self.version_dir(v);
+        let invalid =
+            |reason: String| CkptError::Invalid(format!("version {v} received: {reason}"));
+        let m = parse_manifest(&dir.join(MANIFEST), &incoming.manifest)
+            .map_err(|e| invalid(e.to_string()))?;
+        if m.version != v {
+            return Err(invalid(format!("its manifest says version {}", m.version)));
+        }
+        if m.kind == VersionKind::Serving {
+            return Err(invalid(
+                "a serving export is not a version of a store".into(),
+            ));
+        }
+        if incoming.files.len() != m.files.len() {
+            return Err(invalid(format!(
+                "{} files, its manifest lists {}",
+                incoming.files.len(),
+                m.files.len()
+            )));
+        }
+        for VersionFile { name, bytes } in &incoming.files {
+            let Some(want) = m.files.get(name) else {
+                return Err(invalid(format!("file {name:?} is not in its manifest")));
+            };
+            // Names come from the network: a plain file name, never a path.
+            if name.is_empty()
+                || name.starts_with('.')
+                || name.contains(['/', '\\'])
+                || name == MANIFEST
+            {
+                return Err(invalid(format!(
+                    "file name {name:?} is not a plain file name"
+                )));
+            }
+            let crc = crc32c::crc32c(bytes);
+            if bytes.len() as u64 != want.bytes || crc != want.crc32c {
+                return Err(invalid(format!(
+                    "file {name}: {} bytes with CRC32C {crc:08x}, its manifest says {} bytes \
+                     with {:08x}",
+                    bytes.len(),
+                    want.bytes,
+                    want.crc32c
+                )));
+            }
+        }
+        if dir.is_dir() {
+            return self.manifest(v);
+        }
+        let tmp = self
+            .root
+            .join(format!(".tmp-import-{v}-{}", std::process::id()));
+        fresh_dir(&tmp)?;
+        let mut unused = BTreeMap::new();
+        for VersionFile { name, bytes } in &incoming.files {
+            write_bytes(&tmp, name, bytes, &mut unused)?;
+        }
+        write_bytes(&tmp, MANIFEST, &incoming.manifest, &mut unused)?;
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+        sync_dir(&self.root)?;
+        Ok(m)
+    }
+
     /// Restores version `v` into `shards` shards (`None`: as many as were written).
     ///
     /// Every file of the chain is checked against its checksum before it is decoded; a
@@ -1026,12 +1125,17 @@ fn open_full_shard(
 fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
     let path = dir.join(MANIFEST);
     let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    parse_manifest(&path, &text)
+}
+
+/// A manifest from its text, checked for format and seal; `path` names it in errors.
+fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest, CkptError> {
     let corrupt = |reason: String| CkptError::Corrupt {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason,
     };
     let mut m: Manifest =
-        serde_json::from_slice(&text).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
+        serde_json::from_slice(text).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
     if m.format != FORMAT || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
         return Err(corrupt(format!(
             "format {} v{}; this build reads {FORMAT} v{OLDEST_FORMAT_VERSION} to v{FORMAT_VERSION}",
@@ -1043,7 +1147,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest, CkptError> {
         m.format_version >= CHECKSUMMED_FORMAT_VERSION,
     ) {
         (Some(recorded), _) => {
-            let computed = manifest_checksum(&text)
+            let computed = manifest_checksum(text)
                 .ok_or_else(|| corrupt("its checksum field cannot be found in its text".into()))?;
             if computed != recorded {
                 return Err(corrupt(format!(

@@ -1047,3 +1047,56 @@ fn a_delta_stores_the_dense_state_as_a_small_diff_and_a_v2_delta_still_reads() {
     let (_, update, _) = store.read_delta(again.version).unwrap();
     assert!(matches!(update, crate::dense::DenseUpdate::Whole(_)));
 }
+
+#[test]
+fn a_version_exported_and_imported_elsewhere_restores_the_same_and_a_bad_one_is_refused() {
+    let seed = crate::testkit::seed("a_version_exported_and_imported_elsewhere");
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (store, truth) = write_chain(a.path(), seed);
+    let mirror = ModelStore::open(b.path()).unwrap();
+    let newest = *truth.keys().last().unwrap();
+    // The chain, newest first, as a mirror fetches it.
+    for v in store.chain(newest).unwrap().iter().rev().map(|m| m.version) {
+        let m = mirror
+            .import_version(&store.export_version(v).unwrap())
+            .unwrap();
+        assert_eq!(m, store.manifest(v).unwrap());
+    }
+    let r = mirror.restore(newest, None).unwrap();
+    assert_eq!(&r.shards, &truth[&newest], "seed {seed}");
+    assert_eq!(r.dense, store.restore(newest, None).unwrap().dense);
+    // Again: kept as it is.
+    let again = store.export_version(newest).unwrap();
+    assert_eq!(mirror.import_version(&again).unwrap().version, newest);
+
+    let fresh = ModelStore::open(b.path().join("other")).unwrap();
+    let refused = |files: &VersionFiles, says: &str| {
+        let e = fresh.import_version(files).unwrap_err().to_string();
+        assert!(e.contains(says), "{says}: {e}");
+        assert!(fresh.versions().unwrap().is_empty(), "nothing written");
+        let leftovers = std::fs::read_dir(fresh.root()).unwrap().count();
+        assert_eq!(leftovers, 0, "no temporary left behind");
+    };
+    let mut flipped = again.clone();
+    flipped.files[0].bytes[0] ^= 1;
+    refused(&flipped, "CRC32C");
+    let mut short = again.clone();
+    short.files[0].bytes.pop();
+    refused(&short, "bytes");
+    let mut missing = again.clone();
+    missing.files.pop();
+    refused(&missing, "files, its manifest lists");
+    let mut renamed = again.clone();
+    renamed.files[0].name = "../escape".into();
+    refused(&renamed, "not in its manifest");
+    let mut other = again.clone();
+    other.version += 1;
+    refused(&other, "its manifest says version");
+    let mut garbled = again.clone();
+    garbled.manifest.truncate(garbled.manifest.len() / 2);
+    refused(&garbled, "not a manifest");
+    let mut edited = again.clone();
+    let text = String::from_utf8(edited.manifest.clone()).unwrap();
+    edited.manifest = text.replacen("\"step\": ", "\"step\": 1", 1).into_bytes();
+    refused(&edited, "checksum");
+}

@@ -14,7 +14,7 @@ pub use cell::{CellStats, ModelCell};
 pub use model::{
     Candidate, ModelDelta, PredictRequest, PredictResponse, ServingModel, ServingTable,
 };
-pub use replicas::ReplicaSet;
+pub use replicas::{PublishFollower, ReplicaSet};
 
 use thiserror::Error;
 

@@ -130,6 +130,15 @@ impl Endpoint {
                     });
                 }
             }
+            WireRequest::Node(NodeCall::FetchVersion { version }) => {
+                let store = lock(&st.shared.models).clone();
+                let shared = st.shared.clone();
+                let from = from.to_owned();
+                tokio::spawn(async move {
+                    let a = super::models::export(store, &shared.name, version).await;
+                    answer(&shared, &from, id, &WireAnswer::Node(a));
+                });
+            }
             WireRequest::Node(call) => {
                 let a = Self::node_call(st, from, call).await;
                 answer(&st.shared, from, id, &WireAnswer::Node(a));
@@ -287,6 +296,26 @@ impl Endpoint {
             NodeCall::ReleaseShards => NodeAnswer::Released {
                 shards: Self::release(st, from),
             },
+            NodeCall::Published(p) => {
+                if !st.shared.roles.has(crate::membership::Role::Serving) {
+                    return NodeAnswer::Refused(format!(
+                        "node {} does not have the serving role (it has {})",
+                        st.shared.name, st.shared.roles
+                    ));
+                }
+                st.shared.notices.send_replace(Some((from.to_owned(), p)));
+                NodeAnswer::Noted
+            }
+            NodeCall::NewestPublished => match &*lock(&st.shared.models) {
+                Some(_) => NodeAnswer::Newest(lock(&st.shared.published).clone()),
+                None => {
+                    NodeAnswer::Refused(format!("node {} offers no model store", st.shared.name))
+                }
+            },
+            // Answered off the endpoint's task, in `on_request`.
+            NodeCall::FetchVersion { version } => NodeAnswer::Refused(format!(
+                "version {version}: a fetch is not a call of the node itself"
+            )),
         }
     }
 }

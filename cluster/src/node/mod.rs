@@ -36,12 +36,14 @@ use crate::wire;
 use freshet_actors::ids::ShardId;
 
 mod endpoint;
+pub mod follower;
+mod models;
 pub mod protocol;
 mod remote;
 mod tls;
 
 pub use endpoint::Endpoint;
-pub use protocol::{NodeAnswer, NodeCall, Packet, PacketKind, WireAnswer, WireRequest};
+pub use protocol::{NodeAnswer, NodeCall, Packet, PacketKind, Published, WireAnswer, WireRequest};
 pub use remote::{ClusterPlacer, RemoteShard};
 pub use tls::TlsFiles;
 
@@ -322,6 +324,13 @@ pub struct Shared {
     stall_ms: u64,
     /// Lost nodes and stalls, for the coordinator's failover.
     changes: broadcast::Sender<NodeEvent>,
+    /// The trainer node's model store, offered to serving nodes ([`ClusterNode::offer_models`]).
+    pub(crate) models: Mutex<Option<freshet_actors::ckpt::ModelStore>>,
+    /// The trainer node's last publication, and the sequence of the next.
+    pub(crate) published: Mutex<Option<protocol::Published>>,
+    pub(crate) publish_seq: AtomicU64,
+    /// On a serving node: the last notice of publication, and the node it came from.
+    pub(crate) notices: tokio::sync::watch::Sender<Option<(String, protocol::Published)>>,
     /// Kept for the memory figures of heartbeats.
     system: Mutex<sysinfo::System>,
     pub(crate) stats: NodeStats,
@@ -821,6 +830,10 @@ impl ClusterNode {
             lease_ms: cfg.lease.lease_ms,
             stall_ms: cfg.lease.lease_ms - cfg.lease.interval_ms,
             changes: broadcast::channel(64).0,
+            models: Mutex::new(None),
+            published: Mutex::new(None),
+            publish_seq: AtomicU64::new(incarnation.saturating_mul(1000)),
+            notices: tokio::sync::watch::channel(None).0,
             system: Mutex::new(sysinfo::System::new()),
             stats: NodeStats::default(),
             started: Instant::now(),

@@ -12,8 +12,9 @@ use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{ShardAnswer, ShardCall};
+use freshet_actors::ckpt::VersionFiles;
 use freshet_actors::embedding::{ShardSnapshot, TableConfig};
-use freshet_actors::envelope::Envelope;
+use freshet_actors::envelope::{Envelope, TraceContext};
 use freshet_actors::ids::{ShardId, TableName};
 
 /// The largest frame payload in one packet. Ractor refuses an inbound network message over 16
@@ -128,6 +129,24 @@ pub enum NodeCall {
     ReleaseShards,
     /// The sender stops: it is not waited for, nor counted down, nor dialled again.
     Leave,
+    /// To a serving node: the trainer node published a version.
+    Published(Published),
+    /// To the trainer node: the last version it published, for a serving node that catches up.
+    NewestPublished,
+    /// To the trainer node: one version of its model store, manifest and files.
+    FetchVersion { version: u64 },
+}
+
+/// A publication of the trainer node: what its own replicas were sent, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// Increases with every publication of the node, and across its restarts (it starts from
+    /// the clock in microseconds), so a serving node keeps the newest of notices that arrive
+    /// out of order. A rollback is a publication too: the newest is not the highest version.
+    pub seq: u64,
+    pub version: u64,
+    /// The version's life: the serving node's apply continues it.
+    pub trace: TraceContext,
 }
 
 /// Every answer a node gives.
@@ -149,7 +168,15 @@ pub enum WireAnswer {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum NodeAnswer {
     Hosted,
-    Released { shards: u32 },
+    Released {
+        shards: u32,
+    },
     Left,
     Refused(String),
+    /// A notice of publication was taken.
+    Noted,
+    /// The last publication, if any yet.
+    Newest(Option<Published>),
+    /// One version, to be checked and written by [`ModelStore::import_version`](freshet_actors::ckpt::ModelStore::import_version).
+    Version(Box<VersionFiles>),
 }
