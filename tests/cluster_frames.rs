@@ -265,6 +265,34 @@ async fn frames_through_one_session_are_checked_answered_and_bounded() {
         "{err}"
     );
 
+    // The model calls: a shard node offers no model store and takes no publication, and
+    // says why; the probe, which offers none either, is refused the same way.
+    let err = probe
+        .fetch_version(&peer, 1)
+        .await
+        .expect_err("a shard node has no store to fetch from")
+        .to_string();
+    assert!(err.contains("offers no model store"), "{err}");
+    let err = probe
+        .newest_published(&peer)
+        .await
+        .expect_err("nor a publication")
+        .to_string();
+    assert!(err.contains("offers no model store"), "{err}");
+    let notice = freshet_cluster::node::Published {
+        seq: 1,
+        version: 1,
+        trace: Default::default(),
+    };
+    let a = probe
+        .call_node(&peer, NodeCall::Published(notice))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&a, NodeAnswer::Refused(r) if r.contains("does not have the serving role")),
+        "{a:?}"
+    );
+
     // Another job cannot take the shard this node placed while this node is up.
     let other = second_job(dir.path(), &node.addr);
     let err = String::from_utf8_lossy(&other.stderr);
