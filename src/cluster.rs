@@ -224,8 +224,9 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
             return crate::dev::run(args.pipeline, settings, Some(cfg));
         }
         Runs::Serving => {
+            // With the shards role the trainer node dials it; without, it dials the trainer.
             anyhow::ensure!(
-                !cfg.seeds.is_empty(),
+                !cfg.seeds.is_empty() || cfg.roles.has(Role::Shards),
                 "a serving node follows the trainer node: give --join ADDR (or cluster.join)"
             );
             return crate::follow::run(args.pipeline.http, settings, cfg);

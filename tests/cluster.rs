@@ -1,6 +1,7 @@
 //! Nodes joined over the network, as real processes on loopback: shards on other nodes give
-//! the same model, a wrong secret is refused by name, and a stopped node is marked down within
-//! its lease and up again when it resumes.
+//! the same model, a wrong secret is refused by name, a stopped node is marked down within its
+//! lease and up again when it resumes, lost shard nodes are failed over, serving nodes follow
+//! the trainer node, and every flow is one trace across the nodes.
 
 mod common;
 
@@ -1160,8 +1161,7 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
     let (endpoint, log) = otlp::receiver();
     // The receiver is shared by the whole run: these names pick this test's spans.
     let tag = format!("t{}-{}", std::process::id(), now_ms() % 1_000_000);
-    let (shards, coordinator, serving) =
-        (format!("{tag}-s"), format!("{tag}-c"), format!("{tag}-v"));
+    let (shards, coordinator) = (format!("{tag}-s"), format!("{tag}-c"));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let config = format!("{SMALL_MODEL_CONFIG}{PIPELINE_CONFIG}");
@@ -1172,7 +1172,11 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
             .env("OTEL_TRACES_SAMPLER_ARG", "1.0");
         c
     };
-    let s = spawn_node(traced(node_command(d, &shards, "k", &[])), &shards);
+    // The other node hosts the shards and a serving replica.
+    let localhost = "127.0.0.1:0";
+    let roles = "shards,serving";
+    let cmd = node_with_roles(d, &shards, "k", roles, localhost, &["--listen", localhost]);
+    let s = spawn_node(traced(cmd), &shards);
     let c = spawn_node(
         traced(coordinator_command(d, &coordinator, "k", &s.addr)),
         &coordinator,
@@ -1181,10 +1185,6 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
     wait(90, "a served version", || {
         (get(&http, "/healthz").0 == 200).then_some(())
     });
-    // A serving node of its own: each version's life goes on there.
-    let localhost = "127.0.0.1:0";
-    let cmd = serving_command(d, &serving, "k", localhost, &c.addr, localhost);
-    let follower = spawn_node(traced(cmd), &serving);
 
     // A prediction whose caller is traced: the server span continues the caller's span, and
     // the response names the server span.
@@ -1241,9 +1241,7 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
 
     let found = wait(60, "every flow's spans at the receiver", || {
         let spans = otlp::spans(&log);
-        let mine = |s: &&otlp::Span| {
-            s.instance == shards || s.instance == coordinator || s.instance == serving
-        };
+        let mine = |s: &&otlp::Span| s.instance == shards || s.instance == coordinator;
         let spans: Vec<otlp::Span> = spans.iter().filter(mine).cloned().collect();
         // A training step: its shard spans run on the shard node, children of the step's
         // client spans on the coordinator.
@@ -1273,13 +1271,13 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
             let publish = parent_named(&spans, apply, "version.publish")?;
             let follow = spans.iter().find(|f| {
                 f.name == "model.follow"
-                    && f.instance == serving
+                    && f.instance == shards
                     && f.trace_id == apply.trace_id
                     && f.parent_id == publish.span_id
             })?;
             let remote = spans.iter().find(|a| {
                 a.name == "replica.apply"
-                    && a.instance == serving
+                    && a.instance == shards
                     && a.trace_id == apply.trace_id
                     && a.parent_id == follow.span_id
             })?;
@@ -1364,13 +1362,13 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
             .any(|(t, s)| t == &sample.trace_id && s == &click),
         "the sample links its click: {sample:?}"
     );
-    // The shard node exports as itself.
+    // The shard and serving node exports as itself.
     let all = otlp::spans(&log);
     let remote = all
         .iter()
         .find(|s| s.instance == shards)
         .expect("a span of the shard node");
-    assert_eq!(remote.roles, "shards");
+    assert_eq!(remote.roles, "shards,serving");
     // The trainer's start is a supervision event of its own, kept at any ratio.
     let start = all
         .iter()
@@ -1388,7 +1386,7 @@ fn every_flow_is_one_trace_across_the_nodes_with_its_parents_right() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .expect("the export's counter on /metrics");
     assert!(exported > 0.0, "{metrics}");
-    drop((follower, c, s));
+    drop((c, s));
 }
 
 fn now_ms() -> u64 {

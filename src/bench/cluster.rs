@@ -69,6 +69,35 @@ struct ClusterReport {
     two_nodes_vs_floor: f64,
 }
 
+/// This process as a node on loopback, with `roles`, the lease and limits of `[cluster]`, and
+/// no seeds (the bench joins or is joined).
+pub(super) fn loopback_node(
+    settings: &Settings,
+    name: &str,
+    roles: &str,
+    cookie: String,
+) -> anyhow::Result<NodeConfig> {
+    let c = &settings.cluster;
+    Ok(NodeConfig {
+        name: name.to_owned(),
+        roles: roles.parse::<Roles>()?,
+        listen: "127.0.0.1:0".parse()?,
+        seeds: Vec::new(),
+        cookie,
+        lease: Lease::new(c.heartbeat_ms, c.lease_ms)?,
+        reconnect: Backoff {
+            base_ms: c.reconnect_base_ms,
+            max_ms: c.reconnect_max_ms,
+        },
+        max_in_flight: c.max_in_flight,
+        join_timeout: Duration::from_millis(c.join_timeout_ms),
+        request_timeout: Duration::from_millis(c.request_timeout_ms),
+        spill_dir: None,
+        tls: None,
+        faults: Default::default(),
+    })
+}
+
 /// A `freshet node` child, killed when dropped.
 pub(super) struct NodeProcess {
     child: std::process::Child,
@@ -199,24 +228,8 @@ pub(super) fn run(a: ClusterBenchArgs, settings: &Settings) -> anyhow::Result<()
         .enable_all()
         .build()?;
     let report = rt.block_on(async {
-        let cfg = NodeConfig {
-            name: format!("bench-trainer-{}", std::process::id()),
-            roles: "trainer".parse::<Roles>()?,
-            listen: "127.0.0.1:0".parse()?,
-            seeds: Vec::new(),
-            cookie,
-            lease: Lease::new(settings.cluster.heartbeat_ms, settings.cluster.lease_ms)?,
-            reconnect: Backoff {
-                base_ms: settings.cluster.reconnect_base_ms,
-                max_ms: settings.cluster.reconnect_max_ms,
-            },
-            max_in_flight: settings.cluster.max_in_flight,
-            join_timeout: Duration::from_millis(settings.cluster.join_timeout_ms),
-            request_timeout: Duration::from_millis(settings.cluster.request_timeout_ms),
-            spill_dir: None,
-            tls: None,
-            faults: Default::default(),
-        };
+        let name = format!("bench-trainer-{}", std::process::id());
+        let cfg = loopback_node(settings, &name, "trainer", cookie)?;
         let me = ClusterNode::start(&cfg).await?;
         for n in &nodes {
             me.join(&n.addr, cfg.join_timeout).await?;

@@ -346,28 +346,11 @@ async fn remote_serving(
     pipe: &PipelineHandle,
     dir: &std::path::Path,
 ) -> anyhow::Result<RemoteServing> {
-    use freshet_cluster::membership::{Backoff, Lease, Roles};
-    use freshet_cluster::node::{ClusterNode, NodeConfig};
-    let c = &settings.cluster;
+    use freshet_cluster::node::ClusterNode;
     let cookie = format!("bench-{}-{}", std::process::id(), now_ms());
-    let cfg = NodeConfig {
-        name: format!("bench-trainer-{}", std::process::id()),
-        roles: "trainer,serving,joiner".parse::<Roles>()?,
-        listen: "127.0.0.1:0".parse()?,
-        seeds: Vec::new(),
-        cookie: cookie.clone(),
-        lease: Lease::new(c.heartbeat_ms, c.lease_ms)?,
-        reconnect: Backoff {
-            base_ms: c.reconnect_base_ms,
-            max_ms: c.reconnect_max_ms,
-        },
-        max_in_flight: c.max_in_flight,
-        join_timeout: Duration::from_millis(c.join_timeout_ms),
-        request_timeout: Duration::from_millis(c.request_timeout_ms),
-        spill_dir: None,
-        tls: None,
-        faults: Default::default(),
-    };
+    let name = format!("bench-trainer-{}", std::process::id());
+    let roles = "trainer,serving,joiner";
+    let cfg = super::cluster::loopback_node(settings, &name, roles, cookie.clone())?;
     let node = ClusterNode::start(&cfg).await?;
     let n = node.clone();
     pipe.replicas()

@@ -270,15 +270,11 @@ async fn healthz(s: web::Data<ServingState>) -> HttpResponse {
     // A serving node cut off from its trainer node still answers from what it has (200),
     // and says so: the version's age grows, `following.reachable` is false.
     if let Some(f) = &s.following {
-        match f.status().await {
-            Ok(st) => {
-                if !st.reachable {
-                    body["status"] = "cut_off".into();
-                }
-                body["following"] = serde_json::to_value(&st).unwrap_or_default();
-            }
-            Err(e) => body["following"] = serde_json::json!({"error": e.to_string()}),
+        let st = f.status();
+        if !st.reachable {
+            body["status"] = "cut_off".into();
         }
+        body["following"] = serde_json::to_value(&st).unwrap_or_default();
     }
     HttpResponse::Ok().json(body)
 }
@@ -299,10 +295,7 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
     for r in s.replicas.handles() {
         failures += r.status().await.map_or(0, |st| st.failures);
     }
-    let following = match &s.following {
-        Some(f) => Some(f.status().await),
-        None => None,
-    };
+    let following = s.following.as_ref().map(|f| f.status());
     let mut out = String::new();
     let mut put = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -387,7 +380,7 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
         "Time the last delta took to apply, in milliseconds.",
         &[("", cell.last_apply_ms)],
     );
-    if let Some(Ok(f)) = following {
+    if let Some(f) = following {
         put(
             "freshet_follower_source_reachable",
             "gauge",

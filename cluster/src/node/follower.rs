@@ -2,29 +2,30 @@
 //! store and its serving replica at the trainer node's last publication.
 //!
 //! - **Takes in:** notices of publication (from the endpoint, through
-//!   [`ClusterNode::notices`]), a catch-up tick, and status requests.
+//!   [`ClusterNode::notices`]) and a catch-up tick.
 //! - **Asks:** the trainer node for each version of the published one's chain that the mirror
 //!   lacks, newest first, until one the mirror has or a full version; then tells the local
 //!   replica. A node that was down or cut off thus gets a full version and the deltas after
 //!   it, or only the deltas after what it serves.
 //! - **Keeps:** the mirror (checked writes, [`ModelStore::import_version`]), retained as the
 //!   trainer node retains its store; the sequence of the last publication applied, so that a
-//!   late notice never takes serving back; counters.
+//!   late notice never takes serving back; counters, which its handle reads without a
+//!   message (a fetch may take a while, and `/healthz` answers meanwhile).
 //!
 //! **Restart.** Built from [`FollowerArgs`]: the mirror is on disk, the replica keeps serving,
 //! and the first catch-up brings both to the trainer node's last publication.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use freshet_actors::ckpt::ModelStore;
 use freshet_actors::serving::replica::ReplicaHandle;
 use freshet_actors::telemetry;
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 
 use super::protocol::Published;
-use super::ClusterNode;
+use super::{lock, ClusterNode};
 use crate::membership::Role;
 
 #[derive(Debug, Clone)]
@@ -43,7 +44,6 @@ pub struct FollowerArgs {
 pub enum FollowerMsg {
     Notice(String, Published),
     CatchUp,
-    Status(RpcReplyPort<FollowerStatus>),
 }
 
 /// What `/healthz` and `/metrics` of a serving node show.
@@ -72,11 +72,30 @@ impl ractor::Message for FollowerMsg {}
 #[derive(Debug, Default)]
 pub struct ModelFollower;
 
+/// The counters as the handle reads them, copied after each message (private to the actor and
+/// its handle).
+#[derive(Debug, Default)]
+pub struct Observed {
+    status: FollowerStatus,
+    last_heard: Option<Instant>,
+}
+
 #[derive(Debug)]
 pub struct FollowerState {
     args: FollowerArgs,
     status: FollowerStatus,
-    last_heard: Option<std::time::Instant>,
+    last_heard: Option<Instant>,
+    observed: Arc<Mutex<Observed>>,
+}
+
+/// The trainer node to follow: `known` (the last to send a notice), else the first node up
+/// with the trainer role.
+fn source_of(cluster: &ClusterNode, known: Option<&str>) -> Option<String> {
+    if let Some(s) = known {
+        return Some(s.to_owned());
+    }
+    let me = cluster.name().to_owned();
+    (cluster.up_with(Role::Trainer).into_iter()).find(|n| *n != me)
 }
 
 impl FollowerState {
@@ -128,17 +147,12 @@ impl FollowerState {
         Ok(())
     }
 
-    /// The trainer node to follow.
     fn source(&self) -> Option<String> {
-        if let Some(s) = &self.status.source {
-            return Some(s.clone());
-        }
-        let me = self.args.cluster.name().to_owned();
-        (self.args.cluster.up_with(Role::Trainer).into_iter()).find(|n| *n != me)
+        source_of(&self.args.cluster, self.status.source.as_deref())
     }
 
     fn heard(&mut self, from: &str) {
-        self.last_heard = Some(std::time::Instant::now());
+        self.last_heard = Some(Instant::now());
         self.status.source = Some(from.to_owned());
     }
 
@@ -156,12 +170,12 @@ impl FollowerState {
 impl Actor for ModelFollower {
     type Msg = FollowerMsg;
     type State = FollowerState;
-    type Arguments = FollowerArgs;
+    type Arguments = (FollowerArgs, Arc<Mutex<Observed>>);
 
     async fn pre_start(
         &self,
         myself: ActorRef<FollowerMsg>,
-        args: FollowerArgs,
+        (args, observed): (FollowerArgs, Arc<Mutex<Observed>>),
     ) -> Result<FollowerState, ActorProcessingErr> {
         // Notices and ticks in, until the actor stops (a send fails).
         let mut notices = args.cluster.notices();
@@ -187,10 +201,19 @@ impl Actor for ModelFollower {
                 }
             }
         });
+        // A restart starts over from the mirror; the counters go on.
+        let (status, last_heard) = {
+            let o = lock(&observed);
+            (o.status.clone(), o.last_heard)
+        };
         Ok(FollowerState {
             args,
-            status: FollowerStatus::default(),
-            last_heard: None,
+            status: FollowerStatus {
+                seq: None,
+                ..status
+            },
+            last_heard,
+            observed,
         })
     }
 
@@ -234,17 +257,11 @@ impl Actor for ModelFollower {
                     Err(e) => st.failed(&format!("asking node {from}"), &e.into()),
                 }
             }
-            FollowerMsg::Status(reply) => {
-                let mut s = st.status.clone();
-                s.source = st.source();
-                s.reachable = s
-                    .source
-                    .as_deref()
-                    .is_some_and(|n| st.args.cluster.reachable(n));
-                s.last_heard_ms_ago = st.last_heard.map(|t| t.elapsed().as_millis() as u64);
-                let _ = reply.send(s);
-            }
         }
+        *lock(&st.observed) = Observed {
+            status: st.status.clone(),
+            last_heard: st.last_heard,
+        };
         Ok(())
     }
 }
@@ -253,31 +270,38 @@ impl Actor for ModelFollower {
 #[derive(Debug, Clone)]
 pub struct FollowerHandle {
     actor: ActorRef<FollowerMsg>,
+    observed: Arc<Mutex<Observed>>,
+    cluster: ClusterNode,
 }
 
 impl FollowerHandle {
     pub async fn spawn(
         args: FollowerArgs,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
-        let (actor, join) = Actor::spawn(None, ModelFollower, args).await?;
-        Ok((Self { actor }, join))
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let cluster = args.cluster.clone();
+        let (actor, join) = Actor::spawn(None, ModelFollower, (args, observed.clone())).await?;
+        Ok((
+            Self {
+                actor,
+                observed,
+                cluster,
+            },
+            join,
+        ))
     }
 
-    /// The follower's counters, once the message it handles now is done (at most 1 s).
-    pub async fn status(&self) -> anyhow::Result<FollowerStatus> {
-        match (self.actor)
-            .call(FollowerMsg::Status, Some(Duration::from_secs(1)))
-            .await
-        {
-            Ok(CallResult::Success(s)) => Ok(s),
-            Ok(CallResult::Timeout) => {
-                anyhow::bail!("the model follower is busy bringing a version (no answer in 1 s)")
-            }
-            Ok(CallResult::SenderError) => {
-                anyhow::bail!("the model follower stopped before replying")
-            }
-            Err(e) => anyhow::bail!("the model follower is not running: {e}"),
-        }
+    /// The follower's counters as of its last message handled, with whether its source is
+    /// reachable now. Never waits on the actor.
+    pub fn status(&self) -> FollowerStatus {
+        let (mut s, heard) = {
+            let o = lock(&self.observed);
+            (o.status.clone(), o.last_heard)
+        };
+        s.source = source_of(&self.cluster, s.source.as_deref());
+        s.reachable = (s.source.as_deref()).is_some_and(|n| self.cluster.reachable(n));
+        s.last_heard_ms_ago = heard.map(|t| t.elapsed().as_millis() as u64);
+        s
     }
 
     pub fn stop(&self) {
