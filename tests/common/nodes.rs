@@ -57,7 +57,14 @@ impl Node {
             assert!(Instant::now() < end, "the node did not stop on SIGINT");
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(exit.success(), "{exit:?}");
+        if !exit.success() {
+            let logs: Vec<String> = self.log.try_iter().collect();
+            let tail = &logs[logs.len().saturating_sub(15)..];
+            panic!(
+                "{exit:?} on SIGINT; its last log lines:\n{}",
+                tail.join("\n")
+            );
+        }
     }
 
     pub(crate) fn signal(&self, sig: &str) {
