@@ -211,6 +211,17 @@ pub(crate) fn announce(node: &ClusterNode, cfg: &NodeConfig) {
     println!("{ready}");
 }
 
+/// Waits for SIGINT or SIGTERM: how a node is told to stop.
+pub(crate) async fn until_stopped() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
 /// `freshet node`: runs until SIGINT or SIGTERM.
 pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     let cfg = node_config(settings, &args.cluster, args.roles.as_deref(), None)?;
@@ -243,12 +254,7 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     rt.block_on(async {
         let node = start(&cfg).await?;
         announce(&node, &cfg);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        until_stopped().await?;
         tracing::info!(node = %node.name(), "stopping");
         node.leave().await;
         Ok(())

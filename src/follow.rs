@@ -91,12 +91,7 @@ async fn serve(
     servers.announce(false);
     crate::cluster::announce(&node, &cfg);
     let running = servers.spawn();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    crate::cluster::until_stopped().await?;
     tracing::info!(node = %node.name(), "stopping");
     if let Err(e) = running.stop().await {
         tracing::warn!(error = %format!("{e:#}"), "stopping the HTTP servers");
