@@ -211,17 +211,6 @@ pub(crate) fn announce(node: &ClusterNode, cfg: &NodeConfig) {
     println!("{ready}");
 }
 
-/// Waits for SIGINT or SIGTERM: how a node is told to stop.
-pub(crate) async fn until_stopped() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
-}
-
 /// `freshet node`: runs until SIGINT or SIGTERM.
 pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
     let cfg = node_config(settings, &args.cluster, args.roles.as_deref(), None)?;
@@ -252,9 +241,10 @@ pub(crate) fn run(args: NodeArgs, settings: &Settings) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
+        let mut stop = crate::stop::StopSignals::install()?;
         let node = start(&cfg).await?;
         announce(&node, &cfg);
-        until_stopped().await?;
+        stop.recv().await;
         tracing::info!(node = %node.name(), "stopping");
         node.leave().await;
         Ok(())

@@ -123,6 +123,9 @@ async fn dev(
         None => "running freshet dev",
     };
     let _lock = crate::lock::DataDirLock::acquire(&settings.node.data_dir, doing)?;
+    // Before anything a caller could wait on (a version, the ready line): a SIGINT from then on
+    // stops the node cleanly, however early it comes.
+    let stop = crate::stop::StopSignals::install()?;
     // Before the pipeline starts: a taken address must stop the node before it writes a version.
     check_admin_exposure(&args)?;
     let listeners = crate::http::listen(&args.http)?;
@@ -150,7 +153,16 @@ async fn dev(
         None => None,
     };
     // Whatever ends the node, it releases its shards and leaves its cluster.
-    let ran = run_node(args, settings, cfg, listeners, bases_dir, cluster.as_ref()).await;
+    let ran = run_node(
+        args,
+        settings,
+        cfg,
+        listeners,
+        bases_dir,
+        cluster.as_ref(),
+        stop,
+    )
+    .await;
     leave(cluster.as_ref()).await;
     ran
 }
@@ -171,6 +183,7 @@ async fn run_node(
     listeners: crate::http::Listeners,
     bases_dir: std::path::PathBuf,
     cluster: Option<&(ClusterNode, ClusterPlacer)>,
+    mut stop: crate::stop::StopSignals,
 ) -> anyhow::Result<()> {
     let window_ms = crate::settings::dev_window_ms(settings, args.window_ms);
     let events = cfg.logs.events.clone();
@@ -307,15 +320,11 @@ async fn run_node(
     let every = Duration::from_secs(args.status_every.max(1));
     let mut last = (Instant::now(), total(&*events), total(&*samples));
     let mut sup_join = Some(sup_join);
-    // One listener for the whole loop: a listener made afresh each turn would miss a Ctrl-C
-    // that came while another branch ran (the status line awaits the actors).
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    // One listener since the start: a signal that came while another branch ran (the status
+    // line awaits the actors), or while the node started, is taken on the next turn.
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = async { tokio::select! { _ = &mut ctrl_c => {}, _ = term.recv() => {} } } => match pipe.gave_up() {
+            _ = stop.recv() => match pipe.gave_up() {
                 None => break Ok(()),
                 Some(why) => break Err(anyhow::anyhow!("the node stopped training for good: {why}")),
             },

@@ -49,6 +49,7 @@ async fn serve(
     mirror: ModelStore,
     listeners: crate::http::Listeners,
 ) -> anyhow::Result<()> {
+    let mut stop = crate::stop::StopSignals::install()?;
     let node = crate::cluster::start(&cfg).await?;
     let cell = Arc::new(ModelCell::new());
     let (replica, _join) = ReplicaHandle::spawn(ReplicaArgs {
@@ -91,7 +92,7 @@ async fn serve(
     servers.announce(false);
     crate::cluster::announce(&node, &cfg);
     let running = servers.spawn();
-    crate::cluster::until_stopped().await?;
+    stop.recv().await;
     tracing::info!(node = %node.name(), "stopping");
     if let Err(e) = running.stop().await {
         tracing::warn!(error = %format!("{e:#}"), "stopping the HTTP servers");

@@ -14,6 +14,7 @@ mod lock;
 mod resume;
 mod serve;
 mod settings;
+mod stop;
 mod stream;
 mod telemetry;
 mod train;
