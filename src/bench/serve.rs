@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use actix_web::web;
 use anyhow::Context;
 use clap::Args;
-use freshet_actors::dense::{gemm::sgemm_peak, DenseNet, Threads};
+use freshet_actors::dense::{gemm::sgemm_peak, Threads};
 use freshet_actors::event::Event;
 use freshet_actors::online::pipeline::PipelineHandle;
 use freshet_actors::serving::ReplicaSet;
@@ -304,7 +304,7 @@ struct Limit {
 /// The dense forward pass's FLOPs per item and the sgemm peak on `threads` cores.
 fn forward_limit(cell: &ModelCell, candidates: usize, threads: usize) -> anyhow::Result<Limit> {
     let model = cell.current().context("no model is served")?;
-    let net = DenseNet::from_state(model.dense().clone())?;
+    let net = model.weights().net()?;
     // `flops_per_sample` counts a training step, forward 2 and backward 4 per multiply-add.
     let forward = net.flops_per_sample() / 3.0;
     let th = Threads::new(threads)?;

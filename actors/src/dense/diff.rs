@@ -101,6 +101,13 @@ impl DenseDiff {
         })
     }
 
+    /// Only the weights this diff was written with, given the base's weights: what serving
+    /// needs. The optimizer's moments and a pending gradient never score a request, and are
+    /// two thirds of the floats to decode.
+    pub fn apply_params(&self, base_params: &[f32]) -> Result<Vec<f32>, DiffError> {
+        self.params.decode("params", base_params)
+    }
+
     /// Compressed bytes of its float blocks.
     pub fn bytes(&self) -> usize {
         let pending = self.pending.as_ref().map_or(0, |(_, b)| b.lz4.len());
@@ -122,6 +129,23 @@ impl DenseUpdate {
         match self {
             DenseUpdate::Whole(s) => Ok(s.clone()),
             DenseUpdate::Diff(d) => d.apply(base),
+        }
+    }
+
+    /// The weights after this update, on top of the parent's weights (see
+    /// [`DenseDiff::apply_params`]).
+    pub fn params_after(&self, base_params: &[f32]) -> Result<Vec<f32>, DiffError> {
+        match self {
+            DenseUpdate::Whole(s) => Ok(s.params.clone()),
+            DenseUpdate::Diff(d) => d.apply_params(base_params),
+        }
+    }
+
+    /// The model config and input shape the update was written with.
+    pub fn config_and_shape(&self) -> (&ModelConfig, &InputShape) {
+        match self {
+            DenseUpdate::Whole(s) => (&s.config, &s.shape),
+            DenseUpdate::Diff(d) => (&d.config, &d.shape),
         }
     }
 }
@@ -257,6 +281,18 @@ mod tests {
         assert_eq!(back.optimizer.v, new.optimizer.v);
         assert_eq!(back.optimizer.step, new.optimizer.step);
         assert_eq!(back.pending, new.pending);
+        // Serving decodes the weights alone, to the same bits; on other weights, refused.
+        assert_eq!(
+            bits(&d.apply_params(&base.params).unwrap()),
+            bits(&new.params)
+        );
+        assert!(matches!(
+            d.apply_params(&state(ModelKind::Wdl, 2).params),
+            Err(DiffError::WrongBase {
+                block: "params",
+                ..
+            })
+        ));
         let whole = 4 * (new.params.len() * 4);
         assert!(d.bytes() * 4 < whole, "{} of {whole}", d.bytes());
 

@@ -262,6 +262,25 @@ pub struct StepLoss {
 
 impl DenseNet {
     pub fn new(config: ModelConfig, shape: InputShape) -> anyhow::Result<Self> {
+        Self::build(config, shape, None)
+    }
+
+    /// A net that scores with `params` (a version's weights): its optimizer is fresh, as
+    /// scoring never steps it. Cheaper than [`DenseNet::from_state`] for serving: nothing is
+    /// initialised only to be overwritten, and the moments are zero pages never touched.
+    pub fn from_weights(
+        config: ModelConfig,
+        shape: InputShape,
+        params: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        Self::build(config, shape, Some(params))
+    }
+
+    fn build(
+        config: ModelConfig,
+        shape: InputShape,
+        weights: Option<Vec<f32>>,
+    ) -> anyhow::Result<Self> {
         config.validate("model", &shape)?;
         let mut at = 0usize;
         let mut take = |n: usize| {
@@ -321,33 +340,47 @@ impl DenseNet {
             }
         }
         let n = at;
-        // PyTorch's default Linear initialisation: W and b uniform in ±1/sqrt(fan_in).
-        let mut params = vec![0f32; n];
-        let mut rng = Xoshiro256::seed_from_u64(config.seed);
-        let init = |p: &mut [f32], at: usize, inp: usize, count: usize, rng: &mut Xoshiro256| {
-            let bound = 1.0 / (inp.max(1) as f32).sqrt();
-            for v in &mut p[at..at + count] {
-                *v = (rng.next_f32() * 2.0 - 1.0) * bound;
+        let params = match weights {
+            Some(w) => {
+                anyhow::ensure!(
+                    w.len() == n,
+                    "the weights have {} parameters, the model's config implies {n}",
+                    w.len()
+                );
+                w
+            }
+            None => {
+                // PyTorch's default Linear initialisation: W and b uniform in ±1/sqrt(fan_in).
+                let mut params = vec![0f32; n];
+                let mut rng = Xoshiro256::seed_from_u64(config.seed);
+                let init =
+                    |p: &mut [f32], at: usize, inp: usize, count: usize, rng: &mut Xoshiro256| {
+                        let bound = 1.0 / (inp.max(1) as f32).sqrt();
+                        for v in &mut p[at..at + count] {
+                            *v = (rng.next_f32() * 2.0 - 1.0) * bound;
+                        }
+                    };
+                for l in lin.iter().chain(&bottom).chain(&tower) {
+                    init(
+                        &mut params,
+                        l.at,
+                        l.inp,
+                        Linear::param_count(l.inp, l.out),
+                        &mut rng,
+                    );
+                }
+                for c in &cross {
+                    init(
+                        &mut params,
+                        c.at,
+                        c.dim,
+                        Cross::param_count(c.dim),
+                        &mut rng,
+                    );
+                }
+                params
             }
         };
-        for l in lin.iter().chain(&bottom).chain(&tower) {
-            init(
-                &mut params,
-                l.at,
-                l.inp,
-                Linear::param_count(l.inp, l.out),
-                &mut rng,
-            );
-        }
-        for c in &cross {
-            init(
-                &mut params,
-                c.at,
-                c.dim,
-                Cross::param_count(c.dim),
-                &mut rng,
-            );
-        }
         let opt = DenseOptimizer::new(config.optimizer.clone(), n);
         Ok(Self {
             config,
@@ -1034,6 +1067,20 @@ mod tests {
         let mut other = s.clone();
         other.params.pop();
         assert!(DenseNet::from_state(other).is_err());
+
+        // From the weights alone: the same forward pass; weights of another size refused.
+        let mut scorer =
+            DenseNet::from_weights(s.config.clone(), s.shape.clone(), s.params.clone()).unwrap();
+        let mut full = DenseNet::from_state(s.clone()).unwrap();
+        for n in [&mut scorer, &mut full] {
+            let (x, _) = n.inputs_mut(2);
+            x.fill(-0.7);
+            n.forward(2, &th);
+        }
+        assert_eq!(scorer.predictions(2), full.predictions(2));
+        let short = s.params[1..].to_vec();
+        let e = DenseNet::from_weights(s.config.clone(), s.shape.clone(), short).unwrap_err();
+        assert!(e.to_string().contains("parameters"), "{e}");
     }
 
     #[test]

@@ -97,10 +97,15 @@ impl ModelCell {
             }
         };
         let lag = std::mem::take(&mut w.lag);
+        // The lagging delta led the active copy to where it is: its weights are the active
+        // copy's, decoded already.
         let applied = lag
             .iter()
-            .chain(std::iter::once(&delta))
-            .try_for_each(|d| spare.apply(d));
+            .try_for_each(|d| {
+                let known = (d.manifest.version == active.version()).then(|| active.weights_arc());
+                spare.apply_with(d, known)
+            })
+            .and_then(|()| spare.apply(&delta));
         if let Err(e) = applied {
             // The spare may be half-updated: drop it; the next delta clones a fresh one.
             w.stats.delta_failures += 1;

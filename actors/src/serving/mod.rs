@@ -12,7 +12,8 @@ mod replicas;
 
 pub use cell::{CellStats, ModelCell};
 pub use model::{
-    Candidate, ModelDelta, PredictRequest, PredictResponse, ServingModel, ServingTable,
+    Candidate, DenseWeights, ModelDelta, PredictRequest, PredictResponse, ServingModel,
+    ServingTable,
 };
 pub use replicas::{PublishFollower, ReplicaSet};
 

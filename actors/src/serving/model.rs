@@ -6,13 +6,13 @@
 //! pass alone.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::ckpt::{Manifest, Restored};
-use crate::dense::{DenseNet, DenseState, DenseUpdate, Threads};
+use crate::dense::{DenseNet, DenseUpdate, InputShape, ModelConfig, Threads};
 use crate::embedding::{RowBlock, ShardDelta, TableConfig};
 use crate::ids::TableName;
 use crate::sample::json::{RawField, RawSample, SampleDecoder};
@@ -162,11 +162,28 @@ pub struct PredictResponse {
     pub scores: Vec<f32>,
 }
 
+/// What serving keeps of a version's dense state: its weights. The optimizer's moments and a
+/// pending gradient never score a request, so serving neither keeps nor decodes them (two
+/// thirds of a delta's dense floats). Shared by the cell's two copies of one version.
+#[derive(Debug)]
+pub struct DenseWeights {
+    pub config: ModelConfig,
+    pub shape: InputShape,
+    pub params: Vec<f32>,
+}
+
+impl DenseWeights {
+    /// A net that scores with these weights.
+    pub fn net(&self) -> anyhow::Result<DenseNet> {
+        DenseNet::from_weights(self.config.clone(), self.shape.clone(), self.params.clone())
+    }
+}
+
 /// A version's whole model, read-only to predictions.
 #[derive(Debug)]
 pub struct ServingModel {
     manifest: Manifest,
-    dense: DenseState,
+    weights: Arc<DenseWeights>,
     tables: BTreeMap<TableName, ServingTable>,
     decoder: SampleDecoder,
     /// Scorers (the forward pass with its scratch) built for this version's dense weights,
@@ -178,7 +195,7 @@ impl Clone for ServingModel {
     fn clone(&self) -> Self {
         Self {
             manifest: self.manifest.clone(),
-            dense: self.dense.clone(),
+            weights: self.weights.clone(),
             tables: self.tables.clone(),
             decoder: SampleDecoder::new(&self.manifest.schema),
             predictors: Mutex::new(Vec::new()),
@@ -209,17 +226,17 @@ impl ServingModel {
                 }
             }
         }
+        let weights = Arc::new(DenseWeights {
+            config: r.dense.config,
+            shape: r.dense.shape,
+            params: r.dense.params,
+        });
         // The dense net must fit the schema before any request reaches it.
-        Scorer::with_net(
-            r.manifest.schema.clone(),
-            DenseNet::from_state(r.dense.clone())
-                .map_err(|e| ServingError::Model(e.to_string()))?,
-        )
-        .map_err(|e| ServingError::Model(e.to_string()))?;
+        predictor(&r.manifest, &weights)?;
         Ok(Self {
             decoder: SampleDecoder::new(&r.manifest.schema),
             manifest: r.manifest,
-            dense: r.dense,
+            weights,
             tables,
             predictors: Mutex::new(Vec::new()),
         })
@@ -233,9 +250,13 @@ impl ServingModel {
         &self.manifest
     }
 
-    /// The dense network's state (its shape and config size the scoring work).
-    pub fn dense(&self) -> &DenseState {
-        &self.dense
+    /// The dense network's weights (its shape and config size the scoring work).
+    pub fn weights(&self) -> &DenseWeights {
+        &self.weights
+    }
+
+    pub(crate) fn weights_arc(&self) -> Arc<DenseWeights> {
+        self.weights.clone()
     }
 
     pub fn table(&self, name: &TableName) -> Option<&ServingTable> {
@@ -250,6 +271,17 @@ impl ServingModel {
     /// Brings this model forward by one delta, whose parent must be this version. On error
     /// the model may be half-updated and must be discarded (the cell does).
     pub fn apply(&mut self, d: &ModelDelta) -> Result<(), ServingError> {
+        self.apply_with(d, None)
+    }
+
+    /// As [`ServingModel::apply`], given the weights `d` leads to when another copy decoded
+    /// them already (the cell's active copy, at `d`'s version): a delta's dense diff is then
+    /// decoded once for both copies.
+    pub(crate) fn apply_with(
+        &mut self,
+        d: &ModelDelta,
+        decoded: Option<Arc<DenseWeights>>,
+    ) -> Result<(), ServingError> {
         if d.manifest.parent != Some(self.version()) {
             return Err(ServingError::Chain {
                 have: self.version(),
@@ -258,10 +290,20 @@ impl ServingModel {
             });
         }
         // Decoded before any row changes: a diff that does not apply leaves the model whole.
-        let dense = d
-            .dense
-            .apply_to(&self.dense)
-            .map_err(|e| ServingError::Model(format!("version {}: {e}", d.manifest.version)))?;
+        let weights = match decoded {
+            Some(w) => w,
+            None => {
+                let params = (d.dense.params_after(&self.weights.params)).map_err(|e| {
+                    ServingError::Model(format!("version {}: {e}", d.manifest.version))
+                })?;
+                let (config, shape) = d.dense.config_and_shape();
+                Arc::new(DenseWeights {
+                    config: config.clone(),
+                    shape: shape.clone(),
+                    params,
+                })
+            }
+        };
         for shard in &d.shards {
             for td in &shard.tables {
                 let t = self
@@ -279,7 +321,7 @@ impl ServingModel {
                 }
             }
         }
-        self.dense = dense;
+        self.weights = weights;
         self.manifest = d.manifest.clone();
         self.predictors
             .get_mut()
@@ -324,7 +366,7 @@ impl ServingModel {
         };
         let mut p = match pooled {
             Some(p) => p,
-            None => predictor(&self.manifest, &self.dense)?,
+            None => predictor(&self.manifest, &self.weights)?,
         };
         let scores = p
             .predict_with(block, 0..block.len(), threads, |name, dim, keys, out| {
@@ -379,9 +421,10 @@ impl ServingModel {
     }
 }
 
-/// A scorer around `dense`.
-fn predictor(manifest: &Manifest, dense: &DenseState) -> Result<Scorer, ServingError> {
-    let net =
-        DenseNet::from_state(dense.clone()).map_err(|e| ServingError::Model(e.to_string()))?;
+/// A scorer around `weights`.
+fn predictor(manifest: &Manifest, weights: &DenseWeights) -> Result<Scorer, ServingError> {
+    let net = weights
+        .net()
+        .map_err(|e| ServingError::Model(e.to_string()))?;
     Scorer::with_net(manifest.schema.clone(), net).map_err(|e| ServingError::Model(e.to_string()))
 }

@@ -2,9 +2,10 @@
 //!
 //! - **Takes in:** `Publish(v)`, from whoever decides publication (the validator in a full
 //!   node, the store follower of `freshet serve`), and status requests.
-//! - **Reads:** the model store. A version whose parent is the one being served is applied as
-//!   a delta to the spare copy; any other (the first load, a rollback, a gap) is restored whole
-//!   and installed.
+//! - **Reads:** the model store. A version that descends from the one being served by deltas
+//!   alone (its child, or a later one when publications were passed over) has those deltas
+//!   applied in order, each to the spare copy; any other (the first load, a rollback, another
+//!   chain) is restored whole and installed.
 //! - **Shares:** the cell, which request handlers read without going through the mailbox, so a
 //!   busy replica never queues predictions behind an update.
 //! - **Keeps:** counters; the pin it holds in the store for the version it serves, so that
@@ -20,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use super::{CellStats, ModelCell, ModelDelta, ServingError, ServingModel};
-use crate::ckpt::ModelStore;
+use crate::ckpt::{Manifest, ModelStore, VersionKind};
 use crate::envelope::{Envelope, TraceContext};
 use crate::fault::Faults;
 use crate::telemetry;
@@ -64,6 +65,31 @@ pub struct ReplicaState {
     status: ReplicaStatus,
 }
 
+/// The most deltas applied in a row to reach a published version; a longer way is restored
+/// whole. A chain is never longer than `checkpoint.full_every`, so this only bounds the work.
+const MAX_DELTAS: usize = 256;
+
+/// The versions from `served` (excluded) to `v`, oldest first, when `v` (manifest `m`)
+/// descends from `served` by deltas alone.
+fn deltas_since(store: &ModelStore, served: u64, v: u64, m: Manifest) -> Option<Vec<u64>> {
+    let mut chain = vec![v];
+    let mut cur = m;
+    loop {
+        match cur.parent {
+            Some(p) if p == served && cur.kind == VersionKind::Delta => {
+                chain.reverse();
+                return Some(chain);
+            }
+            Some(p) if p > served && cur.kind == VersionKind::Delta && chain.len() < MAX_DELTAS => {
+                // A parent that cannot be read: the whole restore reports why.
+                cur = store.manifest(p).ok()?;
+                chain.push(p);
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// Brings `cell` to version `v` of `store`; returns whether it loaded the version whole.
 /// The pure part of the actor, synchronous.
 fn bring_to(
@@ -77,22 +103,29 @@ fn bring_to(
         return Ok(false);
     }
     let m = store.manifest(v)?;
-    let is_delta_of_served = m.parent.is_some() && m.parent == served;
-    if is_delta_of_served {
-        let (manifest, dense, shards) = store.read_delta(v)?;
-        cell.apply(Arc::new(ModelDelta {
-            manifest,
-            dense,
-            shards,
-        }))?;
-    } else {
-        cell.install(ServingModel::from_restored(store.restore(v, None)?)?);
+    let chain = served.and_then(|s| deltas_since(store, s, v, m));
+    let whole = chain.is_none();
+    let brought = match chain {
+        // Each delta a version that was published: serving passes through them, forward only.
+        Some(chain) => chain.into_iter().try_for_each(|u| {
+            let (manifest, dense, shards) = store.read_delta(u)?;
+            cell.apply(Arc::new(ModelDelta {
+                manifest,
+                dense,
+                shards,
+            }))
+            .map(drop)
+        }),
+        None => ServingModel::from_restored(store.restore(v, None)?).map(|m| cell.install(m)),
+    };
+    // Pin what is served (`v`, or the last delta applied before one failed), so retention
+    // keeps it; a failed pin is reported, not fatal.
+    if let Some(now) = cell.version() {
+        if let Err(e) = store.pin(name, now) {
+            tracing::warn!(replica = %name, version = now, error = %e, "could not pin the served version");
+        }
     }
-    // Pin what is served, so retention keeps it; a failed pin is reported, not fatal.
-    if let Err(e) = store.pin(name, v) {
-        tracing::warn!(replica = %name, version = v, error = %e, "could not pin the served version");
-    }
-    Ok(!is_delta_of_served)
+    brought.map(|()| whole)
 }
 
 impl Actor for ServingReplica {

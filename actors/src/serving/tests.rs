@@ -211,6 +211,8 @@ fn deltas_applied_in_the_cell_equal_a_whole_restore() {
         assert!(contents(&want).len() > 50, "too few rows to compare");
         assert_eq!(got.rows(), want.rows(), "version {v} (seed {seed})");
         assert_eq!(contents(&got), contents(&want), "version {v} (seed {seed})");
+        // The spare took the active copy's weights for the lagging delta: still this version's.
+        assert_eq!(got.weights().params, want.weights().params, "version {v}");
         let req = request(50);
         assert_eq!(
             got.predict(&req, 1000, &th).unwrap(),
@@ -380,5 +382,15 @@ async fn the_replica_follows_publishes_rolls_back_and_survives_a_bad_one() {
     let s = replica.status().await.unwrap();
     assert_eq!((s.version, s.failures), (Some(2), 1));
     assert!(s.last_error.unwrap().contains("version 99"));
+    // Forward to 4 past 3 (a publication passed over): 3's and 4's deltas, no whole load.
+    replica.publish(4).unwrap();
+    let s = replica.status().await.unwrap();
+    assert_eq!((s.version, s.full_loads), (Some(4), 2));
+    assert_eq!(s.cell.deltas_applied, 5);
+    assert_eq!(store.pins().unwrap().get("replica-0"), Some(&4));
+    assert_eq!(
+        contents(&cell.current().unwrap()),
+        contents(&load(&store, 4))
+    );
     replica.stop();
 }
