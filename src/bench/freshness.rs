@@ -68,10 +68,16 @@ struct FreshnessReport {
     clicks_per_event: f64,
     delta_ms: u64,
     clicks_measured: usize,
+    /// Clicks no served version had learned from when the drain ended (left out of the
+    /// quantiles; none unless the drain limit passed).
     clicks_not_yet_served: usize,
+    /// From the end of the run (no more events) to every sample logged by then being served,
+    /// or `null` when the drain limit (`DRAIN_LIMIT`) passed first.
+    drain_ms: Option<i64>,
     freshness_p50_ms: Option<f64>,
     freshness_p90_ms: Option<f64>,
     freshness_p99_ms: Option<f64>,
+    /// Versions written and not withdrawn (those served during the run or left in the store).
     versions_written: usize,
     versions_served: usize,
     /// Samples the log held beyond the served version's offsets, over the measured time.
@@ -80,6 +86,25 @@ struct FreshnessReport {
     samples_per_sec_trained: f64,
     /// Samples per training step: what the trainer found in the log each time it looked.
     trainer_rows_per_step: f64,
+    /// With `--cluster`: where the serving node's share of the time goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serving_node: Option<HopReport>,
+}
+
+/// The hop from this process's replica to the serving node's.
+#[derive(Debug, Serialize)]
+struct HopReport {
+    /// Per version served by both: how much later the serving node first served it than the
+    /// replica here (the notice, the fetch, the checked write and the apply).
+    hop_p50_ms: Option<f64>,
+    hop_p99_ms: Option<f64>,
+    /// Versions the serving node served of those served here (the rest were passed over: a
+    /// newer notice came while it fetched).
+    versions_served_of_local: (usize, usize),
+    versions_fetched: u64,
+    bytes_per_version: f64,
+    fetch_ms_per_version: f64,
+    write_ms_per_version: f64,
 }
 
 pub(crate) fn run(args: FreshnessArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -148,30 +173,49 @@ async fn bench(
 
     // The watcher: when each version was first served, and every 20 ms the served version
     // beside the samples the log held.
+    // Version -> first served: by the replica measured, and by the one here (the same map
+    // without --cluster).
     let served: Arc<Mutex<BTreeMap<u64, i64>>> = Arc::default();
+    let served_here: Arc<Mutex<BTreeMap<u64, i64>>> = Arc::default();
+    // The sample offsets of every version served here, read as it is served: retention deletes
+    // older chains from the store during a run, and a click must be credited to the first
+    // version trained on it, not to the oldest one still on disk at the end.
+    let seen_offsets: Arc<Mutex<BTreeMap<u64, BTreeMap<u32, u64>>>> = Arc::default();
+    // The producer stops at the end of the run; the watcher once every click appended until
+    // then is served (or a drain limit passes), so that the last clicks are measured too.
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_watching = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let (cell, served, stop) = (pipe.cells()[0].clone(), served.clone(), stop.clone());
+        let (cell, stop) = (pipe.cells()[0].clone(), stop_watching.clone());
+        let (served, served_here) = (served.clone(), served_here.clone());
+        let seen_offsets = seen_offsets.clone();
         let samples = samples.clone();
         std::thread::spawn(move || {
             let mut lag_points: Vec<(i64, u64, u64)> = Vec::new();
             let mut next_lag = now_ms();
+            let mut next_poll = now_ms();
+            let first = |map: &Mutex<BTreeMap<u64, i64>>, v: u64, at: i64| {
+                (map.lock().unwrap_or_else(|p| p.into_inner()))
+                    .entry(v)
+                    .or_insert(at);
+            };
             while !stop.load(Ordering::Relaxed) {
-                // On a serving node: the version its /healthz names when it answers.
-                if let Some(url) = &remote_url {
+                // On a serving node: the version its /healthz names when it answers, every
+                // 10 ms (a request each millisecond would take CPU from the node measured).
+                if let Some(url) = remote_url.as_ref().filter(|_| now_ms() >= next_poll) {
+                    next_poll = now_ms() + 10;
                     if let Some(v) = remote_version(url) {
-                        let now = now_ms();
-                        (served.lock().unwrap_or_else(|p| p.into_inner()))
-                            .entry(v)
-                            .or_insert(now);
+                        first(&served, v, now_ms());
                     }
                 }
                 if let Some(m) = cell.current() {
                     let now = now_ms();
+                    first(&served_here, m.version(), now);
+                    (seen_offsets.lock().unwrap_or_else(|p| p.into_inner()))
+                        .entry(m.version())
+                        .or_insert_with(|| m.manifest().sample_offsets.clone());
                     if remote_url.is_none() {
-                        (served.lock().unwrap_or_else(|p| p.into_inner()))
-                            .entry(m.version())
-                            .or_insert(now);
+                        first(&served, m.version(), now);
                     }
                     if now >= next_lag {
                         next_lag = now + 20;
@@ -250,26 +294,45 @@ async fn bench(
     let (appended, clicks) = producer
         .join()
         .map_err(|_| anyhow::anyhow!("the producer panicked"))??;
+    let produced_until = now_ms();
+    let drain_ms = drain(&pipe, &*samples, &served).await?;
+    stop_watching.store(true, Ordering::SeqCst);
     let lag_points = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
+    let follower = match &remote {
+        Some(r) => Some(remote_following(&r.url)?),
+        None => None,
+    };
     pipe.shutdown().await?;
     if let Some(r) = remote {
         drop(r.child);
         r.node.stop();
     }
-    let elapsed_s = (now_ms() - started) as f64 / 1000.0;
+    let elapsed_s = (produced_until - started) as f64 / 1000.0;
 
-    // Versions: their offsets, and when a version at least as new was first served.
+    // Versions: their offsets (those served here, and those left in the store), less those
+    // withdrawn, and when a version at least as new was first served.
     let store = pipe.store();
-    let mut offsets: Vec<(u64, BTreeMap<u32, u64>)> = Vec::new();
+    let mut all = seen_offsets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     for v in store.versions()? {
         let m = store.manifest(v)?;
-        if m.rolled_back.is_none() {
-            offsets.push((v, m.sample_offsets));
+        if m.rolled_back.is_some() {
+            all.remove(&v);
+        } else {
+            all.insert(v, m.sample_offsets);
         }
     }
+    let offsets: Vec<(u64, BTreeMap<u32, u64>)> = all.into_iter().collect();
     let served = served.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let served_here = served_here
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let serving_node = follower.map(|f| hop_report(&served, &served_here, &f));
     let first_served_at_least = |v: u64| served.range(v..).map(|(_, &t)| t).min();
     let mut lat = Vec::new();
     let mut not_served = 0;
@@ -309,7 +372,7 @@ async fn bench(
     let q = |f: f64| super::quantile(&lat, f);
     let mut lags: Vec<u64> = lag_points
         .iter()
-        .filter(|(t, _, _)| *t >= warm_end)
+        .filter(|(t, _, _)| (warm_end..produced_until).contains(t))
         .map(|&(_, held, consumed)| held.saturating_sub(consumed))
         .collect();
     lags.sort_unstable();
@@ -321,6 +384,7 @@ async fn bench(
         delta_ms: args.delta_ms,
         clicks_measured: lat.len(),
         clicks_not_yet_served: not_served,
+        drain_ms,
         freshness_p50_ms: q(0.5),
         freshness_p90_ms: q(0.9),
         freshness_p99_ms: q(0.99),
@@ -330,7 +394,64 @@ async fn bench(
         serving_lag_samples_p99: lag_q(0.99),
         samples_per_sec_trained: trained,
         trainer_rows_per_step: rows_per_step,
+        serving_node,
     })
+}
+
+fn hop_report(
+    remote: &BTreeMap<u64, i64>,
+    here: &BTreeMap<u64, i64>,
+    f: &serde_json::Value,
+) -> HopReport {
+    let mut hops: Vec<f64> = (remote.iter())
+        .filter_map(|(v, t)| here.get(v).map(|h| (t - h).max(0) as f64))
+        .collect();
+    hops.sort_by(f64::total_cmp);
+    let fetched = f["versions_fetched"].as_u64().unwrap_or(0);
+    let per = |k: &str| f[k].as_f64().unwrap_or(0.0) / fetched.max(1) as f64;
+    HopReport {
+        hop_p50_ms: super::quantile(&hops, 0.5),
+        hop_p99_ms: super::quantile(&hops, 0.99),
+        versions_served_of_local: (hops.len(), here.len()),
+        versions_fetched: fetched,
+        bytes_per_version: per("bytes_fetched"),
+        fetch_ms_per_version: per("fetch_ms_total"),
+        write_ms_per_version: per("write_ms_total"),
+    }
+}
+
+/// How long the node is given, after the last event, to serve every sample logged by then.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until the served version (`served`: the measured replica's versions) has learned from
+/// every sample the log held when this was called; returns how long that took, or `None` if
+/// [`DRAIN_LIMIT`] passed first.
+async fn drain(
+    pipe: &PipelineHandle,
+    samples: &dyn freshet_actors::stream::StreamLog,
+    served: &Mutex<BTreeMap<u64, i64>>,
+) -> anyhow::Result<Option<i64>> {
+    let began = now_ms();
+    let held: Vec<(u32, u64)> = (0..samples.partitions())
+        .map(|p| Ok((p, samples.high_watermark(p)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let end = std::time::Instant::now() + DRAIN_LIMIT;
+    while std::time::Instant::now() < end {
+        // The first version here that covers the log; then the measured replica at it.
+        if let Some(m) = pipe.cells()[0].current() {
+            let o = &m.manifest().sample_offsets;
+            let covers = held.iter().all(|(p, h)| o.get(p).is_some_and(|x| x >= h));
+            let newest = (served.lock().unwrap_or_else(|p| p.into_inner()))
+                .keys()
+                .next_back()
+                .copied();
+            if covers && newest >= Some(m.version()) {
+                return Ok(Some(now_ms() - began));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
 }
 
 /// A serving node following this process: the cluster node here offers the pipeline's store
@@ -385,6 +506,15 @@ async fn remote_serving(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(RemoteServing { node, child, url })
+}
+
+/// A serving node's follower counters, from its `/healthz`.
+fn remote_following(url: &str) -> anyhow::Result<serde_json::Value> {
+    let (code, body) =
+        crate::ctl::request(url, "GET", "/healthz", None, None, Duration::from_secs(5))?;
+    let h: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("the serving node's /healthz ({code}): {body}"))?;
+    Ok(h["following"].clone())
 }
 
 /// The version a serving node's `/healthz` names, when it answers.

@@ -406,6 +406,18 @@ async fn metrics(s: web::Data<ServingState>) -> HttpResponse {
             &[("", f.bytes_fetched as f64)],
         );
         put(
+            "freshet_follower_fetch_seconds_total",
+            "counter",
+            "Time spent fetching versions from the trainer node.",
+            &[("", f.fetch_ms_total / 1e3)],
+        );
+        put(
+            "freshet_follower_write_seconds_total",
+            "counter",
+            "Time spent writing fetched versions to the mirror, checks included.",
+            &[("", f.write_ms_total / 1e3)],
+        );
+        put(
             "freshet_follower_notices_total",
             "counter",
             "Notices of publication received from the trainer node.",

@@ -62,6 +62,13 @@ pub struct FollowerStatus {
     pub catch_ups: u64,
     pub versions_fetched: u64,
     pub bytes_fetched: u64,
+    /// Time spent asking for versions and receiving them, and writing them to the mirror, in
+    /// milliseconds over the follower's life: where a publication's way to serving goes.
+    pub fetch_ms_total: f64,
+    pub write_ms_total: f64,
+    /// The last publication brought to serving: milliseconds from taking it up (a notice or a
+    /// catch-up) to telling the replica, fetches and writes included.
+    pub last_follow_ms: Option<f64>,
     pub failures: u64,
     pub last_error: Option<String>,
 }
@@ -86,6 +93,10 @@ pub struct FollowerState {
     status: FollowerStatus,
     last_heard: Option<Instant>,
     observed: Arc<Mutex<Observed>>,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// The trainer node to follow: `known` (the last to send a notice), else the first node up
@@ -116,6 +127,7 @@ impl FollowerState {
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || mirror.retain(keep)).await {
             tracing::warn!(error = %e, "retention of the model mirror");
         }
+        let began = Instant::now();
         let mut fetched = 0u64;
         let mut want = Some(p.version);
         while let Some(v) = want {
@@ -123,11 +135,15 @@ impl FollowerState {
             if tokio::task::spawn_blocking(move || mirror.manifest(v).is_ok()).await? {
                 break;
             }
+            let asked = Instant::now();
             let files = self.args.cluster.fetch_version(from, v).await?;
+            self.status.fetch_ms_total += ms_since(asked);
             let bytes: usize =
                 files.manifest.len() + files.files.iter().map(|f| f.bytes.len()).sum::<usize>();
             let mirror = self.args.mirror.clone();
+            let writing = Instant::now();
             let m = tokio::task::spawn_blocking(move || mirror.import_version(&files)).await??;
+            self.status.write_ms_total += ms_since(writing);
             fetched += 1;
             self.status.versions_fetched += 1;
             self.status.bytes_fetched += bytes as u64;
@@ -144,6 +160,7 @@ impl FollowerState {
         tracing::debug!(version = p.version, fetched, source = %from, "following a publication");
         self.status.seq = Some(p.seq);
         self.status.version = Some(p.version);
+        self.status.last_follow_ms = Some(ms_since(began));
         Ok(())
     }
 
