@@ -11,6 +11,7 @@ mod fdlimit;
 mod follow;
 mod http;
 mod lock;
+mod progress;
 mod resume;
 mod serve;
 mod settings;

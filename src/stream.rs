@@ -4,7 +4,7 @@
 //! All three use the embedded log under `<data_dir>/log`, topics `events`, `samples` and
 //! `dead-letters`, with the `[log]` settings.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -200,8 +200,7 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
     let (mut recs, mut truth) = (Vec::<SimRecord>::new(), Vec::new());
     let (mut probs, mut clicks) = (Vec::new(), Vec::new());
     let started = Instant::now();
-    let mut last_report = Instant::now();
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = crate::progress::Progress::new("impressions");
     let limit = args.impressions.unwrap_or(u64::MAX);
     while sim.stats().impressions < limit && !stop.load(Ordering::Relaxed) {
         sim.next_request(&mut recs, &mut truth);
@@ -235,21 +234,13 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
         } else if batcher.queued >= 4096 {
             batcher.flush()?;
         }
-        if last_report.elapsed() >= Duration::from_secs(2) {
-            last_report = Instant::now();
-            let s = sim.stats();
-            let msg = format!(
-                "simulate: {} impressions, {} clicks, {:.0} records/s",
-                s.impressions,
-                s.clicks,
-                batcher.appended as f64 / started.elapsed().as_secs_f64()
-            );
-            if tty {
-                eprint!("\r{msg}   ");
-            } else {
-                eprintln!("{msg}");
-            }
-        }
+        let s = sim.stats();
+        progress.update(s.impressions, args.impressions, &|| {
+            format!(
+                "simulate: {} records, {} clicks",
+                batcher.appended, s.clicks
+            )
+        });
     }
     // The clicks of the last requests are still scheduled; they belong to this run.
     sim.finish(&mut recs);
@@ -261,10 +252,11 @@ pub(crate) fn simulate(args: SimulateArgs, settings: &Settings) -> anyhow::Resul
         .flush()
         .with_context(|| format!("writing {}", truth_path.display()))?;
     events.flush().context("syncing the event log")?;
-    if tty {
-        eprintln!();
-    }
     let s = sim.stats().clone();
+    progress.done(&format!(
+        "simulate: {} impressions, {} clicks, {} records appended",
+        s.impressions, s.clicks, batcher.appended
+    ));
     let elapsed = started.elapsed().as_secs_f64();
     let report = SimulateReport {
         ctr: s.clicks as f64 / s.impressions.max(1) as f64,
@@ -498,26 +490,29 @@ async fn join_async(args: JoinArgsCli, settings: &Settings) -> anyhow::Result<()
         joiners.push((h, j));
     }
     let stop = interrupted();
-    let mut last_report = Instant::now();
+    let mut progress = crate::progress::Progress::new("events");
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut caught_up = true;
+        let mut behind = 0u64;
         let mut stats = Vec::new();
         for (p, (h, _)) in joiners.iter().enumerate() {
             let s = h.stats().await?;
-            caught_up &= s.input_next >= topics.events.high_watermark(p as u32)?;
+            let high = topics.events.high_watermark(p as u32)?;
+            caught_up &= s.input_next >= high;
+            behind += high.saturating_sub(s.input_next);
             stats.push(s);
         }
-        if last_report.elapsed() >= Duration::from_secs(2) {
-            last_report = Instant::now();
-            let read: u64 = stats.iter().map(|s| s.task.records_read).sum();
-            let samples: u64 = stats.iter().map(|s| s.task.samples_written).sum();
-            eprintln!(
-                "join: {read} events read, {samples} samples written, {:.0} events/s",
-                read as f64 / started.elapsed().as_secs_f64()
-            );
-        }
+        // Events read of those the log holds now (a total that grows while events arrive).
+        let read: u64 = stats.iter().map(|s| s.task.records_read).sum();
+        let samples: u64 = stats.iter().map(|s| s.task.samples_written).sum();
+        progress.update(read, args.until_caught_up.then_some(read + behind), &|| {
+            format!("join: {samples} samples written")
+        });
         if (args.until_caught_up && caught_up) || stop.load(Ordering::Relaxed) {
+            progress.done(&format!(
+                "join: {read} events read, {samples} samples written"
+            ));
             break;
         }
     }

@@ -1,10 +1,8 @@
 //! `freshet train` and `freshet gen`: their arguments, and the report `train` prints. The
 //! offline driver itself is `freshet_actors::training::offline`.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
@@ -12,6 +10,8 @@ use freshet_actors::dense::ModelKind;
 use freshet_actors::metrics::auc;
 use freshet_actors::sample::Format;
 use freshet_actors::training::offline::{self, OfflineJob, OfflineOut, OfflineStart};
+
+use crate::progress::Progress;
 use freshet_actors::training::FreshModel;
 
 use crate::settings::Settings;
@@ -137,12 +137,12 @@ pub(crate) fn run(args: TrainArgs, settings: &Settings) -> anyhow::Result<()> {
     let mut job = job(args, settings)?;
     let report = rt.block_on(async {
         let Some(cfg) = cluster else {
-            return offline::run(job, &mut Progress::new()).await;
+            return offline::run(job, &mut Progress::new("rows")).await;
         };
         let node = crate::cluster::start(&cfg).await?;
         let placer = freshet_cluster::node::ClusterPlacer::new(node.clone(), 1);
         job.placer = Some(Arc::new(placer.clone()));
-        let report = offline::run(job, &mut Progress::new()).await;
+        let report = offline::run(job, &mut Progress::new("rows")).await;
         if let Err(e) = placer.release().await {
             tracing::warn!(error = %crate::describe(&e), "the shard nodes keep this job's owners");
         }
@@ -227,55 +227,6 @@ fn job(args: TrainArgs, settings: &Settings) -> anyhow::Result<OfflineJob> {
     })
 }
 
-/// Progress on stderr: a line rewritten in place on a terminal, a line every 10 s otherwise.
-struct Progress {
-    tty: bool,
-    last: Instant,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self {
-            tty: std::io::stderr().is_terminal(),
-            last: Instant::now(),
-        }
-    }
-
-    fn tick(&mut self, msg: &dyn Fn() -> String) {
-        let every = if self.tty { 0.25 } else { 10.0 };
-        if self.last.elapsed().as_secs_f64() >= every {
-            self.last = Instant::now();
-            if self.tty {
-                eprint!("\r\x1b[2K{}", msg());
-            } else {
-                eprintln!("{}", msg());
-            }
-        }
-    }
-
-    fn done(&mut self, msg: &str) {
-        if self.tty {
-            eprintln!("\r\x1b[2K{msg}");
-        } else {
-            eprintln!("{msg}");
-        }
-    }
-}
-
-impl offline::Progress for Progress {
-    fn tick(&mut self, msg: &dyn Fn() -> String) {
-        Progress::tick(self, msg)
-    }
-
-    fn done(&mut self, msg: &str) {
-        Progress::done(self, msg)
-    }
-
-    fn note(&mut self, msg: &str) {
-        eprintln!("{msg}");
-    }
-}
-
 /// `freshet gen`: Criteo-layout rows from a hidden model, with the true probabilities.
 #[derive(Debug, Args)]
 pub(crate) struct GenArgs {
@@ -328,8 +279,8 @@ pub(crate) fn gen(args: GenArgs) -> anyhow::Result<()> {
     };
     let mut out = create(&args.out)?;
     let mut probs = create(&prob_path)?;
-    let mut progress = Progress::new();
-    let start = Instant::now();
+    let mut progress = Progress::new("rows");
+    let start = std::time::Instant::now();
     let (mut clicks, mut psum) = (0u64, 0f64);
     let mut all_p = Vec::with_capacity(args.rows.min(50_000_000) as usize);
     let mut all_y = Vec::with_capacity(all_p.capacity());
@@ -343,13 +294,8 @@ pub(crate) fn gen(args: GenArgs) -> anyhow::Result<()> {
         psum += r.probability;
         all_p.push(r.probability as f32);
         all_y.push(f32::from(r.label));
-        progress.tick(&|| {
-            format!(
-                "{} of {} rows, {:.0} rows/s",
-                i + 1,
-                args.rows,
-                (i + 1) as f64 / start.elapsed().as_secs_f64()
-            )
+        progress.update(i + 1, Some(args.rows), &|| {
+            format!("writing {}", args.out.display())
         });
     }
     out.flush()?;

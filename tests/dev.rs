@@ -32,7 +32,7 @@ fn dev(d: &Path, extra: &[&str]) -> Server {
 
 fn ctl(d: &Path, addr: &str, args: &[&str]) -> std::process::Output {
     freshet(d)
-        .args(["ctl", "--url", &format!("http://{addr}")])
+        .args(["ctl", "--json", "--url", &format!("http://{addr}")])
         .args(args)
         .output()
         .unwrap()

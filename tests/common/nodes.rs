@@ -164,7 +164,7 @@ pub(crate) const PIPELINE_CONFIG: &str =
 /// `freshet ctl` against a node's HTTP API; its JSON answer.
 pub(crate) fn ctl(d: &Path, http: &str, args: &[&str]) -> serde_json::Value {
     ok(&freshet(d)
-        .args(["ctl", "--url", &format!("http://{http}")])
+        .args(["ctl", "--json", "--url", &format!("http://{http}")])
         .args(args)
         .output()
         .expect("run ctl"))

@@ -91,8 +91,9 @@ pub struct OfflineJob {
 /// How a run reports progress: the caller draws it (a line rewritten in place on a terminal,
 /// say); the driver only says what to draw.
 pub trait Progress {
-    /// Work under way; `msg` is called only when the caller draws.
-    fn tick(&mut self, msg: &dyn Fn() -> String);
+    /// Work under way: `at` of `total` units done (a new total starts a new phase); `msg`
+    /// says what, and is called only when drawn.
+    fn tick(&mut self, at: u64, total: Option<u64>, msg: &dyn Fn() -> String);
     /// A phase finished.
     fn done(&mut self, msg: &str);
     /// A one-off notice.
@@ -104,7 +105,7 @@ pub trait Progress {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn tick(&mut self, _: &dyn Fn() -> String) {}
+    fn tick(&mut self, _: u64, _: Option<u64>, _: &dyn Fn() -> String) {}
     fn done(&mut self, _: &str) {}
     fn note(&mut self, _: &str) {}
 }
@@ -404,13 +405,11 @@ pub async fn run(job: OfflineJob, progress: &mut dyn Progress) -> anyhow::Result
                     .await
                     .context("taking a checkpoint")?;
             }
-            progress.tick(&|| {
-                let el = start.elapsed().as_secs_f64();
+            progress.tick(seen as u64, Some(n as u64), &|| {
                 format!(
-                    "epoch {epoch}/{}: {seen}/{n} rows, {:.0} rows/s, loss {:.4}",
+                    "epoch {epoch}/{}, loss {:.4}",
                     job.epochs,
-                    seen as f64 / el,
-                    loss_sum / seen as f64
+                    loss_sum / seen.max(1) as f64
                 )
             });
         }
@@ -789,7 +788,7 @@ fn read_log(
                 }
                 read += 1;
             }
-            progress.tick(&|| format!("reading the sample log: {read} of {total} records"));
+            progress.tick(read, Some(total), &|| "reading the sample log".into());
         }
         if !any {
             break;

@@ -1,5 +1,9 @@
 //! `freshet ctl`: the admin API of a running node, from the command line.
 //!
+//! It prints a summary line and aligned tables (`render`), or with `--json` the node's answer
+//! unchanged, for scripts. An error is one line: the command, the request, the status, the
+//! node's reason and what to do.
+//!
 //! A plain HTTP/1.1 client over one TCP connection per command: the admin API is a handful of
 //! small JSON requests on a trusted network, which does not justify an HTTP client crate.
 
@@ -10,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+
+mod render;
 
 #[derive(Debug, Args)]
 pub(crate) struct CtlArgs {
@@ -22,6 +28,9 @@ pub(crate) struct CtlArgs {
     /// Seconds to wait for an answer (a rollback waits for the trainer to restore).
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Print the node's JSON answer as it came, for scripts, instead of tables.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -34,8 +43,16 @@ enum CtlCommand {
     /// Every node of the cluster: roles, state, address, time since its last heartbeat, memory
     /// in use and available, and the shards it hosts.
     Nodes,
-    /// Every version with its validation, rollback mark and whether it is served.
-    Versions,
+    /// The newest versions (20, or every one with --all), one line each: kind, age, rows
+    /// trained, AUC, marks (serving, rolled back, calibrated, replayed) and verdict.
+    Versions {
+        /// How many of the newest versions to list.
+        #[arg(long, default_value_t = 20)]
+        newest: usize,
+        /// List every version kept.
+        #[arg(long, conflicts_with = "newest")]
+        all: bool,
+    },
     /// Serve version V at once, and retrain from it (later versions are kept, marked).
     Rollback { version: u64 },
     /// Move the shards whose node the placement would choose differently now (a shard node
@@ -78,7 +95,7 @@ pub(crate) fn run(args: CtlArgs) -> anyhow::Result<()> {
     let (method, path, body) = match &args.command {
         CtlCommand::Status => ("GET", "/v1/admin/status", None),
         CtlCommand::Nodes => ("GET", "/v1/admin/nodes", None),
-        CtlCommand::Versions => ("GET", "/v1/models", None),
+        CtlCommand::Versions { .. } => ("GET", "/v1/models", None),
         CtlCommand::Rollback { version } => (
             "POST",
             "/v1/admin/rollback",
@@ -114,15 +131,48 @@ pub(crate) fn run(args: CtlArgs) -> anyhow::Result<()> {
         args.token.as_deref(),
         Duration::from_secs(args.timeout),
     )?;
-    if (200..300).contains(&status) {
-        println!("{text}");
-        Ok(())
-    } else {
+    let name = args.command.name();
+    if !(200..300).contains(&status) {
         let why = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or(text);
-        bail!("{method} {path}: HTTP {status}: {why}")
+        bail!(
+            "ctl {name}: {method} {path}: HTTP {status}: {why}; {}",
+            render::hint(status, name)
+        )
+    }
+    let answer = serde_json::from_str::<serde_json::Value>(&text);
+    match answer {
+        Ok(a) if !args.json => {
+            let now = freshet_actors::stream::now_ms();
+            let shown = match &args.command {
+                CtlCommand::Status => render::status(&a),
+                CtlCommand::Nodes => render::nodes(&a),
+                CtlCommand::Versions { newest, all } => {
+                    render::versions(&a, (!all).then_some(*newest), now)
+                }
+                _ => render::answer(name, &a) + "\n",
+            };
+            print!("{shown}");
+        }
+        // As it came: `--json`, or an answer that is not JSON.
+        _ => println!("{text}"),
+    }
+    Ok(())
+}
+
+impl CtlCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            CtlCommand::Status => "status",
+            CtlCommand::Nodes => "nodes",
+            CtlCommand::Versions { .. } => "versions",
+            CtlCommand::Rollback { .. } => "rollback",
+            CtlCommand::Rebalance => "rebalance",
+            CtlCommand::Replay { .. } => "replay",
+            CtlCommand::Calibrate { .. } => "calibrate",
+        }
     }
 }
 
@@ -143,8 +193,12 @@ pub(crate) fn request(
         None => (rest, String::new()),
     };
     let prefix = if prefix == "/" { String::new() } else { prefix };
-    let mut stream = TcpStream::connect(host)
-        .with_context(|| format!("connecting to {host} (is the node running?)"))?;
+    let mut stream = TcpStream::connect(host).with_context(|| {
+        format!(
+            "cannot reach the node at {host}: is it running, and is --url (or FRESHET_URL) its \
+             HTTP address?"
+        )
+    })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
