@@ -29,7 +29,7 @@ pub struct ModelCell {
 #[derive(Debug, Default)]
 struct Writer {
     spare: Option<Arc<ServingModel>>,
-    /// Deltas the spare has not had yet (at most the last one applied to the active copy).
+    /// Deltas the spare has not had yet (those of the last swap).
     lag: Vec<Arc<ModelDelta>>,
     stats: CellStats,
 }
@@ -78,14 +78,24 @@ impl ModelCell {
 
     /// Applies a delta that follows the served version, then serves the result.
     pub fn apply(&self, delta: Arc<ModelDelta>) -> Result<u64, ServingError> {
+        self.apply_chain(vec![delta])
+    }
+
+    /// Applies consecutive deltas, the first following the served version, then serves the
+    /// last one's version: readers go from the served version to it in one swap, never seeing
+    /// the versions between (passed over, or withdrawn on the way).
+    pub fn apply_chain(&self, deltas: Vec<Arc<ModelDelta>>) -> Result<u64, ServingError> {
         let started = Instant::now();
         let mut w = self.lock_writer();
         let active = self.current().ok_or(ServingError::NotLoaded)?;
-        if delta.manifest.parent != Some(active.version()) {
+        let Some(first) = deltas.first() else {
+            return Ok(active.version());
+        };
+        if first.manifest.parent != Some(active.version()) {
             return Err(ServingError::Chain {
                 have: active.version(),
-                got: delta.manifest.version,
-                parent: delta.manifest.parent,
+                got: first.manifest.version,
+                parent: first.manifest.parent,
             });
         }
         let mut spare = match w.spare.take().and_then(|s| wait_unique(s, SPARE_WAIT)) {
@@ -97,15 +107,15 @@ impl ModelCell {
             }
         };
         let lag = std::mem::take(&mut w.lag);
-        // The lagging delta led the active copy to where it is: its weights are the active
-        // copy's, decoded already.
+        // The last lagging delta led the active copy to where it is: its weights are the
+        // active copy's, decoded already. (Each delta checks that it follows the one before.)
         let applied = lag
             .iter()
             .try_for_each(|d| {
                 let known = (d.manifest.version == active.version()).then(|| active.weights_arc());
                 spare.apply_with(d, known)
             })
-            .and_then(|()| spare.apply(&delta));
+            .and_then(|()| deltas.iter().try_for_each(|d| spare.apply(d)));
         if let Err(e) = applied {
             // The spare may be half-updated: drop it; the next delta clones a fresh one.
             w.stats.delta_failures += 1;
@@ -114,8 +124,8 @@ impl ModelCell {
         let version = spare.version();
         let old = self.swap_in(Arc::new(spare));
         w.spare = old;
-        w.lag = vec![delta];
-        w.stats.deltas_applied += 1;
+        w.stats.deltas_applied += deltas.len() as u64;
+        w.lag = deltas;
         w.stats.last_apply_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(version)
     }

@@ -4,8 +4,8 @@
 //!   node, the store follower of `freshet serve`), and status requests.
 //! - **Reads:** the model store. A version that descends from the one being served by deltas
 //!   alone (its child, or a later one when publications were passed over) has those deltas
-//!   applied in order, each to the spare copy; any other (the first load, a rollback, another
-//!   chain) is restored whole and installed.
+//!   applied in order to the spare copy, which then serves in one swap; any other (the first
+//!   load, a rollback, another chain) is restored whole and installed.
 //! - **Shares:** the cell, which request handlers read without going through the mailbox, so a
 //!   busy replica never queues predictions behind an update.
 //! - **Keeps:** counters; the pin it holds in the store for the version it serves, so that
@@ -105,27 +105,28 @@ fn bring_to(
     let m = store.manifest(v)?;
     let chain = served.and_then(|s| deltas_since(store, s, v, m));
     let whole = chain.is_none();
-    let brought = match chain {
-        // Each delta a version that was published: serving passes through them, forward only.
-        Some(chain) => chain.into_iter().try_for_each(|u| {
-            let (manifest, dense, shards) = store.read_delta(u)?;
-            cell.apply(Arc::new(ModelDelta {
-                manifest,
-                dense,
-                shards,
-            }))
-            .map(drop)
-        }),
-        None => ServingModel::from_restored(store.restore(v, None)?).map(|m| cell.install(m)),
-    };
-    // Pin what is served (`v`, or the last delta applied before one failed), so retention
-    // keeps it; a failed pin is reported, not fatal.
-    if let Some(now) = cell.version() {
-        if let Err(e) = store.pin(name, now) {
-            tracing::warn!(replica = %name, version = now, error = %e, "could not pin the served version");
+    match chain {
+        // Every delta on the way, in one swap: readers go from the served version to `v`.
+        Some(chain) => {
+            let deltas = (chain.into_iter())
+                .map(|u| {
+                    let (manifest, dense, shards) = store.read_delta(u)?;
+                    Ok(Arc::new(ModelDelta {
+                        manifest,
+                        dense,
+                        shards,
+                    }))
+                })
+                .collect::<Result<Vec<_>, ServingError>>()?;
+            cell.apply_chain(deltas)?;
         }
+        None => cell.install(ServingModel::from_restored(store.restore(v, None)?)?),
     }
-    brought.map(|()| whole)
+    // Pin what is served, so retention keeps it; a failed pin is reported, not fatal.
+    if let Err(e) = store.pin(name, v) {
+        tracing::warn!(replica = %name, version = v, error = %e, "could not pin the served version");
+    }
+    Ok(whole)
 }
 
 impl Actor for ServingReplica {

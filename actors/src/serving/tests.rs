@@ -226,6 +226,45 @@ fn deltas_applied_in_the_cell_equal_a_whole_restore() {
 }
 
 #[test]
+fn a_chain_of_deltas_is_served_in_one_swap_and_the_spare_catches_up_through_all_of_it() {
+    let seed = crate::testkit::seed("a_chain_of_deltas_is_served_in_one_swap");
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_with_chain(tmp.path(), seed);
+    let th = Threads::new(1).unwrap();
+    let cell = ModelCell::new();
+    cell.install(load(&store, 1));
+    // A chain that does not follow the served version: refused, 1 still served.
+    assert!(matches!(
+        cell.apply_chain(vec![delta(&store, 3), delta(&store, 4)]),
+        Err(ServingError::Chain { have: 1, .. })
+    ));
+    assert_eq!(cell.version(), Some(1));
+    assert_eq!(cell.apply_chain(Vec::new()).unwrap(), 1);
+    // 2 and 3 in one swap.
+    let before = cell.current().unwrap();
+    assert_eq!(
+        cell.apply_chain(vec![delta(&store, 2), delta(&store, 3)])
+            .unwrap(),
+        3
+    );
+    assert_eq!(before.version(), 1, "a reader of 1 keeps 1");
+    drop(before);
+    // The spare (still at 1) takes 2 and 3, then 4: the same as restoring 4 whole.
+    assert_eq!(cell.apply(delta(&store, 4)).unwrap(), 4);
+    let (got, want) = (cell.current().unwrap(), load(&store, 4));
+    assert_eq!(contents(&got), contents(&want), "seed {seed}");
+    assert_eq!(got.weights().params, want.weights().params, "seed {seed}");
+    let req = request(50);
+    assert_eq!(
+        got.predict(&req, 1000, &th).unwrap(),
+        want.predict(&req, 1000, &th).unwrap(),
+        "seed {seed}"
+    );
+    let s = cell.stats();
+    assert_eq!((s.deltas_applied, s.delta_failures), (3, 0));
+}
+
+#[test]
 fn a_reader_keeps_its_whole_version_across_an_update() {
     let seed = crate::testkit::seed("a_reader_keeps_its_whole_version_across_an_update");
     let tmp = tempfile::tempdir().unwrap();
