@@ -506,6 +506,21 @@ async fn rollback(ctx: &Ctx, v: u64) -> Result<(), CommandError> {
     {
         tracing::warn!(version = v, error = %err, "a replica missed the rollback");
     }
+    // A replica answers its status after the publish before it in its mailbox: once each has
+    // answered, each serves `v` (or failed to, and says why), so the command's answer, and a
+    // caller reading the served version after it, see the rollback done.
+    for h in ctx.replicas.handles() {
+        match h.status().await {
+            Ok(st) if st.version != Some(v) => {
+                tracing::warn!(version = v, serving = ?st.version, error = ?st.last_error,
+                    "a replica does not serve the rollback's version");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(version = v, error = %e, "a replica did not answer after the rollback")
+            }
+        }
+    }
     ctx.plan().rollback_to = Some(v);
     let sup = ctx
         .sup
