@@ -32,11 +32,7 @@ impl Progress {
     }
 
     fn with_target(unit: &'static str, tty: bool) -> Self {
-        let bar = tty.then(|| {
-            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            b.enable_steady_tick(Duration::from_millis(250));
-            b
-        });
+        let bar = tty.then(new_bar);
         let p = Self {
             unit,
             bar,
@@ -137,11 +133,7 @@ impl Progress {
                 bar.finish_and_clear();
                 eprintln!("{msg}");
                 // The next phase draws a bar of its own.
-                self.bar = Some({
-                    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-                    b.enable_steady_tick(Duration::from_millis(250));
-                    b
-                });
+                self.bar = Some(new_bar());
                 self.total = None;
                 self.style();
             }
@@ -156,6 +148,14 @@ impl Progress {
             None => eprintln!("{msg}"),
         }
     }
+}
+
+/// A bar on stderr, redrawn 4 times a second even when nothing advances (its rate and time
+/// left still change).
+fn new_bar() -> ProgressBar {
+    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    b.enable_steady_tick(Duration::from_millis(250));
+    b
 }
 
 impl Drop for Progress {
